@@ -1,0 +1,73 @@
+"""Batched embedding of image and text streams: the one seam where evaluation, search and data
+curation meet the model. Outputs are L2-normalised float32 features."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .models import CLIP
+from .preprocess import Preprocess, image_transform
+from .tokenizer import get_tokenizer
+
+T = TypeVar("T")
+
+
+def batched(items: Iterable[T], batch_size: int) -> Iterator[list[T]]:
+    """Consecutive lists of at most ``batch_size`` items."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@torch.inference_mode()
+def embed_images(model: CLIP, images: Iterable[Image.Image | torch.Tensor], *,
+                 preprocess: Preprocess | Callable[[Image.Image], torch.Tensor] | None = None,
+                 batch_size: int = 64, progress: bool = False, total: int | None = None,
+                 normalize: bool = True) -> torch.Tensor:
+    """Embed PIL images (preprocessed here) or already-preprocessed ``[3,H,W]`` tensors."""
+    pre = preprocess or image_transform(model.config.preprocess)
+    was_training = model.training
+    model.eval()
+    outs: list[torch.Tensor] = []
+    bar = tqdm(total=total, desc="embed images", unit="img", disable=not progress)
+    try:
+        for batch in batched(images, batch_size):
+            x = torch.stack([im if isinstance(im, torch.Tensor) else pre(im) for im in batch])
+            outs.append(model.encode_image(x, normalize=normalize).float().cpu())
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        model.train(was_training)
+    if not outs:
+        return torch.empty(0, model.config.embed_dim)
+    return torch.cat(outs)
+
+
+@torch.inference_mode()
+def embed_texts(model: CLIP, texts: Sequence[str], *, batch_size: int = 256, progress: bool = False,
+                truncate: bool = True, normalize: bool = True) -> torch.Tensor:
+    """Embed texts; long texts are truncated to the model's context by default."""
+    tok = get_tokenizer(model.context_length)
+    was_training = model.training
+    model.eval()
+    outs: list[torch.Tensor] = []
+    try:
+        for batch in tqdm(list(batched(texts, batch_size)), desc="embed texts", disable=not progress):
+            ids = tok.tokenize(batch, model.context_length, truncate=truncate)
+            outs.append(model.encode_text(ids, normalize=normalize).float().cpu())
+    finally:
+        model.train(was_training)
+    if not outs:
+        return torch.empty(0, model.config.embed_dim)
+    return torch.cat(outs)

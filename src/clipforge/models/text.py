@@ -1,0 +1,82 @@
+"""The text tower: a causal Transformer over BPE ids, features read at the end-of-text token."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import CLIPConfig
+from .layers import LayerNorm, Transformer
+
+
+class TextTransformer(nn.Module):
+    """Token + positional embeddings, causal pre-LN Transformer, final LayerNorm, projection.
+
+    The end-of-text token has the highest id in each row (as in OpenAI's tokenizer), so its
+    position is ``ids.argmax(-1)``. Because attention is causal, tokens after the last
+    end-of-text token of the batch cannot change any pooled feature; they are trimmed before
+    the Transformer runs (``trim=True``), which is exact and saves most of the compute on
+    real captions.
+    """
+
+    def __init__(self, config: CLIPConfig) -> None:
+        super().__init__()
+        t = config.text
+        self.context_length = t.context_length
+        self.vocab_size = t.vocab_size
+        self.token_embedding = nn.Embedding(t.vocab_size, t.width)
+        self.positional_embedding = nn.Parameter(torch.empty(t.context_length, t.width))
+        self.transformer = Transformer(t.width, t.layers, t.heads, t.mlp_ratio, config.activation,
+                                       config.norm_eps)
+        self.ln_final = LayerNorm(t.width, eps=config.norm_eps)
+        self.text_projection = nn.Parameter(torch.empty(t.width, config.embed_dim))
+        self.init_parameters()
+
+    def init_parameters(self) -> None:
+        """The initialisation of OpenAI's released code (scaled by depth for residual outputs)."""
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        width, layers = self.transformer.width, self.transformer.layers
+        proj_std = (width ** -0.5) * ((2 * layers) ** -0.5)
+        attn_std = width ** -0.5
+        fc_std = (2 * width) ** -0.5
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=width ** -0.5)
+
+    def _check(self, ids: torch.Tensor) -> None:
+        if ids.dim() != 2:
+            raise ValueError(f"text ids must be [batch, length], got shape {tuple(ids.shape)}")
+        if ids.shape[1] > self.context_length:
+            raise ValueError(
+                f"text ids have length {ids.shape[1]} > the model's context length {self.context_length}"
+            )
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"text ids must be integer tokens, got dtype {ids.dtype}")
+
+    def _embed(self, ids: torch.Tensor, trim: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check(ids)
+        eot = ids.argmax(dim=-1)
+        if trim and ids.shape[0] > 0:
+            ids = ids[:, : int(eot.max()) + 1]
+        n = ids.shape[1]
+        dtype = self.text_projection.dtype
+        x = self.token_embedding(ids).to(dtype) + self.positional_embedding[:n].to(dtype)
+        return x, eot
+
+    def forward(self, ids: torch.Tensor, trim: bool = True) -> torch.Tensor:
+        x, eot = self._embed(ids, trim)
+        x = self.transformer(x, causal=True)
+        # LayerNorm acts per token, so normalising only the pooled tokens is exact.
+        x = x[torch.arange(x.shape[0], device=x.device), eot]
+        return self.ln_final(x) @ self.text_projection
+
+    def forward_intermediates(self, ids: torch.Tensor, attention: bool = False) -> dict[str, object]:
+        """Per-layer token states ``[B, L, W]`` and (optionally) attention maps ``[B, H, L, L]``."""
+        x, eot = self._embed(ids, trim=False)
+        x, tokens, maps = self.transformer.forward_intermediates(x, causal=True, attention=attention)
+        pooled = self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot]) @ self.text_projection
+        return {"tokens": tokens, "attentions": maps, "eot_index": eot, "output": pooled}
