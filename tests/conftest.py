@@ -33,7 +33,7 @@ def micro_config(kind: str = "vit", activation: str = "quick_gelu"):
     if kind == "vit":
         vision = VisionConfig(kind="vit", image_size=32, width=64, layers=2, heads=2, patch_size=8)
     else:
-        vision = VisionConfig(kind="resnet", image_size=64, width=16, layers=[1, 1, 1, 1], heads=4)
+        vision = VisionConfig(kind="resnet", image_size=64, width=16, layers=[1, 1, 1, 1], heads=8)
     return CLIPConfig(embed_dim=32, vision=vision, text=TextConfig(width=64, heads=2, layers=2),
                       activation=activation, preprocess=PreprocessConfig(image_size=vision.image_size),
                       name=f"micro-{kind}")

@@ -1,13 +1,40 @@
-"""clipforge: a faithful, fast, from-scratch implementation of CLIP (Radford et al. 2021)."""
+"""clipforge: a faithful, fast, from-scratch implementation of CLIP (Radford et al. 2021).
+
+>>> import clipforge
+>>> model, preprocess = clipforge.load("path/to/checkpoint")   # OpenAI, OpenCLIP, HF or ours
+>>> model = clipforge.create_model("ViT-B/32")                  # random init, any named architecture
+>>> tokens = clipforge.tokenize(["a photo of a dog"])           # LongTensor [1, 77]
+"""
 
 from __future__ import annotations
 
-from .config import CLIPConfig, PreprocessConfig, TextConfig, TokenizerConfig, VisionConfig, available_models, get_model_config
+from .checkpoints import convert, load, load_model, save_model
+from .config import (CLIPConfig, PreprocessConfig, TextConfig, TokenizerConfig, VisionConfig,
+                     available_models, get_model_config)
+from .inference import embed_images, embed_texts
 from .models import CLIP, create_model
+from .preprocess import ImageLoadError, image_transform, load_image
+from .tokenizer import decode, get_tokenizer, tokenize
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # Capabilities with heavier imports load on first use.
+    if name == "ZeroShotClassifier":
+        from .eval import ZeroShotClassifier
+
+        return ZeroShotClassifier
+    if name in ("train", "TrainConfig"):
+        from . import train as _train
+
+        return getattr(_train, name)
+    raise AttributeError(f"module 'clipforge' has no attribute {name!r}")
+
+
 __all__ = [
     "CLIP", "CLIPConfig", "VisionConfig", "TextConfig", "PreprocessConfig", "TokenizerConfig",
-    "available_models", "get_model_config", "create_model", "__version__",
+    "available_models", "get_model_config", "create_model", "load", "load_model", "save_model", "convert",
+    "tokenize", "decode", "get_tokenizer", "image_transform", "load_image", "ImageLoadError",
+    "embed_images", "embed_texts", "ZeroShotClassifier", "train", "TrainConfig", "__version__",
 ]

@@ -39,6 +39,10 @@ class VisionConfig:
             if isinstance(self.layers, int) or len(self.layers) != 4:
                 raise ValueError(f"a resnet vision tower needs 4 stage depths, got layers={self.layers!r}")
             self.layers = [int(x) for x in self.layers]
+            if self.heads != self.width * 32 // 64:
+                # The attention-pool head count is fixed by the width in OpenAI's and OpenCLIP's code;
+                # anything else could not be exported to (or re-read from) their formats.
+                raise ValueError(f"resnet heads must be width*32//64 = {self.width * 32 // 64}, got {self.heads}")
             if self.image_size % 32:
                 raise ValueError(f"resnet image_size must be a multiple of 32, got {self.image_size}")
         else:
@@ -171,6 +175,10 @@ class CLIPConfig:
 # --- the named zoo ---------------------------------------------------------------------------
 
 
+_ZOO_ORDER = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32", "ViT-B/16", "ViT-L/14",
+              "ViT-L/14@336px"]
+
+
 def _load_zoo() -> dict[str, CLIPConfig]:
     zoo: dict[str, CLIPConfig] = {}
     folder = resources.files("clipforge") / "model_configs"
@@ -179,7 +187,8 @@ def _load_zoo() -> dict[str, CLIPConfig]:
             cfg = CLIPConfig.from_dict(json.loads(entry.read_text(encoding="utf-8")))
             assert cfg.name, f"model config {entry.name} has no name"
             zoo[cfg.name] = cfg
-    return zoo
+    rank = {n: i for i, n in enumerate(_ZOO_ORDER)}
+    return dict(sorted(zoo.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
 
 
 def available_models() -> list[str]:
