@@ -77,7 +77,7 @@ class Attention(nn.Module):
             weights = scores.float().softmax(-1).to(q.dtype)
             out = weights @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and l > 1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         out = out.transpose(1, 2).reshape(b, l, d)
         return self.out_proj(out), weights
 

@@ -1,0 +1,174 @@
+"""Encoding throughput: clipforge vs transformers.CLIPModel, OpenAI's reference code and OpenCLIP
+(when importable), holding the same weights, alternating in one process.
+
+Rows: ViT-B/32 and RN50 image encoding at batch 1/16/64, text encoding of realistic captions
+at batch 256. Prints medians (min-max), ratios to each reference and GFLOP/s as % of the fp32
+matmul peak measured in the same run; writes benchmarks/results/encode.json.
+
+    python benchmarks/encode.py                 # full
+    python benchmarks/encode.py --quick         # 1 rep, small batches (smoke)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import alternate, environment, matmul_peak_gflops, print_table, write_results  # noqa: E402
+
+import clipforge  # noqa: E402
+from clipforge.checkpoints import hf as hf_format, openai as openai_format  # noqa: E402
+from clipforge.inference import optimize_for_inference  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def captions(n: int) -> list[str]:
+    path = SHARED / "flickr8k" / "captions.tsv"
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines()[1:]
+        caps = [line.split("\t")[3] for line in lines]
+        return [caps[i % len(caps)] for i in range(n)]
+    words = "a man woman dog child red blue runs sits on the grass beach street with ball near water".split()
+    g = torch.Generator().manual_seed(0)
+    return [" ".join(words[j] for j in torch.randint(len(words), (14,), generator=g)) for _ in range(n)]
+
+
+def image_gflops(model: clipforge.CLIP) -> float:
+    """Forward GFLOPs per image (2 x multiply-adds of matmuls/convs), counted with torch's counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    s = model.image_size
+    with FlopCounterMode(display=False) as fc, torch.inference_mode():
+        model.encode_image(torch.zeros(1, 3, s, s))
+    return fc.get_total_flops() / 1e9
+
+
+def text_gflops(model: clipforge.CLIP, ids: torch.Tensor) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc, torch.inference_mode():
+        model.encode_text(ids)
+    return fc.get_total_flops() / 1e9 / len(ids)
+
+
+def load_openai_reference():
+    spec = importlib.util.find_spec("clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "model.py"
+    mspec = importlib.util.spec_from_file_location("openai_clip_model", path)
+    mod = importlib.util.module_from_spec(mspec)
+    mspec.loader.exec_module(mod)
+    return mod
+
+
+def references(name: str, model: clipforge.CLIP) -> dict[str, torch.nn.Module]:
+    """Reference implementations holding the same weights as ``model``."""
+    refs: dict[str, torch.nn.Module] = {}
+    oa_sd = openai_format.from_native(model.state_dict())
+    try:
+        import open_clip
+
+        oc_name = name.replace("/", "-")
+        oc = open_clip.create_model(oc_name + ("-quickgelu" if "quickgelu" in open_clip.list_models() else ""),
+                                    pretrained=None)
+        oc_model = open_clip.create_model(f"{oc_name}-quickgelu", pretrained=None) if f"{oc_name}-quickgelu" in open_clip.list_models() else oc
+        oc_model.load_state_dict(oa_sd, strict=False)
+        refs["openclip"] = oc_model.eval()
+    except ImportError:
+        print("note: open_clip not importable here (needs torchvision); OpenCLIP rows skipped")
+    mod = load_openai_reference()
+    if mod is not None:
+        ref = mod.build_model(dict(oa_sd)).float().eval()
+        ref.load_state_dict(oa_sd, strict=False)
+        refs["openai"] = ref
+    if model.config.vision.kind == "vit":
+        try:
+            import transformers
+
+            hf_cfg, _ = hf_format.config_to_hf(model.config)
+            hf = transformers.CLIPModel(transformers.CLIPConfig(**{k: v for k, v in hf_cfg.items()
+                                                                 if k not in ("architectures", "model_type")}))
+            hf.load_state_dict(hf_format.from_native(model.state_dict()), strict=False)
+            refs["transformers"] = hf.eval()
+        except ImportError:
+            print("note: transformers not installed; HF rows skipped")
+    return refs
+
+
+def encode_image_fn(impl: str, m: torch.nn.Module, x: torch.Tensor):
+    if impl == "transformers":
+        return lambda: m.get_image_features(pixel_values=x)
+    return lambda: m.encode_image(x)
+
+
+def encode_text_fn(impl: str, m: torch.nn.Module, ids: torch.Tensor):
+    if impl == "transformers":
+        return lambda: m.get_text_features(input_ids=ids)
+    return lambda: m.encode_text(ids)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="ViT-B/32,RN50")
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--text-batch", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="1 rep, batches 1,4, text batch 32")
+    args = ap.parse_args()
+    if args.quick:
+        args.reps, args.batches, args.text_batch = 1, "1,4", 32
+    torch.manual_seed(0)
+    peak = matmul_peak_gflops()
+    print(f"fp32 matmul peak: {peak:.0f} GFLOP/s ({torch.get_num_threads()} threads)\n")
+    rows: list[dict[str, object]] = []
+    for name in args.models.split(","):
+        model = clipforge.create_model(name, seed=0).eval()
+        fast = optimize_for_inference(clipforge.create_model(name, seed=0).eval())
+        refs = references(name, model)
+        gf = image_gflops(model)
+        s = model.image_size
+        with torch.inference_mode():
+            for b in [int(x) for x in args.batches.split(",")]:
+                x = torch.randn(b, 3, s, s)
+                fns = {"clipforge": encode_image_fn("clipforge", fast, x)}
+                fns.update({k: encode_image_fn(k, m, x) for k, m in refs.items()})
+                t = alternate(fns, reps=args.reps, warmup=1)
+                rows += _rows(f"{name} image", b, t, gf, peak)
+            if name == args.models.split(",")[0]:
+                caps = captions(args.text_batch)
+                ids = clipforge.tokenize(caps, truncate=True)
+                gft = text_gflops(model, ids)
+                fns = {"clipforge": encode_text_fn("clipforge", fast, ids)}
+                fns.update({k: encode_text_fn(k, m, ids) for k, m in refs.items()})
+                t = alternate(fns, reps=args.reps, warmup=1)
+                rows += _rows(f"{name} text (captions)", args.text_batch, t, gft, peak)
+    cols = [("row", "work", ""), ("batch", "batch", "d"), ("impl", "impl", ""), ("items_per_s", "items/s", ".1f"),
+            ("range", "min-max", ""), ("ratio", "clipforge x", ".2f"), ("pct_peak", "% peak", ".0f"),
+            ("peak_rss_mb", "peak RSS MB", ".0f")]
+    print_table(rows, cols)
+    path = write_results("encode", {"env": environment(), "matmul_peak_gflops": peak, "rows": rows})
+    print(f"\nwrote {path}")
+
+
+def _rows(work: str, batch: int, timings, gflops_per_item: float, peak: float) -> list[dict[str, object]]:
+    ours = timings["clipforge"].summary(batch)["items_per_s"]
+    out = []
+    for impl, t in timings.items():
+        s = t.summary(batch)
+        out.append({"row": work, "batch": batch, "impl": impl, **s,
+                    "range": f"{s['items_per_s_min']:.1f}-{s['items_per_s_max']:.1f}",
+                    "ratio": ours / s["items_per_s"] if impl != "clipforge" else None,
+                    "gflops_per_item": gflops_per_item,
+                    "pct_peak": 100 * s["items_per_s"] * gflops_per_item / peak})
+    return out
+
+
+if __name__ == "__main__":
+    main()
