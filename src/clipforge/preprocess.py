@@ -1,9 +1,26 @@
 """Image loading and preprocessing with Pillow and torch only (no torchvision).
 
 The evaluation transform reproduces OpenAI's pipeline step for step (``Resize`` of the shorter
-side with bicubic interpolation, ``CenterCrop``, convert to RGB, ``ToTensor``, ``Normalize``) so
-that its output is pixel-identical for the same PIL image; the order matters (resizing happens
-in the image's own mode, before the RGB conversion, exactly as there).
+side with bicubic interpolation, ``CenterCrop``, convert to RGB, ``ToTensor``, ``Normalize``) and
+its output is bit-identical (max abs difference 0) to torchvision's for the same PIL image in
+every mode OpenAI's pipeline handles (RGB, L, LA, P with or without transparency, RGBA, CMYK,
+1-bit, JPEG baseline/progressive; checked against stored torchvision outputs in
+``tests/fixtures/preprocess``). The order matters: resizing happens in the image's own mode,
+before the RGB conversion, exactly as there (so P and 1-bit images are resized with NEAREST,
+because Pillow does that, and alpha is dropped without compositing).
+
+Deliberate deviations from ``transform(Image.open(path))``:
+
+* ``load_image`` applies the EXIF orientation (a phone photo with orientation 6 is rotated
+  upright); OpenAI's code ignores it and feeds the sideways image. Output equals torchvision's
+  pipeline applied to ``ImageOps.exif_transpose(image)``.
+* 16-bit grayscale (``I;16*``, or ``I`` with values above 255) is scaled to 8 bits
+  (``round(v * 255 / 65535)``) before the transform; OpenAI's ``convert("RGB")`` would clip every
+  value above 255 to white. 32-bit float (``F``) images are min-max scaled to 0..255.
+* The training transform is OpenCLIP's ``RandomResizedCrop(scale=(0.9, 1.0), ratio=(3/4, 4/3))``
+  algorithm (same sampling rule and central-crop fallback, same crop-then-resize), but draws
+  from a ``random.Random`` instead of torch's global generator, so crops are reproducible from
+  a seed without touching torch's RNG state.
 """
 
 from __future__ import annotations
@@ -13,6 +30,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import BinaryIO
 
 import numpy as np
@@ -31,21 +49,27 @@ class ImageLoadError(ValueError):
 def load_image(source: str | Path | bytes | BinaryIO, name: str | None = None) -> Image.Image:
     """Open and fully decode an image, applying its EXIF orientation.
 
-    Raises :class:`ImageLoadError` naming the file for missing, unreadable or truncated images
-    (Pillow would otherwise fail lazily, deep inside a later transform).
+    Raises :class:`ImageLoadError` naming the file (``name``, the path, or the file object's
+    name) for missing, unreadable, truncated or corrupt images: Pillow would otherwise fail
+    lazily, deep inside a later transform, and its plugins raise many exception types. A corrupt
+    EXIF block alone is not an error: the pixels are used as stored. The returned image holds
+    no open file.
     """
-    label = name or (str(source) if isinstance(source, (str, Path)) else "<bytes>")
+    label = name or (str(source) if isinstance(source, (str, Path)) else getattr(source, "name", None) or "<bytes>")
     try:
-        if isinstance(source, (bytes, bytearray)):
-            img = Image.open(io.BytesIO(source))
-        else:
-            img = Image.open(source)
-        img.load()
-        img = ImageOps.exif_transpose(img) or img
+        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+        with Image.open(fp) as im:
+            im.load()
+            try:
+                img = ImageOps.exif_transpose(im)
+            except Exception:  # noqa: BLE001 - malformed EXIF: keep the decoded pixels as stored
+                img = im.copy()
     except FileNotFoundError:
         raise ImageLoadError(f"image file not found: {label}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageLoadError(f"cannot decode image {label}: {e}") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - OSError, SyntaxError, EOFError, struct.error, bomb errors...
+        raise ImageLoadError(f"cannot decode image {label}: {type(e).__name__}: {e}") from e
     return img
 
 
@@ -76,15 +100,59 @@ def resize_shorter(img: Image.Image, size: int, resample: int) -> Image.Image:
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Centre crop to ``size`` x ``size`` (zero padding where the image is smaller)."""
+    """Centre crop to ``size`` x ``size``, zero-padding sides that are shorter (torchvision's rule)."""
     w, h = img.size
     if w < size or h < size:
-        canvas = Image.new(img.mode, (max(w, size), max(h, size)))
-        canvas.paste(img, ((max(w, size) - w) // 2, (max(h, size) - h) // 2))
-        img, (w, h) = canvas, canvas.size
+        pad_l, pad_t = max(size - w, 0) // 2, max(size - h, 0) // 2
+        pad_r, pad_b = (max(size - w, 0) + 1) // 2, (max(size - h, 0) + 1) // 2
+        bands = len(img.getbands())
+        fill: int | tuple[int, ...] = 0 if bands == 1 else (0,) * bands
+        palette = img.getpalette() if img.mode == "P" else None
+        img = ImageOps.expand(img, border=(pad_l, pad_t, pad_r, pad_b), fill=fill)
+        if palette is not None:
+            img.putpalette(palette)  # index 0 padding keeps the source palette (older Pillow drops it)
+        w, h = img.size
+        if (w, h) == (size, size):
+            return img
     top = int(round((h - size) / 2.0))
     left = int(round((w - size) / 2.0))
     return img.crop((left, top, left + size, top + size))
+
+
+def random_resized_crop_params(width: int, height: int, rng: random.Random,
+                               scale: tuple[float, float] = (0.9, 1.0),
+                               ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """``(top, left, crop_h, crop_w)`` by torchvision's ``RandomResizedCrop.get_params`` rule.
+
+    Up to 10 draws of area fraction and log-uniform aspect ratio; if none fits, the central crop
+    of the whole image with its aspect clamped to ``ratio`` (for photos wider than 4:3 at
+    scale >= 0.9 this fallback is what always happens, in torchvision too).
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resized_crop(img: Image.Image, top: int, left: int, height: int, width: int, size: int,
+                 resample: int) -> Image.Image:
+    """Crop then resize to ``size`` x ``size`` (two steps, as torchvision: the filter never reads
+    pixels outside the crop, unlike ``Image.resize(box=...)``)."""
+    img = img.crop((left, top, left + width, top + height))
+    return img if img.size == (size, size) else img.resize((size, size), resample)
 
 
 def to_tensor(img: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -101,7 +169,8 @@ class Preprocess:
     """Callable PIL image -> ``[3, S, S]`` tensor for a model's :class:`PreprocessConfig`.
 
     ``train=True`` gives the training augmentation: a random resized crop covering 90-100% of
-    the image (OpenCLIP's default scale) instead of the centre crop.
+    the image (OpenCLIP's default scale) instead of the centre crop. Pass ``rng`` (a seeded
+    ``random.Random``) for reproducible crops; without it the ``random`` module is used.
     """
 
     config: PreprocessConfig
@@ -124,19 +193,10 @@ class Preprocess:
             img = img.convert("RGB")
         return to_tensor(img, cfg.mean, cfg.std)
 
-    def _random_resized_crop(self, img: Image.Image, size: int, resample: int, rng: random.Random) -> Image.Image:
-        w, h = img.size
-        area = w * h
-        log_ratio = (math.log(3 / 4), math.log(4 / 3))
-        for _ in range(10):
-            target = area * rng.uniform(*self.train_scale)
-            ratio = math.exp(rng.uniform(*log_ratio))
-            cw = int(round(math.sqrt(target * ratio)))
-            ch = int(round(math.sqrt(target / ratio)))
-            if 0 < cw <= w and 0 < ch <= h:
-                left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
-                return img.resize((size, size), resample, box=(left, top, left + cw, top + ch))
-        return center_crop(resize_shorter(img, size, resample), size)
+    def _random_resized_crop(self, img: Image.Image, size: int, resample: int,
+                             rng: random.Random | ModuleType) -> Image.Image:
+        top, left, h, w = random_resized_crop_params(img.width, img.height, rng, self.train_scale)  # type: ignore[arg-type]
+        return resized_crop(img, top, left, h, w, size, resample)
 
     def __repr__(self) -> str:
         c = self.config

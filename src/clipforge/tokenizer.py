@@ -12,7 +12,7 @@ import gzip
 import html
 from functools import lru_cache
 from importlib import resources
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import ftfy
 import regex as re
@@ -25,6 +25,11 @@ _PAT = re.compile(
     re.IGNORECASE,
 )
 _WS = re.compile(r"\s+")
+# Printable ASCII (plus tab/newline) without "&": ftfy.fix_text and html.unescape are provably the
+# identity on such text (every ftfy fixer targets non-ASCII, control characters, "\r" or HTML
+# entities), so clean_text skips them; they cost ~75% of encoding time on ordinary captions.
+_PLAIN = re.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
+_TEXT_CACHE_SIZE = 65_536  # texts remembered per Tokenizer (~20 MB for captions); later ones are not cached
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -42,6 +47,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def clean_text(text: str) -> str:
     """ftfy fix, double HTML unescape, whitespace collapse, lowercase: OpenAI's normalisation."""
+    if _PLAIN.fullmatch(text):
+        return _WS.sub(" ", text).strip().lower()
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return _WS.sub(" ", text).strip().lower()
 
@@ -72,6 +79,8 @@ class Tokenizer:
         self.context_length = context_length
         # Per-word cache of BPE ids: captions reuse a small vocabulary of words.
         self._word_cache: dict[str, list[int]] = {SOT: [self.sot_token], EOT: [self.eot_token]}
+        # Per-text cache: prompt templates and captions are tokenized again every epoch / eval.
+        self._text_cache: dict[str, tuple[int, ...]] = {}
 
     def _bpe(self, token: str) -> list[str]:
         word = [self.byte_encoder[b] for b in token.encode("utf-8")]
@@ -108,20 +117,41 @@ class Tokenizer:
                 self._word_cache[token] = ids
         return ids
 
-    def encode(self, text: str) -> list[int]:
-        """BPE ids of ``text`` without start/end tokens."""
-        ids: list[int] = []
-        for token in _PAT.findall(clean_text(text)):
-            ids.extend(self._word_ids(token))
+    def _encode(self, text: str) -> tuple[int, ...]:
+        ids = self._text_cache.get(text)
+        if ids is None:
+            out: list[int] = []
+            for token in _PAT.findall(clean_text(text)):
+                out.extend(self._word_ids(token))
+            ids = tuple(out)
+            if len(self._text_cache) < _TEXT_CACHE_SIZE:
+                self._text_cache[text] = ids
         return ids
 
+    def encode(self, text: str) -> list[int]:
+        """BPE ids of ``text`` without start/end tokens."""
+        if not isinstance(text, str):
+            raise TypeError(f"text is {type(text).__name__}, expected str")
+        return list(self._encode(text))
+
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids``; start/end/padding ids are dropped, word ends become spaces."""
+        """Text of one row of ids: the framing start/end tokens and padding are dropped.
+
+        Trailing zeros are always padding (a word's last BPE symbol ends in ``</w>``, so id 0,
+        a bare "!", cannot end a text). Special tokens inside the row (a literal
+        ``<|endoftext|>`` in the input text) are decoded as text, as OpenAI's ``decode`` does.
+        """
         toks = [int(i) for i in ids]
-        # Padding zeros only follow the end-of-text token; a real id 0 ("!") elsewhere is kept.
-        if self.eot_token in toks:
-            toks = toks[: toks.index(self.eot_token)]
-        text = "".join(self.decoder[i] for i in toks if i not in (self.sot_token, self.eot_token))
+        while toks and toks[-1] == 0:
+            toks.pop()
+        if toks and toks[-1] == self.eot_token:
+            toks.pop()
+        if toks and toks[0] == self.sot_token:
+            toks = toks[1:]
+        try:
+            text = "".join(self.decoder[i] for i in toks)
+        except KeyError as e:
+            raise ValueError(f"token id {e.args[0]} is outside the vocabulary (0..{self.vocab_size - 1})") from None
         data = bytearray(self.byte_decoder[c] for c in text)
         return data.decode("utf-8", errors="replace").replace("</w>", " ").strip()
 
@@ -138,12 +168,16 @@ class Tokenizer:
         """
         if isinstance(texts, str):
             texts = [texts]
+        elif isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Iterable):
+            raise TypeError(f"expected a str or a sequence of str, got {type(texts).__name__}")
+        else:
+            texts = list(texts)
         ctx = context_length or self.context_length
         out = torch.zeros(len(texts), ctx, dtype=torch.long)
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"text at index {i} is {type(text).__name__}, expected str")
-            ids = [self.sot_token, *self.encode(text), self.eot_token]
+            ids = [self.sot_token, *self._encode(text), self.eot_token]
             if len(ids) > ctx:
                 if not truncate:
                     raise ValueError(
