@@ -75,14 +75,11 @@ def references(name: str, model: clipforge.CLIP) -> dict[str, torch.nn.Module]:
     try:
         import open_clip
 
-        oc_name = name.replace("/", "-")
-        oc = open_clip.create_model(oc_name + ("-quickgelu" if "quickgelu" in open_clip.list_models() else ""),
-                                    pretrained=None)
-        oc_model = open_clip.create_model(f"{oc_name}-quickgelu", pretrained=None) if f"{oc_name}-quickgelu" in open_clip.list_models() else oc
-        oc_model.load_state_dict(oa_sd, strict=False)
+        oc_model = open_clip.create_model(name.replace("/", "-") + "-quickgelu", pretrained=None)
+        oc_model.load_state_dict(oa_sd, strict=True)
         refs["openclip"] = oc_model.eval()
     except ImportError:
-        print("note: open_clip not importable here (needs torchvision); OpenCLIP rows skipped")
+        print("note: open_clip not importable here (it needs torchvision); OpenCLIP rows skipped")
     mod = load_openai_reference()
     if mod is not None:
         ref = mod.build_model(dict(oa_sd)).float().eval()

@@ -184,3 +184,17 @@ def test_bad_inputs_have_clear_errors(micro_vit):
         micro_vit.encode_text(torch.zeros(1, 80, dtype=torch.long))
     with pytest.raises(TypeError, match="integer tokens"):
         micro_vit.encode_text(torch.zeros(1, 77))
+
+
+def test_length_bucketed_text_encoding_is_exact(micro_vit):
+    """Inference batches are split into chunks of similar length, each trimmed: same features."""
+    g = torch.Generator().manual_seed(5)
+    words = ["dog", "red", "a", "circle", "on", "the", "beach", "two", "small", "cats"]
+    texts = [" ".join(words[j] for j in torch.randint(10, (int(n),), generator=g))
+             for n in torch.randint(0, 40, (100,), generator=g)]
+    ids = clipforge.tokenize(texts)
+    assert micro_vit.text.bucket_rows < len(ids)
+    with torch.inference_mode():
+        bucketed = micro_vit.encode_text(ids)
+        plain = micro_vit.text(ids, trim=False)
+    assert (bucketed - plain).abs().max() <= 1e-5
