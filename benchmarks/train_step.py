@@ -1,0 +1,255 @@
+"""Training-step throughput and memory: clipforge vs a plain loop over ``transformers.CLIPModel``.
+
+For each (model, batch) row both implementations get the same architecture (an HF ``CLIPConfig``
+built with the same sizes, activation and epsilon; random init), the same batches (random images,
+Flickr8k captions) and AdamW. A step is forward + loss + backward + optimiser step + temperature
+clamp. clipforge runs its real training step (``clipforge.train.step.TrainStep``); HF runs
+``model(input_ids, pixel_values, return_loss=True).loss.backward()`` with ids padded to 77 as in
+the ``transformers`` contrastive example (``hf-pad77``), and also with ids cut to the batch's
+longest caption (``hf-longest``, the fairest HF baseline; clipforge trims the same way internally).
+
+Each implementation lives in its own worker process (so peak RSS is its own) and the parent asks
+them for steps in alternation (ABC, CBA, ... so slow drifts of the shared machine hit all
+equally), after warm-up steps; the median of ``--reps`` is reported with samples/s and the peak
+RSS (VmHWM) of the worker.
+
+    python benchmarks/train_step.py [--rows tiny-vit:64,tiny-vit:128,ViT-B-32:64] [--reps 5] [--quick]
+
+Writes benchmarks/results/train_step.json (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+IMPLS = ("clipforge", "hf-pad77", "hf-longest")
+
+
+def _proc_kb(field: str) -> float:
+    m = re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text())
+    return float(m.group(1)) if m else float("nan")
+
+
+def load_captions(data: Path, n: int) -> list[str]:
+    path = data / "flickr8k" / "captions.tsv"
+    if path.is_file():
+        with open(path, encoding="utf-8") as f:
+            col = f.readline().rstrip("\n").split("\t").index("caption")
+            caps = [line.rstrip("\n").split("\t")[col] for line in f]
+        return caps[:n]
+    words = "a man woman dog child in the red blue shirt is running on grass with ball near water".split()
+    return [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(8 + i % 8)) for i in range(n)]
+
+
+def hf_config(cfg: Any) -> Any:
+    """An HF CLIPConfig with the sizes of a clipforge CLIPConfig (ViT image tower only)."""
+    from transformers import CLIPConfig as HFConfig
+
+    if cfg.vision.kind != "vit":
+        raise ValueError("the HF comparison supports ViT towers only")
+    v, t = cfg.vision, cfg.text
+    act = "quick_gelu" if cfg.activation == "quick_gelu" else "gelu"
+    return HFConfig(
+        text_config=dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=int(t.width * t.mlp_ratio),
+                         num_hidden_layers=t.layers, num_attention_heads=t.heads, max_position_embeddings=t.context_length,
+                         hidden_act=act, layer_norm_eps=cfg.norm_eps, projection_dim=cfg.embed_dim),
+        vision_config=dict(hidden_size=v.width, intermediate_size=int(v.width * v.mlp_ratio), num_hidden_layers=v.layers,
+                           num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
+                           hidden_act=act, layer_norm_eps=cfg.norm_eps, projection_dim=cfg.embed_dim),
+        projection_dim=cfg.embed_dim, logit_scale_init_value=cfg.init_logit_scale)
+
+
+# --- worker side -----------------------------------------------------------------------------------
+
+
+def worker(impl: str, model_name: str, batch: int, n_batches: int, threads: int, data: Path) -> None:
+    import torch
+
+    from clipforge import create_model, get_model_config
+    from clipforge.tokenizer import tokenize
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    cfg = get_model_config(model_name)
+    caps = load_captions(data, batch * n_batches)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g),
+                tokenize(caps[i * batch:(i + 1) * batch], truncate=True)) for i in range(n_batches)]
+    if impl == "clipforge":
+        from clipforge.train.loss import ClipLoss
+        from clipforge.train.optim import build_optimizer
+        from clipforge.train.step import FeatureModel, TrainStep
+
+        model = create_model(cfg, seed=0).train()
+        opt = build_optimizer(model, 1e-4, 0.1, (0.9, 0.98), 1e-6)
+        step_fn = TrainStep(model, FeatureModel(model), ClipLoss(), opt)
+
+        def step(images: torch.Tensor, ids: torch.Tensor) -> float:
+            return step_fn([(images, ids)]).loss
+    else:
+        from transformers import CLIPModel
+
+        model = CLIPModel(hf_config(cfg)).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
+        trim = impl == "hf-longest"
+
+        def step(images: torch.Tensor, ids: torch.Tensor) -> float:
+            if trim:
+                ids = ids[:, : int(ids.argmax(-1).max()) + 1]
+            mask = (ids != 0).long()
+            mask[:, 0] = 1
+            opt.zero_grad(set_to_none=True)
+            out = model(input_ids=ids, pixel_values=images, attention_mask=mask, return_loss=True)
+            out.loss.backward()
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, 4.6052)
+            return out.loss.item()
+
+    print(json.dumps({"ready": True, "build_s": time.perf_counter() - t0,
+                      "rss_mb": _proc_kb("VmRSS") / 1024}), flush=True)
+    i = 0
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        images, ids = batches[i % n_batches]
+        i += 1
+        before = _proc_kb("VmRSS") / 1024
+        t = time.perf_counter()
+        loss = step(images, ids)
+        dt = time.perf_counter() - t
+        print(json.dumps({"time_s": dt, "loss": loss, "rss_before_mb": before,
+                          "peak_rss_mb": _proc_kb("VmHWM") / 1024}), flush=True)
+
+
+# --- parent side -----------------------------------------------------------------------------------
+
+
+class Worker:
+    def __init__(self, impl: str, model: str, batch: int, args: argparse.Namespace) -> None:
+        self.impl = impl
+        cmd = [sys.executable, __file__, "--worker", impl, "--model", model, "--batch", str(batch),
+               "--n-batches", str(args.n_batches), "--threads", str(args.threads), "--data", str(args.data)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.info = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            raise RuntimeError(f"worker {self.impl} died (exit code {self.proc.wait()})")
+        return json.loads(line)
+
+    def step(self) -> dict[str, Any]:
+        self.proc.stdin.write("step\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        return self._read()
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write("quit\n")  # type: ignore[union-attr]
+            self.proc.stdin.close()  # type: ignore[union-attr]
+        except BrokenPipeError:
+            pass
+        self.proc.wait(timeout=60)
+
+
+def bench_row(model: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
+    workers = [Worker(impl, model, batch, args) for impl in args.impls]
+    times: dict[str, list[float]] = {w.impl: [] for w in workers}
+    peaks: dict[str, float] = {w.impl: 0.0 for w in workers}
+    losses: dict[str, float] = {}
+    last: dict[str, float] = {}
+    try:
+        for rep in range(args.warmup + args.reps):
+            order = workers if rep % 2 == 0 else workers[::-1]
+            for w in order:
+                r = w.step()
+                peaks[w.impl] = max(peaks[w.impl], r["peak_rss_mb"])
+                losses[w.impl] = r["loss"]
+                last[w.impl] = r["time_s"]
+                if rep >= args.warmup:
+                    times[w.impl].append(r["time_s"])
+            label = "warm-up" if rep < args.warmup else f"rep {rep + 1 - args.warmup}/{args.reps}"
+            print(f"  {model} b{batch} {label}: " + ", ".join(f"{w.impl} {last[w.impl]:.3f}s" for w in workers),
+                  file=sys.stderr, flush=True)
+    finally:
+        for w in workers:
+            w.close()
+    out = {"model": model, "batch": batch, "results": {}}
+    for w in workers:
+        med = statistics.median(times[w.impl])
+        out["results"][w.impl] = {"median_step_s": med, "samples_per_s": batch / med, "step_times_s": times[w.impl],
+                                  "peak_rss_mb": peaks[w.impl], "build_s": w.info["build_s"], "last_loss": losses[w.impl]}
+    base = out["results"].get("clipforge")
+    if base:
+        for impl, r in out["results"].items():
+            r["clipforge_speedup"] = r["median_step_s"] / base["median_step_s"]
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default="tiny-vit:64,tiny-vit:128,ViT-B-32:64", help="model:batch,...")
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"subset of {','.join(IMPLS)}")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--n-batches", type=int, default=4, help="distinct batches cycled through")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--quick", action="store_true", help="tiny-vit at batch 16, 1 warm-up + 2 reps (smoke test)")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "train_step.json")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args.worker, args.model, args.batch, args.n_batches, args.threads, args.data)
+        return 0
+    if args.quick:
+        args.rows, args.reps, args.warmup = "tiny-vit:16", 2, 1
+        if args.out == p.get_default("out"):
+            args.out = args.out.with_name("train_step_quick.json")
+    args.impls = [s.strip() for s in args.impls.split(",") if s.strip()]
+    bad = [i for i in args.impls if i not in IMPLS]
+    if bad:
+        p.error(f"unknown --impls {bad}; choose from {IMPLS}")
+    rows = []
+    for spec in args.rows.split(","):
+        model, _, batch = spec.partition(":")
+        rows.append(bench_row(model.strip(), int(batch or 64), args))
+    import torch
+
+    record = {
+        "benchmark": "train_step", "task": "one contrastive training step (forward, loss, backward, AdamW)",
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+                    "threads": args.threads, "note": "shared 2-core CPU; other jobs may run concurrently"},
+        "reps": args.reps, "warmup": args.warmup, "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(REPO / "src"))
+    from clipforge.utils import write_json
+
+    write_json(args.out, record)
+    print(f"\n{'model':<10} {'batch':>5} {'impl':<11} {'s/step':>8} {'samples/s':>10} {'peak RSS MB':>12} {'vs clipforge':>13}")
+    for row in rows:
+        for impl, r in row["results"].items():
+            print(f"{row['model']:<10} {row['batch']:>5} {impl:<11} {r['median_step_s']:>8.3f} {r['samples_per_s']:>10.1f} "
+                  f"{r['peak_rss_mb']:>12.0f} {r.get('clipforge_speedup', float('nan')):>12.2f}x")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""ImageNet zero-shot pipeline end to end: 1,000 classes x 80 templates (80k prompts) through the
+text tower, 1,000 real ImageNet photos through the image tower, scoring, then the cached rebuild.
+
+Model: ViT-B/32-shaped with random weights (no pretrained weights can be downloaded here), so
+accuracy is at chance (0.1% top-1, 0.5% top-5) and reported as such; the point is the time of
+each stage. Prompts are embedded in length-sorted batches (the text tower trims each batch to
+its longest prompt); a small side measurement compares sorted vs unsorted batching. The second
+classifier build must hit the on-disk cache (target < 1 s: one sha256 pass over the text tower).
+
+    python benchmarks/zeroshot_imagenet.py                 # full (cold build takes several minutes)
+    python benchmarks/zeroshot_imagenet.py --quick         # 100 classes / 100 photos
+    python benchmarks/zeroshot_imagenet.py --checkpoint model.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import random
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, print_table, write_results  # noqa: E402
+
+import clipforge  # noqa: E402
+from clipforge.eval import InMemoryLabelled, ZeroShotClassifier, load_classnames, load_templates  # noqa: E402
+from clipforge.eval.features import extract_features  # noqa: E402
+from clipforge.eval.metrics import chunked_topk, metrics_from_topk  # noqa: E402
+from clipforge.eval.zeroshot import prompts_for  # noqa: E402
+from clipforge.inference import embed_texts  # noqa: E402
+from clipforge.preprocess import image_transform  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet_samples"
+
+
+def load_samples(root: Path, limit: int | None) -> tuple[list[Image.Image], np.ndarray]:
+    with open(root / "labels.tsv", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if limit:
+        rows = rows[:limit]
+    with tarfile.open(root / "images_160.tar") as tf:
+        images = [Image.open(tf.extractfile(r["image"])).convert("RGB") for r in rows]
+    return images, np.array([int(r["class_index"]) for r in rows])
+
+
+def sorting_gain(model, prompts: list[str], batch_size: int, reps: int = 2) -> dict[str, float]:
+    """Time the same prompts with length-sorted vs original-order batches (alternating, best of
+    ``reps``: the machine is shared, so single timings drift)."""
+    from clipforge.eval.zeroshot import embed_texts_length_sorted
+
+    best = {"sorted": float("inf"), "unsorted": float("inf")}
+    out = {}
+    for _ in range(reps):
+        for name, fn in (("sorted", embed_texts_length_sorted), ("unsorted", embed_texts)):
+            t0 = time.perf_counter()
+            out[name] = fn(model, prompts, batch_size=batch_size)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {"prompts": len(prompts), "sorted_s": best["sorted"], "unsorted_s": best["unsorted"],
+            "speedup": best["unsorted"] / best["sorted"],
+            "max_abs_diff": float((out["sorted"] - out["unsorted"]).abs().max())}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--model", default="ViT-B/32", help="zoo name (random init) unless --checkpoint is given")
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--quick", action="store_true", help="first 100 classes and their photos")
+    ap.add_argument("--text-batch-size", type=int, default=500)
+    ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--sorting-sample", type=int, default=1000, help="prompts for the sorted-vs-unsorted check (0: skip)")
+    ap.add_argument("--cache-dir", default=None, help="default: a fresh temporary directory (cold build)")
+    ap.add_argument("--out", default="zeroshot_imagenet")
+    args = ap.parse_args()
+    if not args.data.is_dir():
+        print(f"no ImageNet samples at {args.data}", file=sys.stderr)
+        return 1
+
+    n_cls = 100 if args.quick else 1000
+    if args.checkpoint:
+        model, preprocess = clipforge.load(args.checkpoint)
+        model_name = args.checkpoint
+    else:
+        model = clipforge.create_model(args.model, seed=0)
+        preprocess = image_transform(model.config.preprocess)
+        model_name = f"{args.model} (random init)"
+    model.eval()
+    classnames = load_classnames("imagenet")[:n_cls]
+    templates = load_templates("imagenet")
+    images, labels = load_samples(args.data, n_cls)
+    keep = labels < n_cls
+    ds = InMemoryLabelled([im for im, k in zip(images, keep) if k], labels[keep], classnames, "imagenet_samples")
+    n_prompts = len(prompts_for(classnames, templates)[0])
+    print(f"{model_name}: {len(classnames)} classes x {len(templates)} templates = {n_prompts} prompts; "
+          f"{len(ds)} photos; torch threads {torch.get_num_threads()}")
+
+    tmp = None
+    cache_dir = args.cache_dir
+    if cache_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="clipforge-zs-")
+        cache_dir = tmp.name
+    results: dict[str, object] = {"model": model_name, "classes": len(classnames), "templates": len(templates),
+                                  "prompts": n_prompts, "images": len(ds), "environment": environment()}
+    rows = []
+
+    if args.sorting_sample:
+        prompts = prompts_for(classnames, templates)[0]
+        sample = random.Random(0).sample(prompts, min(args.sorting_sample, len(prompts)))
+        sg = sorting_gain(model, sample, args.text_batch_size)
+        results["length_sorting"] = sg
+        print(f"length-sorted batching on {sg['prompts']} prompts: {sg['sorted_s']:.1f}s vs unsorted "
+              f"{sg['unsorted_s']:.1f}s (x{sg['speedup']:.2f}; max |diff| {sg['max_abs_diff']:.1e})")
+
+    t0 = time.perf_counter()
+    clf = ZeroShotClassifier(model, classnames, templates, preprocess=preprocess, cache_dir=cache_dir,
+                             batch_size=args.text_batch_size, progress=True)
+    cold = time.perf_counter() - t0
+    rows.append({"stage": "classifier build (cold)", "seconds": cold, "items": n_prompts,
+                 "rate": n_prompts / cold, "unit": "prompts/s", "note": f"cache_hit={clf.cache_hit}"})
+
+    t0 = time.perf_counter()
+    fs = extract_features(model, ds, ds.labels, preprocess=preprocess, batch_size=args.batch_size, progress=True)
+    feat_s = time.perf_counter() - t0
+    rows.append({"stage": "image features", "seconds": feat_s, "items": len(fs), "rate": len(fs) / feat_s,
+                 "unit": "images/s", "note": f"skipped={fs.skipped}"})
+
+    t0 = time.perf_counter()
+    top, _ = chunked_topk(fs.features, clf.weights, k=5, scale=clf.logit_scale)
+    metrics = metrics_from_topk(top, fs.labels, len(classnames))
+    score_s = time.perf_counter() - t0
+    rows.append({"stage": "scoring (top-5)", "seconds": score_s, "items": len(fs), "rate": len(fs) / score_s,
+                 "unit": "images/s", "note": ""})
+
+    t0 = time.perf_counter()
+    warm = ZeroShotClassifier(model, classnames, templates, preprocess=preprocess, cache_dir=cache_dir,
+                              batch_size=args.text_batch_size)
+    warm_s = time.perf_counter() - t0
+    assert warm.cache_hit and torch.equal(warm.weights, clf.weights), "second build did not hit the cache"
+    rows.append({"stage": "classifier build (cached)", "seconds": warm_s, "items": n_prompts,
+                 "rate": n_prompts / warm_s, "unit": "prompts/s", "note": f"cache_hit={warm.cache_hit}; target < 1 s"})
+
+    chance1, chance5 = 1 / len(classnames), min(5, len(classnames)) / len(classnames)
+    results.update({"stages": rows, "metrics": metrics, "chance": {"acc1": chance1, "acc5": chance5},
+                    "accuracy_note": "random weights: accuracy is expected at chance level"})
+    print()
+    print_table(rows, [("stage", "stage", "s"), ("seconds", "seconds", ".2f"), ("items", "items", "d"),
+                       ("rate", "rate", ".1f"), ("unit", "unit", "s"), ("note", "note", "s")])
+    print(f"\ntop-1 {metrics['acc1']:.4f} (chance {chance1:.4f}), top-5 {metrics['acc5']:.4f} (chance {chance5:.4f}), "
+          f"mean per-class recall {metrics['mean_per_class_recall']:.4f}"
+          + ("  [random weights: chance level expected]" if not args.checkpoint else ""))
+    path = write_results(args.out + ("_quick" if args.quick else ""), results)
+    print(f"wrote {path}")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

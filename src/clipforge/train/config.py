@@ -1,0 +1,195 @@
+"""The training run's configuration: one typed dataclass, built from defaults, an optional
+YAML/JSON file and command-line overrides (in that order), and saved as ``config.json`` in the run
+folder so a run can always be resumed or reproduced from its own record."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+# Fields that may differ between a run and its resumption (they do not change the optimisation).
+RESUMABLE_OVERRIDES = frozenset({
+    "save_every", "keep_last", "log_every", "eval_every", "tensorboard", "num_workers",
+    "time_limit_minutes", "progress", "device", "threads",
+})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a contrastive training run depends on.
+
+    ``model`` is a zoo name (``tiny-vit``), or a path to a CLIPConfig JSON file; ``init`` an optional
+    checkpoint in any supported format to start from. ``steps`` counts optimiser steps; each consumes
+    ``batch_size * accum_steps`` pairs per rank. ``warmup`` is in steps. ``threads`` sets torch's
+    intra-op threads for the run (``None``: leave the default; on a CPU shared with other jobs one
+    thread per process is often much faster than several, which wait on each other). ``save_every=0`` saves only
+    at the end; ``eval_every=0`` disables periodic evaluation.
+    """
+
+    model: str = "tiny-vit"
+    init: str | None = None
+    data: str = "builtin:scenes"
+    val_data: str | None = None
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 5e-4
+    wd: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup: int = 100
+    grad_clip: float | None = None
+    accum_steps: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_checkpointing: bool = False
+    lock_image: bool = False
+    local_loss: bool = False
+    gather_with_grad: bool = False
+    num_workers: int = 2
+    threads: int | None = None
+    resampled: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    out: str = "runs/train"
+    save_every: int = 500
+    keep_last: int = 2
+    log_every: int = 10
+    eval_every: int = 0
+    tensorboard: bool = False
+    time_limit_minutes: float | None = None
+    progress: bool = True
+    resume: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)  # type: ignore[assignment]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the offending field (checked before any work starts)."""
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"train config: {key}: {msg} (got {getattr(self, key)!r})")
+
+        need(isinstance(self.steps, int) and self.steps >= 1, "steps", "must be an integer >= 1")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be >= 1")
+        need(isinstance(self.accum_steps, int) and self.accum_steps >= 1, "accum_steps", "must be >= 1")
+        need(self.lr > 0, "lr", "must be > 0")
+        need(self.wd >= 0, "wd", "must be >= 0")
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "needs two values in [0, 1)")
+        need(self.eps > 0, "eps", "must be > 0")
+        need(isinstance(self.warmup, int) and self.warmup >= 0, "warmup", "must be an integer >= 0")
+        need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0 or null")
+        need(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
+        need(self.num_workers >= 0, "num_workers", "must be >= 0")
+        need(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null (torch's default)")
+        need(self.save_every >= 0, "save_every", "must be >= 0 (0: only at the end)")
+        need(self.keep_last >= 1, "keep_last", "must be >= 1")
+        need(self.log_every >= 1, "log_every", "must be >= 1")
+        need(self.eval_every >= 0, "eval_every", "must be >= 0 (0: off)")
+        need(self.time_limit_minutes is None or self.time_limit_minutes > 0, "time_limit_minutes", "must be > 0")
+        need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
+             "must be auto, cpu, cuda or cuda:N")
+        need(bool(self.data), "data", "a data spec is required")
+
+    # --- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "TrainConfig":
+        """Build from a mapping; keys may use ``-`` or ``_``. Unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        clean: dict[str, Any] = {}
+        for key, value in d.items():
+            k = str(key).replace("-", "_")
+            if k not in known:
+                raise ValueError(f"{source}: unknown training option {key!r}; known: {', '.join(sorted(known))}")
+            clean[k] = value
+        try:
+            return cls(**clean)
+        except TypeError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+        """Read a YAML or JSON file (a flat mapping of option -> value), then apply ``overrides``."""
+        data = load_config_file(path)
+        data.update({k.replace("-", "_"): v for k, v in (overrides or {}).items()})
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def for_resume(cls, run_dir: str | Path, **overrides: Any) -> "TrainConfig":
+        """The config saved in ``run_dir/config.json`` with ``resume`` set, plus the allowed
+        ``overrides`` (logging/saving cadence, workers, time limit; see ``RESUMABLE_OVERRIDES``)."""
+        path = Path(run_dir) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume {run_dir}: no config.json there (not a clipforge training run folder)")
+        from ..utils import read_json
+
+        saved = cls.from_dict(read_json(path), source=str(path))
+        return merge_for_resume(saved, overrides, str(run_dir))
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A flat option mapping from ``.yaml``/``.yml``/``.json``; errors name the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"training config file not found: {p}")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    elif p.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ValueError(f"{p}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    else:
+        raise ValueError(f"{p}: training config must be .yaml, .yml or .json")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: expected a mapping of option: value at the top level, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def merge_for_resume(saved: TrainConfig, overrides: dict[str, Any], run_dir: str) -> TrainConfig:
+    """The saved config of ``run_dir`` with the few overrides that keep the optimisation identical.
+
+    Changing e.g. the model, data, batch size or learning rate of a run half-way would silently make
+    it a different run, so those are refused with a message naming the option."""
+    changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        key = key.replace("-", "_")
+        if key in ("resume", "out"):
+            continue
+        old = getattr(saved, key)
+        if key == "betas":
+            value = tuple(value)
+        if value == old:
+            continue
+        if key not in RESUMABLE_OVERRIDES:
+            raise ValueError(f"--resume {run_dir}: option {key!r} differs from the saved run "
+                             f"({old!r} -> {value!r}); only {', '.join(sorted(RESUMABLE_OVERRIDES))} may change")
+        changes[key] = value
+    return saved.replace(out=run_dir, resume=run_dir, **changes)
+
+
+__all__ = ["TrainConfig", "load_config_file", "merge_for_resume", "PRECISIONS"]

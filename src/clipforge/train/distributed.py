@@ -1,0 +1,150 @@
+"""Multi-process data-parallel plumbing: the torchrun environment, process groups, and the
+feature all-gather that lets every rank's loss see the global batch.
+
+Launch with ``torchrun --nproc-per-node N -m clipforge.cli.main train ...`` (or the ``clipforge``
+script): each process reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` from the environment and
+joins a NCCL (GPU) or Gloo (CPU) group. Without those variables training runs in one process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+    """``auto`` picks the local GPU when there is one; ``cuda`` without a GPU is a clear error."""
+    if preference == "auto":
+        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    if preference.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {preference!r} requested but no CUDA GPU is available")
+        if preference == "cuda":
+            return torch.device("cuda", local_rank)
+    return torch.device(preference)
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Join the torchrun process group if the environment describes one (idempotent)."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    dev = resolve_device(device, local_rank)
+    if world_size > 1:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def shutdown_distributed(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands every rank the gradient of *all* ranks' losses
+    with respect to its own slice (a sum-reduce of the gathered gradient, then the local slice)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        world, rank = dist.get_world_size(), dist.get_rank()
+        ctx.rank, ctx.n = rank, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def gather_features(x: torch.Tensor, env: DistEnv, with_grad: bool) -> torch.Tensor:
+    """Concatenate ``x`` (``[B, D]``, equal ``B`` on every rank) over ranks in rank order.
+
+    ``with_grad=False``: the other ranks' rows are constants and the local slice is replaced by the
+    local tensor itself, so gradients flow into this rank's features only (the caller accounts for
+    the loss terms other ranks compute on them). ``with_grad=True``: gradients of every rank's loss
+    flow back to the rank that produced the rows."""
+    if not env.distributed:
+        return x
+    if with_grad:
+        return _AllGatherWithGrad.apply(x)
+    parts = [torch.empty_like(x) for _ in range(env.world_size)]
+    with torch.no_grad():
+        dist.all_gather(parts, x.detach().contiguous())
+    parts[env.rank] = x
+    return torch.cat(parts)
+
+
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """True on every rank if it is true on any (so all ranks stop at the same step)."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32,
+                     device=env.device if env.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_gather_object(obj: Any, env: DistEnv) -> list[Any]:
+    if not env.distributed:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, env: DistEnv) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+__all__ = ["DistEnv", "init_distributed", "shutdown_distributed", "resolve_device", "gather_features",
+           "any_rank", "all_gather_object", "broadcast_object", "barrier"]

@@ -1,0 +1,419 @@
+"""The training run: build everything from a :class:`TrainConfig`, loop over optimiser steps with
+logging, periodic evaluation and checkpoints, stop cleanly on a signal, and leave a run folder:
+
+```
+<out>/config.json           the resolved TrainConfig          model_config.json  the CLIPConfig
+<out>/metrics.jsonl         one record per log step (and per evaluation)
+<out>/checkpoints/step_*.pt  the last keep_last training checkpoints (resume from the newest)
+<out>/final.safetensors     the trained model (clipforge.load / load_model read it)
+<out>/summary.json          status, steps, loss, samples/s, wall time, peak RSS, skip statistics
+<out>/curves.png            loss, temperature, learning rate (and evaluation) against the step
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import CLIPConfig, get_model_config
+from ..models import CLIP, create_model
+from ..preprocess import image_transform
+from ..tokenizer import get_tokenizer
+from ..utils import read_json, write_json
+from . import checkpoint as ckpt
+from .config import TrainConfig, merge_for_resume
+from .distributed import DistEnv, all_gather_object, any_rank, barrier, init_distributed, shutdown_distributed
+from .loss import ClipLoss
+from .metrics import MetricsLog, peak_rss_mb, plot_curves
+from .optim import CosineWarmup, build_optimizer
+from .signals import StopRequest, exit_code
+from .step import FeatureModel, TrainStep, make_grad_scaler
+
+Evaluator = Callable[[CLIP, int], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class TokenizeCaptions:
+    """Picklable caption -> ids function for the data loader's workers (long captions truncated)."""
+
+    context_length: int = 77
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        return get_tokenizer(self.context_length).tokenize(list(texts), self.context_length, truncate=True)
+
+
+def resolve_model_config(spec: str) -> CLIPConfig:
+    """A zoo name, or a path to a CLIPConfig JSON file."""
+    p = Path(spec)
+    if spec.endswith(".json"):
+        if not p.is_file():
+            raise FileNotFoundError(f"model config file not found: {p}")
+        return CLIPConfig.from_json(p)
+    try:
+        return get_model_config(spec)
+    except KeyError as e:
+        raise ValueError(e.args[0]) from None
+
+
+def build_model(config: TrainConfig) -> CLIP:
+    """A fresh model of ``config.model`` (seeded), or the weights of ``config.init`` (any format)."""
+    if config.init:
+        from ..checkpoints import load_model
+
+        return load_model(config.init)
+    return create_model(resolve_model_config(config.model), seed=config.seed)
+
+
+def open_training_data(config: TrainConfig) -> tuple[Any, Any | None]:
+    """Open (and so validate) the data specs before any model is built: a missing manifest or an
+    empty shard pattern fails in a second, not after minutes of set-up."""
+    from ..data import open_pairs
+
+    train_source = open_pairs(config.data, split="train", seed=config.seed)
+    val_source = open_pairs(config.val_data, split="val", seed=config.seed) if config.val_data else None
+    return train_source, val_source
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _Run:
+    def __init__(self, config: TrainConfig, env: DistEnv, should_stop: Callable[[int], bool] | None,
+                 evaluator: Evaluator | None) -> None:
+        self.config, self.env, self.should_stop = config, env, should_stop
+        self.evaluator = evaluator
+        self.run_dir = Path(config.resume or config.out)
+        self.main = env.is_main
+
+    # --- set-up -------------------------------------------------------------------------------
+    def _check_run_dir(self) -> Path | None:
+        """The checkpoint to resume from (or None); refuses to overwrite another run."""
+        cfg = self.config
+        if cfg.resume:
+            saved_path = self.run_dir / "config.json"
+            if not saved_path.is_file():
+                raise FileNotFoundError(f"--resume {self.run_dir}: no config.json (not a clipforge training run)")
+            saved = TrainConfig.from_dict(read_json(saved_path), source=str(saved_path))
+            merge_for_resume(saved, cfg.to_dict(), str(self.run_dir))  # raises on incompatible changes
+            latest = ckpt.latest_checkpoint(self.run_dir)
+            if latest is None:
+                raise FileNotFoundError(f"--resume {self.run_dir}: no checkpoints in {ckpt.checkpoint_dir(self.run_dir)}")
+            return latest
+        if ckpt.list_checkpoints(self.run_dir):
+            raise ValueError(f"{self.run_dir} already holds a training run (checkpoints/); continue it with "
+                             f"--resume {self.run_dir} or choose another --out")
+        return None
+
+    def _say(self, msg: str) -> None:
+        if self.main and self.config.progress:
+            tqdm.write(msg)
+
+    def run(self) -> dict[str, Any]:
+        cfg, env = self.config, self.env
+        started = time.time()
+        resume_from = self._check_run_dir()
+        train_source, _val_source = open_training_data(cfg)
+        _seed_everything(cfg.seed + env.rank)
+
+        model = build_model(cfg).to(env.device).train()
+        if cfg.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        if cfg.lock_image:
+            model.lock_image_tower()
+        state = ckpt.load_checkpoint(resume_from) if resume_from else None
+        if state is not None:
+            model.load_state_dict(state["model"])
+        module: torch.nn.Module = FeatureModel(model)
+        if env.distributed:
+            module = torch.nn.parallel.DistributedDataParallel(
+                module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        optimizer = build_optimizer(model, cfg.lr, cfg.wd, cfg.betas, cfg.eps)
+        schedule = CosineWarmup(optimizer, cfg.lr, cfg.warmup, cfg.steps)
+        scaler = make_grad_scaler(cfg.precision, env.device)
+        step_fn = TrainStep(model, module, ClipLoss(env, cfg.local_loss, cfg.gather_with_grad), optimizer,
+                            cfg.precision, cfg.grad_clip, scaler)
+
+        from ..data import make_pair_loader
+
+        loader = make_pair_loader(train_source, transform=image_transform(model.config.preprocess, train=True),
+                                  tokenize=TokenizeCaptions(model.context_length), batch_size=cfg.batch_size,
+                                  seed=cfg.seed, rank=env.rank, world_size=env.world_size,
+                                  num_workers=cfg.num_workers, resampled=cfg.resampled)
+        step, records = 0, []
+        if state is not None:
+            step, records = self._restore(state, optimizer, schedule, scaler, loader)
+            self._say(f"resuming {self.run_dir} from step {step} ({resume_from.name})")
+        if self.main:
+            write_json(self.run_dir / "config.json", cfg.to_dict())
+            write_json(self.run_dir / "model_config.json", model.config.to_dict())
+        log = MetricsLog(self.run_dir / "metrics.jsonl", records,
+                         self.run_dir / "tensorboard" if (cfg.tensorboard and self.main) else None) \
+            if self.main else None
+        try:
+            status, signum = self._loop(model, step_fn, schedule, loader, log, step, started)
+        finally:
+            if log is not None:
+                log.close()
+            close = getattr(loader, "close", None)
+            if callable(close):
+                close()
+        return self._finish(model, loader, log, status, signum, started)
+
+    def _restore(self, state: dict[str, Any], optimizer: torch.optim.Optimizer, schedule: CosineWarmup,
+                 scaler: Any, loader: Any) -> tuple[int, list[dict[str, Any]]]:
+        ranks = state["rank_states"]
+        if len(ranks) != self.env.world_size:
+            raise ValueError(f"checkpoint was written by {len(ranks)} process(es) but this job has "
+                             f"{self.env.world_size}; resume with the same number of processes")
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        mine = ranks[self.env.rank]
+        loader.load_state_dict(mine["loader"])
+        ckpt.restore_rng(mine["rng"])
+        return int(state["step"]), list(state.get("metrics", []))
+
+    # --- the loop -----------------------------------------------------------------------------
+    def _loop(self, model: CLIP, step_fn: TrainStep, schedule: CosineWarmup, loader: Any,
+              log: MetricsLog | None, step: int, started: float) -> tuple[str, int | None]:
+        cfg, env = self.config, self.env
+        k = cfg.accum_steps
+        per_step = cfg.batch_size * k * env.world_size
+        deadline = started + cfg.time_limit_minutes * 60 if cfg.time_limit_minutes else None
+        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (self.main and cfg.progress))
+        status, signum = "completed", None
+        window_t, window_steps, window_loss = time.time(), 0, 0.0
+        saved_at = step
+        it = iter(loader)
+        try:
+            with StopRequest() as stop:
+                while step < cfg.steps:
+                    batches = [next(it) for _ in range(k)]
+                    lr = schedule(step)
+                    result = step_fn(batches)
+                    step += 1
+                    if not math.isfinite(result.loss):
+                        raise FloatingPointError(f"the loss became {result.loss} at step {step}; lower --lr, "
+                                                 "add --grad-clip, or use fp32")
+                    window_steps += 1
+                    window_loss += result.loss
+                    bar.update(1)
+                    if step % cfg.log_every == 0 or step == cfg.steps:
+                        now = time.time()
+                        rate = per_step * window_steps / max(now - window_t, 1e-9)
+                        record = {"step": step, "loss": window_loss / window_steps, "lr": lr,
+                                  "temperature": float(model.logit_scale.detach().exp()),
+                                  "samples_per_s": rate, "skipped": _skipped(loader, env),
+                                  "epoch": int(getattr(loader, "epoch", 0)), "time_s": now - started}
+                        if result.grad_norm is not None:
+                            record["grad_norm"] = result.grad_norm
+                        if log is not None:
+                            log.log(record)
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{rate:.0f}",
+                                        T=f"{record['temperature']:.1f}")
+                        window_t, window_steps, window_loss = now, 0, 0.0
+                    if cfg.eval_every and self.evaluator is not None and step % cfg.eval_every == 0:
+                        self._evaluate(model, step, log)
+                    reason = "interrupted" if stop.requested else (
+                        "stopped" if self.should_stop is not None and self.should_stop(step) else (
+                            "time_limit" if deadline is not None and time.time() >= deadline else None))
+                    halt = any_rank(reason is not None, env)
+                    if (cfg.save_every and step % cfg.save_every == 0) or halt or step == cfg.steps:
+                        self._save(model, step_fn, schedule, loader, log, step)
+                        saved_at = step
+                    if halt:
+                        signum = stop.signum
+                        status = reason or "interrupted"  # another rank's signal
+                        self._say(f"stopping at step {step}/{cfg.steps} ({status}); checkpoint written")
+                        break
+        finally:
+            bar.close()
+        if saved_at != step:  # only reachable if the loop ended without a final save
+            self._save(model, step_fn, schedule, loader, log, step)
+        self.step = step
+        return status, signum
+
+    def _evaluate(self, model: CLIP, step: int, log: MetricsLog | None) -> None:
+        if self.main and self.evaluator is not None:
+            metrics = self.evaluator(model, step)
+            model.train()
+            if log is not None and metrics:
+                log.log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+            self._say(f"step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+        barrier(self.env)
+
+    def _save(self, model: CLIP, step_fn: TrainStep, schedule: CosineWarmup, loader: Any,
+              log: MetricsLog | None, step: int) -> None:
+        rank_state = {"rng": ckpt.capture_rng(), "loader": ckpt.to_plain(loader.state_dict(), "loader state"),
+                      "skip_stats": ckpt.to_plain(_stats_dict(loader), "skip stats")}
+        rank_states = all_gather_object(rank_state, self.env)
+        if self.main:
+            ckpt.save_checkpoint(ckpt.checkpoint_path(self.run_dir, step), {
+                "model": model.state_dict(),
+                "config": model.config.to_dict(),
+                "train_config": self.config.to_dict(),
+                "optimizer": step_fn.optimizer.state_dict(),
+                "scheduler": schedule.state_dict(),
+                "scaler": step_fn.scaler.state_dict() if step_fn.scaler is not None else None,
+                "step": step,
+                "rank_states": rank_states,
+                "metrics": list(log.records) if log is not None else [],
+            })
+            ckpt.prune_checkpoints(self.run_dir, self.config.keep_last)
+        barrier(self.env)
+
+    # --- the end ------------------------------------------------------------------------------
+    def _finish(self, model: CLIP, loader: Any, log: MetricsLog | None, status: str, signum: int | None,
+                started: float) -> dict[str, Any]:
+        cfg, env = self.config, self.env
+        stats = all_gather_object(_stats_dict(loader), env)
+        if not self.main:
+            return {"status": status, "steps_done": self.step, "rank": env.rank, "exit_code": exit_code(signum)}
+        records = log.records if log is not None else []
+        train_records = [r for r in records if "loss" in r]
+        evals = [r for r in records if any(k.startswith("eval/") for k in r)]
+        final_model = None
+        if status != "interrupted":  # a signal means "resume later"; anything else ends the run
+            from ..checkpoints import save_model
+
+            final_model = str(save_model(model, self.run_dir / "final.safetensors"))
+        curves = plot_curves(records, self.run_dir / "curves.png", title=f"{model.config.name or cfg.model}")
+        rates = [r["samples_per_s"] for r in train_records]
+        summary = {
+            "status": status,
+            "signal": signum,
+            "exit_code": exit_code(signum),
+            "steps_done": self.step,
+            "steps": cfg.steps,
+            "model": model.config.name or cfg.model,
+            "parameters": model.num_parameters(),
+            "data": cfg.data,
+            "world_size": env.world_size,
+            "global_batch": cfg.batch_size * cfg.accum_steps * env.world_size,
+            "samples_seen": self.step * cfg.batch_size * cfg.accum_steps * env.world_size,
+            "final_loss": train_records[-1]["loss"] if train_records else None,
+            "final_temperature": float(model.logit_scale.detach().exp()),
+            "samples_per_s_median": float(np.median(rates)) if rates else None,
+            "epoch": int(getattr(loader, "epoch", 0)),
+            "wall_time_s": time.time() - started,
+            "peak_rss_mb": peak_rss_mb(),
+            "skip_stats": _merge_stats(stats),
+            "last_eval": {k: v for k, v in evals[-1].items()} if evals else None,
+            "run_dir": str(self.run_dir),
+            "final_model": final_model,
+            "last_checkpoint": str(ckpt.latest_checkpoint(self.run_dir)),
+            "curves": str(curves) if curves else None,
+        }
+        write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+
+def _stats_dict(loader: Any) -> dict[str, Any]:
+    stats = getattr(loader, "stats", None)
+    if stats is None:
+        return {}
+    return stats.to_dict() if hasattr(stats, "to_dict") else dict(stats)
+
+
+def _skipped(loader: Any, env: DistEnv) -> int:
+    stats = getattr(loader, "stats", None)
+    local = int(getattr(stats, "total", 0) or 0)
+    if not env.distributed:
+        return local
+    return int(sum(all_gather_object(local, env)))
+
+
+def _merge_stats(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum the per-rank skip statistics (counts by reason, total)."""
+    if len(per_rank) == 1:
+        return per_rank[0]
+    merged: dict[str, Any] = {}
+    for stats in per_rank:
+        for key, value in stats.items():
+            if isinstance(value, (int, float)):
+                merged[key] = merged.get(key, 0) + value
+            elif isinstance(value, dict):
+                sub = merged.setdefault(key, {})
+                for k2, v2 in value.items():
+                    if isinstance(v2, (int, float)):
+                        sub[k2] = sub.get(k2, 0) + v2
+                    else:
+                        sub.setdefault(k2, v2)
+            else:
+                merged.setdefault(key, value)
+    return merged
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """torch intra-op threads for the run, restored afterwards."""
+    if n is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool, device: torch.device):
+    """Deterministic kernels for the duration of the run (restored afterwards: ``train`` may be
+    called in a process that does other things)."""
+    if not enabled:
+        yield
+        return
+    import os
+
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def train(config: TrainConfig, *, should_stop: Callable[[int], bool] | None = None,
+          evaluator: Evaluator | None = None) -> dict[str, Any]:
+    """Run (or resume, ``config.resume``) a contrastive training job; returns the summary dict.
+
+    ``should_stop(step)`` is polled after every step (True: checkpoint and return, like a signal);
+    ``evaluator(model, step) -> {name: value}`` replaces the default periodic evaluation (zero-shot
+    scene tasks for ``builtin:scenes``, validation loss/recall for ``val_data``) run every
+    ``config.eval_every`` steps. Under torchrun every process calls this.
+    """
+    config.validate()
+    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    env = init_distributed(config.device)
+    try:
+        with _deterministic(config.deterministic, env.device), _threads(config.threads):
+            if evaluator is None and config.eval_every:
+                from .evaluation import default_evaluator
+
+                evaluator = default_evaluator(config)
+            return _Run(config, env, should_stop, evaluator).run()
+    finally:
+        if env.distributed and not had_group:
+            shutdown_distributed(env)
+
+
+__all__ = ["train", "TokenizeCaptions", "build_model", "resolve_model_config", "open_training_data"]

@@ -1,0 +1,104 @@
+"""CLIP's contrastive objective: symmetric cross-entropy over the scaled cosine-similarity matrix
+of a batch of (image, text) pairs (Radford et al. 2021, Figure 3), optionally over the global
+batch of a data-parallel job.
+
+Memory: one ``[N, N]`` logits matrix is built; the text->image direction reads it transposed
+(a view), so no second matmul or copy. With ``local_loss`` each rank builds only its ``[B, N]``
+rows (and the ``[B, N]`` rows of the text direction) instead of ``[N, N]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .distributed import DistEnv, gather_features
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity in the forward pass; multiplies the incoming gradient by ``factor``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, factor: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` unchanged, but its gradient scaled by ``factor`` (exact values, unlike ``x*f + x*(1-f)``)."""
+    if factor == 1.0:
+        return x
+    return _ScaleGrad.apply(x, factor)
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                     logit_scale: torch.Tensor) -> torch.Tensor:
+    """Mean of the image->text and text->image cross-entropies; pair ``i`` is row/column ``i``.
+
+    Features are expected L2-normalised; ``logit_scale`` is the multiplier ``exp(t)``."""
+    if image_features.shape != text_features.shape or image_features.dim() != 2:
+        raise ValueError(f"image and text features must both be [N, D]; got {tuple(image_features.shape)} "
+                         f"and {tuple(text_features.shape)}")
+    logits = logit_scale * image_features @ text_features.t()
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+class ClipLoss:
+    """The contrastive loss of one rank in a (possibly) data-parallel job.
+
+    Every rank gathers all ranks' features. With the default (``local_loss=False``) each rank
+    computes the full ``N x N`` loss; with ``local_loss=True`` only its own rows (labels offset by
+    ``rank * B``), whose mean over ranks is the global loss.
+
+    DDP averages parameter gradients over ranks. This class makes that average equal the gradient
+    of the global-batch loss exactly, in every mode:
+
+    * ``gather_with_grad=True``: the gather's backward sums every rank's gradient into the rank that
+      owns the rows, so averaging is already exact (global or local loss).
+    * ``gather_with_grad=False`` with the global loss: each rank's features only receive its own
+      copy of the (identical) loss, i.e. ``1/world_size`` of what they need after averaging, while
+      the temperature is used in full on every rank. The local features' gradients are therefore
+      multiplied by ``world_size`` (the value of the loss is unchanged).
+    * ``gather_with_grad=False`` with ``local_loss=True`` would drop the terms other ranks compute
+      with this rank's features (a biased gradient), so it is refused when ``world_size > 1``.
+    """
+
+    def __init__(self, env: DistEnv | None = None, local_loss: bool = False, gather_with_grad: bool = False):
+        self.env = env or DistEnv()
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        if self.env.distributed and local_loss and not gather_with_grad:
+            raise ValueError("local_loss needs gather_with_grad when training on several processes "
+                             "(otherwise the loss terms other ranks compute with this rank's features "
+                             "never reach its gradients); pass --gather-with-grad")
+
+    def __call__(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                 logit_scale: torch.Tensor) -> torch.Tensor:
+        env = self.env
+        if not env.distributed:
+            return contrastive_loss(image_features, text_features, logit_scale)
+        if image_features.shape != text_features.shape or image_features.dim() != 2:
+            raise ValueError(f"image and text features must both be [B, D]; got "
+                             f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
+        if not self.gather_with_grad:
+            image_features = scale_grad(image_features, float(env.world_size))
+            text_features = scale_grad(text_features, float(env.world_size))
+        all_img = gather_features(image_features, env, self.gather_with_grad)
+        all_txt = gather_features(text_features, env, self.gather_with_grad)
+        if not self.local_loss:
+            return contrastive_loss(all_img, all_txt, logit_scale)
+        b = image_features.shape[0]
+        labels = torch.arange(b, device=image_features.device) + env.rank * b
+        logits_per_image = logit_scale * image_features @ all_txt.t()
+        logits_per_text = logit_scale * text_features @ all_img.t()
+        return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+__all__ = ["ClipLoss", "contrastive_loss", "scale_grad"]

@@ -1,0 +1,90 @@
+"""AdamW with CLIP's weight-decay grouping, and the cosine learning-rate schedule with linear
+warm-up (as in OpenCLIP's ``cosine_lr``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def no_decay(name: str, param: torch.Tensor) -> bool:
+    """Gains, biases (any tensor of dim < 2), embeddings (token, positional, class) and the
+    temperature are not decayed: shrinking them towards zero is not a sensible prior."""
+    parts = name.split(".")
+    return param.dim() < 2 or any("embedding" in part for part in parts) or parts[-1] == "logit_scale"
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups over the trainable parameters; frozen ones (e.g. a locked tower) are left
+    out so the optimiser holds no state for them."""
+    decay, other = [], []
+    decay_names, other_names = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if no_decay(name, p):
+            other.append(p)
+            other_names.append(name)
+        else:
+            decay.append(p)
+            decay_names.append(name)
+    if not decay and not other:
+        raise ValueError("the model has no trainable parameters (is every tower locked?)")
+    return [
+        {"params": decay, "weight_decay": weight_decay, "names": decay_names},
+        {"params": other, "weight_decay": 0.0, "names": other_names},
+    ]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                    eps: float) -> torch.optim.AdamW:
+    groups = param_groups(model, weight_decay)
+    for g in groups:
+        g.pop("names")
+    fused = all(p.is_cuda for g in groups for p in g["params"]) or None
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+
+
+def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
+    """Learning rate for 0-based optimiser step ``step``: ``base*(step+1)/warmup`` during warm-up,
+    then a half cosine from ``base_lr`` at ``step == warmup`` down to 0 at ``step == total``."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    span = total - warmup
+    if span <= 0:
+        return base_lr
+    progress = min(1.0, (step - warmup) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) * base_lr
+
+
+class CosineWarmup:
+    """Sets each parameter group's ``lr`` for a given step (stateless apart from its settings,
+    so resuming only needs the step number; the settings are saved to catch mismatches)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, warmup: int, total: int) -> None:
+        self.optimizer = optimizer
+        self.base_lr, self.warmup, self.total = base_lr, warmup, total
+        self.last_step = -1
+
+    def __call__(self, step: int) -> float:
+        lr = cosine_lr(step, self.base_lr, self.warmup, self.total)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.last_step = step
+        return lr
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"base_lr": self.base_lr, "warmup": self.warmup, "total": self.total, "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("base_lr", "warmup", "total"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"checkpoint schedule {key}={state.get(key)!r} differs from the config's "
+                                 f"{getattr(self, key)!r}")
+        self.last_step = int(state["last_step"])
+
+
+__all__ = ["no_decay", "param_groups", "build_optimizer", "cosine_lr", "CosineWarmup"]

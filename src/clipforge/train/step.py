@@ -1,0 +1,141 @@
+"""One optimiser step: forward, contrastive loss, backward (with gradient accumulation that keeps
+the contrastive batch whole), clipping, the optimiser update and the temperature clamp.
+
+Gradient accumulation (OpenCLIP's ``--accum-freq``): the loss of a contrastive batch couples all
+its pairs, so summing the losses of k independent micro-batches is *not* the loss of their union.
+Instead the features of all k micro-batches are first computed without gradients and cached; then
+each micro-batch is re-run with gradients and the loss of the whole effective batch is built from
+its fresh features plus the cached features of the others. The sum of the k backward passes is
+exactly the gradient of the full-batch loss (the temperature's share is divided by k, since it
+enters every one of the k losses). This needs the re-run to reproduce the cached features, which
+holds for the ViT/text towers (no dropout) but not for BatchNorm in train mode (ResNet towers):
+there each re-run sees statistics of one micro-batch and updates the running statistics again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, ContextManager, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import CLIP
+from .loss import ClipLoss, scale_grad
+
+
+class FeatureModel(nn.Module):
+    """What DDP wraps: images and ids -> (normalised image features, normalised text features,
+    temperature ``exp(logit_scale)``), features in float32 for a stable loss under autocast."""
+
+    def __init__(self, clip: CLIP) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        img = F.normalize(self.clip.encode_image(images).float(), dim=-1)
+        txt = F.normalize(self.clip.encode_text(ids).float(), dim=-1)
+        return img, txt, self.clip.logit_scale.float().exp()
+
+
+def autocast_context(precision: str, device: torch.device) -> ContextManager[Any]:
+    """fp32: nothing; bf16: autocast on CPU or GPU; fp16: autocast on GPU only."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ValueError("precision fp16 needs a CUDA GPU (fp16 autocast with a gradient scaler); "
+                             "on CPU use --precision bf16 or fp32")
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    raise ValueError(f"unknown precision {precision!r} (expected fp32, bf16 or fp16)")
+
+
+def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    if precision != "fp16":
+        return None
+    if device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA GPU; on CPU use --precision bf16 or fp32")
+    return torch.amp.GradScaler("cuda")
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float | None
+
+
+class TrainStep:
+    """Runs optimiser steps for ``model`` (a :class:`CLIP`), through ``module`` (the
+    :class:`FeatureModel`, possibly DDP-wrapped)."""
+
+    def __init__(self, model: CLIP, module: nn.Module, loss_fn: ClipLoss, optimizer: torch.optim.Optimizer,
+                 precision: str = "fp32", grad_clip: float | None = None,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
+        self.model, self.module, self.loss_fn, self.optimizer = model, module, loss_fn, optimizer
+        self.precision, self.grad_clip, self.scaler = precision, grad_clip, scaler
+        self.device = model.device
+        autocast_context(precision, self.device)  # fail early on an impossible precision
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def _autocast(self) -> ContextManager[Any]:
+        return autocast_context(self.precision, self.device)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _no_sync(self, last: bool) -> ContextManager[Any]:
+        no_sync = getattr(self.module, "no_sync", None)
+        return no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
+
+    def compute_gradients(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Accumulate into ``.grad`` the gradient of the contrastive loss over the union of
+        ``batches`` (k micro-batches); returns the loss value."""
+        batches = [(im.to(self.device, non_blocking=True), ids.to(self.device, non_blocking=True))
+                   for im, ids in batches]
+        k = len(batches)
+        if k == 1:
+            images, ids = batches[0]
+            with self._autocast():
+                img, txt, scale = self.module(images, ids)
+            loss = self.loss_fn(img, txt, scale)
+            self._backward(loss)
+            return float(loss.detach())
+        inner = getattr(self.module, "module", self.module)  # skip DDP hooks for the no-grad pass
+        with torch.no_grad(), self._autocast():
+            cached = [inner(images, ids)[:2] for images, ids in batches]
+        cached_img = [c[0] for c in cached]
+        cached_txt = [c[1] for c in cached]
+        value = 0.0
+        for j, (images, ids) in enumerate(batches):
+            with self._no_sync(last=j == k - 1):
+                with self._autocast():
+                    img_j, txt_j, scale = self.module(images, ids)
+                img = torch.cat(cached_img[:j] + [img_j] + cached_img[j + 1:])
+                txt = torch.cat(cached_txt[:j] + [txt_j] + cached_txt[j + 1:])
+                loss = self.loss_fn(img, txt, scale_grad(scale, 1.0 / k))
+                self._backward(loss)
+            value = float(loss.detach())
+        return value
+
+    def __call__(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.compute_gradients(batches)
+        grad_norm = None
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.grad_clip is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.model.clamp_logit_scale()
+        return StepResult(loss=loss, grad_norm=grad_norm)
+
+
+__all__ = ["FeatureModel", "TrainStep", "StepResult", "autocast_context", "make_grad_scaler"]

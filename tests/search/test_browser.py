@@ -1,0 +1,151 @@
+"""End to end in a real browser: `clipforge serve` (uvicorn) on a free local port, the page driven by
+headless Debian Chromium through Playwright. Skips when chromium or playwright is missing
+(.ci/install-browser.sh installs both; never `playwright install`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from clipforge.checkpoints import save_model
+from clipforge.search.embed import embed_collection
+from clipforge.search.index import build_index
+from clipforge.search.sources import ImageFolderSource
+from search.searchutil import jpeg_bytes, make_image_folder, micro_model, pattern_image
+
+CHROMIUM = os.environ.get("CLIPFORGE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _browser_or_skip():
+    if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
+        pytest.skip(f"browser test needs Debian's chromium at {CHROMIUM} (run .ci/install-browser.sh)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("browser test needs the Python playwright package (run .ci/install-browser.sh)")
+    return sync_playwright
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    sync_playwright = _browser_or_skip()
+    d = tmp_path_factory.mktemp("web")
+    model = micro_model()
+    ckpt = save_model(model, d / "micro.safetensors")
+    make_image_folder(d / "photos", n_good=14)
+    embed_collection(model, ImageFolderSource(d / "photos"), d / "emb", shard_size=8, progress=False,
+                     rank=0, world_size=1)
+    build_index(d / "emb", d / "idx", n_queries=5, progress=False)
+    port = _free_port()
+    log = open(d / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "clipforge.cli.main", "serve", "--index", str(d / "idx"),
+                             "--model", str(ckpt), "--host", "127.0.0.1", "--port", str(port), "--max-k", "50",
+                             "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                log.flush()
+                pytest.fail(f"server did not start: {(d / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield url, d, sync_playwright
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _loaded_images(page) -> int:
+    return page.evaluate("""() => [...document.querySelectorAll('#results .card img')]
+                                   .filter(i => i.complete && i.naturalWidth > 0).length""")
+
+
+def test_page_search_upload_and_click(server):
+    url, d, sync_playwright = server
+    query_img = d / "query.jpg"
+    query_img.write_bytes(jpeg_bytes(pattern_image(7, (60, 48))))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 800})
+            console_errors: list[str] = []
+            page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('info').textContent.includes('images')")
+            assert "14 images" in page.inner_text("#info")
+
+            # type a query -> a grid of result thumbnails with scores
+            page.select_option("#k", "10")
+            page.fill("#query", "a striped picture")
+            page.press("#query", "Enter")
+            page.wait_for_selector("#results .card img")
+            page.wait_for_function("[...document.querySelectorAll('#results .card img')]"
+                                   ".every(i => i.complete && i.naturalWidth > 0)")
+            assert page.locator("#results .card").count() == 10
+            assert _loaded_images(page) == 10
+            assert "10 results" in page.inner_text("#status")
+            scores = [float(s) for s in page.locator("#results .score").all_inner_texts()]
+            assert scores == sorted(scores, reverse=True)
+            assert "a striped picture" in page.inner_text("#query-label")
+
+            # upload an image -> results for that image, its preview shown
+            first_before = page.locator("#results .card").first.get_attribute("data-id")
+            with page.expect_response(lambda r: r.url.endswith("/search") and r.request.method == "POST") as resp:
+                page.set_input_files("#image-input", str(query_img))
+            assert resp.value.status == 200
+            page.wait_for_function("document.getElementById('query-label').textContent === 'query.jpg'")
+            page.wait_for_function("document.getElementById('status').textContent.includes('results')")
+            assert page.locator("#results .card").count() == 10
+            assert page.locator("#query-thumb").is_visible()
+            upload_ids = page.locator("#results .card").evaluate_all("els => els.map(e => e.dataset.id)")
+
+            # click a result -> search by that item: it leaves the list, label names it
+            target = page.locator("#results .card").nth(2)
+            target_id = target.get_attribute("data-id")
+            target_key = target.locator(".key").inner_text()
+            with page.expect_response(lambda r: r.url.endswith("/search")) as resp2:
+                target.click()
+            assert resp2.value.status == 200
+            page.wait_for_function(f"document.getElementById('query-label').textContent.startsWith({target_key!r})")
+            page.wait_for_function("document.getElementById('status').textContent.includes('results')")
+            after_ids = page.locator("#results .card").evaluate_all("els => els.map(e => e.dataset.id)")
+            assert target_id not in after_ids and len(after_ids) == 10 and after_ids != upload_ids
+            page.wait_for_function("[...document.querySelectorAll('#results .card img')]"
+                                   ".every(i => i.complete && i.naturalWidth > 0)")
+
+            # a bad query shows the API's message instead of results
+            page.fill("#query", "word " * 90)
+            page.press("#query", "Enter")
+            page.wait_for_function("document.getElementById('status').classList.contains('error')")
+            assert "tokens" in page.inner_text("#status")
+            assert first_before is not None
+            # the only failed request is the deliberately bad query (no missing asset, no JS error)
+            assert len(console_errors) == 1 and "422" in console_errors[0], console_errors
+        finally:
+            browser.close()

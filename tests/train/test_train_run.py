@@ -1,0 +1,176 @@
+"""The training run end to end on a micro model: files written, exact resumption, SIGTERM,
+configuration and data-spec errors, the CLI."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import micro_config
+
+from clipforge.cli.main import main
+from clipforge.train import TrainConfig, train
+from clipforge.train.checkpoint import list_checkpoints, load_checkpoint
+
+DATA = "builtin:scenes?n=48&size=32"   # 48 scenes: batch 8 -> 6 steps per epoch, so runs cross epochs
+STEPS = 14
+
+
+@pytest.fixture(scope="module")
+def model_json(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("cfg") / "micro.json"
+    path.write_text(micro_config("vit").to_json())
+    return str(path)
+
+
+def _config(model_json: str, out: Path, **kw) -> TrainConfig:
+    base = dict(model=model_json, data=DATA, steps=STEPS, batch_size=8, lr=2e-3, warmup=3, num_workers=0,
+                out=str(out), save_every=0, log_every=1, deterministic=True, progress=False, grad_clip=1.0,
+                threads=1)  # bit-exact comparisons need the same thread count (reduction order)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(list_checkpoints(run)[-1][1])["model"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, model_json) -> Path:
+    """An uninterrupted run."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    summary = train(_config(model_json, out))
+    assert summary["status"] == "completed" and summary["steps_done"] == STEPS
+    return out
+
+
+def test_run_folder_contents(reference):
+    for name in ("config.json", "model_config.json", "metrics.jsonl", "summary.json", "curves.png", "final.safetensors"):
+        assert (reference / name).is_file(), name
+    records = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    for key in ("loss", "lr", "temperature", "samples_per_s", "skipped", "epoch"):
+        assert key in records[0], key
+    assert records[-1]["epoch"] >= 2  # 14 steps of 6 per epoch
+    assert records[-1]["loss"] < records[0]["loss"]
+    summary = json.loads((reference / "summary.json").read_text())
+    assert summary["skip_stats"]["total"] == 0 and summary["peak_rss_mb"] > 0 and summary["wall_time_s"] > 0
+    from clipforge.checkpoints import load_model
+
+    model = load_model(reference / "final.safetensors")
+    final = _weights(reference)
+    assert all(torch.equal(v, final[k]) for k, v in model.state_dict().items())
+    assert float(model.logit_scale.detach().exp()) <= 100.0
+    ckpt = load_checkpoint(list_checkpoints(reference)[-1][1])
+    for key in ("optimizer", "scheduler", "rank_states", "train_config", "metrics", "config"):
+        assert key in ckpt, key
+    assert set(ckpt["rank_states"][0]) >= {"rng", "loader", "skip_stats"}
+    # a training checkpoint is itself loadable as a model (any-format loader)
+    assert torch.equal(load_model(list_checkpoints(reference)[-1][1]).logit_scale, model.logit_scale)
+
+
+def test_interrupted_and_resumed_run_is_exact(tmp_path, model_json, reference):
+    out = tmp_path / "run"
+    first = train(_config(model_json, out), should_stop=lambda step: step == 5)
+    assert first["status"] == "stopped" and first["steps_done"] == 5
+    assert [s for s, _ in list_checkpoints(out)] == [5]
+    resumed = train(TrainConfig.for_resume(out, progress=False))
+    assert resumed["status"] == "completed" and resumed["steps_done"] == STEPS
+    ref, got = _weights(reference), _weights(out)
+    assert set(ref) == set(got)
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    ref_loss = [json.loads(x)["loss"] for x in (reference / "metrics.jsonl").read_text().splitlines()]
+    got_loss = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert got_loss == ref_loss
+
+
+def test_resume_refuses_changed_optimisation_and_existing_run(tmp_path, model_json, reference):
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig.for_resume(reference, lr=1.0)
+    with pytest.raises(ValueError, match="already holds a training run"):
+        train(_config(model_json, reference))
+    assert TrainConfig.for_resume(reference, log_every=5).log_every == 5
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        TrainConfig.for_resume(tmp_path)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("/nonexistent/pairs.csv", "pairs.csv"),
+    ("{tmp}/empty/shard-{{000..003}}.tar", "shard"),
+    ("builtin:nothing", "unknown builtin"),
+])
+def test_bad_data_spec_fails_before_training(tmp_path, capsys, model_json, spec, message):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "run"
+    code = main(["train", "--model", model_json, "--data", spec.format(tmp=tmp_path), "--out", str(out),
+                 "--steps", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("clipforge train: error:") and message in err, err
+    assert not list_checkpoints(out)
+
+
+def test_config_errors_are_clear(tmp_path, capsys, model_json):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: 3\nlearning_rate: 0.1\n")
+    assert main(["train", "--config", str(bad), "--out", str(tmp_path / "r")]) == 1
+    assert "learning_rate" in capsys.readouterr().err
+    assert main(["train", "--model", model_json, "--precision", "fp16", "--data", DATA, "--steps", "1",
+                 "--out", str(tmp_path / "r2"), "--no-progress"]) == 1
+    assert "fp16 needs a CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    assert main(["train", "--model", "no-such-model", "--steps", "1", "--out", str(tmp_path / "r3")]) == 1
+    assert "no-such-model" in capsys.readouterr().err
+
+
+def test_cli_train_with_config_file_and_workers(tmp_path, capsys, model_json):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(f"model: {model_json}\ndata: '{DATA}'\nsteps: 100\nbatch-size: 8\nlr: 0.001\nwarmup: 1\n"
+                   "save_every: 2\nkeep_last: 2\nlog_every: 1\n")
+    out = tmp_path / "run"
+    code = main(["train", "--config", str(cfg), "--steps", "4", "--workers", "1", "--accum-steps", "2",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["status"] == "completed" and printed["steps_done"] == 4
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["steps"] == 4 and saved["lr"] == 0.001 and saved["accum_steps"] == 2 and saved["num_workers"] == 1
+    assert [s for s, _ in list_checkpoints(out)] == [2, 4]  # keep_last=2 of 2, 4
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    assert (out / "final.safetensors").is_file() and (out / "curves.png").stat().st_size > 1000
+
+
+def test_sigterm_writes_checkpoint_and_resume_matches(tmp_path, model_json, reference):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "clipforge.cli.main", "train", "--model", model_json, "--data", DATA,
+           "--steps", str(STEPS), "--batch-size", "8", "--lr", "2e-3", "--warmup", "3", "--workers", "0",
+           "--out", str(out), "--save-every", "0", "--log-every", "1", "--deterministic", "--no-progress",
+           "--grad-clip", "1.0", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and metrics.read_text().strip():
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, (proc.returncode, stderr[-2000:])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["signal"] == signal.SIGTERM
+    k = summary["steps_done"]
+    assert 1 <= k < STEPS
+    assert [s for s, _ in list_checkpoints(out)] == [k]
+    assert not (out / "final.safetensors").exists()
+    resumed = train(TrainConfig.for_resume(out, progress=False))
+    assert resumed["steps_done"] == STEPS
+    ref, got = _weights(reference), _weights(out)
+    assert all(torch.equal(ref[n], got[n]) for n in ref)
