@@ -5,19 +5,28 @@
 # the test drives /usr/bin/chromium through executable_path.
 set -euo pipefail
 
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+run_quiet() {  # run a command, show its output only when it fails
+    if ! "$@" >"$log" 2>&1; then
+        cat "$log" >&2
+        return 1
+    fi
+}
+
 if ! command -v chromium >/dev/null 2>&1; then
     echo "install-browser: installing chromium (apt)"
     SUDO=""
     if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
     export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -qq >/dev/null
-    $SUDO apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
+    run_quiet $SUDO apt-get update -qq
+    run_quiet $SUDO apt-get install -y -qq chromium fonts-dejavu-core
 fi
 
 PY="${PYTHON:-python}"
 if ! "$PY" -c "import playwright.sync_api" >/dev/null 2>&1; then
     echo "install-browser: installing playwright (pip)"
-    "$PY" -m pip install -q --disable-pip-version-check playwright
+    PIP_ROOT_USER_ACTION=ignore run_quiet "$PY" -m pip install -q --disable-pip-version-check playwright
 fi
 
 echo "install-browser: chromium $(chromium --version 2>/dev/null | awk '{print $2}') + playwright ready"

@@ -210,6 +210,8 @@ def main() -> int:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--quick", action="store_true", help="tiny-vit at batch 16, 1 warm-up + 2 reps (smoke test)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "train_step.json")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other rows already in --out (rows of the same model and batch are replaced)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -238,8 +240,12 @@ def main() -> int:
         "reps": args.reps, "warmup": args.warmup, "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(REPO / "src"))
-    from clipforge.utils import write_json
+    from clipforge.utils import read_json, write_json
+
+    if args.merge and args.out.is_file():
+        mine = {(r["model"], r["batch"]) for r in rows}
+        kept = [r for r in read_json(args.out).get("rows", []) if (r["model"], r["batch"]) not in mine]
+        record["rows"] = rows = kept + rows
 
     write_json(args.out, record)
     print(f"\n{'model':<10} {'batch':>5} {'impl':<11} {'s/step':>8} {'samples/s':>10} {'peak RSS MB':>12} {'vs clipforge':>13}")

@@ -174,3 +174,55 @@ def test_sigterm_writes_checkpoint_and_resume_matches(tmp_path, model_json, refe
     assert resumed["steps_done"] == STEPS
     ref, got = _weights(reference), _weights(out)
     assert all(torch.equal(ref[n], got[n]) for n in ref)
+
+
+def test_init_lock_image_grad_checkpointing_bf16(tmp_path, model_json, reference):
+    from clipforge.checkpoints import load_model
+
+    init = reference / "final.safetensors"
+    out = tmp_path / "lit"
+    summary = train(_config(model_json, out, init=str(init), lock_image=True, grad_checkpointing=True,
+                            precision="bf16", steps=2, deterministic=False))
+    assert summary["status"] == "completed"
+    before, after = load_model(init), load_model(out / "final.safetensors")
+    for (name, a), b in zip(before.state_dict().items(), after.state_dict().values()):
+        if name.startswith("visual."):
+            assert torch.equal(a, b), f"locked image tower changed: {name}"
+    changed = [n for (n, a), b in zip(before.state_dict().items(), after.state_dict().values())
+               if n.startswith("text.") and not torch.equal(a, b)]
+    assert changed, "the text tower did not train"
+    ckpt = load_checkpoint(list_checkpoints(out)[-1][1])
+    n_opt = sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"])
+    assert n_opt == sum(1 for n, _ in after.named_parameters() if not n.startswith("visual."))
+
+
+def test_periodic_evaluation_scenes_and_validation(tmp_path, model_json):
+    out = tmp_path / "eval"
+    summary = train(_config(model_json, out, steps=2, eval_every=2, val_data="builtin:scenes?n=24&size=32",
+                            deterministic=False))
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if any(k.startswith("eval/") for k in r)]
+    assert len(evals) == 1 and evals[0]["step"] == 2
+    keys = set(evals[0])
+    for k in ("eval/val_loss", "eval/val_t2i_R@1", "eval/val_i2t_R@5", "eval/heldout_colour_shape_acc",
+              "eval/counting_acc", "eval/position_acc"):
+        assert k in keys, k
+    assert all(0.0 <= evals[0][k] <= 1.0 for k in keys if k.endswith(("_acc", "R@1", "R@5")))
+    assert summary["last_eval"]["eval/val_loss"] == evals[0]["eval/val_loss"]
+
+
+def test_tensorboard_flag_without_tensorboard_warns(tmp_path):
+    import importlib.util
+
+    from clipforge.train.metrics import MetricsLog
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        log = MetricsLog(tmp_path / "m.jsonl", tensorboard_dir=tmp_path / "tb")
+        log.log({"step": 1, "loss": 2.0})
+        log.close()
+        assert any((tmp_path / "tb").iterdir())
+    else:
+        with pytest.warns(UserWarning, match="tensorboard"):
+            log = MetricsLog(tmp_path / "m.jsonl", tensorboard_dir=tmp_path / "tb")
+        log.log({"step": 1, "loss": 2.0})
+        assert json.loads((tmp_path / "m.jsonl").read_text())["loss"] == 2.0

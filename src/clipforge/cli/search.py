@@ -105,12 +105,15 @@ def run_embed(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(s.to_dict(), indent=2))
         return 0
-    print(f"{s.kind} embeddings in {s.out_dir}: {s.total} items in {s.num_shards} shards "
-          f"({'complete' if s.complete else 'INCOMPLETE'})")
+    state = "complete" if s.complete else (
+        f"rank {s.rank}/{s.world_size} done; other ranks still writing" if s.world_size > 1 else "INCOMPLETE")
+    print(f"{s.kind} embeddings in {s.out_dir}: {s.total} items in {s.num_shards} shards ({state})")
     print(f"  this run: {len(s.written)} shards written ({s.embedded} items, {s.skipped} skipped), "
           f"{len(s.already_done)} already finished, {s.other_ranks} left to other ranks, {s.seconds:.1f} s")
     if s.total_skipped:
         print(f"  {s.total_skipped} unreadable items skipped: see {s.out_dir}/errors.jsonl")
+    if s.data_skips:
+        print(f"  skipped by the data source: {s.data_skips}")
     return 0
 
 

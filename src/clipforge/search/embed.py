@@ -41,6 +41,8 @@ class EmbedSummary:
     total_skipped: int
     complete: bool
     seconds: float
+    rank: int = 0
+    world_size: int = 1
     data_skips: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,7 +139,7 @@ def embed_collection(model: torch.nn.Module, source: Source, out_dir: str | Path
     done_before: list[int] = []
     other = embedded = skipped = 0
     bar = tqdm(total=n_items, desc=f"embed {kind}s" + (f" [rank {rank}/{world_size}]" if world_size > 1 else ""),
-               unit=kind[:3], disable=not progress, dynamic_ncols=True)
+               unit="img" if kind == "image" else "text", disable=not progress, dynamic_ncols=True)
     pool = ThreadPoolExecutor(max_workers=workers) if (workers > 0 and kind == "image") else None
     it = iter(source)
     index = 0
@@ -177,7 +179,7 @@ def embed_collection(model: torch.nn.Module, source: Source, out_dir: str | Path
     return EmbedSummary(out_dir=str(out), kind=kind, num_shards=index, written=written, already_done=done_before,
                         other_ranks=other, embedded=embedded, skipped=skipped, total=man["total"],
                         total_skipped=man["skipped"], complete=man["complete"], seconds=time.time() - t0,
-                        data_skips=data_skips)
+                        rank=rank, world_size=world_size, data_skips=data_skips)
 
 
 def _embed_image_chunk(model: torch.nn.Module, chunk: Iterable[Item], pre: Callable, batch_size: int,

@@ -297,7 +297,7 @@ def _metadata_table(refs: list[ShardRef], kind: str) -> pa.Table:
         t = t.append_column("id", pa.array(np.arange(ref.first_id, ref.first_id + ref.count), pa.int64()))
         t = t.append_column("shard", pa.array([f"{Path(ref.dir).name}/{ref.name}"] * ref.count, pa.string()))
         tables.append(t)
-    return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
+    return pa.concat_tables(tables) if tables else pa.table({})
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
@@ -311,6 +311,8 @@ def _exact_topk(refs: list[ShardRef], kind: str, dim: int, queries: np.ndarray, 
     """Exact top-k ids (own id excluded) of ``queries`` over all shards, streaming one shard at a time."""
     heap = faiss.ResultHeap(len(queries), k + 1, keep_max=True)
     for ref in tqdm(refs, desc="exact top-10", unit="shard", disable=not progress or len(refs) < 2):
+        if ref.count == 0:  # every item of that shard was unreadable
+            continue
         xb = _shard_vectors(ref, kind, dim)
         D, I = faiss.knn(queries, xb, min(k + 1, len(xb)), metric=faiss.METRIC_INNER_PRODUCT)
         if I.shape[1] < k + 1:  # pad tiny shards

@@ -172,6 +172,8 @@ def create_app(index: str | Path | LoadedIndex, model: torch.nn.Module,
                 img = await run_in_threadpool(load_image, data, name)
             except ImageLoadError as e:
                 return _error(415, f"upload is not a readable image: {e}")
+            except Image.DecompressionBombError as e:
+                return _error(413, f"uploaded image has too many pixels: {e}")
             hits = await run_in_threadpool(searcher.search_image, img, k)
             return respond({"type": "image", "filename": name, "width": img.width, "height": img.height},
                            k, hits, t0)

@@ -36,6 +36,7 @@ class Item:
                 return got
             # a clipforge.data Sample: take the image, and fill in where it came from
             meta = getattr(got, "meta", None) or {}
+            self.key = str(getattr(got, "key", self.key))
             if self.path is None:
                 self.path, self.member = _locate(meta)
             if self.caption is None and getattr(got, "captions", None):

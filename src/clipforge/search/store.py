@@ -21,11 +21,12 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from ..utils import atomic_write_bytes, atomic_write_text, read_json, write_json
 
@@ -123,7 +124,7 @@ def weights_sha256(model: Any) -> str:
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(__import__("torch").uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -199,7 +200,3 @@ def rebuild_summary(root: Path, kind: str, base: dict[str, Any], expected_shards
     atomic_write_text(root / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
     return man
 
-
-def iter_shard_arrays(shards: Iterable[ShardPaths]) -> Iterable[tuple[ShardPaths, np.ndarray]]:
-    for sp in shards:
-        yield sp, load_embeddings(sp.emb)

@@ -17,6 +17,7 @@ import contextlib
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -36,7 +37,7 @@ from .distributed import DistEnv, all_gather_object, any_rank, barrier, init_dis
 from .loss import ClipLoss
 from .metrics import MetricsLog, peak_rss_mb, plot_curves
 from .optim import CosineWarmup, build_optimizer
-from .signals import StopRequest, exit_code
+from .signals import StopRequest, exit_code, signals_blocked
 from .step import FeatureModel, TrainStep, make_grad_scaler
 
 Evaluator = Callable[[CLIP, int], dict[str, float]]
@@ -125,17 +126,24 @@ class _Run:
         cfg, env = self.config, self.env
         started = time.time()
         resume_from = self._check_run_dir()
-        train_source, _val_source = open_training_data(cfg)
+        train_source, _ = open_training_data(cfg)  # the validation spec is only checked here
         _seed_everything(cfg.seed + env.rank)
 
-        model = build_model(cfg).to(env.device).train()
+        state = ckpt.load_checkpoint(resume_from) if resume_from else None
+        if state is not None:  # the checkpoint carries architecture and weights (--init may be gone)
+            model = create_model(CLIPConfig.from_dict(state["config"]))
+            model.load_state_dict(state["model"])
+        else:
+            model = build_model(cfg)
+        model = model.to(env.device).train()
+        if cfg.accum_steps > 1 and model.config.vision.kind == "resnet" and not cfg.lock_image:
+            warnings.warn("gradient accumulation with a ResNet image tower: BatchNorm sees each micro-batch "
+                          "separately when features are recomputed, so the gradient only approximates the "
+                          "full-batch one (exact for ViT towers)", stacklevel=2)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
         if cfg.lock_image:
             model.lock_image_tower()
-        state = ckpt.load_checkpoint(resume_from) if resume_from else None
-        if state is not None:
-            model.load_state_dict(state["model"])
         module: torch.nn.Module = FeatureModel(model)
         if env.distributed:
             module = torch.nn.parallel.DistributedDataParallel(
@@ -203,7 +211,8 @@ class _Run:
         try:
             with StopRequest() as stop:
                 while step < cfg.steps:
-                    batches = [next(it) for _ in range(k)]
+                    with signals_blocked():  # workers forked here must not inherit the handlers
+                        batches = [next(it) for _ in range(k)]
                     lr = schedule(step)
                     result = step_fn(batches)
                     step += 1
@@ -339,24 +348,13 @@ def _skipped(loader: Any, env: DistEnv) -> int:
 
 
 def _merge_stats(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
-    """Sum the per-rank skip statistics (counts by reason, total)."""
-    if len(per_rank) == 1:
-        return per_rank[0]
-    merged: dict[str, Any] = {}
+    """Sum the per-rank skip statistics (counts by reason, a few example keys)."""
+    from ..data import SkipStats
+
+    merged = SkipStats()
     for stats in per_rank:
-        for key, value in stats.items():
-            if isinstance(value, (int, float)):
-                merged[key] = merged.get(key, 0) + value
-            elif isinstance(value, dict):
-                sub = merged.setdefault(key, {})
-                for k2, v2 in value.items():
-                    if isinstance(v2, (int, float)):
-                        sub[k2] = sub.get(k2, 0) + v2
-                    else:
-                        sub.setdefault(k2, v2)
-            else:
-                merged.setdefault(key, value)
-    return merged
+        merged.merge(stats)
+    return merged.to_dict()
 
 
 @contextlib.contextmanager

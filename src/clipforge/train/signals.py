@@ -4,10 +4,11 @@ stopping raises ``KeyboardInterrupt`` at once (the impatient user wins)."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from types import FrameType
-from typing import Any
+from typing import Any, Iterator
 
 
 class StopRequest:
@@ -42,9 +43,29 @@ class StopRequest:
         self._previous.clear()
 
 
+@contextlib.contextmanager
+def signals_blocked() -> Iterator[None]:
+    """Block SIGINT/SIGTERM in this thread for the duration (delivered right after).
+
+    Wrap the calls that may fork data-loading workers (the loader's ``next``): the workers inherit
+    the blocked mask, so a signal sent to the whole process group (Ctrl-C, ``kill -- -PGID``,
+    a scheduler) reaches only the main process, which finishes its step, checkpoints and shuts
+    the workers down itself. Otherwise PyTorch's workers die on any SIGTERM not sent by their
+    parent, and the main process raises from its SIGCHLD handler in the middle of a step.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover (Windows)
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, StopRequest.SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def exit_code(signum: int | None) -> int:
     """Shell convention for a run stopped by a signal: 128 + signal number (130 SIGINT, 143 SIGTERM)."""
     return 0 if signum is None else 128 + int(signum)
 
 
-__all__ = ["StopRequest", "exit_code"]
+__all__ = ["StopRequest", "signals_blocked", "exit_code"]
