@@ -24,6 +24,7 @@ import argparse
 import json
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -127,10 +128,12 @@ def worker(impl: str, model_name: str, batch: int, n_batches: int, threads: int,
         images, ids = batches[i % n_batches]
         i += 1
         before = _proc_kb("VmRSS") / 1024
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t = time.perf_counter()
         loss = step(images, ids)
         dt = time.perf_counter() - t
-        print(json.dumps({"time_s": dt, "loss": loss, "rss_before_mb": before,
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        print(json.dumps({"time_s": dt, "loss": loss, "rss_before_mb": before, "minor_faults": faults,
                           "peak_rss_mb": _proc_kb("VmHWM") / 1024}), flush=True)
 
 
@@ -171,6 +174,7 @@ def bench_row(model: str, batch: int, args: argparse.Namespace) -> dict[str, Any
     peaks: dict[str, float] = {w.impl: 0.0 for w in workers}
     losses: dict[str, float] = {}
     last: dict[str, float] = {}
+    faults: dict[str, list[int]] = {w.impl: [] for w in workers}
     try:
         for rep in range(args.warmup + args.reps):
             order = workers if rep % 2 == 0 else workers[::-1]
@@ -180,6 +184,8 @@ def bench_row(model: str, batch: int, args: argparse.Namespace) -> dict[str, Any
                 losses[w.impl] = r["loss"]
                 last[w.impl] = r["time_s"]
                 if rep >= args.warmup:
+                    faults[w.impl].append(r["minor_faults"])
+                if rep >= args.warmup:
                     times[w.impl].append(r["time_s"])
             label = "warm-up" if rep < args.warmup else f"rep {rep + 1 - args.warmup}/{args.reps}"
             print(f"  {model} b{batch} {label}: " + ", ".join(f"{w.impl} {last[w.impl]:.3f}s" for w in workers),
@@ -187,11 +193,13 @@ def bench_row(model: str, batch: int, args: argparse.Namespace) -> dict[str, Any
     finally:
         for w in workers:
             w.close()
-    out = {"model": model, "batch": batch, "results": {}}
+    out = {"model": model, "batch": batch, "threads": args.threads, "reps": args.reps, "warmup": args.warmup,
+           "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "results": {}}
     for w in workers:
         med = statistics.median(times[w.impl])
         out["results"][w.impl] = {"median_step_s": med, "samples_per_s": batch / med, "step_times_s": times[w.impl],
-                                  "peak_rss_mb": peaks[w.impl], "build_s": w.info["build_s"], "last_loss": losses[w.impl]}
+                                  "peak_rss_mb": peaks[w.impl], "build_s": w.info["build_s"], "last_loss": losses[w.impl],
+                                  "minor_page_faults_median": statistics.median(faults[w.impl])}
     base = out["results"].get("clipforge")
     if base:
         for impl, r in out["results"].items():

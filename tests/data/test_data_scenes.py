@@ -83,8 +83,10 @@ def test_scene_geometry_matches_captions():
             a, b = objs
             if spec.relation == "left":
                 assert b.x - a.x > 0.3 and abs(a.y - b.y) < 0.1 and f"a {a.name} to the left of a {b.name}" in caps
+                assert f"the {a.name} is on the left" in caps and f"the {b.name} is on the right" in caps
             else:
                 assert b.y - a.y > 0.3 and abs(a.x - b.x) < 0.1 and f"a {a.name} above a {b.name}" in caps
+                assert f"the {a.name} is at the top" in caps and f"the {b.name} is at the bottom" in caps
         elif spec.kind == "count":
             assert len({(o.colour, o.shape, o.size) for o in objs}) == 1 and len(objs) in (2, 3)
             assert ("two " if len(objs) == 2 else "three ") + f"{objs[0].colour} {plural(objs[0].shape)}" in caps
@@ -106,7 +108,7 @@ def test_objects_are_drawn_in_their_colour():
 
 def test_scene_tasks():
     tasks = scene_tasks(seed=0, n_per_class=6, image_size=32)
-    assert set(tasks) >= {"heldout_colour_shape", "counting", "position", "seen_colour_shape"}
+    assert set(tasks) == {"heldout_colour_shape", "counting", "position", "relation", "seen_colour_shape"}
     for name, t in tasks.items():
         assert isinstance(t, ClassificationTask) and t.name == name
         k = len(t.classnames)
@@ -121,15 +123,23 @@ def test_scene_tasks():
     cnt = tasks["counting"]
     assert [len(s.objects) for s in cnt.specs] == [lab + 1 for lab in cnt.labels]
     # prompts are phrased exactly like training captions
-    train_caps = {c for i in range(300) for c in scene_captions(ScenesDataset("train", 300).scene(i))}
+    train_caps = {c for i in range(3000) for c in scene_captions(ScenesDataset("train", 3000).scene(i))}
     assert {cnt.templates[0].format(c) for c in cnt.classnames} <= train_caps
     pos = tasks["position"]
+    assert pos.specs == tasks["relation"].specs and np.array_equal(pos.labels, tasks["relation"].labels)
     for spec, lab in zip(pos.specs, pos.labels):
         red, blue = spec.objects if spec.objects[0].colour == "red" else spec.objects[::-1]
         dx, dy = blue.x - red.x, blue.y - red.y
         expect = {0: dx > 0.3, 1: dx < -0.3, 2: dy > 0.3, 3: dy < -0.3}[int(lab)]
         assert expect, (lab, spec)
-    assert pos.templates[0].format("to the left of") == "a red circle to the left of a blue square"
+    assert [pos.templates[0].format(c) for c in pos.classnames][::3] == ["the red circle is on the left",
+                                                                         "the red circle is at the bottom"]
+    rel = tasks["relation"]
+    assert rel.templates[0].format(rel.classnames[1]) == "a red circle to the right of a blue square"
+    # every prompt of these tasks is also a training caption
+    for t in (cnt, pos, rel):
+        prompts = {tp.format(c) for tp in t.templates for c in t.classnames}
+        assert prompts <= train_caps, prompts - train_caps
     again = scene_tasks(seed=0, n_per_class=6, image_size=32, names=["counting"])
     assert list(again) == ["counting"]
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(again["counting"].images, cnt.images))

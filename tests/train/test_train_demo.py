@@ -28,7 +28,9 @@ def test_tiny_demo_writes_report_and_reuses_finished_run(tmp_path):
         assert (out / name).is_file(), name
     saved = json.loads((out / "results.json").read_text())
     tasks = {r["task"]: r for r in saved["zeroshot"]}
-    assert set(tasks) == {"heldout_colour_shape", "seen_colour_shape", "counting", "position"}
+    from clipforge.data import SCENE_TASKS
+
+    assert set(tasks) == set(SCENE_TASKS) >= {"heldout_colour_shape", "seen_colour_shape", "counting", "position"}
     assert tasks["heldout_colour_shape"]["chance"] == pytest.approx(1 / 8)
     assert tasks["counting"]["chance"] == pytest.approx(1 / 3) and tasks["position"]["chance"] == pytest.approx(1 / 4)
     for r in tasks.values():

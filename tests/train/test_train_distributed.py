@@ -76,3 +76,41 @@ def test_two_process_gloo_gradients_equal_single_process(tmp_path):
             for name in ref:
                 torch.testing.assert_close(g[name], ref[name], rtol=1e-5, atol=1e-6,
                                            msg=lambda m, n=name, md=mode: f"{md} {n}: {m}")
+
+
+def _run_worker(rank: int, init_file: str, model_json: str, root: str) -> None:
+    """One rank of: an uninterrupted 2-process run, and the same run stopped at step 3 and resumed."""
+    import functools
+    import operator
+
+    from clipforge.train import TrainConfig, train
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        def cfg(out: str) -> TrainConfig:
+            return TrainConfig(model=model_json, data="builtin:scenes?n=64&size=32", steps=7, batch_size=4,
+                               warmup=2, lr=2e-3, num_workers=0, out=out, save_every=0, log_every=1,
+                               deterministic=True, progress=False, threads=1, gather_with_grad=True,
+                               local_loss=True, accum_steps=2)
+        train(cfg(f"{root}/a"))
+        first = train(cfg(f"{root}/b"), should_stop=functools.partial(operator.eq, 3))
+        assert first["steps_done"] == 3, first
+        train(TrainConfig.for_resume(f"{root}/b", progress=False))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_run_resumes_exactly(tmp_path):
+    from clipforge.train.checkpoint import list_checkpoints, load_checkpoint
+
+    model_json = tmp_path / "micro.json"
+    model_json.write_text(micro_config("vit").to_json())
+    mp.spawn(_run_worker, args=(str(tmp_path / "init"), str(model_json), str(tmp_path)), nprocs=WORLD, join=True)
+    a = load_checkpoint(list_checkpoints(tmp_path / "a")[-1][1])
+    b = load_checkpoint(list_checkpoints(tmp_path / "b")[-1][1])
+    assert a["step"] == b["step"] == 7 and len(a["rank_states"]) == WORLD
+    assert [r["loader"]["rank"] for r in a["rank_states"]] == [0, 1]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

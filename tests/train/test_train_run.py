@@ -226,3 +226,11 @@ def test_tensorboard_flag_without_tensorboard_warns(tmp_path):
             log = MetricsLog(tmp_path / "m.jsonl", tensorboard_dir=tmp_path / "tb")
         log.log({"step": 1, "loss": 2.0})
         assert json.loads((tmp_path / "m.jsonl").read_text())["loss"] == 2.0
+
+
+def test_package_is_the_callable_entry_point(tmp_path):
+    import clipforge.train as package
+
+    assert callable(package) and package.train is train and package.TrainConfig is TrainConfig
+    with pytest.raises(FileNotFoundError, match="missing.csv"):
+        package(TrainConfig(data=str(tmp_path / "missing.csv"), out=str(tmp_path / "run"), progress=False))

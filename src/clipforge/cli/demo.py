@@ -15,7 +15,7 @@ def run_demo_cmd(args: argparse.Namespace) -> int:
 
     settings = DemoSettings(out=args.out, minutes=args.minutes, steps=args.steps, quick=args.quick,
                             seed=args.seed, progress=not args.no_progress)
-    for key in ("model", "batch_size", "lr", "num_workers"):
+    for key in ("model", "batch_size", "lr", "num_workers", "threads"):
         value = getattr(args, key)
         if value is not None:
             setattr(settings, key, value)
@@ -43,10 +43,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--steps", type=int, help="train exactly this many steps instead of fitting the budget")
     p.add_argument("--quick", action="store_true", help="a ~1 minute smoke version (low accuracy expected)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", help="architecture (default tiny-vit-s)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--workers", dest="num_workers", type=int)
+    p.add_argument("--model", help="architecture (default tiny-vit-p16)")
+    p.add_argument("--batch-size", type=int, help="pairs per step (default 128)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    p.add_argument("--workers", dest="num_workers", type=int, help="data-loading processes (default 1)")
+    p.add_argument("--threads", type=int, help="torch threads (default: the faster of 1 and 2, timed at start)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     p.set_defaults(func=run_demo_cmd)

@@ -59,6 +59,10 @@ TRAIN_COMBOS: tuple[tuple[str, str], ...] = tuple(x for x in ALL_COMBOS if x not
 #: Scene kinds and their share of generated scenes.
 KINDS: tuple[tuple[str, float], ...] = (("single", 0.25), ("relation", 0.35), ("count", 0.25), ("trio", 0.15))
 RELATIONS = {"left": ("to the left of", "to the right of"), "above": ("above", "below")}
+#: Where each object of a relation scene is, said of one object at a time ("the red circle is on
+#: the left"): learnable from words alone, unlike the full relation, whose two phrasings use the
+#: same words for both arrangements and so need word order.
+PLACES = {"left": ("on the left", "on the right"), "above": ("at the top", "at the bottom")}
 
 # The fixed object pair of the ``position`` task (both seen in training).
 POSITION_PAIR: tuple[tuple[str, str], tuple[str, str]] = (("red", "circle"), ("blue", "square"))
@@ -185,9 +189,11 @@ def make_scene(rng: random.Random, combos: tuple[tuple[str, str], ...] = TRAIN_C
 
 # ----------------------------------------------------------------------------- captions
 def scene_captions(spec: SceneSpec, generic: bool = True) -> list[str]:
-    """All true captions of a scene. Every caption names every object (or the count and kind),
-    so none is a partial description; ``generic`` adds the count-only "a picture of N objects."
-    that the counting task's prompts use."""
+    """All true captions of a scene (the loader samples one per step). Most name every object;
+    the partial ones say where one object of a pair is, or give a count without colour, and
+    ``generic`` adds the count-only "a picture of N objects." (the counting task's phrasing).
+    The article is always "a" ("a orange star"): one phrasing per object keeps the vocabulary
+    minimal and makes prompts match the training captions word for word."""
     o = spec.objects
     bg = spec.background
     if spec.kind == "single":
@@ -198,8 +204,10 @@ def scene_captions(spec: SceneSpec, generic: bool = True) -> list[str]:
     if spec.kind == "relation":
         a, b = o
         fwd, back = RELATIONS[spec.relation or "left"]
+        first, second = PLACES[spec.relation or "left"]
         caps = [f"a {a.name} {fwd} a {b.name}", f"a {b.name} {back} a {a.name}",
-                f"a {a.size} {a.name} {fwd} a {b.size} {b.name}", f"a {b.size} {b.name} {back} a {a.size} {a.name}"]
+                f"a {a.size} {a.name} {fwd} a {b.size} {b.name}", f"a {b.size} {b.name} {back} a {a.size} {a.name}",
+                f"the {a.name} is {first}", f"the {b.name} is {second}"]
         return caps + (["a picture of two objects."] if generic else [])
     if spec.kind == "count":
         a, n = o[0], COUNT_WORDS[len(o) - 1]
@@ -370,11 +378,12 @@ class ClassificationTask:
 
 
 def _task(name: str, seed: int, n_per_class: int, image_size: int, classnames: list[str],
-          templates: list[str], make) -> ClassificationTask:
+          templates: list[str], make, images_of: str | None = None) -> ClassificationTask:
+    """``images_of``: draw the images of that task instead (same images, other prompts)."""
     images, labels, specs = [], [], []
     for label in range(len(classnames)):
         for k in range(n_per_class):
-            spec = make(stable_rng("scenes-task", name, seed, label, k), label)
+            spec = make(stable_rng("scenes-task", images_of or name, seed, label, k), label)
             images.append(render_scene(spec, image_size))
             labels.append(label)
             specs.append(spec)
@@ -394,8 +403,12 @@ def scene_tasks(seed: int = 0, n_per_class: int = 50, image_size: int = 64,
     - ``seen_colour_shape``: the same on as many combos seen in training (the control).
     - ``counting``: 1, 2 or 3 identical objects, classes "one object" / "two objects" / "three objects"
       with the prompt "a picture of {}." (the training captions' count phrasing).
-    - ``position``: a red circle and a blue square; classes: the red circle is "to the left of" /
-      "to the right of" / "above" / "below" the blue square.
+    - ``position``: a red circle and a blue square; classes: where the red circle is, "on the left" /
+      "on the right" / "at the top" / "at the bottom" (prompt "the red circle is {}").
+    - ``relation``: the same images as ``position``; classes: the red circle is "to the left of" / "to the right of" /
+      "above" / "below" the blue square (prompt "a red circle {} a blue square"). Training
+      captions say each arrangement both ways ("a blue square to the right of a red circle"), so
+      a bag-of-words text encoder tops out at 50% here (it gets the axis); beyond that needs word order.
 
     ``names`` restricts which tasks are generated (all by default).
     """
@@ -432,8 +445,11 @@ def scene_tasks(seed: int = 0, n_per_class: int = 50, image_size: int = 64,
         "counting": lambda: _task("counting", seed, n_per_class, image_size,
                                   ["one object", "two objects", "three objects"], ["a picture of {}."], counting),
         "position": lambda: _task("position", seed, n_per_class, image_size,
+                                  ["on the left", "on the right", "at the top", "at the bottom"],
+                                  [f"the {ca} {sa} is {{}}"], position),
+        "relation": lambda: _task("relation", seed, n_per_class, image_size,
                                   ["to the left of", "to the right of", "above", "below"],
-                                  [f"a {ca} {sa} {{}} a {cb} {sb}"], position),
+                                  [f"a {ca} {sa} {{}} a {cb} {sb}"], position, images_of="position"),
     }
     wanted = list(makers) if names is None else list(names)
     unknown = [n for n in wanted if n not in makers]
@@ -442,7 +458,7 @@ def scene_tasks(seed: int = 0, n_per_class: int = 50, image_size: int = 64,
     return {n: makers[n]() for n in wanted}
 
 
-SCENE_TASKS = ("heldout_colour_shape", "seen_colour_shape", "counting", "position")
+SCENE_TASKS = ("heldout_colour_shape", "seen_colour_shape", "counting", "position", "relation")
 
 
 def scene_retrieval_set(n: int = 500, seed: int = 0, image_size: int = 64

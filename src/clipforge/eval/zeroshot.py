@@ -22,7 +22,6 @@ from PIL import Image
 from torch import nn
 
 from ..inference import embed_images, embed_texts
-from ..tokenizer import get_tokenizer
 from .cache import default_cache_dir, json_hash, text_tower_fingerprint
 from .prompts import ClassName, class_texts, load_classnames, load_templates
 
@@ -31,19 +30,12 @@ CACHE_FORMAT = 1
 
 def embed_texts_length_sorted(model: nn.Module, texts: Sequence[str], *, batch_size: int = 256,
                               progress: bool = False) -> torch.Tensor:
-    """:func:`clipforge.inference.embed_texts` with prompts sorted by token length first.
+    """Unit-norm text embeddings in input order, computed in batches of similar token length.
 
-    The text tower trims every batch to its longest prompt, so batching prompts of similar
-    length avoids paying for padding; the original order is restored afterwards."""
-    if not texts:
-        return embed_texts(model, [], batch_size=batch_size)
-    tok = get_tokenizer(model.context_length)
-    lengths = [len(tok.encode(t)) for t in texts]  # the tokenizer caches these for the real pass
-    order = sorted(range(len(texts)), key=lengths.__getitem__)
-    emb = embed_texts(model, [texts[i] for i in order], batch_size=batch_size, progress=progress)
-    out = torch.empty_like(emb)
-    out[torch.as_tensor(order)] = emb
-    return out
+    The text tower trims every batch to its longest prompt, so batching prompts of similar length
+    avoids paying for padding; :func:`clipforge.inference.embed_texts` does exactly that (sorts
+    by length, restores the order), so this is a named alias for the call evaluation relies on."""
+    return embed_texts(model, list(texts), batch_size=batch_size, progress=progress)
 
 
 def prompts_for(classnames: Sequence[ClassName], templates: Sequence[str]) -> tuple[list[str], list[int]]:

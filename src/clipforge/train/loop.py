@@ -225,9 +225,10 @@ class _Run:
                     if step % cfg.log_every == 0 or step == cfg.steps:
                         now = time.time()
                         rate = per_step * window_steps / max(now - window_t, 1e-9)
-                        record = {"step": step, "loss": window_loss / window_steps, "lr": lr,
+                        loss, skipped = _across_ranks(window_loss / window_steps, loader, env)
+                        record = {"step": step, "loss": loss, "lr": lr,
                                   "temperature": float(model.logit_scale.detach().exp()),
-                                  "samples_per_s": rate, "skipped": _skipped(loader, env),
+                                  "samples_per_s": rate, "skipped": skipped,
                                   "epoch": int(getattr(loader, "epoch", 0)), "time_s": now - started}
                         if result.grad_norm is not None:
                             record["grad_norm"] = result.grad_norm
@@ -339,12 +340,13 @@ def _stats_dict(loader: Any) -> dict[str, Any]:
     return stats.to_dict() if hasattr(stats, "to_dict") else dict(stats)
 
 
-def _skipped(loader: Any, env: DistEnv) -> int:
-    stats = getattr(loader, "stats", None)
-    local = int(getattr(stats, "total", 0) or 0)
+def _across_ranks(loss: float, loader: Any, env: DistEnv) -> tuple[float, int]:
+    """Mean loss (ranks differ with ``local_loss``) and total skipped samples over all ranks."""
+    skipped = int(getattr(getattr(loader, "stats", None), "total", 0) or 0)
     if not env.distributed:
-        return local
-    return int(sum(all_gather_object(local, env)))
+        return loss, skipped
+    values = all_gather_object((loss, skipped), env)
+    return float(np.mean([v[0] for v in values])), int(sum(v[1] for v in values))
 
 
 def _merge_stats(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
