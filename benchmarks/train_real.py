@@ -71,7 +71,7 @@ def test_retrieval(model: Any, manifest: Path) -> dict[str, float]:
 
 
 def chance(n_images: int, n_texts: int, per_image: int, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    from clipforge.train.demo import chance_recall
+    from clipforge.training.demo import chance_recall
 
     out = {}
     for k in ks:
@@ -98,9 +98,9 @@ def main() -> int:
     import torch
 
     from clipforge.checkpoints import load_model
-    from clipforge.train import TrainConfig, train
-    from clipforge.train.budget import calibrate_step_time, plan_steps, thread_candidates
-    from clipforge.train.loop import build_model
+    from clipforge.training import TrainConfig, train
+    from clipforge.training.budget import calibrate_step_time, plan_steps, thread_candidates
+    from clipforge.training.loop import build_model
     from clipforge.utils import write_json
 
     started = time.time()

@@ -3,7 +3,7 @@
 For each (model, batch) row both implementations get the same architecture (an HF ``CLIPConfig``
 built with the same sizes, activation and epsilon; random init), the same batches (random images,
 Flickr8k captions) and AdamW. A step is forward + loss + backward + optimiser step + temperature
-clamp. clipforge runs its real training step (``clipforge.train.step.TrainStep``); HF runs
+clamp. clipforge runs its real training step (``clipforge.training.step.TrainStep``); HF runs
 ``model(input_ids, pixel_values, return_loss=True).loss.backward()`` with ids padded to 77 as in
 the ``transformers`` contrastive example (``hf-pad77``), and also with ids cut to the batch's
 longest caption (``hf-longest``, the fairest HF baseline; clipforge trims the same way internally).
@@ -89,9 +89,9 @@ def worker(impl: str, model_name: str, batch: int, n_batches: int, threads: int,
     batches = [(torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g),
                 tokenize(caps[i * batch:(i + 1) * batch], truncate=True)) for i in range(n_batches)]
     if impl == "clipforge":
-        from clipforge.train.loss import ClipLoss
-        from clipforge.train.optim import build_optimizer
-        from clipforge.train.step import FeatureModel, TrainStep
+        from clipforge.training.loss import ClipLoss
+        from clipforge.training.optim import build_optimizer
+        from clipforge.training.step import FeatureModel, TrainStep
 
         model = create_model(cfg, seed=0).train()
         opt = build_optimizer(model, 1e-4, 0.1, (0.9, 0.98), 1e-6)

@@ -26,9 +26,9 @@ def __getattr__(name: str):
 
         return ZeroShotClassifier
     if name in ("train", "TrainConfig"):
-        from . import train as _train
+        import importlib
 
-        return getattr(_train, name)
+        return getattr(importlib.import_module("clipforge.training"), name)
     raise AttributeError(f"module 'clipforge' has no attribute {name!r}")
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 
 def run_demo_cmd(args: argparse.Namespace) -> int:
-    from ..train.demo import DemoSettings, run_demo
+    from ..training.demo import DemoSettings, run_demo
 
     settings = DemoSettings(out=args.out, minutes=args.minutes, steps=args.steps, quick=args.quick,
                             seed=args.seed, progress=not args.no_progress)

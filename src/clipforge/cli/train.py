@@ -66,8 +66,8 @@ _NOT_OPTIONS = {"config", "command", "func", "debug"}
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """Resolve defaults < --config file < flags into a TrainConfig (or the resume config)."""
-    from ..train import TrainConfig
-    from ..train.config import load_config_file
+    from ..training import TrainConfig
+    from ..training.config import load_config_file
 
     given = {k: v for k, v in vars(args).items() if k not in _NOT_OPTIONS and v is not None}
     if given.get("resume"):
@@ -81,7 +81,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..train import train
+    from ..training import train
 
     config = config_from_args(args)
     try:

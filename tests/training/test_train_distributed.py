@@ -10,12 +10,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import micro_config
-from train.helpers_train import grads, random_batch
+from training.helpers_train import grads, random_batch
 
 from clipforge.models import create_model
-from clipforge.train.distributed import DistEnv
-from clipforge.train.loss import ClipLoss
-from clipforge.train.step import FeatureModel, TrainStep
+from clipforge.training.distributed import DistEnv
+from clipforge.training.loss import ClipLoss
+from clipforge.training.step import FeatureModel, TrainStep
 
 WORLD = 2
 PER_RANK = 4
@@ -83,7 +83,7 @@ def _run_worker(rank: int, init_file: str, model_json: str, root: str) -> None:
     import functools
     import operator
 
-    from clipforge.train import TrainConfig, train
+    from clipforge.training import TrainConfig, train
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -104,7 +104,7 @@ def _run_worker(rank: int, init_file: str, model_json: str, root: str) -> None:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_process_run_resumes_exactly(tmp_path):
-    from clipforge.train.checkpoint import list_checkpoints, load_checkpoint
+    from clipforge.training.checkpoint import list_checkpoints, load_checkpoint
 
     model_json = tmp_path / "micro.json"
     model_json.write_text(micro_config("vit").to_json())

@@ -15,8 +15,8 @@ import torch
 from conftest import micro_config
 
 from clipforge.cli.main import main
-from clipforge.train import TrainConfig, train
-from clipforge.train.checkpoint import list_checkpoints, load_checkpoint
+from clipforge.training import TrainConfig, train
+from clipforge.training.checkpoint import list_checkpoints, load_checkpoint
 
 DATA = "builtin:scenes?n=48&size=32"   # 48 scenes: batch 8 -> 6 steps per epoch, so runs cross epochs
 STEPS = 14
@@ -214,7 +214,7 @@ def test_periodic_evaluation_scenes_and_validation(tmp_path, model_json):
 def test_tensorboard_flag_without_tensorboard_warns(tmp_path):
     import importlib.util
 
-    from clipforge.train.metrics import MetricsLog
+    from clipforge.training.metrics import MetricsLog
 
     if importlib.util.find_spec("tensorboard") is not None:
         log = MetricsLog(tmp_path / "m.jsonl", tensorboard_dir=tmp_path / "tb")
@@ -228,9 +228,11 @@ def test_tensorboard_flag_without_tensorboard_warns(tmp_path):
         assert json.loads((tmp_path / "m.jsonl").read_text())["loss"] == 2.0
 
 
-def test_package_is_the_callable_entry_point(tmp_path):
-    import clipforge.train as package
+def test_public_entry_point(tmp_path):
+    """``clipforge.train(TrainConfig(...))`` is the Python API (also after submodule imports)."""
+    import clipforge
+    import clipforge.training.loop  # noqa: F401  (importing submodules must not shadow the function)
 
-    assert callable(package) and package.train is train and package.TrainConfig is TrainConfig
+    assert clipforge.train is train and clipforge.TrainConfig is TrainConfig
     with pytest.raises(FileNotFoundError, match="missing.csv"):
-        package(TrainConfig(data=str(tmp_path / "missing.csv"), out=str(tmp_path / "run"), progress=False))
+        clipforge.train(TrainConfig(data=str(tmp_path / "missing.csv"), out=str(tmp_path / "run"), progress=False))

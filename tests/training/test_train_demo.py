@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from clipforge.train.demo import DemoSettings, chance_recall, run_demo
+from clipforge.training.demo import DemoSettings, chance_recall, run_demo
 
 
 def test_chance_recall_is_exact():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from clipforge.train.loss import ClipLoss, contrastive_loss, scale_grad
-from clipforge.train.optim import CosineWarmup, build_optimizer, cosine_lr, param_groups
+from clipforge.training.loss import ClipLoss, contrastive_loss, scale_grad
+from clipforge.training.optim import CosineWarmup, build_optimizer, cosine_lr, param_groups
 
 
 def _hand_loss(img: np.ndarray, txt: np.ndarray, scale: float) -> float:

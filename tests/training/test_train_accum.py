@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from clipforge.models import create_model
-from clipforge.train.loss import ClipLoss
-from clipforge.train.step import FeatureModel, TrainStep, autocast_context
+from clipforge.training.loss import ClipLoss
+from clipforge.training.step import FeatureModel, TrainStep, autocast_context
 
 from conftest import micro_config
-from train.helpers_train import grads, random_batch
+from training.helpers_train import grads, random_batch
 
 
 def _gradients(model, batches, precision="fp32"):
