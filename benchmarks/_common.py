@@ -6,6 +6,7 @@ Benchmarks run clipforge and the reference libraries in ONE process, alternating
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -20,6 +21,19 @@ from typing import Callable, Iterator
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def openai_reference_module(name: str):
+    """A module of OpenAI's reference code (clip-anytorch, e.g. ``model`` or ``simple_tokenizer``)
+    loaded by file path, since ``import clip`` needs torchvision; None when not installed."""
+    spec = importlib.util.find_spec("clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / f"{name}.py"
+    mspec = importlib.util.spec_from_file_location(f"_openai_clip_{name}", path)
+    mod = importlib.util.module_from_spec(mspec)
+    mspec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
 
 
 def rss_bytes() -> int:

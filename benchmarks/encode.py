@@ -12,14 +12,14 @@ matmul peak measured in the same run; writes benchmarks/results/encode.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import alternate, environment, matmul_peak_gflops, print_table, write_results  # noqa: E402
+from _common import (alternate, environment, matmul_peak_gflops, openai_reference_module,  # noqa: E402
+                     print_table, write_results)
 
 import clipforge  # noqa: E402
 from clipforge.checkpoints import hf as hf_format, openai as openai_format  # noqa: E402
@@ -57,17 +57,6 @@ def text_gflops(model: clipforge.CLIP, ids: torch.Tensor) -> float:
     return fc.get_total_flops() / 1e9 / len(ids)
 
 
-def load_openai_reference():
-    spec = importlib.util.find_spec("clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "model.py"
-    mspec = importlib.util.spec_from_file_location("openai_clip_model", path)
-    mod = importlib.util.module_from_spec(mspec)
-    mspec.loader.exec_module(mod)
-    return mod
-
-
 def references(name: str, model: clipforge.CLIP) -> dict[str, torch.nn.Module]:
     """Reference implementations holding the same weights as ``model``."""
     refs: dict[str, torch.nn.Module] = {}
@@ -80,7 +69,7 @@ def references(name: str, model: clipforge.CLIP) -> dict[str, torch.nn.Module]:
         refs["openclip"] = oc_model.eval()
     except ImportError:
         print("note: open_clip not importable here (it needs torchvision); OpenCLIP rows skipped")
-    mod = load_openai_reference()
+    mod = openai_reference_module("model")
     if mod is not None:
         ref = mod.build_model(dict(oa_sd)).float().eval()
         ref.load_state_dict(oa_sd, strict=False)

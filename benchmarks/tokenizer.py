@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import importlib.util
 import platform
 import statistics
 import sys
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import openai_reference_module  # noqa: E402
 
 
 def load_captions(data: Path, n: int) -> list[str]:
@@ -36,14 +37,7 @@ def load_captions(data: Path, n: int) -> list[str]:
 
 def load_openai() -> Any | None:
     """OpenAI's clip/simple_tokenizer.py by file path (``import clip`` needs torchvision)."""
-    spec = importlib.util.find_spec("clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "simple_tokenizer.py"
-    mspec = importlib.util.spec_from_file_location("_openai_simple_tokenizer", path)
-    mod = importlib.util.module_from_spec(mspec)
-    mspec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
+    return openai_reference_module("simple_tokenizer")
 
 
 def build_hf(encoder: dict[str, int]) -> tuple[Any | None, str]:
