@@ -1,12 +1,14 @@
-"""Training-step throughput and memory: clipforge vs a plain loop over ``transformers.CLIPModel``.
+"""Training-step throughput and memory: clipforge vs OpenCLIP and a plain loop over ``transformers.CLIPModel``.
 
-For each (model, batch) row both implementations get the same architecture (an HF ``CLIPConfig``
-built with the same sizes, activation and epsilon; random init), the same batches (random images,
-Flickr8k captions) and AdamW. A step is forward + loss + backward + optimiser step + temperature
-clamp. clipforge runs its real training step (``clipforge.training.step.TrainStep``); HF runs
-``model(input_ids, pixel_values, return_loss=True).loss.backward()`` with ids padded to 77 as in
-the ``transformers`` contrastive example (``hf-pad77``), and also with ids cut to the batch's
-longest caption (``hf-longest``, the fairest HF baseline; clipforge trims the same way internally).
+For each (model, batch) row every implementation gets the same architecture (random init), the
+same batches (random images, Flickr8k captions) and AdamW. A step is forward + loss + backward +
+optimiser step + temperature clamp. clipforge runs its real training step
+(``clipforge.training.step.TrainStep``); OpenCLIP (when importable: it needs torchvision) runs
+``open_clip.CLIP`` built from the same config with its ``ClipLoss`` on full-context ids, as its
+training loop does; HF runs ``model(input_ids, pixel_values, return_loss=True).loss.backward()``
+with ids padded to 77 as in the ``transformers`` contrastive example (``hf-pad77``), and also
+with ids cut to the batch's longest caption (``hf-longest``, the fairest HF baseline; clipforge
+trims the same way internally).
 
 Each implementation lives in its own worker process (so peak RSS is its own) and the parent asks
 them for steps in alternation (ABC, CBA, ... so slow drifts of the shared machine hit all
@@ -34,7 +36,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
-IMPLS = ("clipforge", "hf-pad77", "hf-longest")
+IMPLS = ("clipforge", "openclip", "hf-pad77", "hf-longest")
 
 
 def _proc_kb(field: str) -> float:
@@ -99,6 +101,25 @@ def worker(impl: str, model_name: str, batch: int, n_batches: int, threads: int,
 
         def step(images: torch.Tensor, ids: torch.Tensor) -> float:
             return step_fn([(images, ids)]).loss
+    elif impl == "openclip":
+        import open_clip
+
+        from clipforge.checkpoints import openclip_model_cfg
+
+        model = open_clip.CLIP(**openclip_model_cfg(cfg)).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
+        loss_fn = open_clip.ClipLoss()
+
+        def step(images: torch.Tensor, ids: torch.Tensor) -> float:
+            # OpenCLIP's training loop: full-context ids (77), its ClipLoss, AdamW, clamp.
+            opt.zero_grad(set_to_none=True)
+            image_features, text_features, logit_scale = model(images, ids)[:3]
+            loss = loss_fn(image_features, text_features, logit_scale)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, 4.6052)
+            return loss.item()
     else:
         from transformers import CLIPModel
 
@@ -207,6 +228,17 @@ def bench_row(model: str, batch: int, args: argparse.Namespace) -> dict[str, Any
     return out
 
 
+def available_impls(wanted: list[str]) -> list[str]:
+    """Drop OpenCLIP (with a message) when it cannot be imported (it needs torchvision)."""
+    if "openclip" in wanted:
+        try:
+            import open_clip  # noqa: F401
+        except Exception as e:  # ImportError, or torchvision's operator error beside a CPU torch
+            print(f"note: OpenCLIP not importable ({type(e).__name__}: {e}); its rows are skipped", file=sys.stderr)
+            wanted = [i for i in wanted if i != "openclip"]
+    return wanted
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="tiny-vit:64,tiny-vit:128,ViT-B-32:64", help="model:batch,...")
@@ -235,6 +267,7 @@ def main() -> int:
     bad = [i for i in args.impls if i not in IMPLS]
     if bad:
         p.error(f"unknown --impls {bad}; choose from {IMPLS}")
+    args.impls = available_impls(args.impls)
     rows = []
     for spec in args.rows.split(","):
         model, _, batch = spec.partition(":")

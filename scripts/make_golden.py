@@ -30,8 +30,10 @@ def main() -> None:
             arrays[f"{name}/text"] = model.encode_text(ids).numpy()
             arrays[f"{name}/logits"] = model(images, ids)[0].numpy()
     np.savez_compressed(out / "outputs.npz", **arrays)
+    from clipforge.models.linear import onednn_linear_is_faster
+
     meta = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cases": list(CASES)}
+            "linear_backend": "onednn" if onednn_linear_is_faster() else "torch", "cases": list(CASES)}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"wrote {len(arrays)} arrays to {out}")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,13 +12,17 @@ import clipforge
 from clipforge.checkpoints import save_model
 from clipforge.cli.main import main as cli_main
 from clipforge.export import export_onnx
+from clipforge.inference import optimize_for_inference
 
 ort = pytest.importorskip("onnxruntime")
 
 
+@pytest.mark.parametrize("optimized", [False, True])
 @pytest.mark.parametrize("kind", ["vit", "resnet"])
-def test_onnx_towers_match_torch(tmp_path, kind, micro_vit, micro_rn):
+def test_onnx_towers_match_torch(tmp_path, kind, optimized, micro_vit, micro_rn):
     model = micro_vit if kind == "vit" else micro_rn
+    if optimized:  # packed oneDNN weights / fused convs are not traced: the export records standard ops
+        model = optimize_for_inference(copy.deepcopy(model))
     paths = export_onnx(model, tmp_path)
     assert not any(m.training for m in model.modules())  # export leaves the model in eval mode
     s = model.image_size

@@ -294,6 +294,14 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
 # --- writing ---------------------------------------------------------------------------------------
 
 
+def _checkpointable(model: CLIP) -> CLIP:
+    if any(getattr(m, "inference_only", False) for m in model.modules()):
+        raise ValueError("this model was prepared by optimize_for_inference (BatchNorm folded into the "
+                         "convolutions), so its parameters no longer match the architecture; save the "
+                         "model before optimising it, or reload it")
+    return model
+
+
 def _cpu_contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
@@ -304,7 +312,7 @@ def save_model(model: CLIP, path: str | os.PathLike) -> Path:
     from safetensors.torch import save
 
     path = Path(path)
-    sd = _cpu_contiguous(model.state_dict())
+    sd = _cpu_contiguous(_checkpointable(model).state_dict())
     meta = {"format": "clipforge", "clipforge_config": model.config.to_json(indent=None)}
     if path.suffix == ".safetensors":
         with atomic_open(path, "wb") as f:
@@ -321,19 +329,24 @@ def save_openai(model: CLIP, path: str | os.PathLike) -> Path:
     """A plain OpenAI-layout state dict (``torch.save``), loadable by OpenAI's ``build_model``
     and OpenCLIP; an ``open_clip_config.json`` beside it records activation and preprocessing."""
     path = Path(path)
-    sd = openai_format.from_native(_cpu_contiguous(model.state_dict()))
+    sd = openai_format.from_native(_cpu_contiguous(_checkpointable(model).state_dict()))
     with atomic_open(path, "wb") as f:
         torch.save(sd, f)
     cfg = model.config
-    oc = {"model_cfg": {"embed_dim": cfg.embed_dim, "quick_gelu": cfg.activation == "quick_gelu",
-                        "vision_cfg": _openclip_vision(cfg), "text_cfg": {
-                            "context_length": cfg.text.context_length, "vocab_size": cfg.text.vocab_size,
-                            "width": cfg.text.width, "heads": cfg.text.heads, "layers": cfg.text.layers}},
+    oc = {"model_cfg": openclip_model_cfg(cfg),
           "preprocess_cfg": {"mean": list(cfg.preprocess.mean), "std": list(cfg.preprocess.std),
                              "interpolation": cfg.preprocess.interpolation,
                              "resize_mode": cfg.preprocess.resize_mode}}
     atomic_write_text(path.parent / "open_clip_config.json", json.dumps(oc, indent=2))
     return path
+
+
+def openclip_model_cfg(cfg: CLIPConfig) -> dict[str, Any]:
+    """The ``model_cfg`` OpenCLIP builds this architecture from (``open_clip.CLIP(**model_cfg)``)."""
+    return {"embed_dim": cfg.embed_dim, "quick_gelu": cfg.activation == "quick_gelu",
+            "vision_cfg": _openclip_vision(cfg),
+            "text_cfg": {"context_length": cfg.text.context_length, "vocab_size": cfg.text.vocab_size,
+                         "width": cfg.text.width, "heads": cfg.text.heads, "layers": cfg.text.layers}}
 
 
 def _openclip_vision(cfg: CLIPConfig) -> dict[str, Any]:
@@ -352,7 +365,7 @@ def save_hf(model: CLIP, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg_json, pre_json = hf_format.config_to_hf(model.config)
-    sd = hf_format.from_native(_cpu_contiguous(model.state_dict()))
+    sd = hf_format.from_native(_cpu_contiguous(_checkpointable(model).state_dict()))
     with atomic_open(folder / "model.safetensors", "wb") as f:
         f.write(save(sd, metadata={"format": "pt"}))
     atomic_write_text(folder / "config.json", json.dumps(cfg_json, indent=2))

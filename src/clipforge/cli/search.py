@@ -82,15 +82,16 @@ def register(sub: Any) -> None:
 def load_model_arg(args: argparse.Namespace) -> tuple[Any, Any]:
     """(model, preprocess) from ``--model`` (checkpoint) or ``--model NAME --random-init``."""
     import clipforge
+    from clipforge.inference import optimize_for_inference
     from clipforge.preprocess import image_transform
 
     if args.random_init:
-        model = clipforge.create_model(args.model, seed=args.seed_init).eval()
+        model = optimize_for_inference(clipforge.create_model(args.model, seed=args.seed_init))
         print(f"note: {args.model} with random weights (seed {args.seed_init}): results are meaningless",
               file=sys.stderr)
         return model, image_transform(model.config.preprocess)
     model, preprocess = clipforge.load(args.model)
-    return model.eval(), preprocess
+    return optimize_for_inference(model), preprocess
 
 
 def run_embed(args: argparse.Namespace) -> int:

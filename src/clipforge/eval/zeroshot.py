@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..inference import embed_images, embed_texts
 from .cache import default_cache_dir, json_hash, text_tower_fingerprint
@@ -52,13 +53,27 @@ def prompts_for(classnames: Sequence[ClassName], templates: Sequence[str]) -> tu
 
 def build_zeroshot_weights(model: nn.Module, classnames: Sequence[ClassName], templates: Sequence[str], *,
                            batch_size: int = 256, progress: bool = False) -> torch.Tensor:
-    """``[C, D]`` unit-norm class embeddings (prompt ensemble averaged in embedding space)."""
+    """``[C, D]`` unit-norm class embeddings (prompt ensemble averaged in embedding space).
+
+    Prompts are embedded one template at a time: the prompts of one template share their first
+    tokens ("a photo of a"), which the text tower then computes once per batch (exact, because
+    attention is causal), and within a template they are batched by length."""
     if not classnames:
         raise ValueError("no class names given")
-    texts, owner = prompts_for(classnames, templates)
-    emb = embed_texts_length_sorted(model, texts, batch_size=batch_size, progress=progress)  # unit rows
-    weights = torch.zeros(len(classnames), emb.shape[1], dtype=torch.float32)
-    weights.index_add_(0, torch.as_tensor(owner), emb.float())
+    owner: list[int] = []
+    names: list[str] = []
+    for c, cn in enumerate(classnames):
+        for name in class_texts(cn):
+            names.append(name)
+            owner.append(c)
+    index = torch.as_tensor(owner)
+    weights: torch.Tensor | None = None
+    for t in tqdm(templates, desc="zero-shot head (templates)", unit="tpl", disable=not progress):
+        emb = embed_texts(model, [t.replace("{}", n, 1) for n in names], batch_size=batch_size)  # unit rows
+        if weights is None:
+            weights = torch.zeros(len(classnames), emb.shape[1], dtype=torch.float32)
+        weights.index_add_(0, index, emb.float())
+    assert weights is not None
     return F.normalize(weights, dim=-1)
 
 

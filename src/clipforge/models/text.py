@@ -67,32 +67,59 @@ class TextTransformer(nn.Module):
         x = self.token_embedding(ids).to(dtype) + self.positional_embedding[:n].to(dtype)
         return x, eot
 
-    # Inference batches larger than this are run in chunks of rows of similar length.
-    bucket_rows: int = 32
+    # Inference batches are run in chunks of rows of similar length, each chunk at most this many
+    # (rows x padded length) tokens: big enough for efficient matmuls, small enough for the cache.
+    bucket_tokens: int = 4096
 
     def forward(self, ids: torch.Tensor, trim: bool = True) -> torch.Tensor:
-        if trim and ids.shape[0] > self.bucket_rows and not torch.is_grad_enabled():
+        if trim and ids.shape[0] > 1 and not torch.is_grad_enabled():
             return self._forward_bucketed(ids)
         return self._forward(ids, trim)
 
     def _forward(self, ids: torch.Tensor, trim: bool) -> torch.Tensor:
         x, eot = self._embed(ids, trim)
-        x = self.transformer(x, causal=True)
+        # Only the end-of-text states are used: the last block runs for those rows alone, and
         # LayerNorm acts per token, so normalising only the pooled tokens is exact.
-        x = x[torch.arange(x.shape[0], device=x.device), eot]
+        x = self.transformer(x, causal=True, pool=eot)
         return self.ln_final(x) @ self.text_projection
 
     def _forward_bucketed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Sort rows by length and run chunks each trimmed to its own longest row: the work is
-        then close to the sum of the real lengths instead of batch x longest (exact: causal)."""
+        """Inference: rows sorted by length and run in chunks, each trimmed to its own longest
+        row, so the work is close to the sum of the real lengths instead of batch x longest;
+        a chunk whose rows share their first tokens (prompts made from one template) computes
+        that prefix once. Exact, because attention is causal."""
         self._check(ids)
-        order = torch.argsort(ids.argmax(dim=-1), stable=True)
+        eot = ids.argmax(dim=-1)
+        order = torch.argsort(eot, stable=True)
+        lengths = (eot[order] + 1).tolist()
         out = torch.empty(ids.shape[0], self.text_projection.shape[1], dtype=self.text_projection.dtype,
                           device=self.text_projection.device)
-        for start in range(0, len(order), self.bucket_rows):
-            idx = order[start : start + self.bucket_rows]
-            out[idx] = self._forward(ids[idx], trim=True)
+        start, n = 0, len(lengths)
+        while start < n:
+            end = start + 1  # rows are sorted by length, so a chunk's longest row is its last
+            while end < n and (end + 1 - start) * lengths[end] <= self.bucket_tokens:
+                end += 1
+            idx = order[start:end]
+            out[idx] = self._forward_chunk(ids[idx][:, : lengths[end - 1]], eot[idx])
+            start = end
         return out
+
+    # A shared prefix is used when it saves at least this many token positions in a chunk.
+    min_prefix_saving: int = 64
+
+    def _forward_chunk(self, ids: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        b = ids.shape[0]
+        same = (ids == ids[:1]).all(dim=0).long().cumprod(0)
+        # The shared prefix ends before every row's end-of-text token (pooled rows stay per-row).
+        p = min(int(same.sum()), int(eot.min()))
+        if b < 2 or p * (b - 1) < self.min_prefix_saving:
+            return self._forward(ids, trim=True)
+        dtype = self.text_projection.dtype
+        pos = self.positional_embedding[: ids.shape[1]].to(dtype)
+        prefix = self.token_embedding(ids[:1, :p]).to(dtype) + pos[:p]
+        rest = self.token_embedding(ids[:, p:]).to(dtype) + pos[p:]
+        x = self.transformer.forward_shared_prefix(prefix, rest, eot - p, causal=True)
+        return self.ln_final(x) @ self.text_projection
 
     def forward_intermediates(self, ids: torch.Tensor, attention: bool = False) -> dict[str, object]:
         """Per-layer token states ``[B, L, W]`` and (optionally) attention maps ``[B, H, L, L]``."""

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import CLIPConfig
+from .conv import conv_act, conv_add_relu
+from .linear import linear, use_packed
 
 
 class Bottleneck(nn.Module):
@@ -34,12 +36,22 @@ class Bottleneck(nn.Module):
                 ("1", nn.BatchNorm2d(planes * self.expansion)),
             ]))
 
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference with BatchNorm folded away: three oneDNN ops with fused ReLU / residual add."""
+        out = conv_act(conv_act(x, self.conv1, "relu"), self.conv2, "relu")
+        identity = x if self.downsample is None else conv_act(self.downsample[0](x), self.downsample[1])
+        return conv_add_relu(self.avgpool(out), identity, self.conv3)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(self.avgpool(out)))
         identity = x if self.downsample is None else self.downsample(x)
         return F.relu(out + identity)
+
+
+def _lin(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, layer.weight, layer.bias)
 
 
 class AttentionPool2d(nn.Module):
@@ -62,9 +74,9 @@ class AttentionPool2d(nn.Module):
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
         x = x + self.positional_embedding.to(x.dtype)
         hd = c // self.num_heads
-        q = self.q_proj(x[:, :1]).view(b, 1, self.num_heads, hd).transpose(1, 2)
-        k = self.k_proj(x).view(b, -1, self.num_heads, hd).transpose(1, 2)
-        v = self.v_proj(x).view(b, -1, self.num_heads, hd).transpose(1, 2)
+        q = _lin(self.q_proj, x[:, :1]).view(b, 1, self.num_heads, hd).transpose(1, 2)
+        k = _lin(self.k_proj, x).view(b, -1, self.num_heads, hd).transpose(1, 2)
+        v = _lin(self.v_proj, x).view(b, -1, self.num_heads, hd).transpose(1, 2)
         weights = None
         if need_weights:
             weights = ((q * hd ** -0.5) @ k.transpose(-2, -1)).float().softmax(-1).to(q.dtype)
@@ -72,7 +84,7 @@ class AttentionPool2d(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(b, c)
-        return self.c_proj(out), weights
+        return _lin(self.c_proj, out), weights
 
 
 class ModifiedResNet(nn.Module):
@@ -132,11 +144,31 @@ class ModifiedResNet(nn.Module):
         x = F.relu(self.bn3(self.conv3(x)))
         return self.avgpool(x)
 
+    def conv_bn_pairs(self) -> list[tuple[nn.Module, str, str]]:
+        """``(parent, conv name, bn name)`` for every BatchNorm applied straight to a conv's
+        output, which inference may fold into the conv (see ``inference.fold_batchnorm``)."""
+        pairs: list[tuple[nn.Module, str, str]] = [(self, f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
+        for stage in self._stages():
+            for block in stage:
+                pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
+                if block.downsample is not None:
+                    pairs.append((block.downsample, "0", "1"))
+        return pairs
+
     def _stages(self) -> list[nn.Sequential]:
         return [self.layer1, self.layer2, self.layer3, self.layer4]
 
+    # Set by ``optimize_for_inference`` once BatchNorm is folded: no-grad CPU fp32 calls then run
+    # fused oneDNN convolutions (``models.conv``), in chunks of at most this many pixels.
+    fused_inference: bool = False
+    inference_chunk_pixels: int = 16 * 224 * 224
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
+        if (self.fused_inference and use_packed() and x.device.type == "cpu"
+                and x.dtype == torch.float32 and self.conv1.weight.dtype == torch.float32):
+            chunk = max(1, self.inference_chunk_pixels // (x.shape[-1] * x.shape[-2]))
+            return torch.cat([self._forward_fused(part) for part in x.split(chunk)])
         x = self.stem(x.to(self.conv1.weight.dtype))
         for stage in self._stages():
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -144,6 +176,16 @@ class ModifiedResNet(nn.Module):
                     x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = stage(x)
+        return self.attnpool(x)[0]
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        for conv in (self.conv1, self.conv2, self.conv3):
+            x = conv_act(x, conv, "relu")
+        x = self.avgpool(x)
+        for stage in self._stages():
+            for block in stage:
+                x = block.forward_fused(x)
         return self.attnpool(x)[0]
 
     def forward_intermediates(self, x: torch.Tensor, attention: bool = False) -> dict[str, object]:
