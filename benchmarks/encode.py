@@ -114,6 +114,9 @@ class OnnxRuntimeModel:
         paths = export_onnx(model, folder)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
+        # ORT's pool otherwise spin-waits after each run, stealing the cores from whichever
+        # implementation the alternation runs next.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.image = ort.InferenceSession(str(paths["image"]), opts, providers=["CPUExecutionProvider"])
         self.text = ort.InferenceSession(str(paths["text"]), opts, providers=["CPUExecutionProvider"])
 

@@ -91,6 +91,50 @@ def sorting_gain(model, prompts: list[str], batch_size: int, reps: int = 3) -> d
             "max_abs_diff": float((out["sorted"] - out["unsorted"]).abs().max())}
 
 
+def reference_head_rates(model, classnames, templates, n_classes: int = 10) -> dict[str, dict[str, float]]:
+    """Prompts/s of the reference libraries building a zero-shot head, measured on ``n_classes``
+    classes x all templates (OpenCLIP's own builder batches 10 classes' prompts at a time, at
+    full context 77) with the same weights; the full build time is extrapolated from the rate.
+    clipforge is timed on the same prompts, in the same run, through its own builder."""
+    from clipforge.checkpoints import hf as hf_format, openai as openai_format
+    from clipforge.eval.zeroshot import build_zeroshot_weights
+
+    out: dict[str, dict[str, float]] = {}
+    names = classnames[:n_classes]
+    prompts = prompts_for(names, templates)[0]
+    sd = openai_format.from_native({k: v for k, v in model.state_dict().items()})
+    ids77 = clipforge.tokenize(prompts, truncate=True)
+    fns = {"clipforge": lambda: build_zeroshot_weights(model, names, templates)}
+    try:
+        import open_clip
+
+        oc = open_clip.create_model(model.config.name.replace("/", "-") + "-quickgelu", pretrained=None).eval()
+        oc.load_state_dict(sd, strict=True)
+        fns["openclip"] = lambda: oc.encode_text(ids77)
+    except Exception as e:  # noqa: BLE001 - not importable here (needs torchvision)
+        print(f"note: OpenCLIP reference skipped ({type(e).__name__}: {e})")
+    try:
+        import transformers
+
+        cfg, _ = hf_format.config_to_hf(model.config)
+        hf = transformers.CLIPModel(transformers.CLIPConfig(**{k: v for k, v in cfg.items()
+                                                             if k not in ("architectures", "model_type")})).eval()
+        hf.load_state_dict(hf_format.from_native(model.state_dict()), strict=False)
+        n = int(ids77.argmax(-1).max()) + 1  # CLIPProcessor pads to the batch's longest prompt
+        fns["transformers"] = lambda: hf.get_text_features(input_ids=ids77[:, :n])
+    except Exception as e:  # noqa: BLE001
+        print(f"note: transformers reference skipped ({type(e).__name__}: {e})")
+    with torch.inference_mode():
+        for name, fn in fns.items():
+            fn()  # warm-up
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            out[name] = {"prompts": len(prompts), "seconds": dt, "prompts_per_s": len(prompts) / dt,
+                         "extrapolated_1000x80_s": 1000 * len(templates) * dt / len(prompts)}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -107,6 +151,8 @@ def main() -> int:
     ap.add_argument("--out", default="zeroshot_imagenet")
     ap.add_argument("--plain", action="store_true", help="skip optimize_for_inference (packed weights etc.)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"])
+    ap.add_argument("--reference-classes", type=int, default=10,
+                    help="classes (x all templates) timed with OpenCLIP/transformers/clipforge side by side (0: skip)")
     args = ap.parse_args()
     if not args.data.is_dir():
         print(f"no ImageNet samples at {args.data}", file=sys.stderr)
@@ -170,6 +216,13 @@ def main() -> int:
         results["length_sorting"] = sg
         print(f"length-sorted batching on {sg['prompts']} prompts (batches of {sg['batch_size']}): {sg['sorted_s']:.1f}s "
               f"vs input order {sg['unsorted_s']:.1f}s (x{sg['speedup']:.2f}; token positions {sg['token_positions']})")
+
+    if args.reference_classes:
+        refs = reference_head_rates(model, classnames, templates, args.reference_classes)
+        results["reference_head_rates"] = refs
+        for name, r in refs.items():
+            print(f"  {name}: {r['prompts_per_s']:.1f} prompts/s on {r['prompts']} prompts -> "
+                  f"1000x{len(templates)} head in ~{r['extrapolated_1000x80_s'] / 60:.1f} min (extrapolated)")
 
     t0 = time.perf_counter()
     clf = ZeroShotClassifier(model, classnames, templates, preprocess=preprocess, cache_dir=cache_dir,

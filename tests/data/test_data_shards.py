@@ -125,6 +125,12 @@ def test_streams_member_by_member(tmp_path):
     it = read_shard(str(path), {"jpg", "txt"}, fileobj=fh)
     first = next(it)
     assert first.key == "0000" and set(first.files) == {"jpg", "txt", "json"}
+    assert first.files["json"] is None  # not wanted: only noted
+    fh.close()
+    every = next(read_shard(str(path), None))  # wanted=None reads every member
+    assert all(isinstance(v, bytes) for v in every.files.values()) and set(every.files) == {"jpg", "txt", "json"}
+    fh = open(path, "rb")
+    next(read_shard(str(path), {"jpg"}, fileobj=fh))
     assert fh.tell() < path.stat().st_size / 10  # only the first samples were read
     fh.close()
 

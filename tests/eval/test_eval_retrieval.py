@@ -91,3 +91,11 @@ def test_embed_pairs_skips_unreadable(micro_vit):
     assert pf.text_to_image.tolist() == [0, 0, 1]
     assert pf.image_features.shape == (2, 32) and pf.text_features.shape == (3, 32)
     assert any("broken" in s or "1:" in s for s in pf.skipped_keys)
+
+
+def test_builtin_scenes_default_to_the_test_split_in_evaluation():
+    from clipforge.eval.datasets import open_pairs
+
+    assert open_pairs("builtin:scenes?n=8").split == "test"
+    assert open_pairs("builtin:scenes?n=8&split=val").split == "val"  # the spec's own choice wins
+    assert open_pairs("builtin:scenes?n=8", split="train").split == "train"

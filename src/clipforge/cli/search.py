@@ -13,6 +13,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-init", action="store_true",
                    help="--model is a zoo name; use untrained weights (smoke tests, demos)")
     p.add_argument("--seed-init", type=int, default=0, help="seed for --random-init weights")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
+                   help="inference precision: fp32 (default, exact to 1e-4), bf16/fp16, or auto (a reduced "
+                        "precision only where a measured matmul probe finds it >= 1.3x faster on this CPU)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
 
@@ -86,12 +89,13 @@ def load_model_arg(args: argparse.Namespace) -> tuple[Any, Any]:
     from clipforge.preprocess import image_transform
 
     if args.random_init:
-        model = optimize_for_inference(clipforge.create_model(args.model, seed=args.seed_init))
+        model = optimize_for_inference(clipforge.create_model(args.model, seed=args.seed_init),
+                                       precision=args.precision)
         print(f"note: {args.model} with random weights (seed {args.seed_init}): results are meaningless",
               file=sys.stderr)
         return model, image_transform(model.config.preprocess)
     model, preprocess = clipforge.load(args.model)
-    return optimize_for_inference(model), preprocess
+    return optimize_for_inference(model, precision=args.precision), preprocess
 
 
 def run_embed(args: argparse.Namespace) -> int:

@@ -27,17 +27,6 @@ from ..data.tables import as_caption_list
 from ..preprocess import ImageLoadError, load_image
 
 
-class _AllMembers(frozenset):
-    """A ``wanted`` set for :func:`read_shard` that contains every extension: curation copies
-    all members of a sample (not only image + caption) to its output."""
-
-    def __contains__(self, item: object) -> bool:
-        return True
-
-
-ALL_MEMBERS: frozenset[str] = _AllMembers()
-
-
 @dataclass
 class RawRecord(ShardRecord):
     """A record synthesised from a map-style source; ``sample`` is its already decoded form."""
@@ -76,7 +65,7 @@ class ShardUnit(Unit):
         self.index, self.name, self.path, self._source = index, name, path, source
 
     def records(self) -> Iterator[ShardRecord]:
-        yield from read_shard(self.path, ALL_MEMBERS)
+        yield from read_shard(self.path, None)  # every member: curation copies whole samples
 
     def decode(self, rec: ShardRecord) -> Sample:
         return self._source.decode(rec)

@@ -147,9 +147,11 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return (f"{d}/{stem}" if d else stem), ext.lower()
 
 
-def read_shard(path: str, wanted: frozenset[str] | set[str], fileobj: BinaryIO | None = None) -> Iterator[ShardRecord]:
+def read_shard(path: str, wanted: frozenset[str] | set[str] | None, fileobj: BinaryIO | None = None
+               ) -> Iterator[ShardRecord]:
     """Stream the samples of one tar shard (from ``fileobj`` if given, else opening ``path``).
-    Members whose extension is in ``wanted`` are read; others are only noted. A corrupt or
+    Members whose extension is in ``wanted`` (``None``: every member) are read; others are only
+    noted. A corrupt or
     truncated shard yields one ``corrupt_shard`` record and ends (earlier samples are kept)."""
     cur: ShardRecord | None = None
     try:
@@ -166,7 +168,7 @@ def read_shard(path: str, wanted: frozenset[str] | set[str], fileobj: BinaryIO |
                     if cur is not None:
                         yield cur
                     cur = ShardRecord(key=key, shard=path)
-                if ext in wanted:
+                if wanted is None or ext in wanted:
                     f = tf.extractfile(m)
                     cur.files[ext] = f.read() if f is not None else b""
                 else:

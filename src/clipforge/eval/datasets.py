@@ -70,11 +70,14 @@ def open_labelled(spec: Any, split: str | None = None) -> Any:
 
 def open_pairs(spec: Any, split: str | None = None) -> Any:
     """Image-caption samples for retrieval (via :func:`clipforge.data.open_pairs`), or ``spec``
-    itself when it is already an iterable of samples."""
+    itself when it is already an iterable of samples. Evaluation defaults the built-in scenes
+    to their ``test`` split (the data source's own default is ``train``, for training)."""
     if not isinstance(spec, (str, os.PathLike)):
         return spec
     from ..data import open_pairs as _open
 
+    if split is None and str(spec).startswith("builtin:"):
+        split = "test"
     return _open(str(spec), split=split)
 
 

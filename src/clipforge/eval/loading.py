@@ -10,7 +10,7 @@ import torch
 
 
 def load_model(spec: str, *, random_init: bool = False, device: str = "cpu", seed: int = 0,
-               dtype: torch.dtype = torch.float32) -> tuple[Any, Callable, str]:
+               dtype: torch.dtype = torch.float32, precision: str = "fp32") -> tuple[Any, Callable, str]:
     """``(model, preprocess, display_name)``; the display name goes into result records. The
     model is prepared for inference (``optimize_for_inference``): evaluation never trains it."""
     from ..inference import optimize_for_inference
@@ -21,7 +21,8 @@ def load_model(spec: str, *, random_init: bool = False, device: str = "cpu", see
 
         if not _is_zoo_name(spec):
             raise ValueError(f"--random-init needs a zoo model name, got {spec!r}; available: {', '.join(available_models())}")
-        model = optimize_for_inference(create_model(spec, seed=seed).to(device=device, dtype=dtype))
+        model = optimize_for_inference(create_model(spec, seed=seed).to(device=device, dtype=dtype),
+                                       precision=precision)
         return model, image_transform(model.config.preprocess), f"{spec} (random init, seed {seed})"
     if not Path(spec).exists():
         hint = " (a zoo name: add --random-init for an untrained model)" if _is_zoo_name(spec) else ""
@@ -31,7 +32,7 @@ def load_model(spec: str, *, random_init: bool = False, device: str = "cpu", see
     except ImportError as e:  # pragma: no cover - the checkpoint loader is part of the full build
         raise ValueError(f"cannot load checkpoints in this build (clipforge.load unavailable: {e})") from None
     model, preprocess = load(spec, device=device, dtype=dtype)
-    return optimize_for_inference(model), preprocess, str(spec)
+    return optimize_for_inference(model, precision=precision), preprocess, str(spec)
 
 
 def _is_zoo_name(spec: str) -> bool:
