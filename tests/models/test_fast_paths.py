@@ -208,3 +208,19 @@ def test_reduced_precision_inference_stays_close(kind):
     assert set(matmul_speed_by_precision()) == {"fp32", "bf16", "fp16"}
     with pytest.raises(ValueError, match="precision"):
         optimize_for_inference(model, precision="int8")
+
+
+@pytest.mark.slow
+def test_torch_compile_path_matches_plain_path():
+    """``optimize_for_inference(compile=True)``: inductor gets plain ops (its oneDNN lowering needs
+    frozen weights), and the compiled towers give the plain outputs."""
+    model = clipforge.create_model(micro_config("vit"), seed=0).eval()
+    images = torch.randn(4, 3, 32, 32)
+    ids = clipforge.tokenize(["a dog", "two red cats on the beach", "x", "a small circle"])
+    with torch.no_grad():
+        plain_i = model.visual.forward_intermediates(images)["output"]
+        plain_t = model.text.forward_intermediates(ids)["output"]
+    fast = optimize_for_inference(copy.deepcopy(model), compile=True)
+    with torch.inference_mode():
+        assert (fast.encode_image(images) - plain_i).abs().max() <= TOL
+        assert (fast.encode_text(ids) - plain_t).abs().max() <= TOL

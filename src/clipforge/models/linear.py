@@ -85,8 +85,10 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def _exporting() -> bool:
-    """Tracing for ONNX / TorchScript records standard ops only."""
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+    """Tracing for ONNX / TorchScript records standard ops only, and ``torch.compile`` does its
+    own weight packing (its oneDNN lowering needs frozen weights): both get plain ``F.linear``."""
+    return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+            or torch.compiler.is_compiling())
 
 
 def use_packed() -> bool:
