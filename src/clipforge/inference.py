@@ -123,7 +123,8 @@ def optimize_for_inference(model: CLIP, *, precision: str = "fp32", channels_las
     with fp32 to ~1e-2, not 1e-4); ``"auto"`` picks a reduced precision only where a measured
     matmul probe finds it >= 1.3x faster than fp32 on this CPU (``models.linear.fastest_precision``).
     Returns the same model, changed in place: a model with folded BatchNorm is for inference
-    only (``save_model`` refuses it).
+    only (``save_model`` refuses it). Packed weights are a second copy of the Transformer
+    weights (memory grows by about the model's size; ``pack_weights=False`` avoids it).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")

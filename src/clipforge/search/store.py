@@ -130,7 +130,10 @@ def weights_sha256(model: Any) -> str:
 
 def model_info(model: Any) -> dict[str, Any]:
     cfg = model.config
-    return {"name": cfg.name, "config": cfg.to_dict(), "weights_sha256": weights_sha256(model)}
+    # dtype: embeddings of a bf16 model (``--precision``) differ from fp32 ones at ~1e-2, and the
+    # weights hash (checked on resume) differs with it.
+    return {"name": cfg.name, "config": cfg.to_dict(), "dtype": str(model.dtype).removeprefix("torch."),
+            "weights_sha256": weights_sha256(model)}
 
 
 @dataclass
