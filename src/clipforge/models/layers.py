@@ -49,7 +49,6 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(width, hidden)
         self.gelu = make_activation(activation)
         self.c_proj = nn.Linear(hidden, width)
-
         self.packed: dict[str, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,6 +132,8 @@ class Attention(nn.Module):
         """Self-attention over ``x``. ``past``: keys and values ``[1 or B, H, P, hd]`` of a
         prefix shared by every row, which the tokens of ``x`` follow (positions P..P+L-1).
         With ``return_kv`` the second output is this call's ``(k, v)`` instead of weights."""
+        if need_weights and past is not None:
+            raise ValueError("attention maps are not available with a shared prefix (past)")
         b, l, d = x.shape
         q, k, v = self._qkv(x)
         weights = None
@@ -254,6 +255,8 @@ class Transformer(nn.Module):
         states do not depend on what follows, so they are computed once and only their keys and
         values are shared: exact, and the prefix tokens are paid for once instead of B times."""
         blocks = list(self.resblocks)
+        if not blocks:  # a zero-layer stack: the states are the inputs
+            return x[torch.arange(x.shape[0], device=x.device), pool]
         for block in blocks[:-1]:
             new_prefix, past = block(prefix, causal=causal, return_kv=True)
             x = block(x, causal=causal, past=past)[0]  # type: ignore[arg-type]
