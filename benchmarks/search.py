@@ -71,13 +71,13 @@ class Mixture:
 
 
 def write_embeddings(root: Path, mix: Mixture, n: int, shard_size: int, seed: int) -> None:
-    from clipforge.search.store import EMB_DIRS, FORMAT, ShardPaths, rebuild_summary, write_shard
+    from clipforge.embeddings import EMB_DIRS, FORMAT, ShardPaths, rebuild_summary, write_shard
 
     n_shards = -(-n // shard_size)
     for i in range(n_shards):
         m = min(shard_size, n - i * shard_size)
         x = mix.sample(m, seed=seed * 100_003 + i)
-        rows = [{"key": f"v{i * shard_size + j}", "path": None, "member": None, "caption": None,
+        rows = [{"key": f"v{i * shard_size + j}", "image_path": None, "member": None, "caption": None,
                  "width": None, "height": None} for j in range(m)]
         write_shard(ShardPaths(root, "image", i), x, rows, [])
     base = {"format": FORMAT, "kind": "image", "embedding_dir": EMB_DIRS["image"], "dtype": "float16",
@@ -89,7 +89,7 @@ def write_embeddings(root: Path, mix: Mixture, n: int, shard_size: int, seed: in
 def exact_truth(emb_dir: Path, queries: np.ndarray, k: int) -> np.ndarray:
     import faiss
 
-    from clipforge.search.store import Collection
+    from clipforge.embeddings import Collection
 
     heap = faiss.ResultHeap(len(queries), k, keep_max=True)
     first = 0
@@ -147,7 +147,7 @@ def measure(idx_dir: str, queries: np.ndarray, truth: np.ndarray, threads: int, 
         res["rss_peak_bytes"] = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
     if exact_n:
         # exact-search baseline (brute force over the same float16-stored vectors), single queries
-        from clipforge.search.store import Collection
+        from clipforge.embeddings import Collection
 
         emb_dir = Path(idx.info["sources"][0]["dir"])
         flat = faiss.IndexFlatIP(idx.info["dim"])

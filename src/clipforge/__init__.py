@@ -11,6 +11,7 @@ from __future__ import annotations
 from .checkpoints import convert, load, load_model, save_model
 from .config import (CLIPConfig, PreprocessConfig, TextConfig, TokenizerConfig, VisionConfig,
                      available_models, get_model_config)
+from .factory import create_model_and_transforms
 from .inference import embed_images, embed_texts
 from .models import CLIP, create_model
 from .preprocess import ImageLoadError, image_transform, load_image
@@ -20,9 +21,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # Capabilities with heavier imports load on first use.
     if name == "ZeroShotClassifier":
-        from .eval import ZeroShotClassifier
+        from .eval import ZeroShotClassifier  # capabilities load on first use: `import clipforge` stays light
 
         return ZeroShotClassifier
     if name in ("train", "TrainConfig"):
@@ -34,7 +34,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "CLIP", "CLIPConfig", "VisionConfig", "TextConfig", "PreprocessConfig", "TokenizerConfig",
-    "available_models", "get_model_config", "create_model", "load", "load_model", "save_model", "convert",
+    "available_models", "get_model_config", "create_model", "create_model_and_transforms", "load", "load_model",
+    "save_model", "convert",
     "tokenize", "decode", "get_tokenizer", "image_transform", "load_image", "ImageLoadError",
     "embed_images", "embed_texts", "ZeroShotClassifier", "train", "TrainConfig", "__version__",
 ]

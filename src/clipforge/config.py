@@ -197,12 +197,24 @@ def available_models() -> list[str]:
 
 
 def get_model_config(name: str) -> CLIPConfig:
-    """A fresh copy of the named architecture's config (case-insensitive; '/' or '-' accepted)."""
+    """A fresh copy of the named architecture's config (case-insensitive; '/' or '-' accepted, and
+    OpenCLIP's spellings: ``ViT-L-14-336`` for ``ViT-L/14@336px``; a ``-quickgelu`` suffix sets
+    QuickGELU). Note: our paper models are QuickGELU (OpenAI's), so ``ViT-B-32`` here is OpenCLIP's
+    ``ViT-B-32-quickgelu``; OpenCLIP's plain ``ViT-B-32`` is GELU."""
     zoo = _load_zoo()
     if name in zoo:
         return CLIPConfig.from_dict(zoo[name].to_dict())
-    canon = {k.lower().replace("/", "-"): k for k in zoo}
-    key = name.lower().replace("/", "-")
+
+    def _canon(n: str) -> str:
+        n = n.lower().replace("/", "-").replace("@", "-")
+        return n[:-2] if n.endswith("px") else n
+
+    quick = name.lower().endswith("-quickgelu")
+    key = _canon(name[: -len("-quickgelu")] if quick else name)
+    canon = {_canon(k): k for k in zoo}
     if key in canon:
-        return CLIPConfig.from_dict(zoo[canon[key]].to_dict())
+        d = zoo[canon[key]].to_dict()
+        if quick and d["activation"] != "quick_gelu":
+            d.update(activation="quick_gelu", name=f"{d['name']}-quickgelu")
+        return CLIPConfig.from_dict(d)
     raise KeyError(f"unknown model {name!r}; available: {', '.join(zoo)}")

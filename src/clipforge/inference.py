@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .device import to_device
 from .models import CLIP
 from .models.layers import MLP, Attention
 from .models.conv import fused_conv_available
@@ -47,6 +48,7 @@ def embed_images(model: CLIP, images: Iterable[Image.Image | torch.Tensor], *,
     try:
         for batch in batched(images, batch_size):
             x = torch.stack([im if isinstance(im, torch.Tensor) else pre(im) for im in batch])
+            x = to_device(x, model.device)  # pinned + non-blocking on CUDA; no-op on CPU
             outs.append(model.encode_image(x, normalize=normalize).float().cpu())
             bar.update(len(batch))
     finally:
@@ -76,7 +78,7 @@ def embed_texts(model: CLIP, texts: Sequence[str], *, batch_size: int = 256, pro
     try:
         for start in tqdm(range(0, len(ids), batch_size), desc="embed texts", disable=not progress):
             idx = order[start : start + batch_size]
-            out[idx] = model.encode_text(ids[idx], normalize=normalize).float().cpu()
+            out[idx] = model.encode_text(to_device(ids[idx], model.device), normalize=normalize).float().cpu()
     finally:
         model.train(was_training)
     return out

@@ -17,10 +17,10 @@ Deliberate deviations from ``transform(Image.open(path))``:
 * 16-bit grayscale (``I;16*``, or ``I`` with values above 255) is scaled to 8 bits
   (``round(v * 255 / 65535)``) before the transform; OpenAI's ``convert("RGB")`` would clip every
   value above 255 to white. 32-bit float (``F``) images are min-max scaled to 0..255.
-* The training transform is OpenCLIP's ``RandomResizedCrop(scale=(0.9, 1.0), ratio=(3/4, 4/3))``
-  algorithm (same sampling rule and central-crop fallback, same crop-then-resize), but draws
-  from a ``random.Random`` instead of torch's global generator, so crops are reproducible from
-  a seed without touching torch's RNG state.
+* The training transform is OpenCLIP's default (``RandomResizedCrop(scale=(0.9, 1.0),
+  ratio=(3/4, 4/3))``, always bicubic, then RGB, ToTensor, Normalize): same sampling rule and
+  central-crop fallback, same crop-then-resize, but it draws from a ``random.Random`` instead of
+  torch's global generator, so crops are reproducible from a seed without touching torch's RNG.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from .config import PreprocessConfig
 
@@ -183,8 +183,8 @@ class Preprocess:
         cfg = self.config
         size, resample = cfg.image_size, _RESAMPLE[cfg.interpolation]
         img = _to_8bit(img)
-        if self.train:
-            img = self._random_resized_crop(img, size, resample, rng or random)
+        if self.train:  # bicubic whatever cfg.interpolation says, as OpenCLIP's train transform does
+            img = self._random_resized_crop(img, size, Image.Resampling.BICUBIC, rng or random)
         elif cfg.resize_mode == "squash":
             img = img.resize((size, size), resample)
         else:

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import gzip
 import html
+import json
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from importlib import resources
-from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import ftfy
 import regex as re
 import torch
+
+from .config import get_model_config
 
 SOT = "<|startoftext|>"
 EOT = "<|endoftext|>"
@@ -190,10 +194,35 @@ class Tokenizer:
         return out
 
 
+def get_tokenizer(model_name: str | int | None = None, context_length: int | None = None) -> Tokenizer:
+    """The tokenizer for CLIP's released vocabulary, shared per context length (merges load ~0.3 s).
+
+    As ``open_clip.get_tokenizer``: ``model_name`` is a zoo or OpenCLIP name (``'ViT-B-32'``) or
+    ``'local-dir:PATH'``, and the result is callable, ``tok(texts) -> LongTensor[N, context_length]``
+    with the model's context length unless ``context_length`` is given. An int is read as the
+    context length (``get_tokenizer(77)``). Unlike open_clip's, a text longer than the context
+    raises ``ValueError`` unless called with ``truncate=True``.
+    """
+    if isinstance(model_name, int):
+        context_length = context_length or model_name
+    elif model_name:
+        context_length = context_length or _model_context_length(model_name)
+    return _shared_tokenizer(context_length or 77)
+
+
 @lru_cache(maxsize=4)
-def get_tokenizer(context_length: int = 77) -> Tokenizer:
-    """The tokenizer for CLIP's released vocabulary, built once per process (merges load ~0.3 s)."""
+def _shared_tokenizer(context_length: int) -> Tokenizer:
     return Tokenizer(context_length=context_length)
+
+
+def _model_context_length(name: str) -> int:
+    if name.startswith("local-dir:"):
+        path = Path(name[len("local-dir:"):]) / "open_clip_config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"'{name}': no open_clip_config.json at {path}")
+        text_cfg = json.loads(path.read_text(encoding="utf-8")).get("model_cfg", {}).get("text_cfg", {})
+        return int(text_cfg.get("context_length", 77))
+    return get_model_config(name).text.context_length
 
 
 def tokenize(texts: str | Sequence[str], context_length: int = 77, truncate: bool = False) -> torch.Tensor:

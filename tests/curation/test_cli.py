@@ -32,8 +32,8 @@ def test_cli_queries_balance_reuse_and_errors(tmp_path, capsys):
     assert main(["data", "stats", "--data", str(tmp_path / "missing/{00000..00002}.tar"), "--out", str(tmp_path / "s")]) == 1
     assert "no shard file matches" in capsys.readouterr().err
     assert main(["data", "filter", "--data", pool, "--scores", str(tmp_path / "none"), "--min-score", "0.3",
-                 "--out", str(tmp_path / "f")]) == 1
-    assert "scores folder not found" in capsys.readouterr().err
+                 "--out", str(tmp_path / "f")]) == 2  # refused while parsing
+    assert "argument --scores: folder not found" in capsys.readouterr().err
     assert main(["data", "split", "--data", pool, "--eval-sets", str(tmp_path / "nope"), "--out", str(tmp_path / "c")]) == 1
     assert "nope" in capsys.readouterr().err
     assert main(["data", "score", "--data", pool, "--model", "tiny-vit", "--out", str(tmp_path / "sc")]) == 1

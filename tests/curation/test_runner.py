@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from clipforge.curation import (BalanceStep, DedupStep, FilterStep, RunOptions, ScoreStep, ScoreTable, StatsStep,
-                                distributed_env, open_pool, read_decisions, run_step)
+                                open_pool, read_decisions, run_step)
 from clipforge.curation import records as records_mod
 from curation.curationutil import ColourEmbedder, TinyImageEmbedder, out_keys, pattern, png, read_shard_members
 from curation.test_steps import QUERIES, balance_pool, dedup_pool, score_pool
@@ -138,14 +138,6 @@ def test_merge_after_ranks_finish_separately(tmp_path, opts):
     merged = run_step(FilterStep(table, min_score=0.5), open_pool(pool), out, opts(merge_only=True))
     assert merged["reused"] is True
 
-
-def test_distributed_env(monkeypatch):
-    monkeypatch.setenv("RANK", "3")
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    assert distributed_env() == (3, 4)
-    monkeypatch.setenv("RANK", "x")
-    with pytest.raises(ValueError, match="RANK"):
-        distributed_env()
 
 
 def test_manifest_input_keeps_original_bytes(tmp_path, opts):

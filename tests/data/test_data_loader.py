@@ -159,7 +159,7 @@ def test_map_style_bad_samples_are_replaced(tmp_path):
 
 def _stream_setup(tmp_path):
     """5 shards x 7 samples, with a corrupt image and an unpaired member."""
-    paths = make_shards(tmp_path, 5, 7)
+    make_shards(tmp_path, 5, 7)
     bad = (sample_members("0000500", "corrupt", img=b"nope") + [("0000501.txt", b"orphan caption")]
            + sample_members("0000502", "fine", img=image_bytes()))
     write_tar(tmp_path / "00005.tar", bad)

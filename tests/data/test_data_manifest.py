@@ -70,6 +70,9 @@ def test_bad_rows_are_skipped_and_counted(tmp_path, image_dir, caplog):
     assert src.stats.total == 4
     assert {e["key"] for e in src.stats.examples} >= {"imgs/missing.png", "imgs/corrupt.jpg", "imgs/1.png"}
     assert "imgs/missing.png" in caplog.text
+    details = {e["reason"]: e["detail"] for e in src.stats.examples}
+    assert details["empty_caption"] == "pairs.csv line 5: empty 'caption' cell"
+    assert details["missing_image"] == "pairs.csv line 7: empty 'image' cell"
     d = src.stats.to_dict()
     assert d["total"] == 4 and d["counts"]["decode_error"] == 1
 
@@ -112,3 +115,62 @@ def test_manifest_errors(tmp_path):
         open_pairs(str(e))
     with pytest.raises(ValueError, match="no image column 'pic'"):
         ManifestSource(m, image_key="pic")
+
+
+# --------------------------------------------------------------------------- open_clip's CSV conventions
+def test_open_clip_tab_separated_csv_is_sniffed(tmp_path, image_dir):
+    """open_clip_train writes/reads tab-separated ``.csv`` files with ``filepath`` / ``title``."""
+    m = tmp_path / "train.csv"
+    m.write_text("filepath\ttitle\nimgs/0.png\ta cat, sitting\nimgs/1.png\ta dog; running\n", encoding="utf-8")
+    src = open_pairs(str(m))
+    assert (src.image_column, src.caption_column) == ("filepath", "title")
+    assert [src.captions(i) for i in range(len(src))] == [["a cat, sitting"], ["a dog; running"]]
+    assert src.get(1).meta["path"].endswith("1.png")
+    m2 = tmp_path / "semi.csv"
+    m2.write_text("image;caption\nimgs/2.png;x, y\n", encoding="utf-8")
+    assert open_pairs(str(m2)).captions(0) == ["x, y"]
+
+
+def test_explicit_separator_and_column_keys(tmp_path, image_dir):
+    m = tmp_path / "own.csv"
+    m.write_text("id|img_rel|alt_text|caption\n7|imgs/0.png|the alt|not this one\n", encoding="utf-8")
+    src = open_pairs(str(m), csv_separator="|", image_key="img_rel", caption_key="alt_text")
+    assert (src.image_column, src.caption_column) == ("img_rel", "alt_text") and src.captions(0) == ["the alt"]
+    assert src.get(0).image.size == (12, 10)
+    with pytest.raises(ValueError, match=r"own\.csv: no image column 'filepath'; columns found: \['id\|img_rel"):
+        open_pairs(str(m), csv_separator=";", image_key="filepath")
+    tsv = tmp_path / "t.csv"
+    tsv.write_text("filepath\ttitle\nimgs/0.png\tok\n", encoding="utf-8")
+    for sep in ("\\t", "tab", "\t"):  # as typed on a command line, or the character itself
+        assert open_pairs(str(tsv), csv_separator=sep).captions(0) == ["ok"]
+    with pytest.raises(ValueError, match="csv separator must be one character"):
+        open_pairs(str(tsv), csv_separator="::")
+
+
+def test_row_with_extra_fields_names_file_line_and_columns(tmp_path, image_dir):
+    m = tmp_path / "bad.csv"
+    m.write_text("filepath,title\nimgs/0.png,fine\nimgs/1.png,a cat, unquoted comma\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.csv: line 3: 3 comma-separated fields but the header has 2 columns "
+                                         r"\['filepath', 'title'\]; field 3 \(' unquoted comma'\) has no column"):
+        open_pairs(str(m))
+
+
+def test_train_config_and_cli_take_open_clip_csv_options(tmp_path, image_dir):
+    from conftest import micro_config
+
+    from clipforge.cli.main import main
+    from clipforge.training import TrainConfig
+
+    assert TrainConfig(csv_separator="\\t").csv_separator == "\t"
+    with pytest.raises(ValueError, match="csv_separator: csv separator must be one character"):
+        TrainConfig(csv_separator="ab")
+    m = tmp_path / "oc.csv"
+    m.write_text("fp;cap\n" + "".join(f"imgs/{i}.png;caption {i}\n" for i in range(4)), encoding="utf-8")
+    cfg = tmp_path / "micro.json"
+    cfg.write_text(micro_config("vit").to_json())
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(cfg), "--data", str(m), "--csv-separator", ";", "--csv-img-key", "fp",
+                 "--csv-caption-key", "cap", "--steps", "1", "--batch-size", "2", "--workers", "0",
+                 "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["csv_separator"], saved["csv_img_key"], saved["csv_caption_key"]) == (";", "fp", "cap")

@@ -1,7 +1,7 @@
 """Evaluation test fixtures. Test double: an "oracle" CLIP whose towers map a class to a one-hot vector.
 
 ``OracleCLIP`` has the interface evaluation uses (``encode_image``, ``encode_text``,
-``config.preprocess``, ``context_length``, ``logit_scale``). Images are solid colours whose red
+``config.preprocess``, ``context_length``, ``device``, ``logit_scale``). Images are solid colours whose red
 value encodes the class; texts are one-hot on the class whose name token they contain. A
 correct zero-shot pipeline must therefore score 100%; a pipeline that mixes up prompt order,
 class order or ensembling cannot.
@@ -56,6 +56,10 @@ class OracleCLIP(nn.Module):
     @property
     def context_length(self) -> int:
         return 77
+
+    @property
+    def device(self) -> torch.device:
+        return self.class_tokens.device
 
     def encode_text(self, ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         self.text_calls += 1

@@ -43,8 +43,13 @@ def test_zeroshot_cli(capsys, tmp_path, ckpt):
                           "--save-classifier", str(tmp_path / "head.safetensors"))
     assert code == 0, err
     rec = _records(tmp_path, "zeroshot_classification")[0]
-    assert rec["model"] == ckpt and rec["dataset"] == "scenes-counting" and "acc1" in rec["metrics"]
+    # CLIP_benchmark's keys: model = architecture, pretrained = the weights, language
+    assert rec["model"] == "micro-vit" and rec["pretrained"] == ckpt and rec["language"] == "en"
+    assert rec["dataset"] == "scenes-counting" and {"acc1", "acc5", "mean_per_class_recall"} <= set(rec["metrics"])
     assert "== zeroshot_classification ==" in out and "acc1" in out and "ensemble" in out
+    # the template choice is printed and recorded (the scenes define their own templates)
+    assert rec["templates_set"] == "dataset" and "zero-shot templates: dataset" in out
+    assert rec["templates"] and all("{c}" in t for t in rec["templates"])
     assert (tmp_path / "head.safetensors").is_file()
     # Second run: the head comes from the cache.
     code, out, _ = _run(capsys, "zeroshot", *_common(tmp_path, ckpt), "--dataset", SCENES)
@@ -62,7 +67,9 @@ def test_probe_fewshot_robustness_retrieval_cli(capsys, tmp_path, ckpt):
                           "--ks", "1,5")
     assert code == 0, err
     assert "text_retrieval_recall@5" in _records(tmp_path, "zeroshot_retrieval")[0]["metrics"]
-    assert _records(tmp_path, "linear_probe")[0]["C"] > 0
+    lp = _records(tmp_path, "linear_probe")[0]
+    assert lp["C"] > 0 and {"lp_acc1", "lp_acc5", "lp_mean_per_class_recall"} <= set(lp["metrics"])
+    assert "acc1" not in lp["metrics"]  # would land in the zero-shot column of clip_benchmark's CSV
     assert set(_records(tmp_path, "fewshot")[0]["curve"]) == {"1", "2"}
     assert [r["shift"] for r in _records(tmp_path, "robustness")[0]["shifts"]] == ["clean", "grayscale", "jpeg:5"]
 
@@ -82,7 +89,8 @@ tasks:
     code, out, err = _run(capsys, "suite", *_common(tmp_path, ckpt), "--suite", str(suite))
     assert code == 0, err
     assert (tmp_path / "out" / "report.html").is_file() and "== fewshot ==" in out
-    assert len(json.loads((tmp_path / "out" / "results.json").read_text())) == 2
+    lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    assert [json.loads(x)["task"] for x in lines] == ["zeroshot_classification", "fewshot"]
 
 
 def test_cli_errors(capsys, tmp_path, ckpt):
@@ -118,4 +126,4 @@ def test_random_init_zoo_model(capsys, tmp_path):
                           "--templates", "simple", "--out", str(tmp_path / "out"), "--no-cache", "--no-progress")
     assert code == 0, err
     rec = _records(tmp_path, "zeroshot_classification")[0]
-    assert "random init" in rec["model"] and rec["num_classes"] == 3
+    assert rec["model"] == "tiny-vit" and rec["pretrained"] == "random-init-seed0" and rec["num_classes"] == 3

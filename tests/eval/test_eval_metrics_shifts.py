@@ -27,9 +27,10 @@ def test_topk_and_per_class_recall_by_hand():
     # recalls: class0 1/1, class1 0/2, class2 1/2 -> mean 0.5
     assert mean_per_class_recall(pred, y, 3) == pytest.approx(0.5)
     m = classification_metrics(scores, y)
-    assert m == pytest.approx({"acc1": 0.4, "acc5": 1.0, "mean_per_class_recall": 0.5})
+    # acc5 of 3 classes would be trivially 1: NaN, as CLIP_benchmark reports it
+    assert m == pytest.approx({"acc1": 0.4, "acc5": float("nan"), "mean_per_class_recall": 0.5}, nan_ok=True)
     top, conf = chunked_topk(scores.numpy(), torch.eye(3), k=5, chunk=2)
-    assert metrics_from_topk(top, y, 3) == pytest.approx(m)
+    assert metrics_from_topk(top, y, 3) == pytest.approx(m, nan_ok=True)
     assert np.all((conf > 0) & (conf <= 1))
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from clipforge.eval import available_prompt_sets, load_classnames, load_templates
-from clipforge.eval.prompts import match_prompt_set
+from clipforge.eval.prompts import builtin_set_info, match_by_name, match_prompt_set
 
 
 def test_builtin_sets():
@@ -78,3 +78,54 @@ def test_shipped_lists_match_clip_published_lists(shared_data):
         assert load_templates(name) == ref[section]["templates"], name
         checked += 1
     assert checked >= 8
+
+
+def test_clip_benchmark_template_spelling(tmp_path):
+    f = tmp_path / "zeroshot_classification_templates.txt"
+    f.write_text("a photo of a {c}.\na blurry photo of the {c}.\n", encoding="utf-8")
+    assert load_templates(str(f)) == ["a photo of a {}.", "a blurry photo of the {}."]
+    assert load_templates(["itap of a {c}."]) == ["itap of a {}."]
+    with pytest.raises(ValueError, match="exactly once"):
+        load_templates(["{c} and {c}"])
+
+
+def test_every_shipped_class_list_states_its_label_order():
+    from importlib import resources
+
+    root = resources.files("clipforge") / "assets" / "zeroshot"
+    for p in root.iterdir():
+        meta = json.loads(p.read_text(encoding="utf-8")) if p.name.endswith(".json") else {}
+        if "classes" in meta:
+            assert meta.get("label_order"), p.name
+            if "label_names" in meta:
+                assert len(meta["label_names"]) == len(meta["classes"]), p.name
+    for name in ("pets", "eurosat"):
+        assert builtin_set_info(name)["order_differs_from_clip_benchmark"] is True
+
+
+# EuroSAT's folders (torchvision's ImageFolder order) and Oxford-IIIT Pet's file-name prefixes.
+EUROSAT_FOLDERS = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
+                   "PermanentCrop", "Residential", "River", "SeaLake"]
+
+
+def test_match_by_name_reorders_a_differently_ordered_list():
+    eurosat = load_classnames("eurosat")
+    perm = match_by_name(EUROSAT_FOLDERS, eurosat, builtin_set_info("eurosat")["label_names"])
+    got = [eurosat[c] for c in perm]
+    assert got[:3] == ["annual crop land", "forest", "brushland or shrubland"]
+    assert got[-1] == "lake or sea" and sorted(perm) == list(range(10))
+    pets = load_classnames("pets")
+    folders = sorted([p.replace(" ", "_") for p in pets], key=str.lower)   # torchvision's (case-insensitive) order
+    perm = match_by_name(folders, pets)
+    assert [pets[c].lower().replace(" ", "_") for c in perm] == [f.lower() for f in folders]
+    assert perm != list(range(37))                # the orders really differ
+
+
+def test_match_by_name_keeps_positions_when_names_cannot_tell():
+    names = ["cat", "dog", "bird"]
+    assert match_by_name(["0", "1", "2"], names) is None               # unnamed labels
+    assert match_by_name(["n01", "n02", "n03"], names) is None         # another vocabulary (e.g. WordNet ids)
+    assert match_by_name(["cat", "hound", "bird"], names) is None      # partial, at the same positions
+    assert match_by_name(["Bird", "cat", "DOG"], names) == [2, 0, 1]
+    with pytest.raises(ValueError, match=r"dataset class 0 \('dog'\) matches class 1"):
+        match_by_name(["dog", "kitten", "bird"], names)

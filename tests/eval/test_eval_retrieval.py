@@ -99,3 +99,61 @@ def test_builtin_scenes_default_to_the_test_split_in_evaluation():
     assert open_pairs("builtin:scenes?n=8").split == "test"
     assert open_pairs("builtin:scenes?n=8&split=val").split == "val"  # the spec's own choice wins
     assert open_pairs("builtin:scenes?n=8", split="train").split == "train"
+
+
+def test_tie_rules_by_hand():
+    # 2 images; caption c1 (image 0's) and c2 (image 1's) are the same sentence: identical scores.
+    owner = [0, 0, 1]
+    S = np.array([
+        # c0    c1    c2
+        [0.20, 0.50, 0.50],   # img0: best own c1 = 0.5 ties with c2 (image 1's) -> rank 0 (ties go to the query)
+        [0.10, 0.30, 0.30],   # img1: own c2 = 0.3 ties with c1 -> rank 0
+    ])
+    i2t, t2i = retrieval_ranks(torch.tensor(S, dtype=torch.float32), torch.eye(3), owner)
+    assert i2t.tolist() == [0, 0]
+    # c0: own img0 0.2 > 0.1 -> 0; c1: own img0 0.5 > 0.3 -> 0; c2: own img1 0.3 < img0 0.5 -> 1
+    assert t2i.tolist() == [0, 0, 1]
+    m = recall_from_similarity(S, owner, ks=(1, 2), ties="query")
+    assert m["text_retrieval_recall@1"] == 1.0 and m["image_retrieval_recall@1"] == pytest.approx(2 / 3)
+    assert m["text_retrieval_tied_queries"] == 2 and m["image_retrieval_tied_queries"] == 0
+    # CLIP_benchmark's rule: a top-1 holds one of the two tied captions, the one torch.topk returns
+    # (implementation-defined); at K=2 both are in, so every image counts.
+    cb = recall_from_similarity(S, owner, ks=(1, 2), ties="clip_benchmark")
+    assert cb["text_retrieval_recall@2"] == 1.0
+    top1 = torch.tensor(S, dtype=torch.float32).topk(1, dim=1).indices[:, 0].tolist()
+    assert cb["text_retrieval_recall@1"] == np.mean([owner[j] == i for i, j in enumerate(top1)])
+    assert cb["image_retrieval_recall@1"] == m["image_retrieval_recall@1"]   # no tie among images
+    with pytest.raises(ValueError, match="tie rule"):
+        recall_from_similarity(S, owner, ties="best")
+
+
+def _duplicate_caption_features(seed):
+    """Images whose own caption also belongs, word for word, to another image (identical text
+    vectors), with positive scores that an elementwise sum rounds differently from a matmul."""
+    rng = np.random.default_rng(seed)
+    d, n_pairs = 512, 40
+    img = torch.nn.functional.normalize(torch.tensor(rng.normal(size=(2 * n_pairs, d)), dtype=torch.float32), dim=-1)
+    base = torch.nn.functional.normalize(img[0::2] + img[1::2] + 0.05 * torch.tensor(
+        rng.normal(size=(n_pairs, d)), dtype=torch.float32), dim=-1)
+    txt = base.repeat_interleave(2, dim=0)          # caption 2m (image 2m) == caption 2m+1 (image 2m+1)
+    owner = np.arange(2 * n_pairs)
+    return img, txt, owner
+
+
+def test_every_score_from_one_product():
+    img, txt, owner = _duplicate_caption_features(0)
+    # Precondition that made the old code wrong: summing elementwise rounds differently from the product.
+    elementwise = (img[torch.as_tensor(owner)] * txt).sum(dim=1)
+    product = (txt @ img.t())[torch.arange(len(owner)), torch.as_tensor(owner)]
+    assert (elementwise != product).any()
+    # Each image ties with its partner's identical caption; under "ties go to the query" every
+    # image finds its own caption at rank 0, in the single product and in blocks alike.
+    for block_elems in (1 << 24, 64, 7):
+        i2t, _ = retrieval_ranks(img, txt, owner, block_elems=block_elems)
+        assert (i2t == 0).all(), block_elems
+        m = retrieval_metrics(img, txt, owner, ks=(1,), ties="query", block_elems=block_elems)
+        assert m["text_retrieval_recall@1"] == 1.0 and m["text_retrieval_tied_queries"] == len(owner)
+    # CLIP_benchmark's torch.topk keeps one caption of each tied pair: the recall is what topk says.
+    cb = retrieval_metrics(img, txt, owner, ks=(1,))
+    top1 = (img @ txt.t()).topk(1, dim=1).indices[:, 0].numpy()
+    assert cb["text_retrieval_recall@1"] == (owner[top1] == owner).mean() < 1.0

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from clipforge.eval import EvalContext, InMemoryLabelled, extract_features, run_suite
-from clipforge.eval.records import TASKS, records_table
+from clipforge.eval.records import CLIP_BENCHMARK_KEYS, TASKS, records_table
 from clipforge.eval.suite import load_suite
 from clipforge.eval.tasks import run_fewshot, run_linear_probe, run_retrieval, run_robustness, run_zeroshot
 from clipforge.preprocess import ImageLoadError
@@ -40,7 +40,7 @@ def _toy(n=24, bad=(), k=3):
 
 
 def _check_record(rec, task):
-    assert set(["dataset", "model", "task", "metrics"]) <= set(rec)
+    assert set(CLIP_BENCHMARK_KEYS) <= set(rec)  # every key clip_benchmark eval writes
     assert rec["task"] == task and task in TASKS
     assert isinstance(rec["dataset"], str) and isinstance(rec["model"], str)
     assert rec["metrics"] and all(v is None or isinstance(v, (int, float)) for v in rec["metrics"].values())
@@ -92,18 +92,20 @@ def test_oracle_zero_shot_task_is_perfect(oracle_kit, tmp_path):
     ctx = EvalContext(oracle_kit.OracleCLIP(), model_name="oracle", cache_dir=tmp_path)
     rec = run_zeroshot(ctx, ds, templates="imagenet")
     assert rec["metrics"]["acc1"] == 1.0 and rec["metrics"]["mean_per_class_recall"] == 1.0
-    assert rec["templates"] == {"set": "imagenet", "count": 80}
+    assert rec["templates_set"] == "imagenet" and rec["templates_source"] == "given" and len(rec["templates"]) == 80
+    assert rec["templates"][0] == "a bad photo of a {c}."  # CLIP_benchmark's spelling
 
 
 def test_all_tasks_on_builtin_scenes(micro_vit, tmp_path):
     ctx = EvalContext(micro_vit, model_name="micro", cache_dir=tmp_path, batch_size=16)
     zs = run_zeroshot(ctx, SCENES)
     _check_record(zs, "zeroshot_classification")
-    assert zs["templates"]["set"] == "dataset"           # the scenes task defines its own templates
+    assert zs["templates_set"] == "dataset"              # the scenes task defines its own templates
     assert zs["dataset"] == "scenes-counting" and zs["n_samples"] == 18
     lp = run_linear_probe(ctx, SCENES, test_fraction=0.5, max_iter=50)
     _check_record(lp, "linear_probe")
     assert lp["n_train"] + lp["n_test"] == 18 and lp["C"] > 0 and lp["C_search"]
+    assert {"lp_acc1", "lp_acc5", "lp_mean_per_class_recall"} <= set(lp["metrics"]) and "acc1" not in lp["metrics"]
     fs = run_fewshot(ctx, SCENES, shots=[1, 2], seeds=2, max_iter=50)
     _check_record(fs, "fewshot")
     assert set(fs["curve"]) == {"1", "2"} and fs["metrics"]["zeroshot_acc1"] is not None
@@ -143,8 +145,9 @@ def test_suite_writes_records_report_and_reuses(micro_vit, tmp_path):
     recs = run_suite(suite, tmp_path / "out", ctx=ctx, log=logs.append)
     assert [r["task"] for r in recs] == ["zeroshot_classification", "linear_probe", "fewshot", "robustness",
                                          "zeroshot_retrieval"]
-    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    saved = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert saved == json.loads(json.dumps(recs))
+    assert len(list((tmp_path / "out").glob("*.json"))) == 5  # one record file per task
     html = (tmp_path / "out" / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 6 and "scenes-counting" in html
     again = run_suite(suite, tmp_path / "out", ctx=ctx, log=logs.append)
@@ -184,3 +187,157 @@ def test_dataset_identity_tells_contents_apart():
             return Image.new("RGB", (8, 8))
 
     assert dataset_identity(Opaque()) is None  # unknown content: features are not cached
+
+
+# --- CLIP_benchmark compatibility: templates said and recorded, class order, its folder layouts ------
+
+def _named(name, n=12, k=3):
+    rng = np.random.default_rng(1)
+    imgs = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
+    return InMemoryLabelled(imgs, np.arange(n) % k, ["zebra", "violin", "pizza"][:k] if k <= 3 else [], name=name)
+
+
+def test_template_choice_is_printed_and_recorded(micro_vit, tmp_path):
+    said = []
+    ctx = EvalContext(micro_vit, model_name="micro", cache_dir=tmp_path, log=said.append)
+    guessed = run_zeroshot(ctx, _named("cifar10_zs500"))
+    assert guessed["templates_set"] == "cifar10" and len(guessed["templates"]) == 18
+    assert "guessed from the dataset name 'cifar10_zs500'" in guessed["templates_source"]
+    assert said[-1].startswith("zero-shot templates: cifar10 (18)") and "guessed" in said[-1]
+    # a dataset nothing is known about gets the generic single template, never ImageNet's 80
+    unknown = run_zeroshot(ctx, _named("cifar500"))
+    assert unknown["templates_set"] == "generic" and unknown["templates"] == ["a photo of a {c}."]
+    assert "no template set known for dataset 'cifar500'" in said[-1]
+    # a built-in class-name set brings its own templates; explicit templates are "given"
+    assert run_zeroshot(ctx, _named("x", n=20, k=10), classnames="cifar10")["templates_set"] == "cifar10"
+    given = run_zeroshot(ctx, _named("cifar500"), templates="imagenet_top7")
+    assert given["templates_source"] == "given" and len(given["templates"]) == 7
+
+
+def test_suite_records_never_overwrite_each_other(micro_vit, tmp_path):
+    suite = {"tasks": [{"task": "zeroshot", "dataset": SCENES},
+                       {"task": "zeroshot", "dataset": SCENES, "templates": "simple"},
+                       {"task": "zeroshot", "dataset": SCENES, "templates": "none", "name": "bare"}]}
+    ctx = EvalContext(micro_vit, model_name="micro", cache_dir=tmp_path / "cache", log=None)
+    run_suite(suite, tmp_path / "out", ctx=ctx, log=lambda m: None, report=False)
+    files = sorted((tmp_path / "out").glob("*.json"))
+    assert len(files) == 3 and files[-1].name.endswith("__002-bare.json")
+    assert [json.loads(f.read_text())["templates_set"] for f in files] == ["dataset", "simple", "none"]
+
+
+def _oracle_folder(root, folder_names, oracle_classes, kit, per_class=4):
+    """One folder per class; folder ``f`` holds images of oracle class ``oracle_classes[f]``."""
+    for f, c in zip(folder_names, oracle_classes):
+        (root / f).mkdir(parents=True)
+        for i in range(per_class):
+            kit.class_image(c, seed=i).save(root / f / f"{i}.png")
+    return root
+
+
+def test_class_names_are_mapped_to_named_labels_by_name(oracle_kit, tmp_path):
+    # Folders sort as pizza, violin, zebra (labels 0, 1, 2); the class-name file lists them in
+    # another order. Applied by position, every image would be mislabelled.
+    names = tmp_path / "names.txt"
+    names.write_text("zebra\nviolin\npizza\n", encoding="utf-8")
+    folder = _oracle_folder(tmp_path / "animals", ["pizza", "violin", "zebra"], [2, 1, 0], oracle_kit)
+    said = []
+    ctx = EvalContext(oracle_kit.OracleCLIP(), model_name="oracle", cache_dir=tmp_path / "c", log=said.append)
+    rec = run_zeroshot(ctx, str(folder), classnames=str(names), templates="simple")
+    assert rec["metrics"]["acc1"] == 1.0 and rec["classnames"] == ["pizza", "violin", "zebra"]
+    assert any("matched to dataset 'animals'" in s and "by name" in s for s in said)
+    # Unnamed-looking folders cannot be matched: the names apply by position (here: the right order).
+    plain = _oracle_folder(tmp_path / "plain", ["c0", "c1", "c2"], [0, 1, 2], oracle_kit)
+    assert run_zeroshot(ctx, str(plain), classnames=str(names), templates="simple")["metrics"]["acc1"] == 1.0
+
+
+def _tar_add(tf, name, data):
+    import io
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def _webp(img):
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="webp", lossless=True)
+    return buf.getvalue()
+
+
+def test_clip_benchmark_webdataset_classification_layout(oracle_kit, tmp_path):
+    """<root>/test/0.tar (s0000000.webp + .cls) + nshards.txt, classnames.txt and
+    zeroshot_classification_templates.txt ({c}) in <root>, as clip_benchmark_export_wds writes."""
+    import tarfile
+
+    root = tmp_path / "wds_animals"
+    (root / "test").mkdir(parents=True)
+    labels = [i % 3 for i in range(9)]
+    with tarfile.open(root / "test" / "0.tar", "w") as tf:
+        for i, c in enumerate(labels):
+            _tar_add(tf, f"s{i:07d}.webp", _webp(oracle_kit.class_image(c, seed=i)))
+            _tar_add(tf, f"s{i:07d}.cls", str(c).encode())
+    (root / "test" / "nshards.txt").write_text("1\n")
+    (root / "classnames.txt").write_text("zebra\nviolin\npizza\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\nitap of a {c}.\n")
+    said = []
+    ctx = EvalContext(oracle_kit.OracleCLIP(), model_name="oracle", cache_dir=tmp_path / "c", log=said.append)
+    rec = run_zeroshot(ctx, str(root))
+    assert rec["dataset"] == "wds_animals" and rec["n_samples"] == 9 and rec["metrics"]["acc1"] == 1.0
+    assert rec["classnames"] == ["zebra", "violin", "pizza"]
+    assert rec["templates_set"] == "dataset" and rec["templates"] == ["a photo of a {c}.", "itap of a {c}."]
+    assert "zero-shot templates: dataset (2)" in said[0]
+
+
+def test_clip_benchmark_webdataset_retrieval_layout(micro_vit, tmp_path):
+    """Retrieval sets keep all captions of an image in one ``txt`` member, one per line."""
+    import tarfile
+
+    root = tmp_path / "wds_pairs"
+    (root / "test").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with tarfile.open(root / "test" / "0.tar", "w") as tf:
+        for i in range(5):
+            img = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+            _tar_add(tf, f"s{i:07d}.webp", _webp(img))
+            _tar_add(tf, f"s{i:07d}.txt", f"picture {i}\nanother caption of {i}\nthird {i}".encode())
+    (root / "test" / "nshards.txt").write_text("1\n")
+    (root / "dataset_type.txt").write_text("retrieval\n")
+    rec = run_retrieval(EvalContext(micro_vit, model_name="micro", log=None), str(root))
+    assert rec["dataset"] == "wds_pairs" and rec["n_images"] == 5 and rec["n_texts"] == 15
+    assert rec["tie_rule"] == "clip_benchmark"
+
+
+def test_oracle_model_scores_high_on_every_task(oracle_kit, tmp_path):
+    """A stand-in whose features encode the class: each task must find (near) perfect accuracy,
+    far above chance (1/5), so a wiring error cannot hide behind a value in [0, 1]."""
+    labels = np.arange(60) % 5
+    ds = InMemoryLabelled([oracle_kit.class_image(int(c), noise=1, seed=i) for i, c in enumerate(labels)], labels,
+                          oracle_kit.CLASSES[:5], name="oracle")
+    ctx = EvalContext(oracle_kit.OracleCLIP(), model_name="oracle", cache_dir=tmp_path, log=None)
+    lp = run_linear_probe(ctx, ds, max_iter=100)
+    assert lp["metrics"]["lp_acc1"] == 1.0 and lp["metrics"]["lp_mean_per_class_recall"] == 1.0
+    fs = run_fewshot(ctx, ds, shots=[1, 4], seeds=2, C=10.0, templates="simple", max_iter=100)
+    assert fs["metrics"]["zeroshot_acc1"] == 1.0 and fs["metrics"]["acc1_4shot"] >= 0.95
+    rb = run_robustness(ctx, ds, shifts="blur", C=10.0, templates="simple", max_iter=100)
+    assert rb["metrics"]["clean_zeroshot_acc1"] == 1.0 and rb["metrics"]["clean_linear_probe_acc1"] == 1.0
+
+
+def test_robustness_variant_with_its_own_class_order(oracle_kit, tmp_path):
+    """A variant whose labels number the classes differently (named) is scored in the test set's
+    label space by name: the oracle stays perfect instead of scoring 0 on permuted labels."""
+    classes = oracle_kit.CLASSES[:3]
+    labels = np.arange(12) % 3
+    base = InMemoryLabelled([oracle_kit.class_image(int(c), seed=i) for i, c in enumerate(labels)], labels,
+                            classes, name="base")
+    order = [2, 0, 1]                                  # variant label k is oracle class order[k]
+    vlabels = np.arange(9) % 3
+    variant = InMemoryLabelled([oracle_kit.class_image(order[int(k)], seed=i) for i, k in enumerate(vlabels)],
+                               vlabels, [classes[c] for c in order], name="variant")
+    ctx = EvalContext(oracle_kit.OracleCLIP(), model_name="oracle", cache_dir=tmp_path, log=None)
+    rec = run_robustness(ctx, train=base, test=base, shifts=[], variants={"mine": variant}, templates="simple",
+                         linear_probe_on=False)
+    rows = {r["shift"]: r for r in rec["shifts"]}
+    assert rows["clean"]["zeroshot_acc1"] == 1.0 and rows["mine"]["zeroshot_acc1"] == 1.0

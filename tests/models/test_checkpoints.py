@@ -57,10 +57,10 @@ def test_openclip_state_dict_with_wrapper_prefix_and_config(tmp_path):
                       "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}},
         "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
                            "resize_mode": "shortest"}}))
-    model, pre = clipforge.load(tmp_path / "epoch_3.pt")
-    assert model.source_format == "openclip"
+    model, info = load_model(tmp_path / "epoch_3.pt", return_info=True)
+    assert info.format == "openclip" and info.extras["epoch"] == 3
     assert model.config.activation == "gelu"  # from the OpenCLIP config, not guessed
-    assert pre.config.mean == (0.5, 0.5, 0.5)
+    assert model.config.preprocess.mean == (0.5, 0.5, 0.5)
     _same_outputs(m, model, 32)
 
 
@@ -147,20 +147,82 @@ def test_round_trips_between_all_formats(tmp_path, micro_vit, fmt):
     assert all(torch.equal(a, b) for a, b in zip(micro_vit.state_dict().values(), m.state_dict().values()))
 
 
-def test_resnet_round_trip_openai(tmp_path, micro_rn):
-    save_openai(micro_rn, tmp_path / "rn.pt")
-    m = load_model(tmp_path / "rn.pt")  # open_clip_config.json beside it records the activation
-    _same_outputs(micro_rn, m, 64)
+def test_resnet_round_trip_openai_keeps_gelu_through_the_sidecar(tmp_path):
+    # GELU, not the QuickGELU a bare OpenAI state dict falls back to: without the sidecar this fails.
+    rn = clipforge.create_model(micro_config("resnet", activation="gelu"), seed=0).eval()
+    save_openai(rn, tmp_path / "rn.pt")
+    assert (tmp_path / "clipforge_config.json").is_file()
+    m = load_model(tmp_path / "rn.pt")  # clipforge_config.json beside it records the activation
+    assert m.config.activation == "gelu"
+    _same_outputs(rn, m, 64)
+    (tmp_path / "clipforge_config.json").unlink()
+    assert load_model(tmp_path / "rn.pt").config.activation == "quick_gelu"  # the sidecar did the work
 
 
 def test_cli_convert_and_models(tmp_path, micro_vit, capsys):
     src = save_model(micro_vit, tmp_path / "src.safetensors")
     assert cli_main(["convert", str(src), str(tmp_path / "hf"), "--to", "hf"]) == 0
     assert (tmp_path / "hf" / "config.json").exists()
-    assert cli_main(["convert", str(tmp_path / "missing.pt"), str(tmp_path / "x"), "--to", "hf"]) == 1
+    assert cli_main(["convert", str(tmp_path / "missing.pt"), str(tmp_path / "x"), "--to", "hf"]) == 2
     assert "not found" in capsys.readouterr().err
     assert cli_main(["models", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert abs(rows["RN50"]["params_total_M"] - 102.0) < 0.1
     assert abs(rows["ViT-B/32"]["params_total_M"] - 151.3) < 0.1
     assert abs(rows["ViT-L/14"]["params_total_M"] - 427.6) < 0.1
+
+
+def test_every_format_module_has_the_same_interface():
+    from clipforge.checkpoints import FORMATS
+
+    assert set(FORMATS) == {"clipforge", "openai", "openclip", "hf"}
+    for name, module in FORMATS.items():
+        assert module.NAME == name
+        for fn in ("detect", "read_config", "to_native", "from_native", "write"):
+            assert callable(getattr(module, fn)), f"{name}.{fn}"
+
+
+def test_openclip_folder_is_open_clips_local_dir_layout_and_reads_back(tmp_path):
+    m = clipforge.create_model(micro_config("vit", activation="gelu"), seed=3).eval()
+    out = convert(save_model(m, tmp_path / "src.safetensors"), tmp_path / "oc", "openclip")
+    # What open_clip 3.x factory.py reads for "local-dir:": open_clip_config.json with model_cfg (and
+    # preprocess_cfg, as its hub configs have), weights under a name _find_checkpoint_in_dir prefers.
+    assert sorted(p.name for p in out.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    oc = json.loads((out / "open_clip_config.json").read_text())
+    assert oc["model_cfg"]["quick_gelu"] is False and oc["model_cfg"]["embed_dim"] == 32
+    assert oc["model_cfg"]["vision_cfg"]["head_width"] == 32 and oc["model_cfg"]["text_cfg"]["heads"] == 2
+    assert set(oc["preprocess_cfg"]) == {"mean", "std", "interpolation", "resize_mode"}
+    back, info = load_model(out, return_info=True)
+    assert info.format == "openclip" and info.assumed == ()
+    assert back.config.activation == "gelu" and back.config.vision == m.config.vision
+    _same_outputs(m, back, 32)
+
+
+@pytest.mark.parametrize("name", ["w.pt", "w.bin", "w.safetensors"])
+def test_openclip_single_file_targets_describe_themselves(tmp_path, name):
+    m = clipforge.create_model(micro_config("vit", activation="gelu"), seed=4).eval()
+    out = convert(save_model(m, tmp_path / "src.safetensors"), tmp_path / "o" / name, "openclip")
+    assert sorted(p.name for p in out.parent.iterdir()) == [name]  # no sidecar open_clip could mis-pair
+    if out.suffix != ".safetensors":  # open_clip's load_state_dict takes the "state_dict" entry
+        assert set(torch.load(out, weights_only=True)) == {"state_dict", "config"}
+    back = load_model(out)
+    assert back.config.activation == "gelu"
+    _same_outputs(m, back, 32)
+
+
+def test_openai_writer_refuses_a_folder_and_openclip_a_wrong_eps(tmp_path, micro_vit):
+    with pytest.raises(ValueError, match="single file"):
+        save_openai(micro_vit, tmp_path / "dir")
+    cfg = micro_config("vit")
+    cfg.norm_eps = 1e-6
+    with pytest.raises(ValueError, match="norm_eps"):
+        convert(save_model(clipforge.create_model(cfg), tmp_path / "e.safetensors"), tmp_path / "oc", "openclip")
+    assert not (tmp_path / "oc").exists()  # refused before anything was written
+
+
+def test_bare_state_dict_reports_the_assumed_activation(tmp_path, micro_vit):
+    torch.save(openai_format.from_native(micro_vit.state_dict()), tmp_path / "bare.pt")
+    _, info = load_model(tmp_path / "bare.pt", return_info=True)
+    assert info.format == "openai" and info.assumed == ("activation", "heads")
+    _, info = load_model(tmp_path / "bare.pt", activation="quick_gelu", return_info=True)
+    assert info.assumed == ("heads",)

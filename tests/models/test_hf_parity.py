@@ -67,7 +67,7 @@ def test_tiny_hf_checkpoint_loads_with_same_outputs(tmp_path, act):
     hf.save_pretrained(tmp_path / "hf")
     model, preprocess = clipforge.load(tmp_path / "hf")
     assert model.config.activation == act
-    assert model.source_format == "hf"
+    assert clipforge.load_model(tmp_path / "hf", return_info=True)[1].format == "hf"
     assert preprocess.config.image_size == 32
     _compare(hf, model, 32)
 

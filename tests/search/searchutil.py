@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clipforge.search.store import FORMAT, EMB_DIRS, ShardPaths, rebuild_summary, write_shard
+from clipforge.embeddings import EMB_DIRS, FORMAT, ShardPaths, rebuild_summary, write_shard
 
 
 def micro_model(seed: int = 0):
@@ -105,7 +105,7 @@ def write_collection(root: Path, vectors: np.ndarray, shard_size: int, *, start_
     idx = start_shard
     for s in range(0, n, shard_size):
         part = vectors[s:s + shard_size]
-        rows = [{"key": f"{key_prefix}{first_key + s + j}", "path": None, "member": None,
+        rows = [{"key": f"{key_prefix}{first_key + s + j}", "image_path": None, "member": None,
                  "caption": f"vector {first_key + s + j}", "width": None, "height": None} for j in range(len(part))]
         write_shard(ShardPaths(root, kind, idx), part, rows, [])
         idx += 1
@@ -119,3 +119,32 @@ def write_collection(root: Path, vectors: np.ndarray, shard_size: int, *, start_
 def exact_topk(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     scores = queries @ base.T
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+class LiveServer:
+    """An app served by uvicorn on 127.0.0.1 (port 0) in a thread, for clients that need real HTTP."""
+
+    def __init__(self, app) -> None:
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        for _ in range(500):
+            if self.server.started:
+                break
+            time.sleep(0.02)
+        else:
+            raise RuntimeError("uvicorn did not start")
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)

@@ -43,7 +43,7 @@ def test_search_text_json(built, capsys):
     assert out["query"] == {"type": "text", "text": "a dog on a beach"} and len(out["results"]) == 4
     q = embed_texts(model, ["a dog on a beach"]).numpy()[0]
     assert [r["key"] for r in out["results"]] == _ranking(model, d, q, 4)
-    assert all({"id", "score", "key", "path", "width", "height"} <= set(r) for r in out["results"])
+    assert all({"id", "score", "key", "image_path", "width", "height"} <= set(r) for r in out["results"])
 
 
 def test_search_image_table(built, capsys):
@@ -63,8 +63,8 @@ def test_search_errors(built, capsys):
     capsys.readouterr()
     assert main(["search", "--index", str(d / "idx"), "--model", str(ckpt)]) == 1
     assert "exactly one" in capsys.readouterr().err
-    assert main(["search", "--index", str(d / "nope"), "--model", str(ckpt), "dog"]) == 1
-    assert "index directory not found" in capsys.readouterr().err
+    assert main(["search", "--index", str(d / "nope"), "--model", str(ckpt), "dog"]) == 2  # refused while parsing
+    assert "argument --index: folder not found" in capsys.readouterr().err
     assert main(["search", "--index", str(d / "idx"), "--model", str(ckpt), "dog " * 80]) == 1
     assert "82 tokens" in capsys.readouterr().err
     # another architecture (other embedding width) cannot query this index

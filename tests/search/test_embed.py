@@ -14,7 +14,7 @@ from clipforge.inference import embed_images, embed_texts
 from clipforge.preprocess import load_image
 from clipforge.search.embed import embed_collection
 from clipforge.search.sources import ImageFolderSource, PairDataSource, TextFileSource, open_source
-from clipforge.search.store import Collection, ShardPaths, weights_sha256
+from clipforge.embeddings import Collection, ShardPaths, weights_sha256
 from search.searchutil import make_image_folder, micro_model, write_webdataset
 
 
@@ -71,7 +71,7 @@ def test_layout_and_contents(model, folder, tmp_path):
         assert sp.is_finished()
         arr = np.load(sp.emb)
         assert arr.dtype == np.float16 and arr.shape[1] == model.config.embed_dim
-        assert set(pq.read_table(sp.metadata).column_names) >= {"key", "path", "caption", "width", "height"}
+        assert set(pq.read_table(sp.metadata).column_names) >= {"key", "image_path", "caption", "width", "height"}
     man = json.loads((out / "manifest.json").read_text())
     assert man["dim"] == model.config.embed_dim and man["dtype"] == "float16" and man["kind"] == "image"
     assert man["model"]["weights_sha256"] == weights_sha256(model)
@@ -84,7 +84,7 @@ def test_layout_and_contents(model, folder, tmp_path):
     assert [r["key"] for r in rows] == sorted(facts["sizes"])  # bad ones dropped, order kept
     for r in rows:
         assert (r["width"], r["height"]) == facts["sizes"][r["key"]]
-        assert Path(r["path"]) == root / r["key"]
+        assert Path(r["image_path"]) == root / r["key"]
     # the stored vectors are the model's normalised embeddings of exactly those files
     ref = embed_images(model, [load_image(root / r["key"]) for r in rows]).numpy()
     np.testing.assert_allclose(emb.astype(np.float32), ref, atol=2e-3)
@@ -200,7 +200,7 @@ def test_manifest_source_via_clipforge_data(model, folder, tmp_path):
     assert s.embedded == 5 and s.skipped == 2
     _, rows = _all(out)
     assert [r["caption"] for r in rows] == [f"caption {i}" for i in range(5)]
-    assert all(Path(r["path"]).is_file() for r in rows)
+    assert all(Path(r["image_path"]).is_file() for r in rows)
     reasons = {json.loads(x)["key"]: json.loads(x)["reason"] for x in (out / "errors.jsonl").read_text().splitlines()}
     assert "missing_file" in reasons[str(root / "does_not_exist.jpg")]
     assert "decode_error" in reasons[str(root / "broken.jpg")]
@@ -221,7 +221,7 @@ def test_webdataset_shards(model, tmp_path):
     assert s.embedded == 8 and s.skipped == 1
     _, rows = _all(out)
     assert [r["key"] for r in rows] == [f"s{i:05d}" for i in range(9) if i != 3]
-    assert rows[0]["member"] == "s00000.jpg" and rows[0]["path"].endswith("part-000.tar")
+    assert rows[0]["member"] == "s00000.jpg" and rows[0]["image_path"].endswith("part-000.tar")
     assert rows[-1]["caption"] == "caption of sample 8"
     # resume works for streams too
     ShardPaths(out, "image", 1).marker.unlink()
@@ -241,8 +241,8 @@ def test_cli_embed(model, folder, tmp_path, capsys):
                  "--no-progress", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["total"] == len(facts["sizes"]) and summary["total_skipped"] == 2 and summary["complete"]
-    assert main(["embed", "--model", str(ckpt), "--images", str(root / "nope"), "--out", str(out)]) == 1
-    assert "image folder not found" in capsys.readouterr().err
+    assert main(["embed", "--model", str(ckpt), "--images", str(root / "nope"), "--out", str(out)]) == 2  # parsing
+    assert "argument --images: folder not found" in capsys.readouterr().err
 
 
 def test_outputs_are_written_atomically_no_temp_files(model, folder, tmp_path):

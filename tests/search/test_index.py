@@ -78,7 +78,7 @@ def test_ivf_reaches_recall_target(ivf):
     assert any(t["recall_at_10"] < 0.95 for t in r.tuning)  # the search really had to tune
     info = json.loads((d / "idx" / INFO_FILE).read_text())
     assert info["params"]["nprobe"] == r.nprobe and info["recall_at_10"] == r.recall_at_10
-    assert info["index_bytes"] == (d / "idx" / "index.faiss").stat().st_size
+    assert info["index_bytes"] == (d / "idx" / info["files"]["faiss"]).stat().st_size
     assert info["index_bytes"] < x.nbytes / 2  # SQ8 codes: ~1/4 of float32 plus ids and centroids
 
     # independent check on fresh queries from the same distribution (not in the collection)
@@ -159,7 +159,7 @@ def test_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="embedding directory not found"):
         build_index(tmp_path / "nope", tmp_path / "idx")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+    with pytest.raises(FileNotFoundError, match="neither manifest.json nor img_emb"):
         build_index(tmp_path / "empty", tmp_path / "idx")
     (tmp_path / "half").mkdir()
     with pytest.raises(FileNotFoundError, match="not a \\(complete\\) index"):

@@ -122,9 +122,9 @@ def test_config_errors_are_clear(tmp_path, capsys, model_json):
     bad.write_text("steps: 3\nlearning_rate: 0.1\n")
     assert main(["train", "--config", str(bad), "--out", str(tmp_path / "r")]) == 1
     assert "learning_rate" in capsys.readouterr().err
-    assert main(["train", "--model", model_json, "--precision", "fp16", "--data", DATA, "--steps", "1",
+    assert main(["train", "--model", model_json, "--precision", "amp", "--data", DATA, "--steps", "1",
                  "--out", str(tmp_path / "r2"), "--no-progress"]) == 1
-    assert "fp16 needs a CUDA GPU" in capsys.readouterr().err
+    assert "amp" in (err := capsys.readouterr().err) and "needs a CUDA GPU" in err
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
     assert main(["train", "--model", "no-such-model", "--steps", "1", "--out", str(tmp_path / "r3")]) == 1
@@ -182,7 +182,7 @@ def test_init_lock_image_grad_checkpointing_bf16(tmp_path, model_json, reference
     init = reference / "final.safetensors"
     out = tmp_path / "lit"
     summary = train(_config(model_json, out, init=str(init), lock_image=True, grad_checkpointing=True,
-                            precision="bf16", steps=2, deterministic=False))
+                            precision="amp_bf16", steps=2, deterministic=False))
     assert summary["status"] == "completed"
     before, after = load_model(init), load_model(out / "final.safetensors")
     for (name, a), b in zip(before.state_dict().items(), after.state_dict().values()):

@@ -8,13 +8,22 @@ needed: the mapping is plain tensor surgery and the config is plain JSON.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import CLIPConfig, PreprocessConfig, TextConfig, TokenizerConfig, VisionConfig
+from ..models import CLIP
+from ..tokenizer import get_tokenizer
+from ..utils.io import atomic_write_text
+from .files import Source, native_state_dict, write_safetensors
+
+NAME = "hf"
 
 _BLOCK = {
     "ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
@@ -42,6 +51,23 @@ HF_IGNORED = ("text_model.embeddings.position_ids", "vision_model.embeddings.pos
 
 def is_hf_layout(sd: dict[str, Any]) -> bool:
     return any(k.startswith(("text_model.", "vision_model.")) for k in sd)
+
+
+def detect(src: Source) -> bool:
+    return is_hf_layout(src.state_dict)
+
+
+def read_config(src: Source, activation: str | None = None) -> CLIPConfig:
+    """A given :class:`CLIPConfig` as is; otherwise the HF ``config.json`` (the declared dict, else
+    the one beside the weights) with ``preprocessor_config.json``."""
+    if isinstance(src.declared, CLIPConfig):
+        return src.declared
+    hf_cfg = src.declared if isinstance(src.declared, dict) and "text_config" in src.declared \
+        else src.side_json("config.json")
+    if hf_cfg is None or "text_config" not in hf_cfg:
+        raise ValueError(f"{src.weights} is in Hugging Face layout but no HF config.json was found "
+                         f"beside it (pass config=...)")
+    return config_from_hf(hf_cfg, src.side_json("preprocessor_config.json"))
 
 
 def to_native(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -193,3 +219,31 @@ def config_to_hf(config: CLIPConfig) -> tuple[dict[str, Any], dict[str, Any]]:
            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
            "image_mean": list(p.mean), "image_std": list(p.std), "do_convert_rgb": True}
     return hf, pre
+
+
+def write(model: CLIP, folder: str | os.PathLike) -> Path:
+    """A Hugging Face ``CLIPModel`` folder: ``config.json``, ``model.safetensors``,
+    ``preprocessor_config.json`` and the tokenizer files (``vocab.json``, ``merges.txt``)."""
+    folder = Path(folder)
+    cfg_json, pre_json = config_to_hf(model.config)
+    sd = from_native(native_state_dict(model))
+    folder.mkdir(parents=True, exist_ok=True)
+    write_safetensors(folder / "model.safetensors", sd, {"format": "pt"})
+    atomic_write_text(folder / "config.json", json.dumps(cfg_json, indent=2))
+    atomic_write_text(folder / "preprocessor_config.json", json.dumps(pre_json, indent=2))
+    atomic_write_text(folder / "clipforge_config.json", model.config.to_json())
+    _write_tokenizer(folder, model.config.text.context_length)
+    return folder
+
+
+def _write_tokenizer(folder: Path, context_length: int) -> None:
+    tok = get_tokenizer()
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>"}
+    atomic_write_text(folder / "vocab.json", json.dumps(tok.encoder, ensure_ascii=False))
+    merges = sorted(tok.bpe_ranks, key=tok.bpe_ranks.__getitem__)
+    atomic_write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    atomic_write_text(folder / "tokenizer_config.json", json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": context_length, "do_lower_case": True,
+        **special}, indent=2))
+    atomic_write_text(folder / "special_tokens_map.json", json.dumps(special, indent=2))

@@ -1,18 +1,31 @@
-"""OpenAI CLIP layout (also OpenCLIP's ``CLIP`` class): key mapping and architecture inference.
+"""OpenAI CLIP format: plain state dicts and the TorchScript archives OpenAI released (weights are
+read from the archive; its code never runs). OpenCLIP's ``CLIP`` class uses the same names.
 
 Our parameter names equal OpenAI's except that the text tower lives under ``text.``; the image
 tower (``visual.*``) and ``logit_scale`` are identical. The architecture is read from tensor
 shapes, as OpenAI's ``build_model`` does, so any state dict in this layout describes itself
-(except for the activation, which shapes cannot reveal).
+except for the activation, which shapes cannot reveal: :func:`write` records it (and the
+preprocessing) in ``clipforge_config.json`` beside the file, and :func:`read_config` warns when
+a bare state dict leaves it to a guess.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+from pathlib import Path
 
 import torch
 
 from ..config import CLIPConfig, PreprocessConfig, TextConfig, TokenizerConfig, VisionConfig
+from ..models import CLIP
+from ..utils.io import atomic_open, atomic_write_text
+from .files import Source, native_state_dict
+
+log = logging.getLogger(__name__)
+NAME = "openai"
+SIDECAR = "clipforge_config.json"
 
 TEXT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 # Scalars stored in OpenAI's TorchScript archives, not parameters.
@@ -21,6 +34,41 @@ OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 def is_openai_layout(sd: dict[str, torch.Tensor]) -> bool:
     return "token_embedding.weight" in sd and any(k.startswith("visual.") for k in sd)
+
+
+def detect(src: Source) -> bool:
+    return is_openai_layout(src.state_dict)
+
+
+def read_config(src: Source, activation: str | None = None) -> CLIPConfig:
+    """The declared clipforge config if any (explicit, embedded or sidecar), else the shapes."""
+    if isinstance(src.declared, CLIPConfig):
+        return src.declared
+    if isinstance(src.declared, dict) and "embed_dim" in src.declared and "vision" in src.declared:
+        return CLIPConfig.from_dict(src.declared)
+    # OpenAI's own TorchScript archives are QuickGELU with 64-wide heads by definition; a bare state
+    # dict records neither (width // 64 heads is right for every released OpenAI/OpenCLIP model).
+    if not any(k in src.state_dict for k in OPENAI_EXTRA_KEYS):
+        if activation is None:
+            src.assumed.append("activation")
+            log.warning("%s: the activation is not recorded in this checkpoint; assuming QuickGELU "
+                        "(OpenAI's). Pass activation='gelu' for OpenCLIP models trained with GELU.", src.weights)
+        src.assumed.append("heads")
+    return infer_config(src.state_dict, activation=activation or "quick_gelu")
+
+
+def write(model: CLIP, path: str | os.PathLike) -> Path:
+    """A plain OpenAI-layout state dict (``torch.save``) that OpenAI's ``build_model`` and OpenCLIP
+    (``pretrained=FILE``) load, with ``clipforge_config.json`` beside it for what shapes cannot tell."""
+    path = Path(path)
+    if path.is_dir() or not path.suffix:
+        raise ValueError(f"{path}: the openai format is a single file (e.g. model.pt); "
+                         f"for a folder open_clip reads with local-dir:, convert --to openclip")
+    sd = from_native(native_state_dict(model))
+    with atomic_open(path, "wb") as f:
+        torch.save(sd, f)
+    atomic_write_text(path.parent / SIDECAR, model.config.to_json())
+    return path
 
 
 def to_native(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

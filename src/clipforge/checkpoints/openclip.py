@@ -1,12 +1,35 @@
 """OpenCLIP checkpoints: its ``CLIP`` class uses OpenAI's parameter names, so the weights map
 through :mod:`.openai`; what OpenCLIP adds is a config JSON (``open_clip_config.json`` or a
-model-config file) that records the activation and preprocessing the shapes cannot tell."""
+model-config file) that records the activation and preprocessing the shapes cannot tell.
+
+:func:`write` to a folder produces what ``open_clip.create_model_and_transforms("local-dir:DIR")``
+reads (open_clip 3.x ``factory.py``): ``open_clip_config.json`` with ``model_cfg`` and
+``preprocess_cfg``, and the weights as ``open_clip_model.safetensors``, the first name its
+``_find_checkpoint_in_dir`` prefers. A file target gets a self-describing weights file instead
+(no sidecar that open_clip could pair with the wrong weights).
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+from pathlib import Path
 from typing import Any
 
-from ..config import OPENAI_MEAN, OPENAI_STD, PreprocessConfig
+import torch
+
+from ..config import OPENAI_MEAN, OPENAI_STD, CLIPConfig, PreprocessConfig
+from ..models import CLIP
+from ..utils.io import atomic_open, atomic_write_text
+from . import openai
+from .files import Source, native_state_dict, write_safetensors
+
+NAME = "openclip"
+CONFIG_NAME = "open_clip_config.json"
+WEIGHTS_NAME = "open_clip_model.safetensors"
+to_native = openai.to_native
+from_native = openai.from_native
 
 # OpenCLIP options we implement with their default meaning; anything else set to a
 # non-default value changes the architecture and is refused rather than silently ignored.
@@ -24,7 +47,8 @@ def is_openclip_config(d: dict[str, Any]) -> bool:
     return "model_cfg" in d or ("vision_cfg" in d and "text_cfg" in d)
 
 
-def parse_openclip_config(d: dict[str, Any], source: str = "OpenCLIP config") -> tuple[str, PreprocessConfig | None, dict[str, Any]]:
+def parse_openclip_config(d: dict[str, Any], source: str = "OpenCLIP config"
+                          ) -> tuple[str, PreprocessConfig | None, dict[str, Any]]:
     """-> (activation, preprocess config or None, model_cfg). Raises on unsupported options."""
     model_cfg = d.get("model_cfg", d)
     for key, default in _UNSUPPORTED_VISION.items():
@@ -55,3 +79,68 @@ def parse_openclip_config(d: dict[str, Any], source: str = "OpenCLIP config") ->
             resize_mode="squash" if mode == "squash" else "shortest",
         )
     return activation, pre, model_cfg
+
+
+def detect(src: Source) -> bool:
+    return openai.is_openai_layout(src.state_dict) and isinstance(src.declared, dict) \
+        and is_openclip_config(src.declared)
+
+
+def read_config(src: Source, activation: str | None = None) -> CLIPConfig:
+    """Shapes give the sizes; the OpenCLIP config gives activation, preprocessing and head counts."""
+    assert isinstance(src.declared, dict)
+    act, pre, model_cfg = parse_openclip_config(src.declared, src.declared_from)
+    cfg = openai.infer_config(src.state_dict, activation=act, preprocess=pre)
+    # Head counts are invisible in tensor shapes; OpenCLIP configs state them.
+    d = cfg.to_dict()
+    if d["vision"]["kind"] == "vit":
+        d["vision"]["heads"] = d["vision"]["width"] // int(model_cfg.get("vision_cfg", {}).get("head_width", 64))
+    d["text"]["heads"] = int(model_cfg.get("text_cfg", {}).get("heads", d["text"]["heads"]))
+    return CLIPConfig.from_dict(d)
+
+
+def model_cfg(cfg: CLIPConfig) -> dict[str, Any]:
+    """The ``model_cfg`` OpenCLIP builds this architecture from (``open_clip.CLIP(**model_cfg)``)."""
+    if not math.isclose(cfg.norm_eps, 1e-5):
+        raise ValueError(f"norm_eps={cfg.norm_eps} cannot be expressed in an OpenCLIP config (always 1e-5)")
+    v = cfg.vision
+    if v.kind == "resnet":
+        vision: dict[str, Any] = {"image_size": v.image_size, "layers": list(v.layers), "width": v.width}  # type: ignore[arg-type]
+    else:
+        vision = {"image_size": v.image_size, "layers": v.layers, "width": v.width, "patch_size": v.patch_size,
+                  "head_width": v.width // v.heads, "mlp_ratio": v.mlp_ratio}
+    t = cfg.text
+    return {"embed_dim": cfg.embed_dim, "quick_gelu": cfg.activation == "quick_gelu", "vision_cfg": vision,
+            "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
+                         "heads": t.heads, "layers": t.layers, "mlp_ratio": t.mlp_ratio}}
+
+
+def config_json(cfg: CLIPConfig) -> dict[str, Any]:
+    """``open_clip_config.json`` as OpenCLIP's hub configs have it: ``model_cfg`` + ``preprocess_cfg``."""
+    p = cfg.preprocess
+    return {"model_cfg": model_cfg(cfg),
+            "preprocess_cfg": {"mean": list(p.mean), "std": list(p.std), "interpolation": p.interpolation,
+                               "resize_mode": p.resize_mode}}
+
+
+def write(model: CLIP, path: str | os.PathLike) -> Path:
+    """A folder (``path`` without a suffix) for open_clip's ``local-dir:``; or one weights file
+    (``.safetensors`` with our config in its metadata, ``.pt``/``.bin``/``.pth`` as
+    ``{"state_dict": ..., "config": ...}``) for open_clip's ``pretrained=FILE``."""
+    path = Path(path)
+    cfg = model.config
+    oc = config_json(cfg)  # validates before anything is written
+    sd = from_native(native_state_dict(model))
+    if path.is_dir() or not path.suffix:
+        write_safetensors(path / WEIGHTS_NAME, sd, {"format": "pt"})
+        atomic_write_text(path / CONFIG_NAME, json.dumps(oc, indent=2))
+        return path
+    if path.suffix == ".safetensors":
+        write_safetensors(path, sd, {"format": "pt", "clipforge_config": cfg.to_json(indent=None)})
+    elif path.suffix in (".pt", ".bin", ".pth"):
+        with atomic_open(path, "wb") as f:  # open_clip's load_state_dict unwraps "state_dict"
+            torch.save({"state_dict": sd, "config": cfg.to_dict()}, f)
+    else:
+        raise ValueError(f"{path}: unknown suffix {path.suffix!r} for an OpenCLIP checkpoint "
+                         f"(a folder, .safetensors, .pt, .bin or .pth)")
+    return path

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import argparse
 
+from .options import existing_path, output_path
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint between clipforge, OpenAI, OpenCLIP and HF formats",
                        description="Reads any supported checkpoint (format detected) and writes it in another "
-                                   "format. clipforge: DST ending in .safetensors (single file) or a folder; "
-                                   "openai/openclip: a .pt state dict (+ open_clip_config.json beside it); "
-                                   "hf: a transformers CLIPModel folder.")
-    p.add_argument("src", help="checkpoint file or folder")
-    p.add_argument("dst", help="output file or folder")
-    p.add_argument("--to", required=True, choices=["clipforge", "openai", "openclip", "hf"])
+                                   "format, then reads the result back to check it.\n"
+                                   "  clipforge: DST ending in .safetensors (single file) or a folder\n"
+                                   "  openai:    a .pt state dict (+ clipforge_config.json beside it)\n"
+                                   "  openclip:  a folder (DST without a suffix) that open_clip loads with\n"
+                                   "             create_model_and_transforms('local-dir:DST'); or one weights file\n"
+                                   "             (.safetensors/.pt/.bin) for open_clip's pretrained=FILE\n"
+                                   "  hf:        a transformers CLIPModel folder")
+    p.add_argument("src", type=existing_path, help="checkpoint file or folder")
+    p.add_argument("dst", type=output_path, help="output file or folder")
+    p.add_argument("--to", required=True, choices=["clipforge", "openai", "openclip", "hf"], help="output format")
     p.add_argument("--activation", choices=["quick_gelu", "gelu"], default=None,
                    help="override/declare the activation when SRC does not record it (bare state dicts)")
     p.add_argument("--config", default=None, help="config for SRC: a JSON file or a zoo name")
@@ -24,7 +30,9 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoints import convert, load_model
 
     out = convert(args.src, args.dst, args.to, activation=args.activation, config=args.config)
-    model = load_model(out) if args.to != "openai" else None
-    name = model.config.name if model is not None else ""
-    print(f"wrote {args.to} checkpoint: {out}" + (f" ({name})" if name else ""))
+    model = load_model(out)
+    name = model.config.name
+    print(f"wrote {args.to} checkpoint: {out}" + (f" ({name}, {model.config.activation})" if name else ""))
+    if args.to == "openclip" and out.is_dir():
+        print(f"open_clip: open_clip.create_model_and_transforms('local-dir:{out}')")
     return 0

@@ -6,33 +6,37 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .options import (ListAction, load_model_arg, add_inference_model_options, add_progress_option, any_float, any_int, existing_dir,
+                      existing_file, non_negative_int, nonempty_str, output_dir, output_file, positive_float,
+                      positive_int, unit_interval)
+
 
 def _pool_args(p: argparse.ArgumentParser, out_help: str = "output folder (WebDataset shards + report)") -> None:
-    p.add_argument("--data", required=True, help="input pairs: shards (brace pattern, glob, folder), a csv/tsv/jsonl "
-                                                  "manifest, or builtin:scenes?n=...")
-    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--data", required=True, type=nonempty_str,
+                   help="input pairs: shards (brace pattern, glob, folder; also http(s)://, s3://, gs:// URLs or "
+                        "'pipe:CMD'), a csv/tsv/jsonl manifest, or builtin:scenes?n=...")
+    p.add_argument("--out", required=True, type=output_dir, help=out_help)
+    p.add_argument("--shards-to", metavar="URL", default=None,
+                   help="write the output shards (img2dataset layout: .tar + .parquet + _stats.json) to this folder "
+                        "or fsspec URL (s3://..., gs://...) instead of --out, which keeps the run's state "
+                        "(default: --out)")
     p.add_argument("--caption-key", default=None, help="caption member extension or JSON field (default txt, then "
                                                        "json caption/text)")
     p.add_argument("--split", default=None, help="manifest split column value to read (default: train if present)")
-    p.add_argument("--samples-per-shard", type=int, default=10000,
-                   help="manifest / builtin input: pairs per output shard (default %(default)s)")
+    p.add_argument("--samples-per-shard", type=positive_int, default=10000,
+                   help="manifest / builtin input: pairs per output shard")
     p.add_argument("--force", action="store_true", help="redo and overwrite a finished or different run in --out")
     p.add_argument("--merge", action="store_true", help="only merge the per-shard reports of finished ranks")
-    p.add_argument("--rank", type=int, default=None, help="this process's rank (default: $RANK or 0)")
-    p.add_argument("--world-size", type=int, default=None, help="number of processes (default: $WORLD_SIZE or 1)")
-    p.add_argument("--wait-timeout", type=float, default=6 * 3600.0,
-                   help="seconds to wait for other ranks at synchronisation points (default %(default)s)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.add_argument("--rank", type=non_negative_int, default=None, help="this process's rank (default: $RANK, else $SLURM_PROCID, else 0)")
+    p.add_argument("--world-size", type=positive_int, default=None,
+                   help="number of processes (default: $WORLD_SIZE, else an srun step's $SLURM_STEP_NUM_TASKS, else 1)")
+    p.add_argument("--wait-timeout", type=positive_float, default=6 * 3600.0,
+                   help="seconds to wait for other ranks at synchronisation points")
+    add_progress_option(p)
 
 
 def _model_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--model", required=required, default=None,
-                   help="checkpoint path (or a zoo name with --random-init)")
-    p.add_argument("--random-init", action="store_true", help="--model is a zoo name; use untrained weights")
-    p.add_argument("--seed-init", type=int, default=0, help="seed for --random-init weights")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=64, help="images per model batch (default %(default)s)")
+    add_inference_model_options(p, required=required)
 
 
 def register(subparsers: Any) -> None:
@@ -45,33 +49,37 @@ def register(subparsers: Any) -> None:
 
     p = sub.add_parser("stats", help="counts, caption lengths, image sizes, languages, bad samples")
     _pool_args(p, "output folder for stats.json and the report")
-    p.add_argument("--top", type=int, default=10, help="most frequent image sizes to list")
+    p.add_argument("--top", type=positive_int, default=10, help="most frequent image sizes to list")
     p.set_defaults(func=_cmd_stats)
 
     p = sub.add_parser("queries", help="build a query list: frequent words (+ high-PMI bigrams) of a corpus, or a vocab")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--vocab", help="vocabulary file: one entry per line, optionally 'entry<TAB>count'")
-    src.add_argument("--corpus", nargs="+", help="text files (.txt or .gz) to count words and bigrams in")
-    p.add_argument("--min-count", type=int, default=None, help="minimum count of a word (corpus default 100)")
-    p.add_argument("--min-bigram-count", type=int, default=None, help="minimum count of a bigram (default: --min-count)")
-    p.add_argument("--min-pmi", type=float, default=3.0, help="minimum PMI (natural log) of a bigram (default %(default)s)")
-    p.add_argument("--max-bigrams", type=int, default=None, help="keep at most this many bigrams (best PMI first)")
+    src.add_argument("--vocab", type=existing_file,
+                     help="vocabulary file: one entry per line, optionally 'entry<TAB>count'")
+    src.add_argument("--corpus", action=ListAction, item=existing_file, metavar="FILE",
+                     help="text files (.txt or .gz) to count words and bigrams in (comma-separated or several words)")
+    p.add_argument("--min-count", type=positive_int, default=None, help="minimum count of a word (corpus default 100)")
+    p.add_argument("--min-bigram-count", type=positive_int, default=None,
+                   help="minimum count of a bigram (default: --min-count)")
+    p.add_argument("--min-pmi", type=any_float, default=3.0, help="minimum PMI (natural log) of a bigram")
+    p.add_argument("--max-bigrams", type=non_negative_int, default=None,
+                   help="keep at most this many bigrams (best PMI first; default: all)")
     p.add_argument("--no-bigrams", action="store_true", help="words only")
     p.add_argument("--drop-stopwords", action="store_true",
                    help="leave out queries made only of English stopwords (the, in, next to, ...)")
-    p.add_argument("--out", required=True, help="queries file to write (query<TAB>count per line)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--out", required=True, type=output_file, help="queries file to write (query<TAB>count per line)")
+    add_progress_option(p)
     p.set_defaults(func=_cmd_queries)
 
     p = sub.add_parser("balance", help="keep up to N pairs per query, charging each pair to its rarest query")
     _pool_args(p)
-    p.add_argument("--queries", required=True, help="queries file (one per line; text after a TAB is ignored)")
-    p.add_argument("--max-per-query", type=int, default=20000, help="cap per query (default %(default)s)")
+    p.add_argument("--queries", required=True, type=existing_file,
+                   help="queries file (one per line; text after a TAB is ignored)")
+    p.add_argument("--max-per-query", type=positive_int, default=20000, help="cap per query (default %(default)s)")
     p.add_argument("--order", choices=["first", "hash"], default="first",
                    help="which pairs fill a query's cap: first in pool order, or a seeded random subset")
-    p.add_argument("--seed", type=int, default=0, help="seed for --order hash")
-    p.add_argument("--top", type=int, default=20, help="queries listed in the report's top-N histograms")
+    p.add_argument("--seed", type=any_int, default=0, help="seed for --order hash")
+    p.add_argument("--top", type=positive_int, default=20, help="queries listed in the report's top-N histograms")
     p.set_defaults(func=_cmd_balance)
 
     p = sub.add_parser("score", help="image-text cosine similarity per pair (per-shard score files)")
@@ -81,8 +89,8 @@ def register(subparsers: Any) -> None:
 
     p = sub.add_parser("filter", help="keep pairs whose score (from `data score`) is >= --min-score")
     _pool_args(p)
-    p.add_argument("--scores", required=True, help="output folder of `clipforge data score`")
-    p.add_argument("--min-score", type=float, required=True, help="minimum image-text cosine (e.g. 0.28)")
+    p.add_argument("--scores", required=True, type=existing_dir, help="output folder of `clipforge data score`")
+    p.add_argument("--min-score", type=any_float, required=True, help="minimum image-text cosine (e.g. 0.28)")
     p.set_defaults(func=_cmd_filter)
 
     p = sub.add_parser("dedup", help="drop exact (pixels / caption) and near (embedding cosine) duplicates")
@@ -90,32 +98,34 @@ def register(subparsers: Any) -> None:
     p.add_argument("--exact", choices=["image", "pair", "caption", "none"], default="image",
                    help="exact duplicates by decoded pixels (image), pixels+normalised caption (pair), caption only, "
                         "or none (default %(default)s)")
-    p.add_argument("--threshold", type=float, default=0.95, help="near-duplicate image cosine (default %(default)s)")
-    p.add_argument("--embeddings", default=None, help="image embeddings folder (clipforge embed output)")
+    p.add_argument("--threshold", type=unit_interval, default=0.95, help="near-duplicate image cosine (default %(default)s)")
+    p.add_argument("--embeddings", default=None, type=existing_dir, help="image embeddings folder (clipforge embed output)")
     _model_args(p, required=False)
     p.add_argument("--index", choices=["auto", "flat", "ivf", "numpy"], default="auto",
                    help="similarity search: FAISS flat (exact), IVF (approximate, large pools), numpy (no FAISS)")
-    p.add_argument("--nprobe", type=int, default=16, help="IVF lists probed per query (default %(default)s)")
+    p.add_argument("--nprobe", type=positive_int, default=16, help="IVF lists probed per query (default %(default)s)")
     p.set_defaults(func=_cmd_dedup)
 
     p = sub.add_parser("split", help="remove training pairs whose image duplicates an evaluation image")
     _pool_args(p)
-    p.add_argument("--eval-sets", nargs="+", required=True,
-                   help="evaluation sets: image folders, manifests, shards / image tars, .npz, builtin:scenes-<task>")
+    p.add_argument("--eval-sets", action=ListAction, required=True, metavar="SPEC",
+                   help="evaluation sets: image folders, manifests, shards / image tars, .npz, builtin:scenes-<task> "
+                        "(comma-separated or several words; a shard list inside one set uses '::')")
     _model_args(p, required=False)
-    p.add_argument("--threshold", type=float, default=0.95, help="near-duplicate image cosine (default %(default)s)")
+    p.add_argument("--threshold", type=unit_interval, default=0.95, help="near-duplicate image cosine (default %(default)s)")
     p.set_defaults(func=_cmd_split)
 
 
 # ----------------------------------------------------------------------------- helpers
 def _run(args: argparse.Namespace, step: Any) -> int:
-    from ..curation import RunOptions, distributed_env, open_pool, run_step
+    from ..curation import RunOptions, open_pool, run_step
+    from ..utils import rank_env
 
-    env_rank, env_world = distributed_env()
-    opts = RunOptions(rank=env_rank if args.rank is None else args.rank,
-                      world_size=env_world if args.world_size is None else args.world_size,
-                      force=args.force, merge_only=args.merge, progress=not args.no_progress,
-                      wait_timeout=args.wait_timeout)
+    env = rank_env()
+    opts = RunOptions(rank=env.rank if args.rank is None else args.rank,
+                      world_size=env.world_size if args.world_size is None else args.world_size,
+                      force=args.force, merge_only=args.merge, progress=args.progress,
+                      wait_timeout=args.wait_timeout, shards_to=getattr(args, "shards_to", None))
     pool = open_pool(args.data, caption_key=args.caption_key, split=args.split, samples_per_unit=args.samples_per_shard)
     try:
         report = run_step(step, pool, args.out, opts)
@@ -164,12 +174,15 @@ def _print_report(r: dict[str, Any]) -> None:
 
 
 def _embedder(args: argparse.Namespace):
-    from ..curation import load_embedder
+    """A ClipEmbedder for ``--model`` (loaded like every other command's), or None without one."""
+    from ..curation.embed import ClipEmbedder
+    from ..loading import model_label
 
     if args.model is None:
         return None
-    return load_embedder(args.model, random_init=args.random_init, seed=args.seed_init, device=args.device,
-                         batch_size=args.batch_size)
+    model, preprocess = load_model_arg(args)
+    return ClipEmbedder(model, preprocess, name=model_label(args.model, random_init=args.random_init,
+                                                           seed=args.seed_init), batch_size=args.batch_size)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -192,7 +205,7 @@ def _cmd_queries(args: argparse.Namespace) -> int:
         ql = queries_from_corpus(args.corpus, min_count=100 if args.min_count is None else args.min_count,
                                  min_bigram_count=args.min_bigram_count, min_pmi=args.min_pmi,
                                  max_bigrams=0 if args.no_bigrams else args.max_bigrams, stopwords=stop,
-                                 progress=not args.no_progress)
+                                 progress=args.progress)
     if not ql.queries:
         raise ValueError("no query passes the thresholds (lower --min-count?)")
     atomic_write_text(args.out, "".join(line + "\n" for line in ql.lines()))

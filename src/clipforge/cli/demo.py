@@ -9,20 +9,19 @@ import argparse
 import sys
 from typing import Any
 
+from .options import (add_device_option, add_precision_option, add_progress_option, any_int, non_negative_int,
+                      output_dir, positive_float, positive_int)
+
 
 def run_demo_cmd(args: argparse.Namespace) -> int:
-    from ..training.demo import DemoSettings, run_demo
+    from ..demo import DemoSettings, run_demo
 
     settings = DemoSettings(out=args.out, minutes=args.minutes, steps=args.steps, quick=args.quick,
-                            seed=args.seed, progress=not args.no_progress)
+                            seed=args.seed, progress=args.progress, device=args.device, precision=args.precision)
     for key in ("model", "batch_size", "lr", "num_workers", "threads"):
         value = getattr(args, key)
         if value is not None:
             setattr(settings, key, value)
-    if settings.minutes <= 0:
-        raise ValueError(f"--minutes must be > 0, got {settings.minutes}")
-    if settings.steps is not None and settings.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {settings.steps}")
     results = run_demo(settings)
     if results.get("status") != "completed":
         print(f"demo interrupted; run the same command again to resume ({results.get('run_dir')})", file=sys.stderr)
@@ -38,16 +37,19 @@ def run_demo_cmd(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("demo", help="train and evaluate a tiny CLIP on built-in scenes (CPU, minutes)",
                               description=__doc__)
-    p.add_argument("--out", default="runs/demo", help="report folder (default runs/demo)")
-    p.add_argument("--minutes", type=float, default=8.0, help="wall-time budget including evaluation (default 8)")
-    p.add_argument("--steps", type=int, help="train exactly this many steps instead of fitting the budget")
+    p.add_argument("--out", default="runs/demo", type=output_dir, help="report folder")
+    p.add_argument("--minutes", type=positive_float, default=8.0, help="wall-time budget including evaluation")
+    p.add_argument("--steps", type=positive_int, help="train exactly this many steps instead of fitting the budget")
     p.add_argument("--quick", action="store_true", help="a ~1 minute smoke version (low accuracy expected)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", help="architecture (default tiny-vit-p16)")
-    p.add_argument("--batch-size", type=int, help="pairs per step (default 128)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
-    p.add_argument("--workers", dest="num_workers", type=int, help="data-loading processes (default 1)")
-    p.add_argument("--threads", type=int, help="torch threads (default: the faster of 1 and 2, timed at start)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.add_argument("--seed", type=any_int, default=0, help="seed for init, data order and augmentation")
+    p.add_argument("--model", help="architecture to train from scratch (default tiny-vit-p16)")
+    p.add_argument("--batch-size", type=positive_int, help="pairs per step (default 128)")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate (default 1e-3)")
+    p.add_argument("--workers", dest="num_workers", type=non_negative_int,
+                   help="data-loading worker processes (default 1)")
+    p.add_argument("--threads", type=positive_int,
+                   help="torch threads (default: the faster of 1 and 2, timed at start)")
+    add_device_option(p)
+    add_precision_option(p, "train")
+    add_progress_option(p)
     p.set_defaults(func=run_demo_cmd)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from .options import existing_path, output_dir, positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export the image and text towers to ONNX")
-    p.add_argument("model", help="checkpoint path (any supported format)")
-    p.add_argument("out", help="output folder")
-    p.add_argument("--format", choices=["onnx"], default="onnx")
-    p.add_argument("--opset", type=int, default=17)
+    p = sub.add_parser("export", help="export the image and text towers to ONNX",
+                       description="Traces both towers on the CPU. Needs the onnx extra: pip install 'clipforge[onnx]'.")
+    p.add_argument("model", type=existing_path, help="checkpoint path (any supported format)")
+    p.add_argument("out", type=output_dir, help="output folder")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
+    p.add_argument("--opset", type=positive_int, default=17, help="ONNX opset version")
     p.add_argument("--check", action="store_true", help="run ONNX Runtime on random inputs and compare with torch")
     p.set_defaults(func=run)
 

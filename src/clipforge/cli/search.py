@@ -4,98 +4,132 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint path (or a zoo name with --random-init)")
-    p.add_argument("--random-init", action="store_true",
-                   help="--model is a zoo name; use untrained weights (smoke tests, demos)")
-    p.add_argument("--seed-init", type=int, default=0, help="seed for --random-init weights")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
-                   help="inference precision: fp32 (default, exact to 1e-4), bf16/fp16, or auto (a reduced "
-                        "precision only where a measured matmul probe finds it >= 1.3x faster on this CPU)")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+from .options import (ListAction, add_inference_model_options, add_log_option, add_progress_option, any_int,
+                      existing_dir, existing_file, load_model_arg, non_negative_int, nonempty_str, output_dir,
+                      positive_float, positive_int, require_nonempty, unit_interval)
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("embed", help="embed an image folder, manifest, shards or text file into resumable shards",
                        description="Writes img_emb/*.npy (float16) + metadata/*.parquet shards and manifest.json. "
                                    "Re-running skips finished shards; under torchrun each rank embeds its share.")
-    _model_args(p)
+    add_inference_model_options(p)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", help="folder of images (recursive; key = relative path)")
-    src.add_argument("--manifest", help="image-caption manifest (.csv, .tsv, .jsonl)")
-    src.add_argument("--shards", help="WebDataset shards (brace pattern, glob, folder or list)")
-    src.add_argument("--data", help="any data spec (folder, manifest, shards, builtin:...)")
-    src.add_argument("--texts", help="text collection: .txt file (one text per line) or a manifest's captions")
-    p.add_argument("--out", required=True, help="output directory")
+    src.add_argument("--images", type=existing_dir, help="folder of images (recursive; key = relative path)")
+    src.add_argument("--manifest", type=existing_file, help="image-caption manifest (.csv, .tsv, .jsonl)")
+    src.add_argument("--shards", type=nonempty_str, help="WebDataset shards (brace pattern, glob, folder or list)")
+    src.add_argument("--data", type=nonempty_str, help="any data spec (folder, manifest, shards, builtin:...)")
+    src.add_argument("--texts", type=nonempty_str,
+                     help="text collection: .txt file (one text per line) or a manifest's captions")
+    p.add_argument("--out", required=True, type=output_dir, help="output directory")
     p.add_argument("--split", default=None, help="keep only this split of a manifest (default: all rows)")
-    p.add_argument("--shard-size", type=int, default=10_000, help="items per output shard (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="image decoding threads (0: decode inline)")
+    p.add_argument("--shard-size", type=positive_int, default=10_000, help="items per output shard")
+    p.add_argument("--decode-threads", dest="decode_threads", type=non_negative_int, default=2,
+                   help="image decoding threads (0: decode inline)")
+    p.add_argument("--workers", dest="decode_threads", type=non_negative_int, help=argparse.SUPPRESS)  # old name
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_option(p)
     p.set_defaults(func=run_embed)
 
-    p = sub.add_parser("index", help="build a FAISS index over an embedding directory (or --add new shards)",
+    p = sub.add_parser("index", help="build a FAISS or Milvus index over an embedding directory "
+                                     "(or --add new shards, --delete ids)",
                        description="Exact (flat) for small collections; IVF-HNSW with SQ8/PQ codes above "
-                                   "--exact-threshold, sized to --max-memory, nprobe tuned to --target-recall.")
-    p.add_argument("--embeddings", required=True, help="directory written by `clipforge embed`")
-    p.add_argument("--out", required=True, help="index directory")
+                                   "--exact-threshold, sized to --max-memory, nprobe tuned to --target-recall. "
+                                   "--on-disk keeps the inverted lists on disk (collections larger than RAM). "
+                                   "--backend milvus puts vectors and metadata in a Milvus collection instead "
+                                   "(FLAT / IVF_FLAT / IVF_SQ8, same tuning); `search` and `serve` follow "
+                                   "index.json to either. Needs the search extra: pip install 'clipforge[search]' "
+                                   "(Milvus also 'clipforge[milvus]').")
+    p.add_argument("--embeddings", type=existing_dir,
+                   help="directory written by `clipforge embed` or `clip-retrieval inference` "
+                        "(required unless --delete)")
+    p.add_argument("--kind", choices=["image", "text"], default=None,
+                   help="embeddings to index when the folder holds both img_emb/ and text_emb/ "
+                        "(default: the manifest's kind, else image)")
+    p.add_argument("--out", required=True, type=output_dir, help="index directory")
     p.add_argument("--add", action="store_true", help="add only the shards the index does not hold yet")
-    p.add_argument("--max-memory", default=None, help="memory budget of the index, e.g. 4G, 512M")
-    p.add_argument("--exact-threshold", type=int, default=100_000,
-                   help="largest collection given an exact index (default: %(default)s)")
-    p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to tune for (default: %(default)s)")
-    p.add_argument("--queries", type=int, default=1000, help="held-out queries for measuring recall")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--delete", action=ListAction, item=non_negative_int, default=None, metavar="ID,ID",
+                   help="delete these item ids from the index at --out (FAISS: searches skip them until the "
+                        "next build; Milvus: rows deleted)")
+    p.add_argument("--backend", choices=["faiss", "milvus"], default=None,
+                   help="where vectors live: faiss (embedded files, the default) or milvus "
+                        "(--add and --delete follow the index's own backend)")
+    p.add_argument("--uri", type=nonempty_str, default=None,
+                   help="Milvus: a milvus-lite database path ending in .db (default: <out>/milvus.db) or "
+                        "http(s)://host:19530 for a Milvus server")
+    p.add_argument("--collection", type=milvus_name, default=None,
+                   help="Milvus collection name prefix (default: clipforge; generations add _gNNNNNN)")
+    p.add_argument("--on-disk", action="store_true",
+                   help="FAISS: IVF with inverted lists in a file memory-mapped at search time, built in "
+                        "blocks within --max-memory (for collections larger than RAM)")
+    p.add_argument("--max-memory", default=None, type=memory_size,
+                   help="memory budget of the index, e.g. 4G, 512M (default: no limit)")
+    p.add_argument("--exact-threshold", type=non_negative_int, default=100_000,
+                   help="largest collection given an exact index")
+    p.add_argument("--target-recall", type=unit_interval, default=0.95, help="recall@10 to tune for")
+    p.add_argument("--queries", type=positive_int, default=1000, help="held-out queries for measuring recall")
+    p.add_argument("--seed", type=any_int, default=0, help="seed for the training sample and held-out queries")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    add_progress_option(p)
     p.set_defaults(func=run_index)
 
     p = sub.add_parser("search", help="query an index with a text or an image")
-    _model_args(p)
-    p.add_argument("--index", required=True, help="index directory")
+    add_inference_model_options(p, batch_size=None)
+    p.add_argument("--index", required=True, type=existing_dir, help="index directory")
     p.add_argument("query", nargs="?", help="text query")
-    p.add_argument("--image", help="image file to query with instead of text")
-    p.add_argument("-k", type=int, default=10, help="number of results (default: %(default)s)")
-    p.add_argument("--max-k", type=int, default=1000, help=argparse.SUPPRESS)
+    p.add_argument("--image", type=existing_file, help="image file to query with instead of text")
+    p.add_argument("-k", type=positive_int, default=10, help="number of results")
+    p.add_argument("--max-k", type=positive_int, default=1000, help=argparse.SUPPRESS)
     p.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=None,
                    help="memory-map the index (default: when over 1 GiB)")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.set_defaults(func=run_search)
 
-    p = sub.add_parser("serve", help="HTTP search API + web page (FastAPI on uvicorn)")
-    _model_args(p)
-    p.add_argument("--index", required=True, help="index directory")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
-    p.add_argument("--max-upload", default="10M", help="largest accepted image upload (default: %(default)s)")
-    p.add_argument("--thumb-size", type=int, default=256, help="thumbnail size in pixels")
+    p = sub.add_parser("serve", help="HTTP search API + web page (FastAPI on uvicorn)",
+                       description="Needs the search extra: pip install 'clipforge[search]'.")
+    add_inference_model_options(p, batch_size=None)
+    p.add_argument("--index", required=True, type=existing_dir, help="index directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=non_negative_int, default=8080, help="TCP port (0: any free port)")
+    p.add_argument("--max-k", type=positive_int, default=100, help="largest k a request may ask for")
+    p.add_argument("--max-upload", default="10M", type=memory_size, help="largest accepted image upload")
+    p.add_argument("--thumb-size", type=positive_int, default=256, help="thumbnail size in pixels")
+    p.add_argument("--max-json", default="256K", type=memory_size, help="largest accepted JSON request body")
+    p.add_argument("--server-threads", type=positive_int, default=4,
+                   help="threads that parse, tokenize, embed and search (the event loop only does I/O)")
+    p.add_argument("--max-pending", type=positive_int, default=256,
+                   help="requests queued or running before new ones get 503")
+    p.add_argument("--request-timeout", type=positive_float, default=30.0, help="seconds before a query gets 503")
+    p.add_argument("--index-name", default=None, type=nonempty_str,
+                   help="name in clip-retrieval's /indices-list (default: the index folder's name)")
+    p.add_argument("--no-uploads", action="store_true",
+                   help="disable image uploads (needed to start without python-multipart)")
     p.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=None,
                    help="memory-map the index (default: when over 1 GiB)")
-    p.add_argument("--log-level", default="info")
+    add_log_option(p, default="info")
     p.set_defaults(func=run_serve)
 
 
-def load_model_arg(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(model, preprocess) from ``--model`` (checkpoint) or ``--model NAME --random-init``."""
-    import clipforge
-    from clipforge.inference import optimize_for_inference
-    from clipforge.preprocess import image_transform
+def milvus_name(text: str) -> str:
+    """A Milvus collection name: letters, digits and _, not starting with a digit."""
+    import re
 
-    if args.random_init:
-        model = optimize_for_inference(clipforge.create_model(args.model, seed=args.seed_init),
-                                       precision=args.precision)
-        print(f"note: {args.model} with random weights (seed {args.seed_init}): results are meaningless",
-              file=sys.stderr)
-        return model, image_transform(model.config.preprocess)
-    model, preprocess = clipforge.load(args.model)
-    return optimize_for_inference(model, precision=args.precision), preprocess
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,200}", text):
+        raise argparse.ArgumentTypeError(f"expected letters, digits and _ (not starting with a digit), got {text!r}")
+    return text
+
+
+def memory_size(text: str) -> str:
+    """A size such as 512M, 4G, 1.5GB or 1048576: checked at parse time with the syntax of
+    ``search.index.parse_memory`` (which needs FAISS, so it is not imported here)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*", str(text).upper())
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size > 0 such as 512M, 4G or 1.5GB, got {text!r}")
+    return text
 
 
 def run_embed(args: argparse.Namespace) -> int:
@@ -104,9 +138,10 @@ def run_embed(args: argparse.Namespace) -> int:
 
     data = args.manifest or args.shards or args.data
     source = open_source(images=args.images, data=data, texts=args.texts, split=args.split)
+    _require_items(args, source)
     model, preprocess = load_model_arg(args)
     s = embed_collection(model, source, args.out, preprocess=preprocess, shard_size=args.shard_size,
-                         batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
+                         batch_size=args.batch_size, workers=args.decode_threads, progress=args.progress)
     if args.json:
         print(json.dumps(s.to_dict(), indent=2))
         return 0
@@ -122,16 +157,56 @@ def run_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_index(args: argparse.Namespace) -> int:
-    from clipforge.search.index import add_to_index, build_index, human_bytes
+def _require_items(args: argparse.Namespace, source: Any) -> None:
+    """An input that holds nothing is an error, not a run that writes '0 items'."""
+    try:
+        n = len(source)
+    except TypeError:  # a stream: counted only while reading
+        return
+    option, value = next((f"--{k}", v) for k in ("images", "manifest", "shards", "data", "texts")
+                         if (v := getattr(args, k, None)))
+    require_nonempty(n, option, value, "texts" if source.kind == "text" else "images")
 
+
+def run_index(args: argparse.Namespace) -> int:
+    from clipforge.search.index import add_to_index, build_index, delete_from_index, human_bytes
+
+    build_only = [o for o, v in (("--backend", args.backend), ("--uri", args.uri), ("--collection", args.collection),
+                                 ("--on-disk", args.on_disk)) if v]
+    if args.delete is not None:
+        if args.add or args.embeddings or build_only:
+            raise ValueError("--delete takes only --out (and --json): it changes an existing index")
+        d = delete_from_index(args.out, args.delete)
+        if args.json:
+            print(json.dumps(d, indent=2))
+        else:
+            print(f"index {args.out}: deleted {len(d['deleted'])} item(s)"
+                  + (f", {len(d['not_found'])} already gone ({d['not_found'][:5]})" if d["not_found"] else "")
+                  + f"; {d['count']} items remain")
+        return 0
+    if not args.embeddings:
+        raise ValueError("--embeddings is required (except with --delete)")
+    backend = args.backend or "faiss"
+    if args.add and build_only:
+        raise ValueError(f"{', '.join(build_only)}: not with --add (it follows the index's own backend and layout)")
+    if backend == "faiss" and (args.uri or args.collection):
+        raise ValueError("--uri and --collection are for --backend milvus")
+    if backend == "milvus" and args.on_disk:
+        raise ValueError("--on-disk is for the FAISS backend (Milvus manages its own storage)")
     if args.add:
         r = add_to_index(args.embeddings, args.out, target_recall=args.target_recall, n_queries=args.queries,
-                         seed=args.seed, progress=not args.no_progress)
+                         seed=args.seed, progress=args.progress)
+    elif backend == "milvus":
+        from clipforge.search.milvus import build_milvus_index
+
+        r = build_milvus_index(args.embeddings, args.out, uri=args.uri, collection=args.collection or "clipforge",
+                               max_memory=args.max_memory, exact_threshold=args.exact_threshold,
+                               target_recall=args.target_recall, n_queries=args.queries, seed=args.seed,
+                               progress=args.progress, kind=args.kind)
     else:
         r = build_index(args.embeddings, args.out, max_memory=args.max_memory, exact_threshold=args.exact_threshold,
                         target_recall=args.target_recall, n_queries=args.queries, seed=args.seed,
-                        progress=not args.no_progress)
+                        progress=args.progress, kind=args.kind, on_disk=args.on_disk)
     if args.json:
         print(json.dumps(r.to_dict(), indent=2))
         return 0
@@ -163,15 +238,18 @@ def run_search(args: argparse.Namespace) -> int:
 
     if bool(args.query) == bool(args.image):
         raise ValueError("give a text query or --image FILE (exactly one)")
-    index = load_index(args.index, mmap=args.mmap)
     model, preprocess = load_model_arg(args)
-    searcher = Searcher(index, model, preprocess, max_k=max(args.max_k, args.k))
-    if args.image:
-        hits = searcher.search_image(load_image(args.image), args.k)
-        query = {"type": "image", "path": args.image}
-    else:
-        hits = searcher.search_text(args.query, args.k)
-        query = {"type": "text", "text": args.query}
+    index = load_index(args.index, mmap=args.mmap)
+    try:
+        searcher = Searcher(index, model, preprocess, max_k=max(args.max_k, args.k))
+        if args.image:
+            hits = searcher.search_image(load_image(args.image), args.k)
+            query = {"type": "image", "path": args.image}
+        else:
+            hits = searcher.search_text(args.query, args.k)
+            query = {"type": "text", "text": args.query}
+    finally:
+        index.close()
     if args.json:
         print(json.dumps({"query": query, "k": args.k, "results": [h.to_dict() for h in hits]}, indent=2))
         return 0
@@ -188,11 +266,21 @@ def run_serve(args: argparse.Namespace) -> int:
     from clipforge.search.index import load_index, parse_memory
     from clipforge.search.service import create_app
 
-    index = load_index(args.index, mmap=args.mmap)
+    from clipforge.search.http import multipart_available
+
+    if not args.no_uploads and not multipart_available():
+        raise ValueError("image uploads need python-multipart, which is not installed: "
+                         "pip install 'clipforge[search]' (or start with --no-uploads)")
     model, preprocess = load_model_arg(args)
+    index = load_index(args.index, mmap=args.mmap)
     app = create_app(index, model, preprocess, max_k=args.max_k, max_upload_bytes=parse_memory(args.max_upload),
-                     thumb_size=args.thumb_size)
-    print(f"serving {index.ntotal} items from {args.index} on http://{args.host}:{args.port}/ "
+                     max_json_bytes=parse_memory(args.max_json), workers=args.server_threads,
+                     max_pending=args.max_pending, request_timeout=args.request_timeout,
+                     index_name=args.index_name, uploads=not args.no_uploads, thumb_size=args.thumb_size)
+    print(f"serving {index.count()} items from {args.index} on http://{args.host}:{args.port}/ "
           f"(API docs at /docs)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        index.close()
     return 0

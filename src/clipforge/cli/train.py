@@ -14,54 +14,93 @@ import json
 import sys
 from typing import Any
 
+from .options import (ListAction, add_device_option, add_precision_option, any_int, existing_dir, existing_file,
+                      existing_path, non_negative_float, non_negative_int, nonempty_str, output_dir, positive_float,
+                      positive_int)
 
-def _bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
+
+def _bool_flag(p: Any, name: str, help: str) -> None:
     p.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """Every TrainConfig field as a flag; defaults are None so only given flags override."""
+    """Every TrainConfig field as a flag; defaults are None so only given flags override (the
+    defaults shown are TrainConfig's)."""
     g = p.add_argument_group("model and data")
-    g.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (flags override it)")
-    g.add_argument("--model", help="zoo name (tiny-vit, ViT-B/32, ...) or a CLIPConfig .json (default tiny-vit)")
-    g.add_argument("--init", metavar="CKPT", help="start from these weights (any checkpoint format)")
-    g.add_argument("--data", help="builtin:scenes | manifest .csv/.tsv/.jsonl | shard pattern (default builtin:scenes)")
-    g.add_argument("--val-data", help="validation pairs for periodic evaluation (same spec forms)")
-    g.add_argument("--workers", dest="num_workers", type=int, help="data-loading processes per rank (default 2)")
-    _bool_flag(g, "--resampled", "sample shards with replacement instead of epochs")
+    g.add_argument("--config", metavar="FILE", type=existing_file,
+                   help="YAML or JSON file of options (flags override it; values converted to the option types)")
+    g.add_argument("--model", help="architecture to train from scratch: zoo name (tiny-vit, ViT-B/32, ...) or a "
+                                   "CLIPConfig .json (default tiny-vit); a checkpoint path here = --init CKPT")
+    g.add_argument("--init", "--pretrained", dest="init", metavar="CKPT", type=existing_path,
+                   help="start from these weights (any checkpoint format; the architecture is the checkpoint's)")
+    g.add_argument("--data", type=nonempty_str,
+                   help="builtin:scenes | manifest .csv/.tsv/.jsonl | shards: path, brace pattern (shards/{00000..00099}.tar), "
+                        "glob or folder, also as http(s)://, s3://, gs:// URL or 'pipe:CMD' (default builtin:scenes)")
+    g.add_argument("--val-data", type=nonempty_str,
+                   help="validation pairs for periodic evaluation (same spec forms; default none)")
+    g.add_argument("--csv-separator", metavar="SEP",
+                   help="CSV/TSV manifest delimiter, as open_clip_train's --csv-separator ('\\t' or tab, ',', ';'); "
+                        "default: tab for .tsv, sniffed from the header line for .csv")
+    g.add_argument("--csv-img-key", metavar="COLUMN",
+                   help="manifest column of image paths (open_clip_train: filepath); default: auto-detected among "
+                        "filepath, image, path, file, image_path, filename, img")
+    g.add_argument("--csv-caption-key", metavar="COLUMN",
+                   help="manifest column of captions (open_clip_train: title); default: auto-detected among "
+                        "caption, text, title, captions, sentence")
+    g.add_argument("--workers", dest="num_workers", type=non_negative_int,
+                   help="data-loading worker processes per rank (default 2)")
+    _bool_flag(g, "--resampled", "sample shards with replacement instead of epochs (default off)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, help="optimiser steps (default 1000)")
-    g.add_argument("--batch-size", type=int, help="pairs per micro-batch per process (default 128)")
-    g.add_argument("--accum-steps", type=int, help="micro-batches per step; the loss sees all of them (default 1)")
-    g.add_argument("--lr", type=float, help="peak learning rate (default 5e-4)")
-    g.add_argument("--wd", type=float, help="AdamW weight decay on weight matrices (default 0.1)")
-    g.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"), help="AdamW betas (default 0.9 0.98)")
-    g.add_argument("--eps", type=float, help="AdamW epsilon (default 1e-6)")
-    g.add_argument("--warmup", type=int, help="linear warm-up steps before the cosine decay (default 100)")
-    g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value (default off)")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="fp32 | bf16 autocast | fp16 (GPU)")
-    _bool_flag(g, "--grad-checkpointing", "recompute activations in backward (less memory)")
-    _bool_flag(g, "--lock-image", "freeze the image tower (LiT); needs --init to be useful")
-    _bool_flag(g, "--local-loss", "each process computes only its rows of the logits (needs --gather-with-grad)")
-    _bool_flag(g, "--gather-with-grad", "back-propagate through the feature all-gather")
-    g.add_argument("--seed", type=int, help="seed for init, data order and augmentation (default 0)")
-    _bool_flag(g, "--deterministic", "deterministic kernels (bit-exact resumption)")
-    g.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
-    g.add_argument("--threads", type=int, help="torch threads per process (default: torch's choice)")
+    g.add_argument("--steps", type=positive_int, help="optimiser steps (default 1000)")
+    g.add_argument("--batch-size", type=positive_int, help="pairs per micro-batch per process (default 128)")
+    g.add_argument("--accum-steps", type=positive_int,
+                   help="micro-batches per step; the loss sees all of them (default 1)")
+    g.add_argument("--lr", type=positive_float, help="peak learning rate (default 5e-4)")
+    g.add_argument("--wd", type=non_negative_float, help="AdamW weight decay on weight matrices (default 0.1)")
+    g.add_argument("--betas", action=ListAction, item=non_negative_float, count=2, metavar="B1,B2",
+                   help="AdamW betas (default 0.9,0.98)")
+    g.add_argument("--eps", type=positive_float, help="AdamW epsilon (default 1e-6)")
+    g.add_argument("--warmup", type=non_negative_int,
+                   help="linear warm-up steps before the cosine decay (default 100)")
+    g.add_argument("--grad-clip", type=positive_float, help="clip the gradient norm to this value (default off)")
+    add_precision_option(g, "train", default=None)
+    _bool_flag(g, "--grad-checkpointing", "recompute activations in backward (less memory; default off)")
+    _bool_flag(g, "--lock-image", "freeze the image tower (LiT); needs --init to be useful (default off)")
+    _bool_flag(g, "--local-loss", "each process computes only its rows of the logits (needs --gather-with-grad; "
+                                  "default off)")
+    _bool_flag(g, "--gather-with-grad", "back-propagate through the feature all-gather (default off)")
+    g.add_argument("--seed", type=any_int, help="seed for init, data order and augmentation (default 0)")
+    _bool_flag(g, "--deterministic", "deterministic kernels (bit-exact resumption; default off)")
+    add_device_option(g, default=None)
+    g.add_argument("--threads", type=positive_int, help="torch threads per process (default: torch's choice)")
     g = p.add_argument_group("run folder")
-    g.add_argument("--out", help="run folder (default runs/train)")
-    g.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest checkpoint")
-    g.add_argument("--save-every", type=int, help="checkpoint every N steps; 0 = only at the end (default 500)")
-    g.add_argument("--keep-last", type=int, help="checkpoints to keep (default 2)")
-    g.add_argument("--log-every", type=int, help="metrics record every N steps (default 10)")
-    g.add_argument("--eval-every", type=int, help="zero-shot / validation evaluation every N steps (0 = off)")
-    _bool_flag(g, "--tensorboard", "also log to <out>/tensorboard (if tensorboard is installed)")
-    g.add_argument("--time-limit", dest="time_limit_minutes", type=float, metavar="MIN",
-                   help="stop (with a checkpoint) after this many minutes")
+    g.add_argument("--out", type=output_dir, help="run folder (default runs/train)")
+    g.add_argument("--resume", metavar="RUN_DIR", type=existing_dir,
+                   help="continue this run from its newest checkpoint (default: start a new run)")
+    g.add_argument("--save-every", type=non_negative_int,
+                   help="checkpoint every N steps; 0 = only at the end (default 500)")
+    g.add_argument("--keep-last", type=positive_int, help="checkpoints to keep (default 2)")
+    g.add_argument("--log-every", type=positive_int, help="metrics record every N steps (default 10)")
+    g.add_argument("--eval-every", type=non_negative_int,
+                   help="zero-shot / validation evaluation every N steps (0 = off, the default)")
+    _bool_flag(g, "--tensorboard", "also log to <out>/tensorboard (if tensorboard is installed; default off)")
+    g.add_argument("--time-limit", dest="time_limit_minutes", type=positive_float, metavar="MIN",
+                   help="stop (with a checkpoint) after this many minutes (default: no limit)")
     _bool_flag(g, "--progress", "show the progress bar (default on)")
 
 
-_NOT_OPTIONS = {"config", "command", "func", "debug"}
+_NOT_OPTIONS = {"config", "command", "func", "debug", "log_level"}
+
+
+def _is_checkpoint_path(spec: str) -> bool:
+    """``--model`` names weights (not an architecture) when it is an existing path that is not a
+    CLIPConfig ``.json`` and not a zoo name."""
+    from pathlib import Path
+
+    from ..loading import is_architecture_name
+
+    p = Path(spec)
+    return p.exists() and not (p.is_file() and p.suffix.lower() == ".json") and not is_architecture_name(spec)
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -70,6 +109,13 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from ..training.config import load_config_file
 
     given = {k: v for k, v in vars(args).items() if k not in _NOT_OPTIONS and v is not None}
+    if given.get("model") and _is_checkpoint_path(given["model"]):
+        if given.get("init"):
+            raise ValueError(f"--model {given['model']} is a checkpoint and --init {given['init']} another: give one")
+        given["init"] = given.pop("model")  # the architecture comes with the weights
+    if given.get("precision") in ("bf16", "fp16"):
+        print(f"note: --precision {given['precision']} casts the weights (open_clip's meaning); "
+              f"autocast is amp_bf16 / amp", file=sys.stderr)
     if given.get("resume"):
         if args.config:
             given = {**load_config_file(args.config), **given}
@@ -102,7 +148,6 @@ def run_train(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "train", help="train a CLIP model contrastively",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__)
     add_train_arguments(p)
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
     p.set_defaults(func=run_train)

@@ -11,21 +11,21 @@ torchrun ranks, with a report of what was kept and dropped and why.
 from .balance import BalanceStep, count_summary
 from .decontam import DecontamStep, iter_eval_images
 from .dedup import DedupStep
-from .embed import ClipEmbedder, Embedder, load_embedder, read_embeddings, write_embeddings
+from .embed import ClipEmbedder, Embedder, read_embeddings, write_embeddings
 from .hashing import caption_hash, pixel_hash
 from .matcher import QueryMatcher, read_queries
 from .neighbors import range_pairs
 from .queries import QueryList, queries_from_corpus, queries_from_vocab
 from .records import Pool, Unit, open_pool
-from .runner import Decision, Item, RunOptions, Step, StepRun, distributed_env, read_decisions, run_step
+from .runner import Decision, Item, RunOptions, Step, StepRun, read_decisions, run_step
 from .scoring import FilterStep, ScoreStep, ScoreTable
 from .stats import StatsStep
 from .text import STOPWORDS, guess_language, normalize_caption, words
 
 __all__ = [
-    "open_pool", "Pool", "Unit", "run_step", "RunOptions", "Step", "StepRun", "Decision", "Item", "distributed_env",
+    "open_pool", "Pool", "Unit", "run_step", "RunOptions", "Step", "StepRun", "Decision", "Item",
     "read_decisions", "StatsStep", "BalanceStep", "ScoreStep", "FilterStep", "ScoreTable", "DedupStep",
     "DecontamStep", "QueryMatcher", "read_queries", "QueryList", "queries_from_vocab", "queries_from_corpus",
-    "Embedder", "ClipEmbedder", "load_embedder", "read_embeddings", "write_embeddings", "pixel_hash", "caption_hash",
+    "Embedder", "ClipEmbedder", "read_embeddings", "write_embeddings", "pixel_hash", "caption_hash",
     "normalize_caption", "words", "guess_language", "STOPWORDS", "range_pairs", "count_summary", "iter_eval_images",
 ]

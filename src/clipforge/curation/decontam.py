@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..data.labelled import FOLDER_IMAGE_EXTS, open_labelled
+from ..data.remote import is_remote
 from ..data.shards import IMAGE_EXTS, read_shard, resolve_shards
 from ..data.tables import IMAGE_COLUMNS, find_column, is_manifest, read_rows
 from ..inference import batched
@@ -125,7 +126,8 @@ def _identity(spec: str) -> dict[str, Any]:
         return {"spec": spec, "files": sum(1 for _ in p.rglob("*")), "mtime_ns": p.stat().st_mtime_ns}
     if spec.startswith("builtin:"):
         return {"spec": spec}
-    return {"spec": spec, "shards": [(s, os.stat(s).st_size, os.stat(s).st_mtime_ns) for s in resolve_shards(spec)]}
+    return {"spec": spec, "shards": [(s,) if is_remote(s) else (s, os.stat(s).st_size, os.stat(s).st_mtime_ns)
+                                     for s in resolve_shards(spec)]}
 
 
 class DecontamStep(Step):

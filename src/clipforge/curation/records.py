@@ -21,7 +21,8 @@ from typing import Any, Iterator
 from PIL import Image
 
 from ..data import PairSource, Sample, ShardSource, open_pairs
-from ..data.shards import IMAGE_EXTS, TAR_SUFFIXES, ShardRecord, read_shard
+from ..data.remote import is_remote
+from ..data.shards import IMAGE_EXTS, TAR_SUFFIXES, ShardRecord, read_shard, shard_sample_count
 from ..data.skip import BadSample
 from ..data.tables import as_caption_list
 from ..preprocess import ImageLoadError, load_image
@@ -71,15 +72,13 @@ class ShardUnit(Unit):
         return self._source.decode(rec)
 
     def identity(self) -> dict[str, Any]:
+        if is_remote(self.path):  # URLs and pipe: commands are identified by name only
+            return {"path": self.path}
         st = os.stat(self.path)
         return {"path": os.path.abspath(self.path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
     def approx_len(self) -> int | None:
-        p = _stats_path(self.path)
-        try:
-            return int(json.loads(Path(p).read_text(encoding="utf-8"))["successes"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        return shard_sample_count(self.path)
 
 
 class ChunkUnit(Unit):
@@ -138,8 +137,10 @@ def sample_record(key: str, s: Sample, origin: str) -> RawRecord:
         data = buf.getvalue()
     caps = list(s.captions)
     txt = caps[0] if len(caps) == 1 else json.dumps(caps, ensure_ascii=False)  # a JSON list = several captions
-    meta = {"key": key, "source_key": s.key, "caption": caps[0] if len(caps) == 1 else caps,
-            "width": s.image.width, "height": s.image.height}
+    # img2dataset's per-sample JSON fields (url: the source file, if any), plus our source_key
+    meta = {"url": str(path) if path else None, "caption": caps[0] if len(caps) == 1 else caps, "key": key,
+            "status": "success", "error_message": None, "width": s.image.width, "height": s.image.height,
+            "original_width": s.image.width, "original_height": s.image.height, "source_key": s.key}
     files = {ext: data, "txt": txt.encode("utf-8"), "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
     return RawRecord(key=key, shard=origin, files=files, source_key=s.key, sample=s)
 
@@ -158,14 +159,6 @@ def decode_generic(rec: ShardRecord) -> Sample:
     except ImageLoadError as e:
         raise BadSample("decode_error", rec.key, str(e)) from None
     return Sample(key=rec.key, image=img, captions=caps, meta={"width": img.width, "height": img.height})
-
-
-def _stats_path(shard: str) -> str:
-    base = shard
-    for suf in TAR_SUFFIXES:
-        if base.lower().endswith(suf):
-            return base[: -len(suf)] + "_stats.json"
-    return base + "_stats.json"
 
 
 def shard_stem(path: str) -> str:

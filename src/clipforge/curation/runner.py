@@ -12,9 +12,9 @@ Output folder layout (``OUT``)::
 
 A unit is finished when its marker exists and carries the run's fingerprint, so a re-run
 skips finished units; a finished run (``report.json``) is reused unless ``force``. Under
-torchrun, unit ``i`` belongs to rank ``i % WORLD_SIZE``; global passes synchronise through
-marker files (no process group needed), and rank 0 merges the report once every unit is done
-(or a later ``merge_only`` run does).
+torchrun or SLURM (:mod:`clipforge.utils.jobs`), unit ``i`` belongs to rank ``i % world_size``;
+global passes synchronise through marker files (file barriers, no process group needed), and
+rank 0 merges the report once every unit is done (or a later ``merge_only`` run does).
 """
 
 from __future__ import annotations
@@ -35,12 +35,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..data import Sample
+from ..data.remote import write_small
 from ..data.shards import ShardRecord
 from ..data.skip import REASONS as BAD_REASONS, BadSample
 from ..inference import batched
-from ..utils import atomic_open, read_json, write_json
+from ..utils import atomic_open, is_done, jsonable, read_json, wait_for, write_json
 from .records import Pool, Unit
-from .writer import ShardWriter
+from .writer import ShardWriter, side_files, stats_record
 
 logger = logging.getLogger("clipforge.curation")
 
@@ -109,19 +110,11 @@ class RunOptions:
     progress: bool = True
     wait_timeout: float = 6 * 3600.0
     poll_interval: float = 0.5
+    shards_to: str | None = None  # folder or URL (s3://, gs://, pipe: not) for output shards; default OUT
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
-
-
-def distributed_env() -> tuple[int, int]:
-    """(rank, world_size) from torchrun's RANK / WORLD_SIZE (0, 1 when unset)."""
-    try:
-        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    except ValueError:
-        raise ValueError(f"RANK / WORLD_SIZE must be integers, got {os.environ.get('RANK')!r} / "
-                         f"{os.environ.get('WORLD_SIZE')!r}") from None
 
 
 class StepRun:
@@ -133,6 +126,8 @@ class StepRun:
             raise ValueError(f"{pool.spec!r}: no input to curate")
         self.config = step.config()
         ident = {"step": step.name, "config": self.config, "inputs": [u.identity() for u in pool.units]}
+        if self.opts.shards_to:  # finished units must be redone when their shards go elsewhere
+            ident["shards_to"] = self.opts.shards_to
         self.fingerprint = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
         self.units = pool.units
         self.work = self.out / "_work"
@@ -144,6 +139,13 @@ class StepRun:
     def shard_path(self, unit: Unit) -> Path:
         return self.out / f"{unit.name}.tar"
 
+    def shard_target(self, unit: Unit) -> str:
+        """Where the unit's output shard is written: ``OUT`` or the ``shards_to`` folder / URL, which
+        then also gets img2dataset's ``{unit}_stats.json`` (OUT keeps the run's own state)."""
+        if self.opts.shards_to:
+            return f"{self.opts.shards_to.rstrip('/')}/{unit.name}.tar"
+        return str(self.shard_path(unit))
+
     def decisions_path(self, unit: Unit) -> Path:
         return self.out / "_decisions" / f"{unit.name}.jsonl"
 
@@ -151,10 +153,7 @@ class StepRun:
         return [u for u in self.units if u.index % self.opts.world_size == self.opts.rank]
 
     def has_marker(self, path: Path) -> bool:
-        try:
-            return read_json(path).get("fingerprint") == self.fingerprint
-        except (FileNotFoundError, ValueError, AttributeError):
-            return False
+        return is_done(path, self.fingerprint)
 
     # ------------------------------------------------------------------------- driver
     def execute(self) -> dict[str, Any]:
@@ -226,7 +225,8 @@ class StepRun:
                 p.unlink()
 
         for u in self.mine():
-            for p in [self.marker(u), self.shard_path(u), self.decisions_path(u), *self.step.unit_outputs(self, u)]:
+            for p in [self.marker(u), self.shard_path(u), Path(side_files(self.shard_path(u))[0]),
+                      self.decisions_path(u), *self.step.unit_outputs(self, u)]:
                 rm(p)
             if self.work.is_dir():
                 for d in self.work.iterdir():
@@ -242,6 +242,7 @@ class StepRun:
                 if stem not in names:
                     rm(m)
                     rm(self.out / f"{stem}.tar")
+                    rm(self.out / f"{stem}.parquet")
                     rm(self.out / "_decisions" / f"{stem}.jsonl")
 
     # ------------------------------------------------------------------------- reading
@@ -270,26 +271,9 @@ class StepRun:
     # ------------------------------------------------------------------------- synchronisation
     def wait_for(self, paths: list[Path], what: str) -> None:
         """File barrier: block until every marker in ``paths`` carries this run's fingerprint."""
-        pending = [p for p in paths if not self.has_marker(p)]
-        if not pending:
-            return
-        if self.opts.world_size == 1:
-            raise RuntimeError(f"internal error: {len(pending)} marker(s) missing in a single-process run "
-                               f"(e.g. {pending[0]})")
-        deadline = time.monotonic() + self.opts.wait_timeout
-        bar = tqdm(total=len(paths), initial=len(paths) - len(pending), desc=f"rank {self.opts.rank}: waiting for {what}",
-                   disable=not self.opts.progress)
-        try:
-            while pending:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"rank {self.opts.rank}: gave up after {self.opts.wait_timeout:.0f}s waiting for "
-                                       f"{len(pending)} {what} (e.g. {pending[0]}); re-run, or merge later with --merge")
-                time.sleep(self.opts.poll_interval)
-                still = [p for p in pending if not self.has_marker(p)]
-                bar.update(len(pending) - len(still))
-                pending = still
-        finally:
-            bar.close()
+        wait_for(paths, self.has_marker, what=what, rank=self.opts.rank, world_size=self.opts.world_size,
+                 timeout=self.opts.wait_timeout, poll=self.opts.poll_interval, progress=self.opts.progress,
+                 hint="re-run, or merge later with --merge")
 
     def map_units(self, tag: str, fn: Callable[["StepRun", Unit, tqdm], dict[str, np.ndarray]],
                   desc: str | None = None) -> Callable[[Unit], dict[str, np.ndarray]]:
@@ -355,7 +339,8 @@ class StepRun:
         step = self.step
         rows: list[dict[str, Any]] = []
         reasons: Counter[str] = Counter()
-        writer = ShardWriter(self.shard_path(unit)) if step.writes_shards else nullcontext()
+        start = time.time()
+        writer = ShardWriter(self.shard_target(unit)) if step.writes_shards else nullcontext()
         with writer as w:
             for chunk in batched(self.iter_items(unit, decode=step.needs_samples, bar=bar), max(1, step.batch_size)):
                 good = [it for it in chunk if it.bad is None]
@@ -379,16 +364,24 @@ class StepRun:
         if step.writes_decisions:
             with atomic_open(self.decisions_path(unit), "w", encoding="utf-8") as f:
                 for r in rows:
-                    f.write(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n")
+                    f.write(json.dumps(jsonable(r), ensure_ascii=False, allow_nan=False) + "\n")
         extra = step.finish_unit(self, unit, rows)
         kept = sum(1 for r in rows if r["kept"])
-        if step.writes_shards and not kept and self.shard_path(unit).exists():
-            self.shard_path(unit).unlink()  # a stale shard of an interrupted earlier attempt
-        marker = {"fingerprint": self.fingerprint, "step": step.name, "unit": unit.name,
+        if step.writes_shards and not kept and not self.opts.shards_to:
+            for p in (self.shard_path(unit), Path(side_files(self.shard_path(unit))[0])):
+                if p.exists():
+                    p.unlink()  # a stale shard of an interrupted earlier attempt
+        # img2dataset's _stats.json fields, plus what makes the file this run's done-marker
+        i2d = stats_record(count=len(rows), successes=kept, start_time=start, end_time=time.time(),
+                           status_dict={"success": kept, **reasons}) if step.writes_shards else {}
+        marker = i2d | {"fingerprint": self.fingerprint, "step": step.name, "unit": unit.name,
                   "input": unit.identity().get("path", unit.name),
-                  "shard": self.shard_path(unit).name if step.writes_shards and kept else None,
+                  "shard": (self.shard_target(unit) if self.opts.shards_to else self.shard_path(unit).name)
+                  if step.writes_shards and kept else None,
                   "successes": kept, "count": len(rows), "kept": kept, "dropped": len(rows) - kept,
                   "dropped_by_reason": dict(sorted(reasons.items())), "extra": extra}
+        if self.opts.shards_to and step.writes_shards and kept:
+            write_small(side_files(self.shard_target(unit))[1], json.dumps(i2d, indent=4).encode("utf-8"))
         write_json(self.marker(unit), marker)
 
     # ------------------------------------------------------------------------- merging
@@ -484,14 +477,6 @@ def read_decisions(out: str | os.PathLike) -> list[dict[str, Any]]:
         with open(p, encoding="utf-8") as f:
             rows.extend(json.loads(line) for line in f if line.strip())
     return rows
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def run_step(step: Step, pool: Pool, out: str | os.PathLike, opts: RunOptions | None = None) -> dict[str, Any]:

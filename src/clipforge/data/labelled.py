@@ -17,13 +17,15 @@ from PIL import Image
 
 from ..preprocess import ImageLoadError, load_image
 from .scenes import parse_scenes_query, scene_tasks
-from .shards import IMAGE_EXTS, resolve_shards, split_member_name
+from .remote import is_remote, local_path, read_small, scheme
+from .shards import IMAGE_EXTS, read_shard, resolve_shards, split_member_name
 from .tables import IMAGE_COLUMNS, LABEL_COLUMNS, find_column, is_manifest, read_rows
 
 logger = logging.getLogger("clipforge.data")
 
 FOLDER_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 CLASSNAME_COLUMNS = ("classname", "class_name", "clip_classname", "label_name")
+TEMPLATES_FILE = "zeroshot_classification_templates.txt"  # CLIP_benchmark's, one template per line ({c})
 
 
 @dataclass
@@ -94,12 +96,17 @@ def read_classnames(path: str | os.PathLike) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"classnames file not found: {p}")
-    lines = p.read_text(encoding="utf-8").splitlines()
+    return parse_classnames(p.read_text(encoding="utf-8"), str(p))
+
+
+def parse_classnames(text: str, source: str) -> list[str]:
+    """The class names of a ``classnames.txt`` text (see :func:`read_classnames`)."""
+    lines = text.splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     for k, line in enumerate(lines, 1):
         if not line.strip():
-            raise ValueError(f"{p}: line {k} is blank (one class name per line expected)")
+            raise ValueError(f"{source}: line {k} is blank (one class name per line expected)")
     return [line.strip() for line in lines]
 
 
@@ -137,6 +144,12 @@ def open_labelled(spec: str, *, split: str | None = None, classnames: list[str] 
     if spec.startswith("builtin:"):
         return _open_scenes(spec, classnames)
     p = Path(spec)
+    if p.is_dir() and (p / (split or "test") / "nshards.txt").is_file():
+        # CLIP_benchmark's WebDataset layout: <root>/<split>/{0..n-1}.tar + nshards.txt, with
+        # classnames.txt and zeroshot_classification_templates.txt in <root>
+        ds = _open_shards(str(p / (split or "test")), classnames)
+        ds.name = p.name
+        return ds
     if p.is_dir() and not any(x.name.lower().endswith(".tar") for x in p.iterdir() if x.is_file()):
         return _open_folder(p, split, classnames)
     if spec.lower().endswith(".npz"):
@@ -266,8 +279,48 @@ def _open_manifest(path: Path, split: str | None, classnames) -> LabelledDataset
                            keys=[str(r[img_col]).strip() for _, r in rows])
 
 
-def _open_shards(spec: str, classnames) -> LabelledDataset:
-    shards = resolve_shards(spec)
+class _BytesLoader:
+    """Encoded images held in memory (shards streamed from URLs or commands cannot be seeked)."""
+
+    def __init__(self, images: list[bytes], names: list[str]) -> None:
+        self.images, self.names = images, names
+
+    def __call__(self, i: int) -> Image.Image:
+        return load_image(self.images[i], name=self.names[i])
+
+
+def _stream_labelled(shards: list[str]) -> tuple[_BytesLoader, list[str], list[int], int]:
+    """Images (encoded bytes, held in memory), keys and ``cls`` labels of remote / ``pipe:``
+    shards, read as streams. An unreadable shard is an error: an eval set missing a shard would
+    change the metric."""
+    images: list[bytes] = []
+    keys: list[str] = []
+    labels: list[int] = []
+    unlabelled = 0
+    for shard in shards:
+        for rec in read_shard(shard, frozenset(IMAGE_EXTS) | {"cls"}):
+            if rec.error:
+                raise ValueError(f"cannot read eval shard: {rec.detail}")
+            ext = next((e for e in IMAGE_EXTS if rec.files.get(e) is not None), None)
+            if ext is None:
+                continue
+            raw = rec.files.get("cls")
+            if raw is None:
+                unlabelled += 1
+                continue
+            text = raw.decode("utf-8", errors="replace").strip()
+            try:
+                labels.append(int(text))
+            except ValueError:
+                raise ValueError(f"{shard}: {rec.key}.cls: label {text!r} is not an integer") from None
+            images.append(rec.files[ext])  # type: ignore[arg-type]
+            keys.append(f"{shard.rsplit('/', 1)[-1]}:{rec.key}.{ext}")
+    return _BytesLoader(images, keys), keys, labels, unlabelled
+
+
+def _index_local(shards: list[str]) -> tuple[_TarMemberLoader, list[str], list[int], int]:
+    """Offsets of the images and the ``cls`` labels of local uncompressed shards (images are
+    read later by offset: random access without extraction)."""
     entries: list[tuple[str, int, int, str]] = []
     labels: list[int] = []
     unlabelled = 0
@@ -302,20 +355,49 @@ def _open_shards(spec: str, classnames) -> LabelledDataset:
         except tarfile.ReadError as e:
             raise ValueError(f"{shard}: cannot index tar shard ({e}); "
                              "labelled shards must be uncompressed .tar") from None
+    return _TarMemberLoader(entries), [f"{Path(e[0]).name}:{e[3]}" for e in entries], labels, unlabelled
+
+
+def _side_folders(shard: str) -> list[str]:
+    """The shard's folder and the one above it, where CLIP_benchmark keeps ``classnames.txt``
+    and the templates file (none for ``pipe:`` commands)."""
+    local = local_path(shard)
+    if local is not None:
+        return [str(Path(local).parent), str(Path(local).parent.parent)]
+    if scheme(shard) == "pipe":
+        return []
+    out: list[str] = []
+    head = shard
+    for _ in range(2):
+        head = head.rpartition("/")[0]
+        if not head or head.endswith(":/"):  # reached "scheme://"
+            break
+        out.append(head)
+    return out
+
+
+def _open_shards(spec: str, classnames) -> LabelledDataset:
+    shards = resolve_shards(spec)
+    if any(is_remote(s) for s in shards):
+        loader, keys, labels, unlabelled = _stream_labelled(shards)
+    else:
+        loader, keys, labels, unlabelled = _index_local(shards)
     if unlabelled:
         logger.warning("%s: %d image(s) without a cls member ignored", spec, unlabelled)
-    if not entries:
+    if not labels:
         raise ValueError(f"{spec}: no image with a cls member in {len(shards)} shard(s)")
     arr = np.asarray(labels, dtype=np.int64)
     _check_label_range(arr, spec)
     n_classes = int(arr.max()) + 1
     default = [str(i) for i in range(n_classes)]
-    if classnames is None:
-        for d in {Path(shards[0]).parent, Path(shards[0]).parent.parent}:
-            if (d / "classnames.txt").is_file():
-                classnames = str(d / "classnames.txt")
-                break
+    templates = None
+    for d in _side_folders(shards[0]):  # beside the shards, or one up
+        if classnames is None and (raw := read_small(f"{d}/classnames.txt")) is not None:
+            classnames = parse_classnames(raw.decode("utf-8"), f"{d}/classnames.txt")
+        if templates is None and (raw := read_small(f"{d}/{TEMPLATES_FILE}")) is not None:
+            templates = [t.strip() for t in raw.decode("utf-8").splitlines() if t.strip()]
     names = _classnames(classnames, n_classes, default, spec)
-    return LabelledDataset(name=Path(shards[0]).parent.name or "shards", labels=arr, classnames=names,
-                           loader=_TarMemberLoader(entries),
-                           keys=[f"{Path(e[0]).name}:{e[3]}" for e in entries])
+    folders = _side_folders(shards[0])
+    name = "" if not folders else folders[0].rsplit("/", 1)[-1] if is_remote(shards[0]) else Path(folders[0]).name
+    return LabelledDataset(name=name or "shards", labels=arr, classnames=names, loader=loader, keys=keys,
+                           templates=templates or None)

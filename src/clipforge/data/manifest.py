@@ -20,18 +20,20 @@ class ManifestSource(PairSource):
     """Map-style pairs from a manifest.
 
     A ``split`` column, when present, filters rows (``split=None`` keeps all); without one the
-    whole manifest is used whatever ``split`` says.
+    whole manifest is used whatever ``split`` says. ``image_key`` / ``caption_key`` name the
+    columns (open_clip's ``--csv-img-key`` / ``--csv-caption-key``; default: auto-detected,
+    e.g. ``filepath`` / ``title``), ``separator`` the CSV delimiter (default: sniffed).
     """
 
     is_map_style = True
 
     def __init__(self, path: str | os.PathLike, *, split: str | None = "train", caption_key: str | None = None,
-                 image_key: str | None = None) -> None:
+                 image_key: str | None = None, separator: str | None = None) -> None:
         super().__init__()
         self.path = Path(path)
         self.spec = str(path)
         self.name = self.path.stem
-        columns, rows = read_rows(self.path)
+        columns, rows = read_rows(self.path, separator)
         if not rows:
             raise ValueError(f"{self.path}: manifest has a header but no rows")
         self.image_column = find_column(self.path, columns, IMAGE_COLUMNS, "image", image_key)
@@ -84,9 +86,9 @@ class ManifestSource(PairSource):
             raise IndexError(f"index {i} out of range for {self.path} ({self.num_samples} samples)")
         key, path, caps = self._keys[i], self._paths[i], self._captions[i]
         if path is None:
-            raise BadSample("missing_image", key, f"empty {self.image_column!r} cell")
+            raise BadSample("missing_image", key, f"{self.path.name} line {self._lines[i]}: empty {self.image_column!r} cell")
         if not caps:
-            raise BadSample("empty_caption", key, f"{self.path.name} line {self._lines[i]}")
+            raise BadSample("empty_caption", key, f"{self.path.name} line {self._lines[i]}: empty {self.caption_column!r} cell")
         try:
             img = load_image(path)
         except ImageLoadError as e:

@@ -1,10 +1,12 @@
 """WebDataset tar shards (the layout img2dataset writes) as a streaming :class:`PairSource`.
 
-A shard is read member by member (``tarfile`` stream mode: never a whole shard in memory);
-consecutive members sharing a key prefix (``00001.jpg``, ``00001.txt``, ``00001.json``) form one
-sample. Each (rank, worker) reads a disjoint subset of the per-epoch shuffled shard list, or,
-with ``resampled=True``, draws shards with replacement (the multi-node mode, where epochs are
-just "about one pass worth" of shards).
+A shard is read member by member (``tarfile`` stream mode: never a whole shard in memory, never
+a seek), so shards can be local files, URLs (``https://``, ``s3://``, ``gs://`` ...) or
+``pipe:CMD`` commands (see :mod:`clipforge.data.remote`); consecutive members sharing a key
+prefix (``00001.jpg``, ``00001.txt``, ``00001.json``) form one sample. Each (rank, worker)
+reads a disjoint subset of the per-epoch shuffled shard list, or, with ``resampled=True``,
+draws shards with replacement (the multi-node mode, where epochs are just "about one pass
+worth" of shards).
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ import os
 import re
 import tarfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from ..preprocess import ImageLoadError, load_image
 from .base import PairSource, Sample, _check_partition, stable_rng
+from .remote import ShardOpenError, is_remote, list_remote, local_path, open_stream, read_small, scheme
 from .skip import BadSample, SkipStats
+from .tables import as_caption_list
 
 logger = logging.getLogger("clipforge.data")
 
@@ -90,8 +95,12 @@ def _split_top(s: str, sep: str) -> list[str]:
 
 
 def resolve_shards(spec: str) -> list[str]:
-    """The shard files named by ``spec``: brace patterns, globs, directories of ``.tar`` files,
-    or a ``,`` / ``::`` separated list of those. Raises naming the pattern that matched nothing."""
+    """The shards named by ``spec``: brace patterns, globs, directories of ``.tar`` files,
+    or a ``,`` / ``::`` separated list of those; each may be a local path, a ``file://``,
+    ``http(s)://`` or other fsspec URL, or a ``pipe:CMD`` command (braces expand inside URLs
+    and commands too). ``http(s)`` and ``pipe:`` names cannot be listed, so they are kept as
+    given and a missing one is reported (naming it) when it is read. Raises naming the
+    pattern that matched nothing."""
     items = [p.strip() for part in _split_top(spec, "::") for p in _split_top(part, ",")]
     items = [p for p in items if p]
     if not items:
@@ -99,9 +108,21 @@ def resolve_shards(spec: str) -> list[str]:
     out: list[str] = []
     for item in items:
         found: list[str] = []
-        names = expand_braces(os.path.expanduser(item))
+        names = expand_braces(item)
         missing: list[str] = []
         for name in names:
+            local = local_path(name)
+            if local is None:
+                if scheme(name) in ("pipe", "http", "https") or (
+                        name.lower().endswith(TAR_SUFFIXES) and not _GLOB_CHARS.search(name)):
+                    found.append(name)
+                else:  # an fsspec glob or folder URL
+                    listed = list_remote(name)
+                    found.extend(listed)
+                    if not listed:
+                        missing.append(name)
+                continue
+            name = local
             if _GLOB_CHARS.search(name):
                 found.extend(sorted(glob.glob(name)))
             elif os.path.isdir(name):
@@ -149,13 +170,14 @@ def split_member_name(name: str) -> tuple[str, str] | None:
 
 def read_shard(path: str, wanted: frozenset[str] | set[str] | None, fileobj: BinaryIO | None = None
                ) -> Iterator[ShardRecord]:
-    """Stream the samples of one tar shard (from ``fileobj`` if given, else opening ``path``).
-    Members whose extension is in ``wanted`` (``None``: every member) are read; others are only
-    noted. A corrupt or
-    truncated shard yields one ``corrupt_shard`` record and ends (earlier samples are kept)."""
+    """Stream the samples of one tar shard (from ``fileobj`` if given, else opening ``path``:
+    a file, URL or ``pipe:`` command). Members whose extension is in ``wanted`` (``None``:
+    every member) are read; others are only noted. A shard that cannot be opened yields one
+    ``unreachable_shard`` record; a corrupt or truncated one yields one ``corrupt_shard``
+    record and ends (earlier samples are kept)."""
     cur: ShardRecord | None = None
     try:
-        with (contextlib.nullcontext(fileobj) if fileobj is not None else open(path, "rb")) as fh, \
+        with (contextlib.nullcontext(fileobj) if fileobj is not None else open_stream(path)) as fh, \
                 tarfile.open(fileobj=fh, mode="r|*") as tf:
             for m in tf:
                 if not m.isfile():
@@ -173,12 +195,30 @@ def read_shard(path: str, wanted: frozenset[str] | set[str] | None, fileobj: Bin
                     cur.files[ext] = f.read() if f is not None else b""
                 else:
                     cur.files.setdefault(ext, None)
+            end = tf.offset
+            trailing = _nonzero_tail(tf.fileobj)
+            if trailing is None and cur is not None:
+                yield cur
+        if trailing is not None:  # tarfile stops silently at an unreadable header
+            yield ShardRecord(key=os.path.basename(path), shard=path, error="corrupt_shard",
+                              detail=f"{path}: unreadable tar header at byte {end} (data follows the archive's end; "
+                                     f"the rest of the shard, from sample {cur.key if cur else '?'} on, is skipped)")
+    except (ShardOpenError, FileNotFoundError) as e:
+        yield ShardRecord(key=os.path.basename(path), shard=path, error="unreachable_shard", detail=str(e))
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         yield ShardRecord(key=os.path.basename(path), shard=path, error="corrupt_shard",
                           detail=f"{path}: {type(e).__name__}: {e}")
-        return
-    if cur is not None:
-        yield cur
+
+
+def _nonzero_tail(stream: BinaryIO) -> int | None:
+    """Read a tar stream to its end (draining a pipe or socket); the number of non-zero bytes
+    after the archive's end marker, or None when there are none (normal zero padding)."""
+    n = 0
+    while True:
+        chunk = stream.read(1 << 16)
+        if not chunk:
+            return n or None
+        n += len(chunk) - chunk.count(0)
 
 
 def shuffle_buffer(items: Iterator, size: int, rng) -> Iterator:
@@ -272,24 +312,36 @@ class ShardSource(PairSource):
 
     def _records_of(self, mine: list[str], draw: bool, part: dict, epoch: int, seed: int) -> Iterator[ShardRecord]:
         n = 0
+        dead: dict[str, str] = {}  # shards that could not be opened: never drawn again this epoch
         for shard in mine:
             for rec in read_shard(shard, self._wanted):
-                n += 1
+                if rec.error == "unreachable_shard":
+                    dead[shard] = rec.detail
+                else:
+                    n += 1
                 yield rec
         if n and not draw:
             return
         if mine and not n:
-            logger.warning("shards %s hold no sample: rank %d worker %d resamples from all shards this epoch",
-                           mine[:3], part["rank"], part["worker_id"])
+            logger.warning("shards %s %s: rank %d worker %d resamples from all shards this epoch", mine[:3],
+                           "cannot be opened" if len(dead) == len(mine) else "hold no sample",
+                           part["rank"], part["worker_id"])
         rng = stable_rng("resample", seed, epoch, part["rank"], part["worker_id"])
         fair = max(1, len(self.shards) // (part["world_size"] * part["num_workers"]))
         draws = empty = 0
         while draws < fair or n == 0:
-            shard = rng.choice(self.shards)
+            live = [s for s in self.shards if s not in dead] if dead else self.shards
+            if not live:
+                raise ValueError(f"none of the {len(self.shards)} shard(s) of {self.spec!r} can be opened; "
+                                 f"e.g. {next(iter(dead.values()))}")
+            shard = rng.choice(live)
             draws += 1
             got = 0
             for rec in read_shard(shard, self._wanted):
-                got += 1
+                if rec.error == "unreachable_shard":
+                    dead[shard] = rec.detail
+                else:
+                    got += 1
                 yield rec
             n += got
             empty = 0 if got else empty + 1
@@ -315,8 +367,6 @@ class ShardSource(PairSource):
         return Sample(key=rec.key, image=img, captions=captions, meta=meta)
 
     def _captions(self, rec: ShardRecord, where: str) -> tuple[list[str], dict]:
-        from .tables import as_caption_list
-
         meta: dict = {}
         obj = None
         raw_json = rec.files.get("json")
@@ -371,19 +421,66 @@ class ShardSource(PairSource):
             e += 1
 
 
-def _count_from_stats(shards: list[str]) -> int | None:
-    """Total sample count from img2dataset's ``<shard>_stats.json`` files, if every shard has one."""
-    total = 0
-    for s in shards:
-        base = s
-        for suf in TAR_SUFFIXES:
-            if base.lower().endswith(suf):
-                base = base[: -len(suf)]
-                break
-        p = base + "_stats.json"
+def shard_base(shard: str) -> str:
+    """The shard name without its tar suffix (img2dataset's side files share it)."""
+    for suf in TAR_SUFFIXES:
+        if shard.lower().endswith(suf):
+            return shard[: -len(suf)]
+    return shard
+
+
+def shard_sample_count(shard: str) -> int | None:
+    """The number of samples in ``shard`` according to img2dataset's side files: ``successes``
+    of ``<shard>_stats.json``, else the ``status == "success"`` rows of ``<shard>.parquet``
+    (every row if it has no status column; needs pyarrow). None when neither is readable."""
+    if scheme(shard) == "pipe":
+        return None
+    base = shard_base(shard)
+    raw = read_small(base + "_stats.json")
+    if raw is not None:
         try:
-            with open(p, encoding="utf-8") as f:
-                total += int(json.load(f)["successes"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-    return total
+            return int(json.loads(raw)["successes"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return None
+    raw = read_small(base + ".parquet")
+    if raw is None:
+        return None
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(raw))
+        if "status" not in pf.schema_arrow.names:
+            return pf.metadata.num_rows
+        status = pf.read(columns=["status"]).column("status").to_pylist()
+    except (pa.ArrowException, OSError, ValueError):
+        return None
+    return sum(1 for v in status if v == "success")
+
+
+#: Beyond this many remote shards, side files are not fetched for a sample count at startup.
+MAX_REMOTE_COUNT = 1024
+
+
+def _count_from_stats(shards: list[str]) -> int | None:
+    """Total sample count from img2dataset's side files, if every shard has one (remote shards:
+    fetched in parallel, and only up to :data:`MAX_REMOTE_COUNT` shards; ``pipe:``: never)."""
+    if not shards:
+        return None
+    remote = any(is_remote(s) for s in shards)
+    if remote and len(shards) > MAX_REMOTE_COUNT:
+        logger.info("%d remote shards: sample count not read from their _stats.json files", len(shards))
+        return None
+    first = shard_sample_count(shards[0])
+    if first is None:
+        return None
+    if remote:
+        with ThreadPoolExecutor(8) as ex:
+            rest = list(ex.map(shard_sample_count, shards[1:]))
+    else:
+        rest = [shard_sample_count(s) for s in shards[1:]]
+    if any(n is None for n in rest):
+        return None
+    return first + sum(rest)  # type: ignore[arg-type]

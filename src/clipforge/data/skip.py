@@ -19,6 +19,7 @@ REASONS = {
     "missing_caption": "shard member without a caption (txt/json)",
     "bad_json": "caption JSON member cannot be parsed",
     "corrupt_shard": "tar shard unreadable or truncated (rest of the shard skipped)",
+    "unreachable_shard": "shard URL / command / file cannot be opened (whole shard skipped)",
     "transform_error": "the image transform raised on this image",
 }
 

@@ -12,12 +12,15 @@ DEFAULT_SCENES_N = {"train": 20000, "val": 2000, "test": 2000}
 
 
 def open_pairs(spec: str, *, split: str | None = "train", seed: int = 0, caption_key: str | None = None,
-               image_key: str | None = None) -> PairSource:
+               image_key: str | None = None, csv_separator: str | None = None) -> PairSource:
     """Open an image-text pair source.
 
     ``spec`` is ``builtin:scenes[?n=20000&size=64&seed=0]``, a manifest (``.csv``, ``.tsv``,
-    ``.jsonl``), or WebDataset shards (brace pattern ``shards/{00000..00123}.tar``, glob,
-    directory of ``.tar`` files, or a ``,``/``::`` separated list). ``split`` selects the scenes
+    ``.jsonl``; ``image_key`` / ``caption_key`` / ``csv_separator`` as open_clip's
+    ``--csv-img-key`` / ``--csv-caption-key`` / ``--csv-separator``), or WebDataset shards
+    (brace pattern ``shards/{00000..00123}.tar``, glob, directory of ``.tar`` files, or a
+    ``,``/``::`` separated list; paths, ``https://`` / ``s3://`` / ``gs://`` URLs or
+    ``pipe:CMD`` commands, see :mod:`clipforge.data.remote`). ``split`` selects the scenes
     split or filters a manifest's ``split`` column (ignored for shards: they are per-split
     files); ``split=None`` keeps every manifest row (scenes: train). ``seed`` is the scenes
     generator seed (shuffling seeds belong to the loader).
@@ -44,5 +47,6 @@ def open_pairs(spec: str, *, split: str | None = "train", seed: int = 0, caption
             raise ValueError(f"{spec!r}: options n, size and seed must be integers ({e})") from None
         return ScenesDataset(split=split, n=n, seed=s, image_size=size)
     if is_manifest(spec):
-        return ManifestSource(spec, split=split, caption_key=caption_key, image_key=image_key)
+        return ManifestSource(spec, split=split, caption_key=caption_key, image_key=image_key,
+                              separator=csv_separator)
     return ShardSource(spec, caption_key=caption_key)

@@ -22,12 +22,45 @@ def is_manifest(spec: str) -> bool:
     return spec.lower().endswith(MANIFEST_SUFFIXES)
 
 
-def read_rows(path: str | Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+SNIFF_DELIMITERS = ("\t", ",", ";", "|")  # tie order: tab first, open_clip_train's default
+
+
+def parse_separator(sep: str | None) -> str | None:
+    """A CSV separator as typed on a command line (``\\t``, ``tab``, ``,`` ...) as one character."""
+    if sep is None or sep == "":
+        return None
+    named = {"\\t": "\t", "tab": "\t", "comma": ",", "semicolon": ";", "pipe": "|"}
+    sep = named.get(sep.lower(), sep)
+    if len(sep) != 1:
+        raise ValueError(f"csv separator must be one character (or \\t / tab), got {sep!r}")
+    return sep
+
+
+def sniff_delimiter(header_line: str) -> str:
+    """The delimiter of a manifest's header line: the most frequent of :data:`SNIFF_DELIMITERS`
+    outside double quotes (``,`` when none occurs: a one-column file)."""
+    counts = dict.fromkeys(SNIFF_DELIMITERS, 0)
+    quoted = False
+    for c in header_line:
+        if c == '"':
+            quoted = not quoted
+        elif not quoted and c in counts:
+            counts[c] += 1
+    best = max(SNIFF_DELIMITERS, key=lambda d: counts[d])  # max keeps the first of equal counts
+    return best if counts[best] else ","
+
+
+def read_rows(path: str | Path, separator: str | None = None
+              ) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
     """All rows of a manifest as ``(line_number, row)``, plus the column names.
 
-    CSV uses standard quoting; TSV is read unquoted (IANA TSV: captions may contain ``"``);
-    JSONL lines must be JSON objects (blank lines are ignored). Raises FileNotFoundError /
-    ValueError naming the file (and line).
+    ``separator`` (open_clip's ``--csv-separator``) splits CSV / TSV lines; by default ``.tsv``
+    is tab-separated and a ``.csv`` file's delimiter is sniffed from its header line (tab,
+    comma, semicolon or bar: open_clip's tab-separated ``.csv`` files work as they are).
+    Quoting follows the CSV standard, except that a default ``.tsv`` is read unquoted (IANA
+    TSV: captions may contain ``"``). JSONL lines must be JSON objects (blank lines are
+    ignored). A row with more fields than the header is an error (an unquoted separator inside
+    a caption). Raises FileNotFoundError / ValueError naming the file (and line).
     """
     p = Path(path)
     if not p.is_file():
@@ -37,11 +70,16 @@ def read_rows(path: str | Path) -> tuple[list[str], list[tuple[int, dict[str, An
         return _read_jsonl(p)
     if suffix not in (".csv", ".tsv"):
         raise ValueError(f"{p}: unsupported manifest type {suffix!r} (use .csv, .tsv or .jsonl)")
+    sep = parse_separator(separator)
     with open(p, newline="", encoding="utf-8-sig") as f:
-        if suffix == ".tsv":
-            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        if sep is None and suffix == ".tsv":
+            sep, quoting = "\t", csv.QUOTE_NONE
         else:
-            reader = csv.reader(f)
+            if sep is None:
+                sep = sniff_delimiter(f.readline())
+                f.seek(0)
+            quoting = csv.QUOTE_MINIMAL
+        reader = csv.reader(f, delimiter=sep, quoting=quoting)
         try:
             header = next(reader)
         except StopIteration:
@@ -54,10 +92,20 @@ def read_rows(path: str | Path) -> tuple[list[str], list[tuple[int, dict[str, An
             for values in reader:
                 if not values or all(not v.strip() for v in values):
                     continue
+                if len(values) > len(header):
+                    raise ValueError(
+                        f"{p}: line {reader.line_num}: {len(values)} {_sep_name(sep)}-separated fields but the header "
+                        f"has {len(header)} columns {header}; field {len(header) + 1} "
+                        f"({values[len(header)][:40]!r}) has no column (quote fields that contain the "
+                        f"separator, or set the separator: --csv-separator)")
                 rows.append((reader.line_num, dict(zip(header, values))))
         except csv.Error as e:
             raise ValueError(f"{p}: line {reader.line_num}: {e}") from None
     return header, rows
+
+
+def _sep_name(sep: str) -> str:
+    return {"\t": "tab", ",": "comma", ";": "semicolon", "|": "bar"}.get(sep, repr(sep))
 
 
 def _read_jsonl(p: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .prompts import ClassName, display_name, load_classnames
+from ..data import open_labelled as _open_labelled
+from ..data import open_pairs as _open_pairs
+from .prompts import ClassName, builtin_set_info, display_name, load_classnames, match_by_name
 
 
 @dataclass
@@ -63,22 +65,44 @@ def open_labelled(spec: Any, split: str | None = None) -> Any:
             if not hasattr(spec, attr):
                 raise TypeError(f"dataset object {type(spec).__name__} lacks {attr!r}")
         return spec
-    from ..data import open_labelled as _open
+    return _open_labelled(str(spec), split=split)
 
-    return _open(str(spec), split=split)
+
+class LineCaptions:
+    """A pair source whose ``txt`` members hold several captions, one per line: CLIP_benchmark's
+    retrieval WebDataset layout (read as its reader does, ``str.splitlines``)."""
+
+    def __init__(self, source: Any, name: str) -> None:
+        self.source, self.name = source, name
+        self.stats = getattr(source, "stats", None)
+        self.num_samples = getattr(source, "num_samples", None)
+
+    def iter_samples(self, **kw: Any) -> Iterator[Any]:
+        for s in self.source.iter_samples(shuffle=False, **kw):
+            caps = [ln.strip() for c in s.captions for ln in c.splitlines()]
+            yield replace(s, captions=[c for c in caps if c])
+
+
+def _clip_benchmark_root(spec: Any, split: str | None) -> Path | None:
+    """``spec`` if it is a CLIP_benchmark WebDataset folder (``<root>/<split>/nshards.txt``)."""
+    p = Path(str(spec))
+    return p if p.is_dir() and (p / (split or "test") / "nshards.txt").is_file() else None
 
 
 def open_pairs(spec: Any, split: str | None = None) -> Any:
     """Image-caption samples for retrieval (via :func:`clipforge.data.open_pairs`), or ``spec``
     itself when it is already an iterable of samples. Evaluation defaults the built-in scenes
-    to their ``test`` split (the data source's own default is ``train``, for training)."""
+    to their ``test`` split (the data source's own default is ``train``, for training). A
+    CLIP_benchmark WebDataset folder is read from ``<root>/<split or test>/`` with its captions
+    split into lines, as CLIP_benchmark reads them."""
     if not isinstance(spec, (str, os.PathLike)):
         return spec
-    from ..data import open_pairs as _open
-
     if split is None and str(spec).startswith("builtin:"):
         split = "test"
-    return _open(str(spec), split=split)
+    root = _clip_benchmark_root(spec, split)
+    if root is not None:
+        return LineCaptions(_open_pairs(str(root / (split or "test")), split=split), root.name)
+    return _open_pairs(str(spec), split=split)
 
 
 def dataset_name(ds: Any, spec: Any = None) -> str:
@@ -141,9 +165,13 @@ def dataset_identity(ds: Any, spec: Any = None, split: str | None = None) -> dic
     return None
 
 
-def resolve_classnames(ds: Any, override: Any = None) -> list[ClassName]:
-    """Class names for ``ds``: ``override`` (built-in set name, file or list) or the dataset's own.
-    Raises ``ValueError`` if their number does not fit the labels."""
+def resolve_classnames(ds: Any, override: Any = None, log: Callable[[str], None] | None = None) -> list[ClassName]:
+    """Class names for ``ds``'s labels: ``override`` (built-in set name, file or list) or the
+    dataset's own. When the dataset names its labels (image folders, class-name files, manifests
+    with names) an override is matched to them by name, so a list in another label order cannot
+    silently mislabel (:func:`~clipforge.eval.prompts.match_by_name`); otherwise it applies by
+    position, and a built-in list says which label order it assumes. Raises ``ValueError`` if the
+    number of names does not fit the labels."""
     source = "the dataset"
     if override is not None:
         names = load_classnames(override)
@@ -156,10 +184,21 @@ def resolve_classnames(ds: Any, override: Any = None) -> list[ClassName]:
     if labels.size and (labels.min() < 0 or labels.max() >= len(names)):
         raise ValueError(f"{source}: {len(names)} class names, but dataset {dataset_name(ds)!r} has labels "
                          f"in [{labels.min()}, {labels.max()}] (needs at least {labels.max() + 1} names)")
-    own = list(getattr(ds, "classnames", None) or [])
-    if override is not None and own and len(own) != len(names):
+    own = [str(n) for n in (getattr(ds, "classnames", None) or [])]
+    if override is None:
+        return names
+    if own and len(own) != len(names):
         raise ValueError(f"{source}: {len(names)} class names, but dataset {dataset_name(ds)!r} "
                          f"defines {len(own)} classes")
+    info = builtin_set_info(override)
+    perm = match_by_name(own, names, (info or {}).get("label_names"), source=source) if own else None
+    if perm is not None:
+        if perm != list(range(len(perm))) and log is not None:
+            log(f"note: class names {source} matched to dataset {dataset_name(ds)!r}'s labels by name "
+                "(their orders differ)")
+        return [names[c] for c in perm]
+    if info is not None and log is not None and info.get("order_differs_from_clip_benchmark"):
+        log(f"note: class names {source!r} applied by position; they assume this label order: {info['label_order']}")
     return names
 
 

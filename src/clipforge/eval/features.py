@@ -22,23 +22,18 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..data.skip import BadSample
 from ..inference import embed_images
 from ..preprocess import ImageLoadError, image_transform
 from ..utils import read_json, write_json
+from ..utils.io import current_umask
 
 MAX_SKIP_MESSAGES = 20
 
 
 def skippable_errors() -> tuple[type[BaseException], ...]:
     """Per-item errors that mean "this sample is unusable": skipped and counted, not fatal."""
-    errs: tuple[type[BaseException], ...] = (ImageLoadError, OSError)
-    try:
-        from ..data.skip import BadSample
-
-        errs += (BadSample,)
-    except ImportError:  # data package absent in a partial build
-        pass
-    return errs
+    return (ImageLoadError, OSError, BadSample)
 
 
 @dataclass
@@ -136,6 +131,7 @@ def extract_features(model: Any, images: Sequence[Any], labels: Sequence[int] | 
         if buf is None:
             if npy_path is not None:
                 fd, tmp = tempfile.mkstemp(prefix=f".{npy_path.name}.", suffix=".tmp", dir=npy_path.parent)
+                os.fchmod(fd, 0o666 & ~current_umask())  # like any other file, not mkstemp's 0600
                 os.close(fd)
                 buf = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, f.shape[1]))
             else:

@@ -22,7 +22,7 @@ def topk_accuracy(scores: Any, labels: Any, ks: Sequence[int] = (1, 5)) -> dict[
     kmax = min(max(ks), scores.shape[1])
     top = scores.topk(kmax, dim=1).indices
     hit = top == labels[:, None]
-    return {k: float(hit[:, : min(k, kmax)].any(dim=1).float().mean()) for k in ks}
+    return {k: float(hit[:, : min(k, kmax)].any(dim=1).double().mean()) for k in ks}  # float64: exact fractions
 
 
 def confusion_matrix(pred: Any, labels: Any, num_classes: int) -> np.ndarray:
@@ -45,13 +45,18 @@ def mean_per_class_recall(pred: Any, labels: Any, num_classes: int) -> float:
     return float(np.nanmean(r)) if np.isfinite(r).any() else float("nan")
 
 
+ACC5_MIN_CLASSES = 5  # CLIP_benchmark reports acc5 as NaN below 5 classes (top-5 would be trivially 1)
+
+
 def classification_metrics(scores: Any, labels: Any, num_classes: int | None = None) -> dict[str, float]:
-    """CLIP_benchmark-style metrics: ``acc1``, ``acc5``, ``mean_per_class_recall``."""
+    """CLIP_benchmark's metrics: ``acc1``, ``acc5`` (NaN with fewer than 5 classes) and
+    ``mean_per_class_recall`` (= scikit-learn's ``balanced_accuracy_score``)."""
     scores = _as_tensor(scores)
     c = num_classes or scores.shape[1]
     acc = topk_accuracy(scores, labels, (1, 5))
     pred = scores.argmax(dim=1).numpy() if scores.shape[0] else np.zeros(0, np.int64)
-    return {"acc1": acc[1], "acc5": acc[5], "mean_per_class_recall": mean_per_class_recall(pred, labels, c)}
+    return {"acc1": acc[1], "acc5": acc[5] if c >= ACC5_MIN_CLASSES else float("nan"),
+            "mean_per_class_recall": mean_per_class_recall(pred, labels, c)}
 
 
 @torch.no_grad()
@@ -77,10 +82,12 @@ def chunked_topk(features: Any, weights: torch.Tensor, k: int = 5, chunk: int = 
 
 
 def metrics_from_topk(topk: np.ndarray, labels: Any, num_classes: int) -> dict[str, float]:
-    """``acc1``, ``acc5`` and ``mean_per_class_recall`` from top-k predictions ``[N, k]``."""
+    """``acc1``, ``acc5`` and ``mean_per_class_recall`` from top-k predictions ``[N, k]``
+    (same rules as :func:`classification_metrics`)."""
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) == 0:
         return {"acc1": float("nan"), "acc5": float("nan"), "mean_per_class_recall": float("nan")}
     hit = topk == labels[:, None]
-    return {"acc1": float(hit[:, 0].mean()), "acc5": float(hit[:, :5].any(axis=1).mean()),
+    acc5 = float(hit[:, :5].any(axis=1).mean()) if num_classes >= ACC5_MIN_CLASSES else float("nan")
+    return {"acc1": float(hit[:, 0].mean()), "acc5": acc5,
             "mean_per_class_recall": mean_per_class_recall(topk[:, 0], labels, num_classes)}

@@ -4,6 +4,12 @@ Built-in sets are the paper's (OpenAI CLIP, MIT; see ``assets/zeroshot/LICENSE.t
 ImageNet templates and 1,000 cleaned class names, and the class names/templates of ``prompts.md``
 for CIFAR-10/100, MNIST, STL-10, EuroSAT, Food-101, Pets, Flowers-102, ... A class may be a list
 of synonyms (FER2013); the zero-shot head then ensembles over every name x template.
+
+Templates use ``{}`` for the class name; CLIP_benchmark's ``{c}`` is accepted too. Each packaged
+class list states the label order it assumes (``label_order``; OpenAI's order, which for pets,
+eurosat, fer2013 and clevr_counts differs from torchvision's / CLIP_benchmark's), and may list
+the dataset's own label names (``label_names``, e.g. EuroSAT's folder names) so datasets whose
+labels are named can be matched by name instead of by position (:func:`match_by_name`).
 """
 
 from __future__ import annotations
@@ -13,10 +19,14 @@ import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
+
+from ..utils import read_json
 
 ClassName = Union[str, list[str]]
 
+# The template used when nothing says which set fits a dataset (see resolve_templates in tasks).
+GENERIC_TEMPLATE = "a photo of a {}."
 # Generic template sets that are not tied to a dataset.
 GENERIC_TEMPLATES: dict[str, tuple[str, ...]] = {
     "simple": ("a photo of a {}.",),
@@ -88,8 +98,6 @@ def load_templates(spec: str | Sequence[str]) -> list[str]:
     elif Path(spec).is_file():
         where = spec
         if spec.lower().endswith(".json"):
-            from ..utils import read_json
-
             obj = read_json(spec)
             obj = obj.get("templates") if isinstance(obj, dict) else obj
             if not isinstance(obj, list):
@@ -106,8 +114,10 @@ def load_templates(spec: str | Sequence[str]) -> list[str]:
                          f"{', '.join(available_prompt_sets())} (or pass a file with one template per line)")
     out = []
     for lineno, t in lines:
+        if "{}" not in t and t.count("{c}") == 1:  # CLIP_benchmark's spelling
+            t = t.replace("{c}", "{}")
         if t.count("{}") != 1:
-            raise ValueError(f"{where}: template {lineno} ({t!r}) must contain '{{}}' exactly once")
+            raise ValueError(f"{where}: template {lineno} ({t!r}) must contain '{{}}' (or '{{c}}') exactly once")
         out.append(t)
     if not out:
         raise ValueError(f"{where}: no templates found")
@@ -122,8 +132,6 @@ def load_classnames(spec: str | Sequence[ClassName]) -> list[ClassName]:
     p = Path(spec)
     if p.is_file():
         if p.suffix.lower() == ".json":
-            from ..utils import read_json
-
             obj = read_json(p)
             obj = obj.get("classes") if isinstance(obj, dict) else obj
             if not isinstance(obj, list):
@@ -162,6 +170,54 @@ def match_prompt_set(dataset_name: str | None) -> str | None:
     if best is None:
         return None
     return ALIASES.get(best, best)
+
+
+def builtin_set_info(spec: Any) -> dict[str, Any] | None:
+    """The packaged JSON behind a built-in set name (None for files, lists and unknown names)."""
+    if not isinstance(spec, str) or Path(spec).is_file():
+        return None
+    name = _resolve(spec)
+    return None if name is None else {"set": name, **_builtin(name)}
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^0-9a-z]", "", str(name).lower())
+
+
+def match_by_name(dataset_names: Sequence[str], classnames: Sequence[ClassName],
+                  label_names: Sequence[str] | None = None, *, source: str = "class names") -> list[int] | None:
+    """Map a dataset's named labels onto ``classnames`` by name, so a list in another label order
+    cannot silently mislabel: returns ``perm`` with dataset label ``k`` <-> ``classnames[perm[k]]``,
+    or ``None`` when position must be used (no name matches: a different vocabulary such as
+    WordNet ids, or unnamed labels "0".."n-1"). Names compare case-, space- and
+    punctuation-insensitively against every synonym and the set's ``label_names``. Raises
+    ``ValueError`` when some names match in an order that contradicts the positions."""
+    if len(dataset_names) != len(classnames):
+        return None
+    if list(dataset_names) == [str(i) for i in range(len(dataset_names))]:
+        return None  # unnamed labels
+    keys: list[set[str]] = []
+    for c, cn in enumerate(classnames):
+        ks = {_key(n) for n in class_texts(cn)}
+        if label_names is not None and c < len(label_names):
+            ks.add(_key(label_names[c]))
+        keys.append(ks)
+    matched: dict[int, int] = {}
+    for k, name in enumerate(dataset_names):
+        hits = [c for c, ks in enumerate(keys) if _key(name) in ks]
+        if len(hits) == 1:
+            matched[k] = hits[0]
+    if not matched:
+        return None
+    if len(matched) == len(dataset_names) and len(set(matched.values())) == len(matched):
+        return [matched[k] for k in range(len(dataset_names))]
+    wrong = [(k, c) for k, c in matched.items() if k != c]
+    if not wrong:
+        return None  # partial matches, all at their own positions: positions agree
+    k, c = wrong[0]
+    raise ValueError(f"{source}: dataset class {k} ({dataset_names[k]!r}) matches class {c} "
+                     f"({display_name(classnames[c])!r}) by name, but only {len(matched)} of {len(dataset_names)} "
+                     "names match; give class names in the dataset's label order (one per label) or matching names")
 
 
 def class_texts(classname: ClassName) -> list[str]:

@@ -1,50 +1,36 @@
-"""Result records (CLIP_benchmark's shape) and their text-table rendering.
+"""Result records in CLIP_benchmark's format and their text-table rendering.
 
-A record is ``{"dataset", "model", "task", "metrics": {name: number}, ...extras}``: one per
-model x dataset x task; extras carry timings, counts and the data behind the report's plots.
+A record carries every key CLIP_benchmark 1.6.2's ``clip_benchmark eval`` writes - ``dataset``,
+``model`` (architecture), ``pretrained`` (checkpoint path or tag), ``task``, ``metrics`` (its
+metric names: ``acc1``/``acc5``/``mean_per_class_recall``, ``lp_acc1``/``lp_acc5``/
+``lp_mean_per_class_recall``, ``image_retrieval_recall@K``/``text_retrieval_recall@K``),
+``language`` - plus extras (timings, counts, class names, the data behind the report's plots),
+so ``clip_benchmark build`` aggregates a folder of our records into its CSV unchanged.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..utils import write_json
+from ..utils import jsonable, write_json
 
 TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe", "fewshot", "robustness")
 
 
-def make_record(dataset: str, model: str, task: str, metrics: dict[str, Any], **extras: Any) -> dict[str, Any]:
+CLIP_BENCHMARK_KEYS = ("dataset", "model", "pretrained", "task", "metrics", "language")
+
+
+def make_record(dataset: str, model: str, task: str, metrics: dict[str, Any], *, pretrained: str = "",
+                language: str = "en", **extras: Any) -> dict[str, Any]:
+    """One result record; ``model`` is the architecture, ``pretrained`` the weights (path or tag)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    rec: dict[str, Any] = {"dataset": dataset, "model": model, "task": task,
-                           "metrics": {k: _clean(v) for k, v in metrics.items()}}
-    rec.update({k: _clean(v) for k, v in extras.items()})
+    rec: dict[str, Any] = {"dataset": dataset, "model": model, "pretrained": str(pretrained or ""), "task": task,
+                           "metrics": jsonable(metrics), "language": language}
+    rec.update(jsonable(extras))
     return rec
-
-
-def _clean(v: Any) -> Any:
-    """JSON-safe: NaN/inf -> None, numpy scalars -> Python, containers recursively."""
-    try:
-        import numpy as np
-
-        if isinstance(v, np.ndarray):
-            v = v.tolist()
-        elif isinstance(v, np.generic):
-            v = v.item()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {str(k): _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    if isinstance(v, Path):
-        return str(v)
-    return v
 
 
 def slug(text: str, max_len: int = 60) -> str:
@@ -52,14 +38,25 @@ def slug(text: str, max_len: int = 60) -> str:
     return (s or "x")[:max_len]
 
 
-def record_path(out_dir: str | Path, record: dict[str, Any]) -> Path:
-    return Path(out_dir) / f"{record['task']}__{slug(record['dataset'])}__{slug(Path(str(record['model'])).name)}.json"
+def record_path(out_dir: str | Path, record: dict[str, Any], tag: str | None = None) -> Path:
+    """``<task>__<dataset>__<model>__<weights>[__<tag>].json``; ``tag`` tells apart records that
+    share all four (the suite passes its task index, so two tasks never write one file)."""
+    weights = Path(str(record.get("pretrained") or "")).name
+    parts = [record["task"], slug(record["dataset"]), slug(str(record["model"])), *([slug(weights)] if weights else []),
+             *([slug(tag)] if tag else [])]
+    return Path(out_dir) / ("__".join(parts) + ".json")
 
 
-def save_record(out_dir: str | Path, record: dict[str, Any]) -> Path:
-    path = record_path(out_dir, record)
+def save_record(out_dir: str | Path, record: dict[str, Any], tag: str | None = None) -> Path:
+    path = record_path(out_dir, record, tag)
     write_json(path, record)
     return path
+
+
+def display_model(record: dict[str, Any]) -> str:
+    """``arch (weights file name)`` for tables and report headings."""
+    weights = Path(str(record.get("pretrained") or "")).name
+    return f"{record['model']} ({weights})" if weights else str(record["model"])
 
 
 def _fmt(v: Any) -> str:
@@ -107,7 +104,7 @@ def records_table(records: Iterable[dict[str, Any]], max_metrics: int = 10) -> s
     for task, recs in by_task.items():
         rows = []
         for r in recs:
-            row: dict[str, Any] = {"dataset": r["dataset"], "model": Path(str(r["model"])).name}
+            row: dict[str, Any] = {"dataset": r["dataset"], "model": display_model(r)}
             scalars = [(k, v) for k, v in r["metrics"].items() if isinstance(v, (int, float)) or v is None]
             row.update(dict(scalars[:max_metrics]))
             if r.get("skipped"):

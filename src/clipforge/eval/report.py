@@ -17,6 +17,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ..utils import atomic_write_text
+from .records import display_model
 
 PER_CLASS_BARS_MAX = 60
 
@@ -149,6 +150,9 @@ def record_plots(rec: dict[str, Any]) -> list[str]:
             out.append(plot_confusion(rec["confusion_matrix"], names, f"{ds}: confusion matrix ({task})"))
         if rec.get("per_class_recall") is not None:
             out.append(plot_per_class(rec["per_class_recall"], names, f"{ds}: per-class accuracy ({task})"))
+        if rec.get("templates_source"):
+            out.append(f"<p>templates: {html.escape(str(rec.get('templates_set')))} "
+                       f"({len(rec.get('templates') or [])}), {html.escape(str(rec['templates_source']))}</p>")
         if rec.get("prompt_comparison"):
             out.append(plot_bars({k: v["acc1"] for k, v in rec["prompt_comparison"].items()},
                                  f"{ds}: prompt ensembling", "top-1 accuracy"))
@@ -168,7 +172,7 @@ def build_report(records: Iterable[dict[str, Any]], path: str | Path, title: str
     records = list(records)
     summary = "".join(
         f"<tr><td>{html.escape(r['task'])}</td><td>{html.escape(str(r['dataset']))}</td>"
-        f"<td>{html.escape(str(r['model']))}</td><td>{_headline(r)}</td></tr>" for r in records)
+        f"<td>{html.escape(display_model(r))}</td><td>{_headline(r)}</td></tr>" for r in records)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:100%;margin:6px}"
@@ -177,7 +181,7 @@ def build_report(records: Iterable[dict[str, Any]], path: str | Path, title: str
              f"<table><tr><th>task</th><th>dataset</th><th>model</th><th>headline</th></tr>{summary}</table>"]
     for i, r in enumerate(records):
         parts.append(f"<section id='r{i}'><h2>{html.escape(r['task'])}: {html.escape(str(r['dataset']))}</h2>"
-                     f"<p>model: {html.escape(str(r['model']))}</p>")
+                     f"<p>model: {html.escape(display_model(r))}</p>")
         parts.append(_metrics_table(r["metrics"]))
         if r.get("matching_note"):
             parts.append(f"<p>shots to match zero-shot: {html.escape(r['matching_note'])}</p>")
@@ -195,7 +199,7 @@ def build_report(records: Iterable[dict[str, Any]], path: str | Path, title: str
 
 def _headline(r: dict[str, Any]) -> str:
     m = r["metrics"]
-    for key in ("acc1", "mean_recall", "clean_zeroshot_acc1", "zeroshot_acc1"):
+    for key in ("acc1", "lp_acc1", "mean_recall", "clean_zeroshot_acc1", "zeroshot_acc1"):
         if key in m:
             return f"{key} = {_fmt(m[key])}"
     return ""

@@ -11,20 +11,28 @@ tasks:
   - {task: retrieval, dataset: /data/flickr8k, split: test}
 ```
 A task whose record already exists in ``out_dir`` for the same model and options is not re-run.
+
+``out_dir`` holds one CLIP_benchmark-format record per task (``<task>__<dataset>__<model>__<weights>
+__<NNN>[-name].json``: the task's index keeps two tasks on one dataset and model apart), so
+``clip_benchmark build out_dir/`` turns it into its CSV; ``results.jsonl`` (all records, one per
+line: not ``.json``, which ``clip_benchmark build`` would try to read as a record), ``report.html``
+and ``records/`` (re-run markers) sit beside them.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
-from ..utils import read_json, write_json
+from ..utils import atomic_write_text, jsonable, read_json, write_json
+from ..utils.typed import coerce_fields
 from .cache import json_hash, text_tower_fingerprint
-from .records import record_path, save_record, slug
+from .records import save_record, slug
 from .report import build_report
 from .tasks import TASK_RUNNERS, EvalContext
 
@@ -59,9 +67,12 @@ def load_suite(suite: str | Path | dict[str, Any]) -> dict[str, Any]:
             if key not in allowed and key not in ("task", "name"):
                 raise ValueError(f"{where}: tasks[{i}] ({t['task']}): unknown option {key!r}; "
                                  f"allowed: {', '.join(sorted(allowed))}")
+        tasks[i] = coerce_fields(runner, t, f"{where}: tasks[{i}] ({t['task']})")  # YAML "5e-4" -> 0.0005
     for key in (suite.get("defaults") or {}):
         if key not in CONTEXT_KEYS:
             raise ValueError(f"{where}: defaults: unknown option {key!r}; allowed: {', '.join(CONTEXT_KEYS)}")
+    if suite.get("defaults"):
+        suite["defaults"] = coerce_fields(EvalContext, suite["defaults"], f"{where}: defaults")
     return suite
 
 
@@ -99,13 +110,17 @@ def run_suite(suite: str | Path | dict[str, Any], out_dir: str | Path, *, ctx: E
             rec["name"] = task["name"]
         rec["suite_task"] = i
         write_json(marker, rec)
-        save_record(out, rec)
+        path = save_record(out, rec, tag=_tag(i, task))
         records.append(rec)
-        log(f"    done in {time.perf_counter() - t0:.1f}s -> {record_path(out, rec)}")
-    write_json(out / "results.json", records)
+        log(f"    done in {time.perf_counter() - t0:.1f}s -> {path}")
+    atomic_write_text(out / "results.jsonl", "".join(json.dumps(jsonable(r), allow_nan=False) + "\n" for r in records))
     if report:
         build_report(records, out / "report.html", title=f"clipforge evaluation: {ctx.model_name}")
     return records
+
+
+def _tag(i: int, task: dict[str, Any]) -> str:
+    return f"{i:03d}" + (f"-{slug(str(task['name']), 40)}" if task.get("name") else "")
 
 
 def _file_stats(opts: dict[str, Any]) -> dict[str, list[int]]:

@@ -25,7 +25,7 @@ from .features import FeatureSet, extract_features
 from .fewshot import DEFAULT_SHOTS, fewshot_curve
 from .linear_probe import linear_probe, stratified_split
 from .metrics import chunked_topk, confusion_matrix, metrics_from_topk, per_class_recall
-from .prompts import load_templates, match_prompt_set
+from .prompts import GENERIC_TEMPLATE, builtin_set_info, load_templates, match_by_name, match_prompt_set
 from .records import make_record, slug
 from .retrieval import DEFAULT_KS, embed_pairs, retrieval_metrics
 from .shifts import Shift, parse_shifts
@@ -40,18 +40,33 @@ class EvalContext:
 
     model: nn.Module
     preprocess: Callable | None = None
-    model_name: str = "model"
+    model_name: str = "model"               # display name / checkpoint path (the loader's third value)
     batch_size: int = 64
     text_batch_size: int = 256
     cache_dir: str | Path | None = None     # root of the caches; None -> default_cache_dir()
     use_cache: bool = True
     progress: bool = False
+    arch: str | None = None                 # records' "model" (CLIP_benchmark: the architecture)
+    pretrained: str | None = None           # records' "pretrained" (checkpoint path or tag)
+    log: Callable[[str], None] | None = print  # notes the user must see (template choice, class order)
     _image_fp: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.preprocess is None:
             self.preprocess = image_transform(self.model.config.preprocess)
         self.model.eval()
+        if self.arch is None:
+            self.arch = str(getattr(getattr(self.model, "config", None), "name", None) or self.model_name)
+        if self.pretrained is None:
+            self.pretrained = "" if self.model_name == self.arch else self.model_name
+
+    def note(self, message: str) -> None:
+        if self.log is not None:
+            self.log(message)
+
+    def record(self, dataset: str, task: str, metrics: dict[str, Any], **extras: Any) -> dict[str, Any]:
+        """A result record for this model (CLIP_benchmark's keys + ``extras``)."""
+        return make_record(dataset, str(self.arch), task, metrics, pretrained=str(self.pretrained or ""), **extras)
 
     @property
     def cache_root(self) -> Path:
@@ -103,21 +118,57 @@ def _labelled(spec: Any, split: str | None) -> tuple[Any, dict[str, Any] | None]
     return ds, dataset_identity(ds, spec, split)
 
 
-def resolve_templates(templates: Any, ds_name: str | None, ds: Any = None) -> tuple[str, list[str]]:
-    """``"auto"`` -> templates the dataset defines itself (``ds.templates``), else the built-in
-    set whose name matches the dataset's, else ImageNet's 80."""
-    if templates in (None, "auto"):
-        own = getattr(ds, "templates", None)
-        if own:
-            return "dataset", load_templates(list(own))
-        match = match_prompt_set(ds_name)
-        name = match if match is not None else "imagenet"
+@dataclass
+class TemplateChoice:
+    """Which templates a zero-shot head uses and why (recorded, and printed by the tasks)."""
+
+    set: str
+    templates: list[str]
+    source: str
+
+    def record_extras(self) -> dict[str, Any]:
+        """``templates`` in CLIP_benchmark's ``{c}`` spelling (its ``--dump_templates`` key)."""
+        return {"templates": [t.replace("{}", "{c}") for t in self.templates], "templates_set": self.set,
+                "templates_source": self.source}
+
+    def message(self) -> str:
+        return f"zero-shot templates: {self.set} ({len(self.templates)}) - {self.source}"
+
+
+def resolve_templates(templates: Any, ds_name: str | None, ds: Any = None, classnames: Any = None) -> TemplateChoice:
+    """The templates for a zero-shot head. ``"auto"`` takes, in order: the templates the dataset
+    defines itself (``ds.templates``: the built-in scenes, CLIP_benchmark WebDataset folders);
+    those of a built-in class-name set named by ``classnames``; the built-in set whose name the
+    dataset's name starts with (a guess, said so in ``source``); else the single generic template
+    ``"a photo of a {}."`` - never ImageNet's 80 for a dataset nothing is known about."""
+    if templates not in (None, "auto"):
+        label = templates if isinstance(templates, str) else f"custom ({len(templates)})"
+        return TemplateChoice(str(label), load_templates(templates), "given")
+    own = getattr(ds, "templates", None)
+    if own:
+        return TemplateChoice("dataset", load_templates(list(own)), f"the templates dataset {ds_name!r} defines")
+    if isinstance(classnames, str) and not Path(classnames).is_file():
+        info = builtin_set_info(classnames)
+        if info is not None and info.get("templates"):
+            return TemplateChoice(info["set"], load_templates(info["set"]),
+                                  f"the templates of class-name set {classnames!r}")
+    match = match_prompt_set(ds_name)
+    if match is not None:
         try:
-            return name, load_templates(name)
+            return TemplateChoice(match, load_templates(match),
+                                  f"guessed from the dataset name {ds_name!r}; pass --templates to choose")
         except ValueError:
-            return "imagenet", load_templates("imagenet")
-    label = templates if isinstance(templates, str) else f"custom ({len(templates)})"
-    return label, load_templates(templates)
+            pass
+    return TemplateChoice("generic", [GENERIC_TEMPLATE],
+                          f"no template set known for dataset {ds_name!r}: the generic single template; "
+                          "pass --templates (imagenet, a built-in set, or a file) to choose")
+
+
+def _templates(ctx: EvalContext, templates: Any, ds_name: str | None, ds: Any = None,
+               classnames: Any = None) -> TemplateChoice:
+    choice = resolve_templates(templates, ds_name, ds, classnames)
+    ctx.note(choice.message())
+    return choice
 
 
 def _num_classes(classnames: Sequence[Any], *label_arrays: np.ndarray) -> int:
@@ -135,7 +186,7 @@ def _train_test(ctx: EvalContext, dataset: Any = None, *, train: Any = None, tes
         te_ds, te_id = _labelled(test, test_split)
         tr = ctx.features(tr_ds, tr_id, desc="features (train)")
         te = ctx.features(te_ds, te_id, desc="features (test)")
-        names = _maybe_classnames(te_ds, classnames)
+        names = _maybe_classnames(te_ds, classnames, ctx.log)
         return _Split(tr, te, te_ds, te_id, dataset_name(te_ds, test), names, "given train/test",
                       tr.skipped + te.skipped, te_ds)
     if dataset is None:
@@ -145,7 +196,7 @@ def _train_test(ctx: EvalContext, dataset: Any = None, *, train: Any = None, tes
         te_ds, te_id = _labelled(dataset, test_split or "test")
         tr = ctx.features(tr_ds, tr_id, desc="features (train)")
         te = ctx.features(te_ds, te_id, desc="features (test)")
-        names = _maybe_classnames(te_ds, classnames)
+        names = _maybe_classnames(te_ds, classnames, ctx.log)
         return _Split(tr, te, te_ds, te_id, dataset_name(te_ds, dataset), names,
                       f"splits {train_split or 'train'}/{test_split or 'test'}", tr.skipped + te.skipped, te_ds)
     ds, ident = _labelled(dataset, split)
@@ -155,14 +206,14 @@ def _train_test(ctx: EvalContext, dataset: Any = None, *, train: Any = None, tes
     tr_pos, te_pos = stratified_split(fs.labels, test_fraction, seed)
     te_idx = fs.indices[te_pos]
     te_ident = None if ident is None else {**ident, "subset": json_hash(te_idx.tolist(), 16)}
-    names = _maybe_classnames(ds, classnames)
+    names = _maybe_classnames(ds, classnames, ctx.log)
     return _Split(fs.subset(tr_pos), fs.subset(te_pos), Subset(ds, te_idx), te_ident, dataset_name(ds, dataset),
                   names, f"stratified split, test_fraction={test_fraction}, seed={seed}", fs.skipped, ds)
 
 
-def _maybe_classnames(ds: Any, override: Any) -> list[Any]:
+def _maybe_classnames(ds: Any, override: Any, log: Callable[[str], None] | None = None) -> list[Any]:
     try:
-        return resolve_classnames(ds, override)
+        return resolve_classnames(ds, override, log)
     except ValueError:
         if override is not None:
             raise
@@ -194,9 +245,9 @@ def run_zeroshot(ctx: EvalContext, dataset: Any, *, split: str | None = None, cl
     t0 = time.perf_counter()
     ds, ident = _labelled(dataset, split)
     name = dataset_name(ds, dataset)
-    names = resolve_classnames(ds, classnames)
-    hint = classnames if isinstance(classnames, str) and not Path(classnames).is_file() else name
-    tmpl_label, tmpl = resolve_templates(templates, hint, ds if classnames is None else None)
+    names = resolve_classnames(ds, classnames, ctx.log)
+    choice = _templates(ctx, templates, name, ds, classnames)
+    tmpl = choice.templates
     t1 = time.perf_counter()
     clf = ctx.zeroshot(names, tmpl)
     if save_classifier:
@@ -207,7 +258,7 @@ def run_zeroshot(ctx: EvalContext, dataset: Any, *, split: str | None = None, cl
     metrics, pred, t_score = _zeroshot_scores(ctx, clf, fs)
     extras: dict[str, Any] = {
         "split": split, "n_samples": len(fs), "skipped": fs.skipped, "skipped_examples": fs.skipped_messages[:5],
-        "num_classes": clf.num_classes, "templates": {"set": tmpl_label, "count": len(tmpl)},
+        "num_classes": clf.num_classes, **choice.record_extras(),
         "timings": {"load": t1 - t0, "classifier_build": t2 - t1, "classifier_cache_hit": clf.cache_hit,
                     "features": t3 - t2, "features_cached": fs.cached, "scoring": t_score},
     }
@@ -224,12 +275,13 @@ def run_zeroshot(ctx: EvalContext, dataset: Any, *, split: str | None = None, cl
         metrics["ensemble_gain_over_single_template"] = comp["ensemble"]["acc1"] - comp["single_template"]["acc1"]
     extras.update(_class_extras(pred, fs.labels, names, clf.num_classes))
     extras["timings"]["total"] = time.perf_counter() - t0
-    return make_record(name, ctx.model_name, "zeroshot_classification", metrics, **extras)
+    return ctx.record(name, "zeroshot_classification", metrics, **extras)
 
 
 def run_retrieval(ctx: EvalContext, dataset: Any, *, split: str | None = None, ks: Sequence[int] = DEFAULT_KS,
-                  block_elems: int = 1 << 24) -> dict[str, Any]:
-    """Image<->text Recall@K (any-of-its-captions for image queries)."""
+                  ties: str = "clip_benchmark", block_elems: int = 1 << 24) -> dict[str, Any]:
+    """Image<->text Recall@K (any-of-its-captions for image queries); ``ties``: the tie rule
+    (:mod:`clipforge.eval.retrieval`), recorded as ``tie_rule``."""
     t0 = time.perf_counter()
     samples = open_pairs(dataset, split)
     stats = getattr(samples, "stats", None)
@@ -245,10 +297,10 @@ def run_retrieval(ctx: EvalContext, dataset: Any, *, split: str | None = None, k
     if stats is not None:
         pf.skipped += int(getattr(stats, "total", 0)) - int(before)
     t1 = time.perf_counter()
-    metrics = retrieval_metrics(pf.image_features, pf.text_features, pf.text_to_image, ks=ks,
+    metrics = retrieval_metrics(pf.image_features, pf.text_features, pf.text_to_image, ks=ks, ties=ties,
                                 block_elems=block_elems, progress=ctx.progress)
     name = getattr(samples, "name", None) or dataset_name(samples, dataset)
-    return make_record(str(name), ctx.model_name, "zeroshot_retrieval", metrics, split=split,
+    return ctx.record(str(name), "zeroshot_retrieval", metrics, split=split, tie_rule=ties,
                        n_images=len(pf.keys), n_texts=len(pf.text_to_image), skipped=pf.skipped,
                        skipped_examples=pf.skipped_keys[:5],
                        timings={**pf.seconds, "ranking": time.perf_counter() - t1, "total": time.perf_counter() - t0})
@@ -266,12 +318,15 @@ def run_linear_probe(ctx: EvalContext, dataset: Any = None, *, train: Any = None
     k = _num_classes(sp.classnames, sp.train.labels, sp.test.labels)
     res = linear_probe(sp.train.features, sp.train.labels, sp.test.features, sp.test.labels, num_classes=k,
                        C=C, val_fraction=val_fraction, seed=seed, max_iter=max_iter, progress=ctx.progress)
-    metrics = dict(res.metrics)
+    # CLIP_benchmark's names (lp_ prefix) and its protocol keys: all training data (fewshot_k=-1),
+    # unit-norm features; C (inverse L2 strength, L-BFGS) replaces its AdamW weight_decay/epochs.
+    metrics: dict[str, Any] = {f"lp_{k}": v for k, v in res.metrics.items()}
+    metrics.update({"fewshot_k": -1, "seed": seed, "normalized": True})
     extras = {"protocol": sp.protocol, "n_train": len(sp.train), "n_test": len(sp.test), "skipped": sp.skipped,
               "num_classes": k, "C": res.C, "C_search": res.search,
               "timings": {"features": t1 - t0, **res.seconds, "total": time.perf_counter() - t0}}
     extras.update(_class_extras(res.predictions, sp.test.labels, sp.classnames, k))
-    return make_record(sp.name, ctx.model_name, "linear_probe", metrics, **extras)
+    return ctx.record(sp.name, "linear_probe", metrics, **extras)
 
 
 def run_fewshot(ctx: EvalContext, dataset: Any = None, *, train: Any = None, test: Any = None,
@@ -284,10 +339,10 @@ def run_fewshot(ctx: EvalContext, dataset: Any = None, *, train: Any = None, tes
     sp = _train_test(ctx, dataset, train=train, test=test, split=split, train_split=train_split,
                      test_split=test_split, test_fraction=test_fraction, seed=seed, classnames=classnames)
     k = _num_classes(sp.classnames, sp.train.labels, sp.test.labels)
-    zs_acc, tmpl_label = None, None
+    zs_acc, choice = None, None
     if sp.classnames:
-        tmpl_label, tmpl = resolve_templates(templates, sp.name, sp.source if classnames is None else None)
-        clf = ctx.zeroshot(sp.classnames, tmpl)
+        choice = _templates(ctx, templates, sp.name, sp.source if classnames is None else None, classnames)
+        clf = ctx.zeroshot(sp.classnames, choice.templates)
         zs_acc = _zeroshot_scores(ctx, clf, sp.test)[0]["acc1"]
     res = fewshot_curve(sp.train.features, sp.train.labels, sp.test.features, sp.test.labels, shots=shots,
                         seeds=seeds, num_classes=k, C=C, zeroshot_acc=zs_acc, progress=ctx.progress, max_iter=max_iter)
@@ -295,10 +350,10 @@ def run_fewshot(ctx: EvalContext, dataset: Any = None, *, train: Any = None, tes
     metrics.update({f"acc1_{s}shot_std": res.std(s) for s in res.shots})
     metrics["zeroshot_acc1"] = zs_acc
     metrics["shots_to_match_zeroshot"] = res.matching_k
-    return make_record(sp.name, ctx.model_name, "fewshot", metrics, protocol=sp.protocol, n_train=len(sp.train),
-                       n_test=len(sp.test), skipped=sp.skipped, num_classes=k, seeds=seeds, curve=res.curve(),
-                       matching_note=res.matching_note, templates=tmpl_label,
-                       timings={"total": time.perf_counter() - t0, "fits": res.seconds})
+    return ctx.record(sp.name, "fewshot", metrics, protocol=sp.protocol, n_train=len(sp.train),
+                      n_test=len(sp.test), skipped=sp.skipped, num_classes=k, seeds=seeds, curve=res.curve(),
+                      matching_note=res.matching_note, **(choice.record_extras() if choice else {}),
+                      timings={"total": time.perf_counter() - t0, "fits": res.seconds})
 
 
 def run_robustness(ctx: EvalContext, dataset: Any = None, *, train: Any = None, test: Any = None,
@@ -314,8 +369,8 @@ def run_robustness(ctx: EvalContext, dataset: Any = None, *, train: Any = None, 
     if not sp.classnames:
         raise ValueError(f"dataset {sp.name!r} has no class names; pass --classnames FILE")
     k = _num_classes(sp.classnames, sp.train.labels, sp.test.labels)
-    tmpl_label, tmpl = resolve_templates(templates, sp.name, sp.source if classnames is None else None)
-    clf = ctx.zeroshot(sp.classnames, tmpl)
+    choice = _templates(ctx, templates, sp.name, sp.source if classnames is None else None, classnames)
+    clf = ctx.zeroshot(sp.classnames, choice.templates)
     probe = None
     if linear_probe_on:
         probe = linear_probe(sp.train.features, sp.train.labels, sp.test.features, sp.test.labels,
@@ -335,7 +390,12 @@ def run_robustness(ctx: EvalContext, dataset: Any = None, *, train: Any = None, 
     for label, spec in (variants or {}).items():
         vds, vid = _labelled(spec, None)
         resolve_classnames(vds, sp.classnames)  # same label space or a clear error
-        rows.append(evaluate(label, ctx.features(vds, vid, desc=f"features ({label})"), "variant"))
+        vfs = ctx.features(vds, vid, desc=f"features ({label})")
+        own = [str(n) for n in (getattr(vds, "classnames", None) or [])]
+        perm = match_by_name(own, sp.classnames, source=f"variant {label!r}") if own else None
+        if perm is not None and vfs.labels is not None:  # its label k is class perm[k] of the test set
+            vfs.labels = np.asarray(perm, dtype=np.int64)[vfs.labels]
+        rows.append(evaluate(label, vfs, "variant"))
     clean = rows[0]
     for r in rows:
         r["zeroshot_drop"] = clean["zeroshot_acc1"] - r["zeroshot_acc1"]
@@ -357,10 +417,10 @@ def run_robustness(ctx: EvalContext, dataset: Any = None, *, train: Any = None, 
         metrics[f"{r['shift']}_zeroshot_acc1"] = r["zeroshot_acc1"]
         if probe is not None:
             metrics[f"{r['shift']}_linear_probe_acc1"] = r["linear_probe_acc1"]
-    return make_record(sp.name, ctx.model_name, "robustness", metrics, protocol=sp.protocol, shifts=rows,
-                       num_classes=k, templates={"set": tmpl_label, "count": len(tmpl)},
-                       linear_probe_C=None if probe is None else probe.C, skipped=sp.skipped,
-                       timings={"total": time.perf_counter() - t0})
+    return ctx.record(sp.name, "robustness", metrics, protocol=sp.protocol, shifts=rows,
+                      num_classes=k, **choice.record_extras(),
+                      linear_probe_C=None if probe is None else probe.C, skipped=sp.skipped,
+                      timings={"total": time.perf_counter() - t0})
 
 
 TASK_RUNNERS: Mapping[str, Callable[..., dict[str, Any]]] = MappingProxyType({

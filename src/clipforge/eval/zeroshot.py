@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..inference import embed_images, embed_texts
+from ..utils import atomic_write_bytes
 from .cache import default_cache_dir, json_hash, text_tower_fingerprint
 from .prompts import ClassName, class_texts, load_classnames, load_templates
 
@@ -196,8 +197,6 @@ class ZeroShotClassifier:
 
 def _write_head(path: Path, weights: torch.Tensor, meta: dict[str, Any]) -> None:
     from safetensors.torch import save
-
-    from ..utils import atomic_write_bytes
 
     data = save({"weights": weights.detach().float().contiguous().cpu()},
                 metadata={"clipforge_zeroshot": json.dumps(meta)})

@@ -2,7 +2,10 @@
 from the CLI or over HTTP.
 
 - :func:`embed_collection` (``embed``): sources -> ``img_emb/*.npy`` + ``metadata/*.parquet`` shards
-- :func:`build_index` / :func:`add_to_index` / :func:`load_index` (``index``): FAISS, tuned to a recall target
+  (the store itself, shared with curation and clip-retrieval, is :mod:`clipforge.embeddings`)
+- :func:`build_index` / :func:`add_to_index` / :func:`load_index` / :func:`delete_from_index` (``index``):
+  FAISS (in RAM, memory-mapped or ``on_disk``), tuned to a recall target;
+  :func:`build_milvus_index` (``index --backend milvus``): the same over Milvus / milvus-lite
 - :class:`Searcher` (``search``): text / image / item queries
 - :func:`create_app` (``serve``): FastAPI service + web page
 
@@ -17,9 +20,10 @@ from typing import Any
 _EXPORTS = {
     "embed_collection": "embed", "EmbedSummary": "embed",
     "open_source": "sources", "ImageFolderSource": "sources", "TextFileSource": "sources",
-    "PairDataSource": "sources", "Collection": "store",
+    "PairDataSource": "sources",
     "build_index": "index", "add_to_index": "index", "load_index": "index", "plan_index": "index",
-    "parse_memory": "index", "LoadedIndex": "index",
+    "parse_memory": "index", "LoadedIndex": "index", "delete_from_index": "index",
+    "build_milvus_index": "milvus", "MilvusIndex": "milvus", "SearchBackend": "backend",
     "Searcher": "searcher", "QueryError": "searcher",
     "create_app": "service",
 }

@@ -1,14 +1,13 @@
-"""Embed a whole collection into resumable shards (see :mod:`clipforge.search.store` for the layout).
+"""Embed a whole collection into resumable shards (see :mod:`clipforge.embeddings` for the layout).
 
 Shard ``i`` holds items ``[i*shard_size, (i+1)*shard_size)`` of the source's fixed order; under
-torchrun (``RANK``/``WORLD_SIZE``) rank ``r`` embeds the shards with ``i % world_size == r``.
+torchrun or SLURM (:func:`clipforge.utils.rank_env`) rank ``r`` embeds the shards with ``i % world_size == r``.
 Unreadable items are skipped, recorded in the shard's done-marker and in ``errors.jsonl``.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,9 +21,9 @@ from tqdm.auto import tqdm
 
 from ..inference import embed_images, embed_texts
 from ..preprocess import ImageLoadError, image_transform
-from ..utils import read_json, write_json
+from ..utils import rank_env, read_json, write_json
 from .sources import Item, Source
-from .store import EMB_DIRS, FORMAT, ShardPaths, model_info, rebuild_summary, write_shard
+from ..embeddings import EMB_DIRS, FORMAT, IMAGE_COLUMN, ShardPaths, model_info, rebuild_summary, write_shard
 
 
 @dataclass
@@ -47,19 +46,6 @@ class EmbedSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
-
-
-def dist_rank_world() -> tuple[int, int]:
-    """(rank, world_size) from torchrun's environment, (0, 1) otherwise."""
-    try:
-        rank = int(os.environ.get("RANK", "0"))
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise ValueError(f"bad RANK/WORLD_SIZE environment: {os.environ.get('RANK')!r}/"
-                         f"{os.environ.get('WORLD_SIZE')!r}") from None
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
-    return rank, world
 
 
 def _ordered_map(fn: Callable[[Item], Any], items: Iterable[Item], pool: ThreadPoolExecutor | None,
@@ -117,7 +103,8 @@ def embed_collection(model: torch.nn.Module, source: Source, out_dir: str | Path
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if rank is None or world_size is None:
-        rank, world_size = dist_rank_world()
+        env = rank_env()
+        rank, world_size = env.rank, env.world_size
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     kind = source.kind
@@ -206,7 +193,7 @@ def _embed_image_chunk(model: torch.nn.Module, chunk: Iterable[Item], pre: Calla
             continue
         x, w, h = res
         batch.append(x)
-        rows.append({"key": item.key, "path": item.path, "member": item.member, "caption": item.caption,
+        rows.append({"key": item.key, IMAGE_COLUMN: item.path, "member": item.member, "caption": item.caption,
                      "width": w, "height": h})
         if len(batch) == batch_size:
             flush()
@@ -227,7 +214,7 @@ def _embed_text_chunk(model: torch.nn.Module, chunk: list[Item], batch_size: int
             bad.append({"key": item.key, "reason": "empty text"})
             continue
         texts.append(text)
-        rows.append({"key": item.key, "path": item.path, "member": item.member, "caption": text,
+        rows.append({"key": item.key, IMAGE_COLUMN: item.path, "member": item.member, "caption": text,
                      "width": None, "height": None})
     outs = []
     for start in range(0, len(texts), batch_size):

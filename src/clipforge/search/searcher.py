@@ -17,8 +17,9 @@ from PIL import Image
 from ..inference import embed_images, embed_texts
 from ..preprocess import image_transform
 from ..tokenizer import get_tokenizer
-from .index import LoadedIndex, load_index
-from .store import weights_sha256
+from .backend import SearchBackend
+from .index import load_index
+from ..embeddings import weights_sha256
 
 
 class QueryError(ValueError):
@@ -69,16 +70,19 @@ class _LRU:
 
 
 class Searcher:
-    """Model + index. Model calls are serialised by a lock (torch modules are not re-entrant
-    across threads in a useful way on CPU); faiss searches run concurrently."""
+    """Model + index (FAISS or Milvus, any :class:`.backend.SearchBackend`). Model calls are
+    serialised by a lock (torch modules are not re-entrant across threads in a useful way on
+    CPU); index searches run concurrently."""
 
-    def __init__(self, index: LoadedIndex | str | Path, model: torch.nn.Module,
+    def __init__(self, index: SearchBackend | str | Path, model: torch.nn.Module,
                  preprocess: Callable[[Image.Image], torch.Tensor] | None = None, *,
-                 max_k: int = 100, query_cache: int = 1024, check_model: bool = True) -> None:
-        self.index = index if isinstance(index, LoadedIndex) else load_index(index)
+                 max_k: int = 100, query_cache: int = 1024, check_model: bool = True,
+                 truncate_text: bool = False) -> None:
+        self.index: SearchBackend = load_index(index) if isinstance(index, (str, Path)) else index
         self.model = model.eval()
         self.preprocess = preprocess or image_transform(model.config.preprocess)
         self.max_k = max_k
+        self.truncate_text = truncate_text  # the service truncates like open_clip; the CLI refuses
         self.context_length = int(model.context_length)
         self.tokenizer = get_tokenizer(self.context_length)
         self._lock = threading.Lock()
@@ -104,25 +108,31 @@ class Searcher:
             raise QueryError(f"k must be between 1 and {self.max_k}, got {k}")
         return int(k)
 
-    def check_text(self, text: Any) -> str:
+    def text_tokens(self, text: Any) -> tuple[str, int]:
+        """(stripped text, its token count with start/end); refuses non-strings, empty texts and,
+        unless ``truncate_text``, texts longer than the context length."""
         if not isinstance(text, str):
             raise QueryError(f"text must be a string, got {type(text).__name__}")
         text = text.strip()
         if not text:
             raise QueryError("text query is empty")
         n = len(self.tokenizer.encode(text)) + 2
-        if n > self.context_length:
+        if n > self.context_length and not self.truncate_text:
             raise QueryError(f"text query has {n} tokens (with start/end), more than the model's context "
                              f"length {self.context_length}; shorten it")
-        return text
+        return text, n
 
-    def embed_text(self, text: str) -> np.ndarray:
-        text = self.check_text(text)
+    def check_text(self, text: Any) -> str:
+        return self.text_tokens(text)[0]
+
+    def embed_text(self, text: str, checked: bool = False) -> np.ndarray:
+        if not checked:
+            text = self.check_text(text)
         hit = self._cache.get(text)
         if hit is not None:
             return hit
         with self._lock:
-            v = embed_texts(self.model, [text], truncate=False).numpy()[0]
+            v = embed_texts(self.model, [text], truncate=self.truncate_text).numpy()[0]
         self._cache.put(text, v)
         return v
 
@@ -139,9 +149,9 @@ class Searcher:
         rows = self.index.rows([i for i, _ in pairs])
         return [Hit(i, s, r) for (i, s), r in zip(pairs, rows)]
 
-    def search_text(self, text: str, k: int = 10) -> list[Hit]:
+    def search_text(self, text: str, k: int = 10, checked: bool = False) -> list[Hit]:
         self.check_k(k)
-        return self.search_vector(self.embed_text(text), k)
+        return self.search_vector(self.embed_text(text, checked), k)
 
     def search_image(self, image: Image.Image, k: int = 10) -> list[Hit]:
         self.check_k(k)
@@ -156,8 +166,9 @@ class Searcher:
     def check_id(self, item_id: Any) -> int:
         if isinstance(item_id, bool) or not isinstance(item_id, (int, np.integer)):
             raise QueryError(f"item_id must be an integer, got {item_id!r}")
-        if not 0 <= item_id < self.index.ntotal:
-            raise QueryError(f"unknown item id {item_id} (ids are 0..{self.index.ntotal - 1})", status=404)
+        if not self.index.has(int(item_id)):
+            gone = " or deleted" if 0 <= item_id < self.index.ntotal else ""
+            raise QueryError(f"unknown{gone} item id {item_id} (ids are 0..{self.index.ntotal - 1})", status=404)
         return int(item_id)
 
     def item(self, item_id: Any) -> dict[str, Any]:

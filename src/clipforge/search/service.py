@@ -1,8 +1,24 @@
-"""HTTP search service (FastAPI): JSON API, thumbnails, and a static web page at ``/``.
+"""HTTP search service (FastAPI): JSON API, thumbnails, a static web page at ``/``, and
+clip-retrieval's back-end API (:mod:`.clip_back_api`: ``/knn-service``, ``/indices-list``,
+``/metadata``) so its ``ClipClient`` and front end work against a clipforge index. The plumbing
+both use (body cap, strict JSON, error bodies, worker pool) is :mod:`.http`.
 
 ``create_app`` loads the index once and wraps an already-loaded model, so tests build the app
-in-process and ``clipforge serve`` runs the same app under uvicorn. Errors are JSON
-(``{"detail": ...}``): 4xx for the caller's mistakes, 500 for anything else (the server lives on).
+in-process and ``clipforge serve`` runs the same app under uvicorn.
+
+Hostile input is cheap to refuse and never blocks the event loop:
+
+- bodies are capped (``max_json_bytes`` for JSON, ``max_upload_bytes`` for uploads and for
+  clip-retrieval's base64 images) before they are read: ``Content-Length`` over the cap -> 413 at
+  once, a chunked body -> 413 as soon as the cap is passed;
+- JSON parsing, tokenizing, embedding and searching run in a bounded thread pool
+  (``workers`` threads, at most ``max_pending`` requests queued: 503 beyond) with a per-request
+  ``request_timeout`` (503);
+- every malformed body is a 4xx with ``{"detail": str, "errors": [...] | null}`` (the shape the
+  OpenAPI schema declares): bad JSON, 100,000-deep nesting, lone surrogates, unknown fields.
+
+Image uploads need python-multipart; without it (``uploads=None`` detects it) uploads are off,
+multipart requests get 415 saying why, and the schema does not offer them.
 """
 
 from __future__ import annotations
@@ -13,30 +29,48 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..preprocess import ImageLoadError, load_image
-from .index import LoadedIndex
+from . import http
+from .clip_back_api import KNN_COLUMNS, add_clip_back_routes
+from .http import (ERRORS, BodyLimit, Busy, Limits, SafeJSONResponse, WorkerPool, check_unicode, decode_query_image,
+                   error_response, find_too_large, parse_json, whole)
+from .backend import SearchBackend
 from .searcher import Hit, QueryError, Searcher
-from .thumbnails import ThumbnailError, Thumbnailer
+from .thumbnails import Thumbnailer, ThumbnailError
 
 STATIC_DIR = Path(__file__).with_name("static")
 log = logging.getLogger("clipforge.search.service")
 
 
-class SearchRequest(BaseModel):
-    """Exactly one of ``text`` (a text query) or ``item_id`` (search by a result)."""
+# --- schemas (what the OpenAPI document promises) -------------------------------------------------
 
-    text: str | None = Field(None, description="text query", examples=["a dog running on the beach"])
-    item_id: int | None = Field(None, description="id of an indexed item: find similar items")
-    k: int = Field(10, description="number of results")
+
+def search_request_schema(max_k: int, ntotal: int) -> dict[str, Any]:
+    """The JSON /search body exactly as the handler takes it: one of text / item_id (the other
+    absent or null), k within bounds; a text longer than the model's context is truncated."""
+    k = {"type": "integer", "minimum": 1, "maximum": max_k, "default": 10, "description": "number of results"}
+    text = {"type": "string", "pattern": "\\S", "description": "text query (needs a non-space character; "
+            "tokens beyond the model's context length are dropped, and the response says so)",
+            "examples": ["a dog running on the beach"]}
+    item = {"type": "integer", "minimum": 0, "maximum": max(ntotal - 1, 0),
+            "description": "id of an indexed item: find similar items"}
+    null = {"type": "null"}
+    return {"title": "SearchRequest", "oneOf": [
+        {"type": "object", "additionalProperties": False, "required": ["text"],
+         "properties": {"text": text, "item_id": null, "k": k}},
+        {"type": "object", "additionalProperties": False, "required": ["item_id"],
+         "properties": {"item_id": item, "text": null, "k": k}},
+    ]}
 
 
 class SearchResult(BaseModel):
@@ -56,156 +90,208 @@ class SearchResponse(BaseModel):
     results: list[SearchResult]
 
 
-def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"detail": message, **extra}, status_code=status)
-
-
-def create_app(index: str | Path | LoadedIndex, model: torch.nn.Module,
+def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
                preprocess: Callable[[Image.Image], torch.Tensor] | None = None, *, max_k: int = 100,
-               max_upload_bytes: int = 10 * 2**20, query_cache: int = 1024, thumb_size: int = 256,
-               title: str = "clipforge search") -> FastAPI:
+               max_upload_bytes: int = 10 * 2**20, max_json_bytes: int = 256 * 2**10, workers: int = 4,
+               max_pending: int = 256, request_timeout: float = 30.0, query_cache: int = 1024,
+               thumb_size: int = 256, title: str = "clipforge search", index_name: str | None = None,
+               uploads: bool | None = None, max_result_ids: int = 10_000,
+               knn_columns: tuple[str, ...] = KNN_COLUMNS) -> FastAPI:
     """Build the service around ``model`` and the index at ``index`` (loaded here, once)."""
-    searcher = Searcher(index, model, preprocess, max_k=max_k, query_cache=query_cache)
+    for name, v in (("max_k", max_k), ("max_upload_bytes", max_upload_bytes), ("max_json_bytes", max_json_bytes),
+                    ("workers", workers), ("max_pending", max_pending), ("max_result_ids", max_result_ids)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if not request_timeout > 0:
+        raise ValueError(f"request_timeout must be > 0 seconds, got {request_timeout!r}")
+    has_multipart = http.multipart_available()
+    if uploads is None:
+        uploads = has_multipart
+        if not uploads:
+            log.warning("python-multipart is not installed: image uploads are disabled "
+                        "(pip install python-multipart)")
+    elif uploads and not has_multipart:
+        raise RuntimeError("image uploads need python-multipart: pip install 'clipforge[search]' "
+                           "(or pip install python-multipart), or disable uploads")
+    searcher = Searcher(index, model, preprocess, max_k=max_k, query_cache=query_cache, truncate_text=True)
     thumbs = Thumbnailer(size=thumb_size)
-    has_images = searcher.index.info["kind"] == "image"
-    app = FastAPI(title=title, version="1", description=(
+    info = searcher.index.info
+    has_images = info["kind"] == "image"
+    name = index_name or searcher.index.path.resolve().name or "index"
+    pool = WorkerPool(workers, max_pending, request_timeout)
+    offload = pool.run
+
+    app = FastAPI(title=title, version="1", default_response_class=SafeJSONResponse, description=(
         "Semantic search over an embedded collection with a CLIP model: text queries, image "
-        "uploads and search-by-result."))
+        "uploads and search-by-result. Also answers clip-retrieval's back-end API "
+        "(/knn-service, /indices-list, /metadata)."))
     app.state.searcher = searcher
     app.state.max_upload_bytes = max_upload_bytes
+    app.state.uploads = uploads
+    app.state.pool = pool  # worker threads; shut down with the process (or by the embedding caller)
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST"],
+                       allow_headers=["*"])  # clip-retrieval's front end runs on another origin
+    app.add_middleware(BodyLimit, limits=Limits(max_json_bytes, max_upload_bytes,
+                                                max(max_json_bytes, max_upload_bytes * 4 // 3 + 65536)))
 
     @app.middleware("http")
     async def never_die(request: Request, call_next):  # type: ignore[no-untyped-def]
         try:
             return await call_next(request)
-        except Exception as e:  # noqa: BLE001 - one bad request must not take the service down
+        except Exception as e:
+            if find_too_large(e) is not None:
+                raise  # BodyLimit answers 413
             log.exception("unhandled error on %s %s", request.method, request.url.path)
-            return _error(500, f"internal error: {type(e).__name__}: {e}")
+            return error_response(500, f"internal error: {type(e).__name__}: {e}")
 
     @app.exception_handler(QueryError)
-    async def query_error(_: Request, e: QueryError) -> JSONResponse:
-        return _error(e.status, str(e))
+    async def queryerror_response(_: Request, e: QueryError) -> JSONResponse:
+        return error_response(e.status, str(e))
 
     @app.exception_handler(ThumbnailError)
-    async def thumb_error(_: Request, e: ThumbnailError) -> JSONResponse:
-        return _error(e.status, str(e))
+    async def thumberror_response(_: Request, e: ThumbnailError) -> JSONResponse:
+        return error_response(e.status, str(e))
+
+    @app.exception_handler(Busy)
+    async def busy(_: Request, e: Busy) -> JSONResponse:
+        return error_response(503, str(e), headers={"Retry-After": "1"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def httperror_response(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return error_response(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def validationerror_response(_: Request, e: RequestValidationError) -> JSONResponse:
         errs = jsonable_encoder(e.errors(), custom_encoder={Exception: str})
         msg = "; ".join(f"{'.'.join(str(p) for p in er.get('loc', ()))}: {er.get('msg')}" for er in errs)
-        return _error(422, msg or "invalid request", errors=errs)
+        return error_response(422, msg or "invalid request", errors=errs)
 
     def result(h: Hit) -> dict[str, Any]:
         r = h.row
         return {"id": h.id, "score": round(h.score, 6), "key": r.get("key"), "caption": r.get("caption"),
                 "width": r.get("width"), "height": r.get("height"),
-                "image_url": f"/items/{h.id}/image" if has_images and r.get("path") else None}
+                "image_url": f"/items/{h.id}/image" if has_images and r.get("image_path") else None}
 
     def respond(query: dict[str, Any], k: int, hits: list[Hit], t0: float) -> dict[str, Any]:
         return {"query": query, "k": k, "took_ms": round(1000 * (time.perf_counter() - t0), 2),
                 "results": [result(h) for h in hits]}
 
-    search_body = {
-        "required": True,
-        "content": {
-            "application/json": {"schema": SearchRequest.model_json_schema()},
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["image"],
-                "properties": {"image": {"type": "string", "format": "binary", "description": "query image"},
-                               "k": {"type": "integer", "default": 10}}}},
-        },
-    }
+    def json_query(body: bytes) -> tuple[dict[str, Any], list[Hit], int]:
+        """Parse, validate and run a JSON /search body (in the pool: parsing and tokenizing are CPU work)."""
+        data = parse_json(body)
+        if not isinstance(data, dict):
+            raise QueryError("request body must be a JSON object like {\"text\": \"...\", \"k\": 10}")
+        unknown = set(data) - {"text", "item_id", "k"}
+        if unknown:
+            raise QueryError(f"unknown field(s) {sorted(unknown)}; use text or item_id, and k")
+        k = searcher.check_k(whole(data.get("k", 10)))
+        text, item_id = data.get("text"), whole(data.get("item_id"))
+        if (text is None) == (item_id is None):
+            raise QueryError("give exactly one of 'text' or 'item_id' (or upload an image as multipart)")
+        if text is not None:
+            if isinstance(text, str):
+                check_unicode(text)
+            text, n = searcher.text_tokens(text)
+            query = {"type": "text", "text": text}
+            if n > searcher.context_length:
+                query["truncated_from_tokens"] = n
+            return query, searcher.search_text(text, k, checked=True), k
+        item_id = searcher.check_id(item_id)
+        return {"type": "item", "item_id": item_id}, searcher.search_item(item_id, k), k
 
-    @app.post("/search", response_model=SearchResponse, openapi_extra={"requestBody": search_body},
-              summary="Search by text, by an uploaded image, or by an indexed item",
-              responses={404: {"description": "unknown item_id"}, 413: {"description": "upload too large"},
-                         415: {"description": "unsupported content type"}, 422: {"description": "bad query"}})
+    json_body = {"schema": search_request_schema(max_k, searcher.index.ntotal)}
+    content: dict[str, Any] = {"application/json": json_body}
+    if uploads:
+        content["multipart/form-data"] = {"schema": {
+            "type": "object", "required": ["image"], "additionalProperties": False,
+            "properties": {"image": {"type": "string", "format": "binary", "description": "query image"},
+                           "k": {"type": "integer", "default": 10, "minimum": 1, "maximum": max_k}}}}
+
+    @app.post("/search", response_model=SearchResponse, openapi_extra={"requestBody": {"required": True,
+                                                                                     "content": content}},
+              summary="Search by text, by an uploaded image, or by an indexed item", responses=ERRORS)
     async def search(request: Request) -> Any:
         t0 = time.perf_counter()
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "application/json":
-            try:
-                body = await request.json()
-            except ValueError as e:
-                return _error(400, f"request body is not valid JSON: {e}")
-            if not isinstance(body, dict):
-                return _error(422, "request body must be a JSON object like {\"text\": \"...\", \"k\": 10}")
-            unknown = set(body) - {"text", "item_id", "k"}
-            if unknown:
-                return _error(422, f"unknown field(s) {sorted(unknown)}; use text or item_id, and k")
-            k = searcher.check_k(body.get("k", 10))
-            if ("text" in body) == ("item_id" in body):
-                return _error(422, "give exactly one of 'text' or 'item_id' (or upload an image as multipart)")
-            if "text" in body:
-                text = searcher.check_text(body["text"])
-                hits = await run_in_threadpool(searcher.search_text, text, k)
-                return respond({"type": "text", "text": text}, k, hits, t0)
-            item_id = searcher.check_id(body["item_id"])
-            hits = await run_in_threadpool(searcher.search_item, item_id, k)
-            return respond({"type": "item", "item_id": item_id}, k, hits, t0)
+            body = await request.body()
+            query, hits, k = await offload(json_query, body)
+            return respond(query, k, hits, t0)
         if ctype == "multipart/form-data":
-            limit = app.state.max_upload_bytes
-            length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > limit + 65536:
-                return _error(413, f"upload of {int(length)} bytes exceeds the limit of {limit} bytes")
-            form = await request.form(max_files=1, max_fields=4)
-            try:
-                upload = form.get("image") or form.get("file")
-                if upload is None or isinstance(upload, str):
-                    return _error(422, "multipart request needs an 'image' file field")
-                k_field = form.get("k")
-                try:
-                    k = int(k_field) if isinstance(k_field, str) and k_field.strip() else 10
-                except ValueError:
-                    raise QueryError(f"k must be an integer, got {k_field!r}") from None
-                k = searcher.check_k(k)
-                data = await upload.read(limit + 1)
-            finally:
-                await form.close()
-            if len(data) > limit:
-                return _error(413, f"upload exceeds the limit of {limit} bytes")
-            if not data:
-                return _error(400, "uploaded file is empty")
-            name = upload.filename or "upload"
-            try:
-                img = await run_in_threadpool(load_image, data, name)
-            except ImageLoadError as e:
-                return _error(415, f"upload is not a readable image: {e}")
-            except Image.DecompressionBombError as e:
-                return _error(413, f"uploaded image has too many pixels: {e}")
-            hits = await run_in_threadpool(searcher.search_image, img, k)
-            return respond({"type": "image", "filename": name, "width": img.width, "height": img.height},
-                           k, hits, t0)
-        return _error(415, f"unsupported content type {ctype or '(none)'!r}: send application/json "
+            if not uploads:
+                return error_response(415, "image uploads are disabled on this server (python-multipart is not installed); "
+                                   "send application/json with 'text' or 'item_id'")
+            return await upload_query(request, t0)
+        return error_response(415, f"unsupported content type {ctype or '(none)'!r}: send application/json "
                            "or multipart/form-data with an 'image' file")
 
-    @app.get("/items/{item_id}", summary="Metadata of one indexed item")
-    async def item(item_id: int) -> dict[str, Any]:
+    async def upload_query(request: Request, t0: float) -> Any:
+        limit = max_upload_bytes
+        try:
+            form = await request.form(max_files=2, max_fields=16)
+        except StarletteHTTPException:
+            raise
+        except Exception as e:
+            if find_too_large(e) is not None:
+                raise
+            return error_response(400, f"malformed multipart body: {type(e).__name__}: {e}")
+        try:
+            unknown = sorted(set(form.keys()) - {"image", "file", "k"})
+            if unknown:
+                return error_response(422, f"unknown form field(s) {unknown[:5]}; send 'image' (a file) and optionally 'k'")
+            upload = form.get("image") or form.get("file")
+            if upload is None or isinstance(upload, str):
+                return error_response(422, "multipart request needs an 'image' file field")
+            k_field = form.get("k")
+            try:
+                k = int(k_field) if isinstance(k_field, str) and k_field.strip() else 10
+            except ValueError:
+                raise QueryError(f"k must be an integer, got {k_field!r}") from None
+            k = searcher.check_k(k)
+            data = await upload.read(limit + 1)
+        finally:
+            await form.close()
+        if len(data) > limit:
+            return error_response(413, f"upload exceeds the limit of {limit} bytes")
+        if not data:
+            return error_response(400, "uploaded file is empty")
+        fname = upload.filename or "upload"
+        img = await offload(decode_query_image, data, fname)
+        hits = await offload(searcher.search_image, img, k)
+        return respond({"type": "image", "filename": check_unicode(fname, "filename"), "width": img.width,
+                        "height": img.height}, k, hits, t0)
+
+    item_id_param = PathParam(..., ge=0, description="id of an indexed item")
+
+    @app.get("/items/{item_id}", summary="Metadata of one indexed item", responses=ERRORS)
+    async def item(item_id: int = item_id_param) -> dict[str, Any]:
         meta = searcher.item(item_id)
-        meta["image_url"] = f"/items/{item_id}/image" if has_images and meta.get("path") else None
+        meta["image_url"] = f"/items/{item_id}/image" if has_images and meta.get("image_path") else None
         return meta
 
     @app.get("/items/{item_id}/image", summary="JPEG thumbnail of an item, from its original file or shard",
-             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
-    async def item_image(item_id: int, size: int | None = None) -> Response:
-        if size is not None and not 16 <= size <= 1024:
-            raise QueryError(f"size must be between 16 and 1024, got {size}")
+             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, **ERRORS})
+    async def item_image(item_id: int = item_id_param,
+                         size: int | None = Query(None, ge=16, le=1024, description="longer side, pixels")) -> Response:
         meta = searcher.item(item_id)
         if not has_images:
             raise ThumbnailError(f"item {item_id} is a text; this index holds no images")
-        data = await run_in_threadpool(thumbs.thumbnail, item_id, meta, size)
+        data = await offload(thumbs.thumbnail, item_id, meta, size)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
 
     @app.get("/health", summary="Liveness and what is loaded")
     async def health() -> dict[str, Any]:
-        info = searcher.index.info
-        return {"status": "ok", "items": searcher.index.ntotal, "kind": info["kind"],
-                "index": {"type": info["type"], "factory": info["factory"], "nprobe": info["params"].get("nprobe"),
+        return {"status": "ok", "items": searcher.index.count(), "kind": info["kind"], "name": name,
+                "index": {"backend": info.get("backend", "faiss"), "type": info["type"], "factory": info["factory"],
+                          "nprobe": info["params"].get("nprobe"),
                           "recall_at_10": info.get("recall_at_10"), "mmap": searcher.index.mmap},
                 "model": model.config.name, "model_matches_index": searcher.model_matches,
-                "max_k": searcher.max_k, "max_upload_bytes": app.state.max_upload_bytes,
+                "max_k": searcher.max_k, "max_upload_bytes": max_upload_bytes, "max_json_bytes": max_json_bytes,
+                "uploads": uploads, "workers": workers, "request_timeout_s": request_timeout,
                 "query_cache": searcher.cache_stats}
+
+    add_clip_back_routes(app, searcher, thumbs, pool, name=name, max_upload_bytes=max_upload_bytes,
+                         max_result_ids=max_result_ids, knn_columns=knn_columns)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -213,4 +299,3 @@ def create_app(index: str | Path | LoadedIndex, model: torch.nn.Module,
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
-

@@ -11,6 +11,9 @@ from typing import Any, Callable, Iterator, Protocol
 
 from PIL import Image
 
+from ..data import open_pairs
+from ..data.shards import IMAGE_EXTS
+from ..data.tables import CAPTION_COLUMNS, IMAGE_COLUMNS, find_column, read_rows
 from ..preprocess import load_image
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -125,6 +128,47 @@ class TextFileSource:
         return {"type": "text-file", "path": str(self.path), "count": len(self.lines)}
 
 
+class ImageManifestSource:
+    """The images of a manifest that has no caption column (e.g. ``image,label``): embedding
+    images needs no captions. Key = the image cell; rows naming the same image count once."""
+
+    kind = "image"
+
+    def __init__(self, path: str | Path, columns: list[str], rows: list[tuple[int, dict[str, Any]]],
+                 split: str | None = None) -> None:
+        self.path = Path(path)
+        image_col = find_column(self.path, columns, IMAGE_COLUMNS, "image")
+        split_col = next((c for c in columns if c.lower() == "split"), None)
+        if split_col is not None and split is not None:
+            rows = [(n, r) for n, r in rows if str(r.get(split_col, "")).strip() == split]
+        self.keys: list[str] = []
+        seen: set[str] = set()
+        for _, row in rows:
+            rel = str(row.get(image_col) or "").strip()
+            if rel and rel not in seen:
+                seen.add(rel)
+                self.keys.append(rel)
+
+    @classmethod
+    def if_captionless(cls, path: str, split: str | None) -> "ImageManifestSource | None":
+        columns, rows = read_rows(path)
+        if any(c.lower() in CAPTION_COLUMNS for c in columns):
+            return None
+        return cls(path, columns, rows, split)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self) -> Iterator[Item]:
+        root = self.path.parent
+        for key in self.keys:
+            p = Path(key)
+            yield Item(key=key, path=str(p if p.is_absolute() else root / p))
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "image-manifest", "path": str(self.path.resolve()), "count": len(self.keys)}
+
+
 class PairDataSource:
     """Manifests (.csv/.tsv/.jsonl), WebDataset shards and ``builtin:`` sources through
     :func:`clipforge.data.open_pairs`, read in their natural order without shuffling.
@@ -136,10 +180,6 @@ class PairDataSource:
     """
 
     def __init__(self, spec: str, kind: str = "image", split: str | None = None) -> None:
-        try:
-            from ..data import open_pairs  # lazy: only manifest / shard inputs need clipforge.data
-        except ImportError as e:  # pragma: no cover - depends on the build
-            raise ValueError(f"reading {spec!r} needs clipforge.data, which is not available: {e}") from None
         if kind not in ("image", "text"):
             raise ValueError(f"kind must be 'image' or 'text', got {kind!r}")
         self.spec, self.kind, self.split = spec, kind, split
@@ -164,8 +204,6 @@ class PairDataSource:
                     yield Item(key=str(i), loader=(lambda i=i: p.get(i)))
             return
         # streams (WebDataset shards): raw records in shard order, decoded on demand
-        from ..data.shards import IMAGE_EXTS
-
         for rec in p.epoch_records(rank=0, world_size=1, shuffle=False, warn=False):
             shard = str(Path(rec.shard).resolve())
             ext = next((e for e in IMAGE_EXTS if rec.files.get(e) is not None), None)
@@ -229,6 +267,10 @@ def open_source(*, images: str | None = None, data: str | None = None, texts: st
             return PairDataSource(texts, kind="text", split=split)
         return TextFileSource(texts)
     assert data is not None
+    if data.lower().endswith(MANIFEST_SUFFIXES) and Path(data).is_file():
+        only_images = ImageManifestSource.if_captionless(data, split)
+        if only_images is not None:  # image,label manifests: captions are only metadata here
+            return only_images
     p = Path(data)
     if p.is_dir() and not any(p.glob("*.tar")) and not any(p.glob("*.csv")) and not any(p.glob("*.tsv")) \
             and not any(p.glob("*.jsonl")):

@@ -48,7 +48,7 @@ class Thumbnailer:
         return idx
 
     def original_bytes(self, row: dict[str, Any]) -> bytes:
-        path, member = row.get("path"), row.get("member")
+        path, member = row.get("image_path"), row.get("member")
         if not path:
             raise ThumbnailError(f"item {row.get('key')!r} has no image")
         try:
@@ -77,7 +77,7 @@ class Thumbnailer:
                 return hit
         data = self.original_bytes(row)
         try:
-            img = load_image(data, name=str(row.get("path")))
+            img = load_image(data, name=str(row.get("image_path")))
         except ValueError as e:
             raise ThumbnailError(str(e), status=500) from None
         img = img.convert("RGB")

@@ -4,14 +4,27 @@ Modules: ``config`` (TrainConfig), ``loss`` (symmetric InfoNCE, global-batch awa
 ``distributed`` (torchrun/DDP plumbing, feature gather), ``optim`` (AdamW grouping, cosine
 schedule), ``step`` (one optimiser step with contrastive-exact gradient accumulation),
 ``checkpoint`` (resumable training state), ``metrics`` (JSONL, TensorBoard, curves), ``signals``
-(graceful stop), ``evaluation`` (periodic zero-shot / validation), ``budget`` (fitting a run to
-a wall-time budget), ``loop`` (the run), ``demo`` and ``report`` (the built-in scenes demo).
-
+(graceful stop), ``evaluation`` (periodic zero-shot / validation through ``clipforge.eval``),
+``timing`` (seconds per step of a config on this machine), ``loop`` (the run).
+Other packages use only the names exported here (the demo lives in :mod:`clipforge.demo`).
 """
 
 from __future__ import annotations
 
+from .checkpoint import (capture_rng, checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
+                         prune_checkpoints, restore_rng, save_checkpoint)
 from .config import TrainConfig
-from .loop import train
+from .evaluation import SceneZeroShot, ValRetrieval, default_evaluator, task_accuracy
+from .loop import resolve_model_config, train
+from .loss import contrastive_loss
+from .metrics import MetricsLog
+from .optim import CosineWarmup, build_optimizer
+from .signals import StopRequest
+from .timing import measure_step_time
 
-__all__ = ["train", "TrainConfig"]
+__all__ = ["train", "TrainConfig", "resolve_model_config", "list_checkpoints", "measure_step_time",
+           "default_evaluator", "SceneZeroShot", "ValRetrieval", "task_accuracy", "contrastive_loss",
+           # building blocks other training-like runs reuse (clipforge.finetune): optimiser, schedule,
+           # resumable checkpoints, JSONL metrics, graceful stop
+           "build_optimizer", "CosineWarmup", "checkpoint_path", "latest_checkpoint", "save_checkpoint",
+           "load_checkpoint", "prune_checkpoints", "capture_rng", "restore_rng", "MetricsLog", "StopRequest"]

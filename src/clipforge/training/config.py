@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+from ..device import TRAIN_PRECISIONS as PRECISIONS
+from ..device import check_device_spec
+from ..data.tables import parse_separator
+from ..utils import read_json
+from ..utils.typed import coerce_fields
 
 # Fields that may differ between a run and its resumption (they do not change the optimisation).
 RESUMABLE_OVERRIDES = frozenset({
@@ -35,6 +39,9 @@ class TrainConfig:
     init: str | None = None
     data: str = "builtin:scenes"
     val_data: str | None = None
+    csv_separator: str | None = None  # open_clip's --csv-separator; None: .tsv tab, .csv sniffed
+    csv_img_key: str | None = None  # open_clip's --csv-img-key; None: auto-detected (filepath, image, ...)
+    csv_caption_key: str | None = None  # open_clip's --csv-caption-key; None: auto (title, caption, ...)
     steps: int = 1000
     batch_size: int = 128
     lr: float = 5e-4
@@ -44,7 +51,7 @@ class TrainConfig:
     warmup: int = 100
     grad_clip: float | None = None
     accum_steps: int = 1
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: str = "fp32"  # open_clip's names and meaning: see clipforge.device
     grad_checkpointing: bool = False
     lock_image: bool = False
     local_loss: bool = False
@@ -93,9 +100,20 @@ class TrainConfig:
         need(self.log_every >= 1, "log_every", "must be >= 1")
         need(self.eval_every >= 0, "eval_every", "must be >= 0 (0: off)")
         need(self.time_limit_minutes is None or self.time_limit_minutes > 0, "time_limit_minutes", "must be > 0")
-        need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
-             "must be auto, cpu, cuda or cuda:N")
+        try:
+            self.device = check_device_spec(self.device)
+        except ValueError as e:
+            need(False, "device", str(e))
         need(bool(self.data), "data", "a data spec is required")
+        try:
+            self.csv_separator = parse_separator(self.csv_separator)
+        except ValueError as e:
+            need(False, "csv_separator", str(e))
+
+    def data_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`clipforge.data.open_pairs` for this run's data specs."""
+        return {"csv_separator": self.csv_separator, "image_key": self.csv_img_key,
+                "caption_key": self.csv_caption_key}
 
     # --- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -113,6 +131,7 @@ class TrainConfig:
             if k not in known:
                 raise ValueError(f"{source}: unknown training option {key!r}; known: {', '.join(sorted(known))}")
             clean[k] = value
+        clean = coerce_fields(cls, clean, source)  # YAML's "5e-4" is a string: convert to the field type
         try:
             return cls(**clean)
         except TypeError as e:
@@ -132,8 +151,6 @@ class TrainConfig:
         path = Path(run_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"--resume {run_dir}: no config.json there (not a clipforge training run folder)")
-        from ..utils import read_json
-
         saved = cls.from_dict(read_json(path), source=str(path))
         return merge_for_resume(saved, overrides, str(run_dir))
 

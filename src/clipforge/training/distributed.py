@@ -2,8 +2,9 @@
 feature all-gather that lets every rank's loss see the global batch.
 
 Launch with ``torchrun --nproc-per-node N -m clipforge.cli.main train ...`` (or the ``clipforge``
-script): each process reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` from the environment and
-joins a NCCL (GPU) or Gloo (CPU) group. Without those variables training runs in one process.
+script), or one ``srun`` task per process under SLURM: each process finds its rank in the
+environment (:func:`clipforge.utils.rank_env`) and joins a NCCL (GPU) or Gloo (CPU) group.
+Without those variables training runs in one process.
 """
 
 from __future__ import annotations
@@ -15,61 +16,34 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..device import resolve_device
+from ..utils import RankEnv, rank_env
+
 
 @dataclass(frozen=True)
-class DistEnv:
-    """Where this process sits in the job."""
+class DistEnv(RankEnv):
+    """Where this process sits in the job (:class:`clipforge.utils.RankEnv`) and its device."""
 
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
-    """``auto`` picks the local GPU when there is one; ``cuda`` without a GPU is a clear error."""
-    if preference == "auto":
-        preference = "cuda" if torch.cuda.is_available() else "cpu"
-    if preference.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {preference!r} requested but no CUDA GPU is available")
-        if preference == "cuda":
-            return torch.device("cuda", local_rank)
-    return torch.device(preference)
 
 
 def init_distributed(device: str = "auto") -> DistEnv:
-    """Join the torchrun process group if the environment describes one (idempotent)."""
-    world_size = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
-    dev = resolve_device(device, local_rank)
-    if world_size > 1:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+    """Join the process group the environment describes (torchrun, or SLURM ``srun`` with
+    ``MASTER_ADDR``/``MASTER_PORT`` exported; see :func:`clipforge.utils.rank_env`). Idempotent."""
+    job = rank_env()
+    dev = resolve_device(device, job.local_rank)
+    if job.distributed:
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+        if missing:
+            raise ValueError(f"rank {job.rank} of {job.world_size} ({job.launcher}) but {' and '.join(missing)} "
+                             "not set: torchrun sets them; under srun export the first node's address and a free port")
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=job.rank,
+                                    world_size=job.world_size)
+    return DistEnv(rank=job.rank, world_size=job.world_size, local_rank=job.local_rank, launcher=job.launcher,
+                   device=dev)
 
 
 def shutdown_distributed(env: DistEnv) -> None:

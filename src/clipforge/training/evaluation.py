@@ -9,13 +9,17 @@ Both use the public ``clipforge.eval`` API; nothing here trains.
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from ..data import ClassificationTask, open_pairs, scene_tasks
+from ..eval import ZeroShotClassifier, embed_pairs, retrieval_metrics
 from ..models import CLIP
 from .config import TrainConfig
+from .loss import contrastive_loss
 
 Evaluator = Callable[[CLIP, int], dict[str, float]]
 
@@ -24,23 +28,13 @@ def is_builtin_scenes(spec: str) -> bool:
     return spec.strip().lower().startswith("builtin:scenes")
 
 
-def task_accuracy(model: CLIP, task: Any, batch_size: int = 256) -> float:
-    """Zero-shot top-1 accuracy of ``model`` on one ``ClassificationTask``."""
-    from ..eval.zeroshot import ZeroShotClassifier
-    from ..preprocess import image_transform
-
-    clf = ZeroShotClassifier(model, list(task.classnames), list(task.templates),
-                             preprocess=image_transform(model.config.preprocess), use_cache=False,
+def task_accuracy(model: CLIP, task: ClassificationTask, batch_size: int = 256) -> float:
+    """Zero-shot top-1 accuracy of ``model`` on one task (head built afresh: the weights change
+    between evaluations, so a disk cache would only fill up)."""
+    clf = ZeroShotClassifier(model, list(task.classnames), list(task.templates), use_cache=False,
                              batch_size=batch_size)
-    pred = clf.predict(_as_input(task.images)).cpu().numpy()
-    labels = np.asarray(task.labels)
-    return float((pred == labels).mean())
-
-
-def _as_input(images: Any) -> Any:
-    if isinstance(images, np.ndarray):
-        return torch.from_numpy(images)
-    return images
+    pred = clf.predict(task.images).cpu().numpy()
+    return float((pred == np.asarray(task.labels)).mean())
 
 
 class SceneZeroShot:
@@ -48,12 +42,10 @@ class SceneZeroShot:
 
     def __init__(self, n_per_class: int = 20, seed: int = 12345) -> None:
         self.n_per_class, self.seed = n_per_class, seed
-        self._tasks: dict[str, Any] | None = None
+        self._tasks: dict[str, ClassificationTask] | None = None
 
-    def tasks(self, image_size: int) -> dict[str, Any]:
+    def tasks(self, image_size: int) -> dict[str, ClassificationTask]:
         if self._tasks is None:
-            from ..data import scene_tasks
-
             self._tasks = scene_tasks(seed=self.seed, n_per_class=self.n_per_class, image_size=image_size)
         return self._tasks
 
@@ -68,18 +60,14 @@ class ValRetrieval:
     """Loss and Recall@1/5 on the first ``n`` images of a validation source (all their captions),
     read in the source's natural order, so every evaluation sees the same pairs."""
 
-    def __init__(self, spec: str, seed: int, n: int = 500, batch_size: int = 128) -> None:
+    def __init__(self, spec: str, seed: int, n: int = 500, batch_size: int = 128,
+                 data_options: dict[str, Any] | None = None) -> None:
         self.spec, self.seed, self.n, self.batch_size = spec, seed, n, batch_size
+        self.data_options = dict(data_options or {})
 
     @torch.inference_mode()
     def __call__(self, model: CLIP, step: int) -> dict[str, float]:
-        from itertools import islice
-
-        from ..data import open_pairs
-        from ..eval.retrieval import embed_pairs, retrieval_metrics
-        from .loss import contrastive_loss
-
-        source = open_pairs(self.spec, split="val", seed=self.seed)
+        source = open_pairs(self.spec, split="val", seed=self.seed, **self.data_options)
         feats = embed_pairs(model, islice(source.iter_samples(shuffle=False), self.n), batch_size=self.batch_size)
         if feats.image_features.shape[0] == 0:
             raise ValueError(f"validation data {self.spec!r} yielded no usable pairs")
@@ -99,7 +87,7 @@ def default_evaluator(config: TrainConfig) -> Evaluator | None:
     """The periodic evaluation that fits the run's data, or None when there is nothing to run."""
     parts: list[Evaluator] = []
     if config.val_data:
-        parts.append(ValRetrieval(config.val_data, config.seed))
+        parts.append(ValRetrieval(config.val_data, config.seed, data_options=config.data_options()))
     if is_builtin_scenes(config.data):
         parts.append(SceneZeroShot())
     if not parts:

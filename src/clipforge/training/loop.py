@@ -26,21 +26,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..checkpoints import load_model, save_model
 from ..config import CLIPConfig, get_model_config
+from ..data import SkipStats, make_pair_loader, open_pairs
+from ..device import cast_weights
 from ..models import CLIP, create_model
 from ..preprocess import image_transform
 from ..tokenizer import get_tokenizer
-from ..utils import read_json, write_json
+from ..utils import read_json, torch_threads, write_json
 from . import checkpoint as ckpt
 from .config import TrainConfig, merge_for_resume
 from .distributed import DistEnv, all_gather_object, any_rank, barrier, init_distributed, shutdown_distributed
+from .evaluation import Evaluator, default_evaluator
 from .loss import ClipLoss
 from .metrics import MetricsLog, peak_rss_mb, plot_curves
 from .optim import CosineWarmup, build_optimizer
 from .signals import StopRequest, exit_code, signals_blocked
 from .step import FeatureModel, TrainStep, make_grad_scaler
-
-Evaluator = Callable[[CLIP, int], dict[str, float]]
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,6 @@ def resolve_model_config(spec: str) -> CLIPConfig:
 def build_model(config: TrainConfig) -> CLIP:
     """A fresh model of ``config.model`` (seeded), or the weights of ``config.init`` (any format)."""
     if config.init:
-        from ..checkpoints import load_model
-
         return load_model(config.init)
     return create_model(resolve_model_config(config.model), seed=config.seed)
 
@@ -78,10 +78,9 @@ def build_model(config: TrainConfig) -> CLIP:
 def open_training_data(config: TrainConfig) -> tuple[Any, Any | None]:
     """Open (and so validate) the data specs before any model is built: a missing manifest or an
     empty shard pattern fails in a second, not after minutes of set-up."""
-    from ..data import open_pairs
-
-    train_source = open_pairs(config.data, split="train", seed=config.seed)
-    val_source = open_pairs(config.val_data, split="val", seed=config.seed) if config.val_data else None
+    opts = config.data_options()
+    train_source = open_pairs(config.data, split="train", seed=config.seed, **opts)
+    val_source = open_pairs(config.val_data, split="val", seed=config.seed, **opts) if config.val_data else None
     return train_source, val_source
 
 
@@ -135,7 +134,7 @@ class _Run:
             model.load_state_dict(state["model"])
         else:
             model = build_model(cfg)
-        model = model.to(env.device).train()
+        model = cast_weights(model.to(env.device), cfg.precision).train()  # bf16/fp16: weights cast
         if cfg.accum_steps > 1 and model.config.vision.kind == "resnet" and not cfg.lock_image:
             warnings.warn("gradient accumulation with a ResNet image tower: BatchNorm sees each micro-batch "
                           "separately when features are recomputed, so the gradient only approximates the "
@@ -153,8 +152,6 @@ class _Run:
         scaler = make_grad_scaler(cfg.precision, env.device)
         step_fn = TrainStep(model, module, ClipLoss(env, cfg.local_loss, cfg.gather_with_grad), optimizer,
                             cfg.precision, cfg.grad_clip, scaler)
-
-        from ..data import make_pair_loader
 
         loader = make_pair_loader(train_source, transform=image_transform(model.config.preprocess, train=True),
                                   tokenize=TokenizeCaptions(model.context_length), batch_size=cfg.batch_size,
@@ -299,8 +296,6 @@ class _Run:
         evals = [r for r in records if any(k.startswith("eval/") for k in r)]
         final_model = None
         if status != "interrupted":  # a signal means "resume later"; anything else ends the run
-            from ..checkpoints import save_model
-
             final_model = str(save_model(model, self.run_dir / "final.safetensors"))
         curves = plot_curves(records, self.run_dir / "curves.png", title=f"{model.config.name or cfg.model}")
         rates = [r["samples_per_s"] for r in train_records]
@@ -351,26 +346,10 @@ def _across_ranks(loss: float, loader: Any, env: DistEnv) -> tuple[float, int]:
 
 def _merge_stats(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     """Sum the per-rank skip statistics (counts by reason, a few example keys)."""
-    from ..data import SkipStats
-
     merged = SkipStats()
     for stats in per_rank:
         merged.merge(stats)
     return merged.to_dict()
-
-
-@contextlib.contextmanager
-def _threads(n: int | None):
-    """torch intra-op threads for the run, restored afterwards."""
-    if n is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager
@@ -405,10 +384,8 @@ def train(config: TrainConfig, *, should_stop: Callable[[int], bool] | None = No
     had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
     env = init_distributed(config.device)
     try:
-        with _deterministic(config.deterministic, env.device), _threads(config.threads):
+        with _deterministic(config.deterministic, env.device), torch_threads(config.threads):
             if evaluator is None and config.eval_every:
-                from .evaluation import default_evaluator
-
                 evaluator = default_evaluator(config)
             return _Run(config, env, should_stop, evaluator).run()
     finally:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import device as _device
 from ..models import CLIP
 from .loss import ClipLoss, scale_grad
 
@@ -41,24 +42,16 @@ class FeatureModel(nn.Module):
 
 
 def autocast_context(precision: str, device: torch.device) -> ContextManager[Any]:
-    """fp32: nothing; bf16: autocast on CPU or GPU; fp16: autocast on GPU only."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ValueError("precision fp16 needs a CUDA GPU (fp16 autocast with a gradient scaler); "
-                             "on CPU use --precision bf16 or fp32")
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
-    raise ValueError(f"unknown precision {precision!r} (expected fp32, bf16 or fp16)")
+    """Autocast for the ``amp*`` precisions (``amp``: float16, CUDA only); nothing otherwise.
+    The precision names and their meaning are open_clip's (see :mod:`clipforge.device`)."""
+    return _device.autocast(precision, device)
 
 
 def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
-    if precision != "fp16":
+    if not _device.get_precision(precision).grad_scaler:
         return None
     if device.type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA GPU; on CPU use --precision bf16 or fp32")
+        raise ValueError(f"precision {precision} needs a CUDA GPU; on CPU use amp_bf16, bf16 or fp32")
     return torch.amp.GradScaler("cuda")
 
 
@@ -94,8 +87,7 @@ class TrainStep:
     def compute_gradients(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """Accumulate into ``.grad`` the gradient of the contrastive loss over the union of
         ``batches`` (k micro-batches); returns the loss value."""
-        batches = [(im.to(self.device, non_blocking=True), ids.to(self.device, non_blocking=True))
-                   for im, ids in batches]
+        batches = [(_device.to_device(im, self.device), _device.to_device(ids, self.device)) for im, ids in batches]
         k = len(batches)
         if k == 1:
             images, ids = batches[0]

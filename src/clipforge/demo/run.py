@@ -23,15 +23,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..checkpoints import load_model
+from ..data import scene_retrieval_set
+from ..eval import retrieval_metrics
+from ..inference import embed_images, embed_texts
 from ..models import CLIP
-from ..utils import read_json, write_json
-from .budget import calibrate_step_time, plan_steps, thread_candidates
-from .checkpoint import list_checkpoints
-from .config import TrainConfig
+from ..training import (SceneZeroShot, TrainConfig, list_checkpoints, measure_step_time, resolve_model_config,
+                        train)
+from ..utils import read_json, torch_threads, write_json
+from .budget import OVERHEAD_S, plan_steps, thread_candidates
+from .report import write_report
 
 DEMO_MODEL = "tiny-vit-p16"
 EVAL_SEED = 2024          # the evaluation scenes; training draws from split "train" with its own seeds
-OVERHEAD_S = 30.0         # kept for start-up and evaluation (measured ~10 s; calibration is counted as it happens)
 
 
 @dataclass
@@ -49,6 +53,8 @@ class DemoSettings:
     warmup: int = 50
     num_workers: int = 1
     threads: int | None = None
+    device: str = "auto"
+    precision: str = "fp32"
     seed: int = 0
     eval_per_class: int = 50
     retrieval_n: int = 500
@@ -72,8 +78,6 @@ def _say(settings: DemoSettings, msg: str) -> None:
 def scenes_spec(settings: DemoSettings) -> str:
     """Training scenes rendered at the model's input size (no resampling blur); 200k distinct
     scenes, so a demo-length run never repeats one (they are generated on the fly, nothing is stored)."""
-    from .loop import resolve_model_config
-
     size = resolve_model_config(settings.model).vision.image_size
     return f"builtin:scenes?n=200000&size={size}"
 
@@ -86,18 +90,21 @@ def train_config(settings: DemoSettings, steps: int, time_limit_s: float | None,
         num_workers=settings.num_workers, seed=settings.seed, out=str(Path(settings.out) / "run"),
         save_every=max(steps // 4, 25), keep_last=1, log_every=max(1, min(20, steps // 30)),
         time_limit_minutes=time_limit_s / 60 if time_limit_s else None, progress=settings.progress,
-        threads=threads)
+        threads=threads, device=settings.device, precision=settings.precision)
 
 
 # --- evaluation -------------------------------------------------------------------------------------
 
 
-def zeroshot_results(model: CLIP, tasks: dict[str, Any]) -> list[dict[str, Any]]:
-    from .evaluation import task_accuracy
-
+def zeroshot_results(model: CLIP, n_per_class: int, seed: int = EVAL_SEED) -> list[dict[str, Any]]:
+    """Each scene task's accuracy beside its chance level, scored as training's periodic
+    evaluation scores them (:class:`clipforge.training.SceneZeroShot`) on scenes of ``seed``."""
+    scenes = SceneZeroShot(n_per_class=n_per_class, seed=seed)
+    tasks = scenes.tasks(model.image_size)
+    accuracy = scenes(model, step=0)
     rows = []
     for name, task in tasks.items():
-        acc = task_accuracy(model, task)
+        acc = accuracy[f"{name}_acc"]
         chance = float(task.chance)
         rows.append({"task": name, "classes": len(task.classnames), "n": len(task.labels),
                      "accuracy": acc, "chance": chance, "x_chance": acc / chance})
@@ -125,13 +132,9 @@ def chance_recall(n_candidates: int, n_relevant: int, k: int) -> float:
 def retrieval_results(model: CLIP, images: Sequence[Any], captions: Sequence[Any],
                       n_text_examples: int = 4, n_image_examples: int = 4) -> tuple[dict[str, Any], dict[str, Any]]:
     """Recall@1/5 both ways (with exact chance levels) and a few example queries for the report."""
-    from ..eval.retrieval import retrieval_metrics
-    from ..eval.zeroshot import embed_texts_length_sorted
-    from ..inference import embed_images
-
     texts, owner, per_image = _flatten_captions(captions)
     img = embed_images(model, images, batch_size=128)
-    txt = embed_texts_length_sorted(model, texts, batch_size=256)
+    txt = embed_texts(model, texts, batch_size=256)  # batched by token length
     m = retrieval_metrics(img, txt, owner, ks=(1, 5))
     n_img, n_txt = img.shape[0], txt.shape[0]
     metrics = {
@@ -184,6 +187,11 @@ def format_table(zs: list[dict[str, Any]], ret: dict[str, Any]) -> str:
 # --- the demo ---------------------------------------------------------------------------------------
 
 
+def _num(value: Any) -> float:
+    """A number read back from JSON, where a non-finite value is stored as null."""
+    return float("nan") if value is None else float(value)
+
+
 def _previous_run(run_dir: Path, settings: DemoSettings) -> str | None:
     """``finished`` / ``interrupted`` for an earlier demo run in ``run_dir`` with the same model,
     batch, learning rate and seed (None if there is none); a different one is an error."""
@@ -204,11 +212,6 @@ def _previous_run(run_dir: Path, settings: DemoSettings) -> str | None:
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
     """Train, evaluate and report; returns the results dict also written to ``results.json``."""
-    from ..checkpoints import load_model
-    from ..data import scene_retrieval_set, scene_tasks
-    from .loop import _threads, train
-    from .report import write_report
-
     settings = settings.resolved()
     started = time.time()
     out = Path(settings.out)
@@ -227,7 +230,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         if settings.steps is None or threads is None:
             candidates = [threads] if threads else thread_candidates()
             _say(settings, f"timing {settings.model} at batch {settings.batch_size} with {candidates} thread(s)...")
-            timing = calibrate_step_time(train_config(settings, 1000, None, None), candidates)
+            timing = measure_step_time(train_config(settings, 1000, None, None), candidates)
             threads = min(timing, key=timing.__getitem__)
             step_s = timing[threads]
             _say(settings, "step time: " + ", ".join(f"{t} thread(s) {s:.2f} s" for t, s in timing.items()))
@@ -246,9 +249,8 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     size = model.image_size
     _say(settings, "evaluating on held-out scenes...")
     threads = threads or TrainConfig.from_dict(read_json(run_dir / "config.json")).threads
-    with _threads(threads):
-        tasks = scene_tasks(seed=EVAL_SEED, n_per_class=settings.eval_per_class, image_size=size)
-        zs = zeroshot_results(model, tasks)
+    with torch_threads(threads):
+        zs = zeroshot_results(model, settings.eval_per_class)
         images, captions = scene_retrieval_set(n=settings.retrieval_n, seed=EVAL_SEED, image_size=size)
         ret, examples = retrieval_results(model, images, captions)
     eval_done = time.time()
@@ -271,7 +273,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     heldout = next((r for r in zs if r["task"] == "heldout_colour_shape"), None)
     lines = [f"model {model.config.name} ({model.num_parameters()['total'] / 1e6:.1f} M parameters), "
              f"{summary.get('steps_done')} steps of batch {settings.batch_size} "
-             f"({summary.get('samples_seen')} pairs), final loss {summary.get('final_loss', float('nan')):.3f}",
+             f"({summary.get('samples_seen')} pairs), final loss {_num(summary.get('final_loss')):.3f}",
              f"wall time {wall / 60:.1f} min (training {summary.get('wall_time_s', 0) / 60:.1f} min)"]
     if heldout:
         lines.append(f"held-out colour-shape accuracy {heldout['accuracy']:.3f} = {heldout['x_chance']:.1f}x chance")

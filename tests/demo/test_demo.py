@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from clipforge.training.demo import DemoSettings, chance_recall, run_demo
+from clipforge.demo import DemoSettings, chance_recall, plan_steps, run_demo
 
 
 def test_chance_recall_is_exact():
@@ -18,7 +18,14 @@ def test_chance_recall_is_exact():
     assert chance_recall(4, 1, 5) == 1.0
 
 
+def test_plan_steps_fits_the_budget():
+    assert plan_steps(60.0, 0.5) == 120
+    assert plan_steps(5.0, 1.0) == 20            # never fewer than the minimum
+    assert plan_steps(5.0, 1.0, minimum=1) == 5
+
+
 def test_tiny_demo_writes_report_and_reuses_finished_run(tmp_path):
+    # threads=1: the demo's own switch (training and evaluation run on one thread)
     settings = DemoSettings(out=str(tmp_path / "demo"), steps=6, quick=True, batch_size=16, threads=1,
                             eval_per_class=4, retrieval_n=20, progress=False)
     res = run_demo(settings)

@@ -1,0 +1,113 @@
+"""``clipforge info CKPT``: what a checkpoint is, read without loading the weights into a model.
+
+Format, architecture (zoo name when the shapes and activation equal one), parameter counts, the
+preprocessing and tokenizer its weights expect, the activation (and whether the file records it
+or it is assumed), and a training summary when the checkpoint or its run folder records one
+(clipforge training checkpoints and run folders, open_clip's ``epoch_N.pt``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .options import existing_path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="print what a checkpoint is: format, architecture, parameters, "
+                                    "preprocessing, tokenizer, training summary",
+                       description="Reads a checkpoint in any supported format (clipforge, OpenAI incl. "
+                                   "TorchScript, OpenCLIP, Hugging Face) and describes it.")
+    p.add_argument("checkpoint", type=existing_path, help="checkpoint file or folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=run)
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """The record ``clipforge info`` prints."""
+    from ..checkpoints import read_checkpoint
+    from ..config import available_models
+    from ..models import CLIP
+
+    sd, info = read_checkpoint(path)
+    cfg = info.config
+    with torch.device("meta"):  # parameter counts from the architecture (BatchNorm buffers are not parameters)
+        n = CLIP(cfg).num_parameters()
+    dtypes = Counter(str(v.dtype).removeprefix("torch.") for v in sd.values() if v.is_floating_point())
+    scale = sd.get("logit_scale")
+    c = cfg.to_dict()
+    return {
+        "path": str(path), "weights": str(info.weights), "format": info.format,
+        "architecture": cfg.name if cfg.name in available_models() else (cfg.name or "custom"),
+        "parameters": {k: n[k] for k in ("total", "image", "text")},
+        "dtype": dtypes.most_common(1)[0][0] if dtypes else None,
+        "embed_dim": cfg.embed_dim, "vision": c["vision"], "text": c["text"],
+        "activation": cfg.activation, "activation_recorded": "activation" not in info.assumed,
+        "assumed": list(info.assumed),  # config fields the file does not record (defaults filled in)
+        "logit_scale_exp": round(float(scale.float().exp()), 4) if scale is not None else None,
+        "preprocess": c["preprocess"],
+        "tokenizer": {**c["tokenizer"], "vocab_size": cfg.text.vocab_size},
+        "training": training_summary(info.weights, info.extras),
+    }
+
+
+def training_summary(weights: Path, extras: dict[str, Any]) -> dict[str, Any] | None:
+    """From the checkpoint's own training fields, else the run folder's ``summary.json``."""
+    out: dict[str, Any] = {}
+    for key in ("step", "epoch", "name"):
+        if key in extras:
+            out[key] = extras[key]
+    tc = extras.get("train_config")
+    if isinstance(tc, dict):
+        out.update({k: tc[k] for k in ("model", "data", "steps", "batch_size", "lr") if k in tc})
+    losses = [r for r in extras.get("metrics", []) if isinstance(r, dict) and "loss" in r]
+    if losses:
+        out["last_logged"] = {k: losses[-1][k] for k in ("step", "loss") if k in losses[-1]}
+    summary = weights.parent / "summary.json"
+    if not out and summary.is_file():
+        from ..utils import read_json
+
+        s = read_json(summary)
+        keep = ("status", "steps_done", "steps", "model", "data", "samples_seen", "global_batch", "final_loss",
+                "final_temperature", "wall_time_s", "last_eval")
+        out = {k: s[k] for k in keep if k in s}
+        out["source"] = str(summary)
+    return out or None
+
+
+def run(args: argparse.Namespace) -> int:
+    rec = describe(args.checkpoint)
+    if args.json:
+        print(json.dumps(rec, indent=2))
+        return 0
+    v, t, p, n = rec["vision"], rec["text"], rec["preprocess"], rec["parameters"]
+    tower = (f"ViT {v['layers']} layers x {v['width']} wide, {v['heads']} heads, patch {v['patch_size']}"
+             if v["kind"] == "vit" else f"ResNet stages {v['layers']}, width {v['width']}")
+    lines = [
+        ("format", rec["format"]), ("weights", rec["weights"]), ("architecture", rec["architecture"]),
+        ("parameters", f"{n['total'] / 1e6:.2f} M (image {n['image'] / 1e6:.2f} M, text {n['text'] / 1e6:.2f} M), "
+                       f"{rec['dtype']}"),
+        ("embed dim", rec["embed_dim"]), ("image tower", tower),
+        ("text tower", f"{t['layers']} layers x {t['width']} wide, {t['heads']} heads"),
+        ("activation", rec["activation"] + ("" if rec["activation_recorded"] else " (not recorded: assumed)")),
+        ("image size", p["image_size"]),
+        ("preprocess", f"{p['resize_mode']} resize, {p['interpolation']}, mean {tuple(p['mean'])}, "
+                       f"std {tuple(p['std'])}"),
+        ("tokenizer", f"{rec['tokenizer']['kind']}, context length {rec['tokenizer']['context_length']}, "
+                      f"vocabulary {rec['tokenizer']['vocab_size']}"),
+        ("logit scale", f"exp = {rec['logit_scale_exp']}"),
+    ]
+    if rec["assumed"]:
+        lines.append(("not recorded", ", ".join(rec["assumed"]) + " (defaults assumed; pass a config to be sure)"))
+    if rec["training"]:
+        lines.append(("training", ", ".join(f"{k} {val}" for k, val in rec["training"].items())))
+    width = max(len(k) for k, _ in lines)
+    for k, val in lines:
+        print(f"{k:<{width}}  {val}")
+    return 0

@@ -1,0 +1,15 @@
+"""``clipforge demo``: train a tiny CLIP on the built-in captioned scenes within a wall-time budget
+on a CPU (``clipforge.training``), then measure what it learned on scenes it never saw
+(``clipforge.eval``) and write a report folder.
+
+Modules: ``run`` (settings, the run, the measurements), ``budget`` (thread counts to try, steps
+that fit the budget), ``report`` (the self-contained HTML page).
+"""
+
+from __future__ import annotations
+
+from .budget import plan_steps, thread_candidates
+from .run import DemoSettings, chance_recall, format_table, retrieval_results, run_demo, zeroshot_results
+
+__all__ = ["DemoSettings", "run_demo", "zeroshot_results", "retrieval_results", "format_table", "chance_recall",
+           "plan_steps", "thread_candidates"]

@@ -1,0 +1,269 @@
+"""clip-retrieval's back-end API (``clip_retrieval/clip_back.py``, 2.45.0) over a clipforge index,
+so its ``ClipClient`` and its front end (clip-front) work against ``clipforge serve``:
+
+- ``POST /knn-service``: the request ``ClipClient`` and clip-front send (any content type, like
+  clip_back's ``get_json(force=True)``); results are clip_back's: the first ``num_images`` with the
+  metadata columns ``url``/``image_path``/``caption``/``NSFW`` that exist plus ``image`` (base64
+  JPEG: our thumbnail, where clip_back re-encodes the full image), then ``id`` and ``similarity``;
+  the rest up to ``num_result_ids`` with ``id`` and ``similarity`` only. ``deduplicate`` is
+  clip_back's (cosine >= 0.94 components over the result embeddings).
+- ``GET /indices-list``: ``[name]``;  ``POST /metadata``: ``[{"id", "metadata"}]`` for ids.
+
+Differences, each refused with a clear 4xx instead of clip_back's 500: one index per server (an
+unknown ``indice_name`` or a ``modality`` it does not hold is 404); ``image_url`` is refused (this
+server fetches no URLs); ``embedding_input`` must be ``dim`` numbers in [-1, 1]. Accepted and
+ignored (no such models here): ``use_mclip``, ``use_safety_model``, ``use_violence_detector``,
+``aesthetic_score``/``aesthetic_weight``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from .http import ERRORS, WorkerPool, check_unicode, decode_query_image, parse_json, whole
+from .searcher import QueryError, Searcher
+from .thumbnails import ThumbnailError, Thumbnailer
+
+KNN_COLUMNS = ("url", "image_path", "caption", "NSFW")  # clip_back's default columns_to_return
+
+
+class KnnRequest(BaseModel):
+    """clip-retrieval's ``/knn-service`` request (``ClipClient`` and its front end send all of it);
+    validated strictly so a wrong type is a 422, never coerced."""
+
+    model_config = ConfigDict(strict=True)
+    text: str | None = None
+    image: str | None = None
+    image_url: str | None = None
+    embedding_input: list[float] | None = None
+    modality: str                    # required, as clip_back reads them with json_data[...]
+    num_images: int = Field(ge=0)
+    indice_name: str | None
+    num_result_ids: int | None = Field(None, ge=0)
+    use_mclip: bool | None = False
+    deduplicate: bool | None = False
+    use_safety_model: bool | None = False
+    use_violence_detector: bool | None = False
+    aesthetic_score: int | str | None = ""
+    aesthetic_weight: float | str | None = ""
+
+
+def knn_request_schema(kind: str, name: str, dim: int, max_images: int, max_ids: int) -> dict[str, Any]:
+    """What ``/knn-service`` takes: exactly one of a text, a base64 image or an embedding
+    (clip_back's precedence: a non-empty text, then the image, then the embedding)."""
+    null = {"type": "null"}
+    no_text = {"anyOf": [null, {"type": "string", "maxLength": 0}]}
+    flag = {"anyOf": [{"type": "boolean"}, null]}
+    common = {
+        "modality": {"type": "string", "enum": [kind], "description": "which index to search (this server: one)"},
+        "num_images": {"type": "integer", "minimum": 0, "maximum": max_images,
+                       "description": "results returned with their metadata"},
+        "num_result_ids": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": max_ids}, null],
+                           "description": "results returned (ids and similarities); default num_images"},
+        "indice_name": {"anyOf": [{"type": "string", "enum": [name]}, null]},
+        "use_mclip": flag, "deduplicate": flag,
+        "use_safety_model": {**flag, "description": "accepted, no safety model here"},
+        "use_violence_detector": {**flag, "description": "accepted, no violence detector here"},
+        "aesthetic_score": {"anyOf": [{"type": "integer"}, {"type": "string"}, null],
+                            "description": "accepted, ignored (no aesthetic embeddings here)"},
+        "aesthetic_weight": {"anyOf": [{"type": "number"}, {"type": "string"}, null],
+                             "description": "accepted, ignored"},
+        "image_url": {**null, "description": "not supported: this server fetches no URLs"},
+    }
+    text = {"type": "string", "pattern": "\\S", "description": "text query (truncated to the model's context)"}
+    image = {"type": "string", "format": "byte", "minLength": 4, "description": "base64 image (JPEG, PNG, ...)",
+             "pattern": "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"}
+    ignored = {"description": "ignored when a text is given (clip_back's precedence)"}
+    emb = {"type": "array", "minItems": dim, "maxItems": dim, "items": {"type": "number", "minimum": -1, "maximum": 1},
+           "description": "query embedding (searched as given, like clip_back)"}
+    return {"title": "KnnRequest", "type": "object", "required": ["modality", "num_images", "indice_name"],
+            "oneOf": [
+        {"required": ["text"], "properties": {**common, "text": text,
+                                              "image": {"anyOf": [{"type": "string"}, null], **ignored},
+                                              "embedding_input": {"anyOf": [{"type": "array", "items": {
+                                                  "type": "number"}}, null], **ignored}}},
+        {"required": ["image"], "properties": {**common, "text": no_text, "image": image,
+                                               "embedding_input": {"anyOf": [emb, null]}}},
+        {"required": ["embedding_input"], "properties": {**common, "text": no_text, "image": null,
+                                                          "embedding_input": emb}},
+    ]}
+
+
+def metadata_request_schema(name: str, ntotal: int, max_ids: int) -> dict[str, Any]:
+    return {"title": "MetadataRequest", "type": "object", "required": ["ids"], "properties": {
+        "ids": {"type": "array", "maxItems": max_ids,
+                "items": {"type": "integer", "minimum": 0, "maximum": max(ntotal - 1, 0)}},
+        "indice_name": {"anyOf": [{"type": "string", "enum": [name]}, {"type": "null"}]}}}
+
+
+class MetadataRequest(BaseModel):
+    model_config = ConfigDict(strict=True)
+    ids: list[int]
+    indice_name: str | None = None
+
+
+def add_clip_back_routes(app: FastAPI, searcher: Searcher, thumbs: Thumbnailer, pool: WorkerPool, *,
+                         name: str, max_upload_bytes: int, max_result_ids: int,
+                         knn_columns: tuple[str, ...] = KNN_COLUMNS) -> None:
+    """Register /knn-service, /indices-list and /metadata on ``app``."""
+    info = searcher.index.info
+    has_images = info["kind"] == "image"
+    offload = pool.run
+    decode_image = decode_query_image
+    max_k = searcher.max_k
+
+    def thumb_b64(item_id: int, row: dict[str, Any]) -> str | None:
+        """clip_back sends the local image as base64 JPEG under ``image``; we send the thumbnail."""
+        if not has_images or not row.get("image_path"):
+            return None
+        try:
+            return base64.b64encode(thumbs.thumbnail(item_id, row)).decode("ascii")
+        except ThumbnailError:
+            return None
+
+    def knn_meta(item_id: int, row: dict[str, Any]) -> dict[str, Any]:
+        out = {c: row[c] for c in knn_columns if c in row}
+        img = thumb_b64(item_id, row)
+        if img is not None:
+            out["image"] = img
+        return out
+
+    def check_embedding(values: list[float]) -> np.ndarray:
+        emb = np.asarray(values, dtype=np.float64)
+        if emb.shape != (info["dim"],) or not (np.abs(emb) <= 1).all():
+            raise QueryError(f"embedding_input must be {info['dim']} numbers within [-1, 1] (an L2-normalised "
+                             f"embedding), got {emb.shape[0]} numbers")
+        return emb.astype(np.float32)
+
+    def clip_retrieval_request(body: bytes, model_cls: type[BaseModel], int_fields: tuple[str, ...]) -> Any:
+        """Parse and strictly validate a clip-retrieval request; integers may come as whole floats;
+        an ``indice_name`` must be this server's."""
+        data = parse_json(body)
+        if not isinstance(data, dict):
+            raise QueryError(f"request body must be a JSON object ({model_cls.__name__})")
+        for f in int_fields:
+            if isinstance(data.get(f), list):
+                data[f] = [whole(v) for v in data[f]]
+            elif f in data:
+                data[f] = whole(data[f])
+        try:
+            req = model_cls.model_validate(data)
+        except ValueError as e:
+            raise QueryError(f"invalid {model_cls.__name__}: {e}".replace("\n", "; ")) from None
+        if req.indice_name is not None and req.indice_name != name:
+            raise QueryError(f"unknown indice_name {req.indice_name!r}; this server has {[name]}", status=404)
+        return req
+
+    def knn_query(body: bytes) -> list[dict[str, Any]]:
+        req = clip_retrieval_request(body, KnnRequest, ("num_images", "num_result_ids", "aesthetic_score"))
+        if req.modality != info["kind"]:
+            raise QueryError(f"modality {req.modality!r} is not available: index {name!r} holds "
+                             f"{info['kind']} embeddings (use modality {info['kind']!r})", status=404)
+        num_images = req.num_images
+        num_ids = req.num_result_ids if req.num_result_ids is not None else num_images
+        if num_images > searcher.max_k:
+            raise QueryError(f"num_images must be at most {searcher.max_k}, got {num_images}")
+        if num_ids > max_result_ids:
+            raise QueryError(f"num_result_ids must be at most {max_result_ids}, got {num_ids}")
+        # clip_back's precedence: a non-empty text, then the image, then the embedding; the inputs
+        # below the one used are checked (as the schema says) only when they are the query
+        if req.image_url is not None:
+            raise QueryError("image_url queries are not supported (this server fetches no URLs): "
+                             "send the image base64-encoded in 'image'")
+        if req.text is not None and req.text != "":
+            query = searcher.embed_text(check_unicode(req.text))  # truncated to the context, like clip_back
+        elif req.image is not None:
+            if req.embedding_input is not None:
+                check_embedding(req.embedding_input)
+            try:
+                raw = base64.b64decode(req.image, validate=True)
+            except (binascii.Error, ValueError):
+                raise QueryError("'image' is not valid base64") from None
+            if len(raw) > max_upload_bytes:
+                raise QueryError(f"image exceeds the limit of {max_upload_bytes} bytes", status=413)
+            query = searcher.embed_image(decode_image(raw, "image"))
+        elif req.embedding_input is not None:
+            query = check_embedding(req.embedding_input)
+        else:
+            raise QueryError("must fill one of text, image and embedding_input")
+        if num_ids == 0:
+            return []
+        scores, ids = searcher.index.search(query[None, :], num_ids)
+        keep = ids[0] >= 0
+        scores, ids = scores[0][keep], ids[0][keep]
+        if req.deduplicate and len(ids):
+            drop = near_duplicates(np.stack([searcher.index.vector(int(i)) for i in ids]))
+            sel = np.array([j for j in range(len(ids)) if j not in drop], dtype=np.int64)
+            scores, ids = scores[sel], ids[sel]
+        rows = searcher.index.rows(ids[:num_images].tolist())
+        out = []
+        for j, (i, s) in enumerate(zip(ids.tolist(), scores.tolist())):
+            r = knn_meta(i, rows[j]) if j < len(rows) else {}
+            r["id"] = i
+            r["similarity"] = s
+            out.append(r)
+        return out
+
+    @app.post("/knn-service", summary="clip-retrieval's nearest-neighbour query (ClipClient, clip-front)",
+              response_model=list[dict[str, Any]], responses=ERRORS,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": knn_request_schema(info["kind"], name, info["dim"], max_k,
+                                                                   max_result_ids)}}}})
+    async def knn_service(request: Request) -> Any:
+        return await offload(knn_query, await request.body())  # any content type, like clip_back's force=True
+
+    @app.get("/indices-list", summary="clip-retrieval's list of index names", response_model=list[str])
+    async def indices_list() -> list[str]:
+        return [name]
+
+    def metadata_query(body: bytes) -> list[dict[str, Any]]:
+        req = clip_retrieval_request(body, MetadataRequest, ("ids",))
+        if not req.ids:
+            return []
+        if len(req.ids) > max_result_ids:
+            raise QueryError(f"at most {max_result_ids} ids per request, got {len(req.ids)}")
+        ids = [searcher.check_id(i) for i in req.ids]
+        rows = searcher.index.rows(ids)
+        return [{"id": i, "metadata": knn_meta(i, r)} for i, r in zip(ids, rows)]
+
+    @app.post("/metadata", summary="clip-retrieval's metadata of result ids (clip-front)",
+              response_model=list[dict[str, Any]], responses=ERRORS,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": metadata_request_schema(name, searcher.index.ntotal,
+                                                                         max_result_ids)}}}})
+    async def metadata(request: Request) -> Any:
+        return await offload(metadata_query, await request.body())
+
+
+def near_duplicates(vectors: np.ndarray, threshold: float = 0.94) -> set[int]:
+    """clip_back's ``connected_components_dedup``: rows joined by cosine >= ``threshold`` form
+    groups; all but each group's first row (in result order) are dropped."""
+    import faiss
+
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    flat = faiss.IndexFlatIP(x.shape[1])
+    flat.add(x)
+    lims, _, nbr = flat.range_search(x, threshold)
+    neighbours = {i: [int(j) for j in nbr[lims[i]:lims[i + 1]]] for i in range(len(x))}
+    seen: set[int] = set()
+    drop: set[int] = set()
+    for start in range(len(x)):
+        if start in seen:
+            continue
+        stack, group = [start], []
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            group.append(node)
+            stack.extend(j for j in neighbours.get(node, []) if j not in seen)
+        drop.update(g for g in group if g != start)
+    return drop
