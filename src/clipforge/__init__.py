@@ -11,6 +11,7 @@ from __future__ import annotations
 from .checkpoints import convert, load, load_model, save_model
 from .config import (CLIPConfig, PreprocessConfig, TextConfig, TokenizerConfig, VisionConfig,
                      available_models, get_model_config)
+from .fast import set_backend
 from .inference import embed_images, embed_texts
 from .models import CLIP, create_model
 from .preprocess import ImageLoadError, image_transform, load_image
@@ -36,5 +37,5 @@ __all__ = [
     "CLIP", "CLIPConfig", "VisionConfig", "TextConfig", "PreprocessConfig", "TokenizerConfig",
     "available_models", "get_model_config", "create_model", "load", "load_model", "save_model", "convert",
     "tokenize", "decode", "get_tokenizer", "image_transform", "load_image", "ImageLoadError",
-    "embed_images", "embed_texts", "ZeroShotClassifier", "train", "TrainConfig", "__version__",
+    "embed_images", "embed_texts", "set_backend", "ZeroShotClassifier", "train", "TrainConfig", "__version__",
 ]
