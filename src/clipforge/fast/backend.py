@@ -144,7 +144,7 @@ def machine_key() -> dict[str, str]:
     cpu = cpu or platform.processor() or platform.machine()
     isa = torch.backends.cpu.get_cpu_capability()
     return {"cpu": cpu, "isa": isa, "cpu_flags_sha1": hashlib.sha1(flags.encode()).hexdigest()[:12],
-            "torch": torch.__version__}
+            "torch": str(torch.__version__)}
 
 
 def cache_dir() -> Path:
