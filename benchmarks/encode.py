@@ -26,8 +26,7 @@ from _common import (alternate, environment, matmul_peak_gflops, openai_referenc
 import clipforge  # noqa: E402
 from clipforge.checkpoints import hf as hf_format, openai as openai_format  # noqa: E402
 from clipforge.inference import optimize_for_inference  # noqa: E402
-from clipforge.models.linear import (fastest_precision, matmul_speed_by_precision,  # noqa: E402
-                                     onednn_linear_is_faster)
+from clipforge.fast import backend_record, fastest_precision, matmul_speed_by_precision  # noqa: E402
 
 
 def cosine_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -36,7 +35,7 @@ def cosine_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def linear_backend() -> str:
-    return "onednn" if onednn_linear_is_faster() else "torch (BLAS)"
+    return "onednn" if backend_record()["linear"] == "onednn" else "torch (BLAS)"
 
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -68,7 +67,7 @@ def text_gflops(model: clipforge.CLIP, ids: torch.Tensor) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as fc, torch.inference_mode():
-        model.encode_text(ids)
+        model.encode_text(ids[:, : int(ids.argmax(-1).max()) + 1])  # the batch trimmed after its last EOT
     return fc.get_total_flops() / 1e9 / len(ids)
 
 
@@ -210,7 +209,7 @@ def main() -> None:
         print("\nreduced precision vs fp32, min cosine of embeddings: "
               + ", ".join(f"{k} {v:.4f}" for k, v in agreement.items()))
     path = write_results("encode", {"env": environment(), "matmul_gflops": peaks,
-                                        "linear_backend": linear_backend(),
+                                        "linear_backend": linear_backend(), "backend": backend_record(),
                                         "precision_probe_gflops": matmul_speed_by_precision(),
                                         "reduced_precision_min_cosine_vs_fp32": agreement, "rows": rows})
     print(f"\nwrote {path}")

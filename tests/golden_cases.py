@@ -35,3 +35,17 @@ def build_case(name: str):
     size = cfg.vision.image_size
     images = torch.randn(4, 3, size, size, generator=g)
     return model, images, tokenize(TEXTS)
+
+
+def compute_case(name: str) -> dict[str, torch.Tensor]:
+    """The plain model's outputs for a case, computed on one thread (a BLAS may split a product's
+    sums differently with more threads, so the thread count is fixed rather than recorded)."""
+    model, images, ids = build_case(name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return {"image": model.encode_image(images), "text": model.encode_text(ids),
+                    "logits": model(images, ids)[0]}
+    finally:
+        torch.set_num_threads(threads)

@@ -12,10 +12,12 @@ from .checkpoints import convert, load, load_model, save_model
 from .config import (CLIPConfig, PreprocessConfig, TextConfig, TokenizerConfig, VisionConfig,
                      available_models, get_model_config)
 from .factory import create_model_and_transforms
+from .fast import set_backend
 from .inference import embed_images, embed_texts
+from .longtext import encode_text_long
 from .models import CLIP, create_model
 from .preprocess import ImageLoadError, image_transform, load_image
-from .tokenizer import decode, get_tokenizer, tokenize
+from .tokenizer import LongTextWarning, TextWindows, decode, get_tokenizer, tokenize
 
 __version__ = "0.1.0"
 
@@ -37,5 +39,6 @@ __all__ = [
     "available_models", "get_model_config", "create_model", "create_model_and_transforms", "load", "load_model",
     "save_model", "convert",
     "tokenize", "decode", "get_tokenizer", "image_transform", "load_image", "ImageLoadError",
-    "embed_images", "embed_texts", "ZeroShotClassifier", "train", "TrainConfig", "__version__",
+    "embed_images", "embed_texts", "encode_text_long", "TextWindows", "LongTextWarning", "set_backend",
+    "ZeroShotClassifier", "train", "TrainConfig", "__version__",
 ]

@@ -32,7 +32,7 @@ class _TextTower(nn.Module):
         self.text = model.text
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text(input_ids, trim=False)
+        return self.text(input_ids)
 
 
 def export_onnx(model: CLIP, out_dir: str | Path, opset: int = 17) -> dict[str, Path]:

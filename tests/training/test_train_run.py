@@ -15,6 +15,7 @@ import torch
 from conftest import micro_config
 
 from clipforge.cli.main import main
+from clipforge.fast.linear import onednn_available
 from clipforge.training import TrainConfig, train
 from clipforge.training.checkpoint import list_checkpoints, load_checkpoint
 
@@ -236,3 +237,30 @@ def test_public_entry_point(tmp_path):
     assert clipforge.train is train and clipforge.TrainConfig is TrainConfig
     with pytest.raises(FileNotFoundError, match="missing.csv"):
         clipforge.train(TrainConfig(data=str(tmp_path / "missing.csv"), out=str(tmp_path / "run"), progress=False))
+
+
+def test_run_folder_records_the_linear_backend(reference):
+    """--deterministic pins torch's kernels; config.json, checkpoints and summary say so."""
+    assert json.loads((reference / "config.json").read_text())["linear_backend"] == "torch"
+    record = load_checkpoint(list_checkpoints(reference)[-1][1])["backend"]
+    assert record["linear"] == "torch" and record["deterministic"] and record["machine"]["torch"]
+    assert json.loads((reference / "summary.json").read_text())["backend"]["linear"] == "torch"
+
+
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN linear in this torch")
+def test_resumed_run_uses_the_backend_its_run_folder_recorded(tmp_path, model_json, reference, monkeypatch):
+    """A run made with oneDNN's kernels resumes with them although this process now asks for
+    torch's: the resumed weights equal the uninterrupted oneDNN run bit for bit."""
+    monkeypatch.setenv("CLIPFORGE_LINEAR", "onednn")
+    full = tmp_path / "full"
+    train(_config(model_json, full, deterministic=False))
+    out = tmp_path / "run"
+    train(_config(model_json, out, deterministic=False), should_stop=lambda step: step == 5)
+    assert json.loads((out / "config.json").read_text())["linear_backend"] == "onednn"
+    monkeypatch.setenv("CLIPFORGE_LINEAR", "torch")
+    resumed = train(TrainConfig.for_resume(out, progress=False))
+    assert resumed["steps_done"] == STEPS and resumed["backend"]["linear"] == "onednn"
+    ref, got = _weights(full), _weights(out)
+    assert all(torch.equal(ref[n], got[n]) for n in ref)
+    # The backend matters (so the equality above is a real check): torch's kernels round differently.
+    assert not all(torch.equal(ref[n], v) for n, v in _weights(reference).items())

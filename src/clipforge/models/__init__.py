@@ -1,6 +1,9 @@
-"""Model code: pure torch, no I/O and no training concerns."""
+"""The CLIP model as the paper and OpenAI's released code compute it: pure torch, no I/O, no
+training concerns, no fast paths (those are ``clipforge.fast``, a layer over these modules)."""
 
 from __future__ import annotations
+
+import torch
 
 from ..config import CLIPConfig, get_model_config
 from .clip import CLIP
@@ -14,8 +17,6 @@ def create_model(name_or_config: str | CLIPConfig, *, seed: int | None = None) -
 
     ``seed`` makes the initialisation reproducible without touching the global RNG state.
     """
-    import torch
-
     config = get_model_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
     if seed is None:
         return CLIP(config)

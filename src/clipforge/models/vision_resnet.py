@@ -7,10 +7,9 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import CLIPConfig
-from .conv import conv_act, conv_add_relu
-from .linear import linear, use_packed
 
 
 class Bottleneck(nn.Module):
@@ -36,22 +35,12 @@ class Bottleneck(nn.Module):
                 ("1", nn.BatchNorm2d(planes * self.expansion)),
             ]))
 
-    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference with BatchNorm folded away: three oneDNN ops with fused ReLU / residual add."""
-        out = conv_act(conv_act(x, self.conv1, "relu"), self.conv2, "relu")
-        identity = x if self.downsample is None else conv_act(self.downsample[0](x), self.downsample[1])
-        return conv_add_relu(self.avgpool(out), identity, self.conv3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, h, w] -> [B, 4 planes, h/s, w/s]
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(self.avgpool(out)))
         identity = x if self.downsample is None else self.downsample(x)
         return F.relu(out + identity)
-
-
-def _lin(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return linear(x, layer.weight, layer.bias)
 
 
 class AttentionPool2d(nn.Module):
@@ -67,24 +56,27 @@ class AttentionPool2d(nn.Module):
         self.c_proj = nn.Linear(embed_dim, output_dim)
         self.num_heads = num_heads
 
-    def forward(self, x: torch.Tensor, need_weights: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        b, c, h, w = x.shape
-        x = x.flatten(2).transpose(1, 2)  # [B, HW, C]
-        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
-        x = x + self.positional_embedding.to(x.dtype)
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Feature map ``[B, C, h, w]`` -> query ``[B, H, 1, hd]`` (the mean token), keys and
+        values ``[B, H, 1 + h*w, hd]``."""
+        b, c = x.shape[:2]
+        x = x.flatten(2).transpose(1, 2)  # [B, h*w, C]
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)
         hd = c // self.num_heads
-        q = _lin(self.q_proj, x[:, :1]).view(b, 1, self.num_heads, hd).transpose(1, 2)
-        k = _lin(self.k_proj, x).view(b, -1, self.num_heads, hd).transpose(1, 2)
-        v = _lin(self.v_proj, x).view(b, -1, self.num_heads, hd).transpose(1, 2)
-        weights = None
-        if need_weights:
-            weights = ((q * hd ** -0.5) @ k.transpose(-2, -1)).float().softmax(-1).to(q.dtype)
-            out = weights @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(1, 2).reshape(b, c)
-        return _lin(self.c_proj, out), weights
+        q = self.q_proj(x[:, :1]).view(b, 1, self.num_heads, hd).transpose(1, 2)
+        k = self.k_proj(x).view(b, -1, self.num_heads, hd).transpose(1, 2)
+        v = self.v_proj(x).view(b, -1, self.num_heads, hd).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, h, w] -> [B, E]
+        q, k, v = self.qkv(x)
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, H, 1, hd]
+        return self.c_proj(out.reshape(x.shape[0], x.shape[1]))
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The softmax weights ``[B, H, 1, 1 + h*w]`` that ``forward`` applies (for inspection)."""
+        q, k, _ = self.qkv(x)
+        return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).float().softmax(-1).to(q.dtype)
 
 
 class ModifiedResNet(nn.Module):
@@ -144,49 +136,19 @@ class ModifiedResNet(nn.Module):
         x = F.relu(self.bn3(self.conv3(x)))
         return self.avgpool(x)
 
-    def conv_bn_pairs(self) -> list[tuple[nn.Module, str, str]]:
-        """``(parent, conv name, bn name)`` for every BatchNorm applied straight to a conv's
-        output, which inference may fold into the conv (see ``inference.fold_batchnorm``)."""
-        pairs: list[tuple[nn.Module, str, str]] = [(self, f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
-        for stage in self._stages():
-            for block in stage:
-                pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
-                if block.downsample is not None:
-                    pairs.append((block.downsample, "0", "1"))
-        return pairs
-
     def _stages(self) -> list[nn.Sequential]:
         return [self.layer1, self.layer2, self.layer3, self.layer4]
 
-    # Set by ``optimize_for_inference`` once BatchNorm is folded: no-grad CPU fp32 calls then run
-    # fused oneDNN convolutions (``models.conv``), in chunks of at most this many pixels.
-    fused_inference: bool = False
-    inference_chunk_pixels: int = 16 * 224 * 224
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, S, S] -> [B, E]
         self._check(x)
-        if (self.fused_inference and use_packed() and x.device.type == "cpu"
-                and x.dtype == torch.float32 and self.conv1.weight.dtype == torch.float32):
-            chunk = max(1, self.inference_chunk_pixels // (x.shape[-1] * x.shape[-2]))
-            return torch.cat([self._forward_fused(part) for part in x.split(chunk)])
-        x = self.stem(x.to(self.conv1.weight.dtype))
-        for stage in self._stages():
+        x = self.stem(x.to(self.conv1.weight.dtype))  # [B, W, S/4, S/4]
+        for stage in self._stages():  # ... -> [B, 32 W, S/32, S/32]
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 for block in stage:
-                    x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                    x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = stage(x)
-        return self.attnpool(x)[0]
-
-    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous(memory_format=torch.channels_last)
-        for conv in (self.conv1, self.conv2, self.conv3):
-            x = conv_act(x, conv, "relu")
-        x = self.avgpool(x)
-        for stage in self._stages():
-            for block in stage:
-                x = block.forward_fused(x)
-        return self.attnpool(x)[0]
+        return self.attnpool(x)
 
     def forward_intermediates(self, x: torch.Tensor, attention: bool = False) -> dict[str, object]:
         """Feature maps after the stem and each stage, and (if asked) the attention-pool map
@@ -197,6 +159,5 @@ class ModifiedResNet(nn.Module):
         for stage in self._stages():
             x = stage(x)
             maps.append(x)
-        out, w = self.attnpool(x, need_weights=attention)
-        return {"tokens": maps, "attentions": [w] if w is not None else [], "grid": x.shape[-1],
-                "output": out}
+        return {"tokens": maps, "attentions": [self.attnpool.attention_map(x)] if attention else [],
+                "grid": x.shape[-1], "output": self.attnpool(x)}

@@ -40,28 +40,15 @@ class VisionTransformer(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels ``[B, 3, H, W]`` -> tokens ``[B, 1 + grid^2, width]`` after ``ln_pre``."""
         self._check(x)
-        x = self.conv1(x.to(self.conv1.weight.dtype))
-        x = x.flatten(2).transpose(1, 2)
+        x = self.conv1(x.to(self.conv1.weight.dtype))  # [B, W, G, G]
+        x = x.flatten(2).transpose(1, 2)  # [B, G*G, W]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         return self.ln_pre(x)
 
-    # Inference batches are run in chunks of at most this many tokens (images x (1 + grid^2)):
-    # per image, a big batch is slower than a moderate one once activations leave the cache.
-    inference_chunk_tokens: int = 1600
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = (self.image_size // self.patch_size) ** 2 + 1
-        chunk = max(1, self.inference_chunk_tokens // tokens)
-        if x.shape[0] > chunk and not torch.is_grad_enabled():
-            return torch.cat([self._forward(part) for part in x.split(chunk)])
-        return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embed(x)
-        # Only the class token is pooled: the last block runs for that row alone (exact).
-        x = self.transformer(x, pool=torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
-        return self.ln_post(x) @ self.proj
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, S, S] -> [B, E]
+        x = self.transformer(self.embed(x))  # [B, 1 + G*G, W]
+        return self.ln_post(x[:, 0]) @ self.proj  # the class token, projected
 
     def forward_intermediates(self, x: torch.Tensor, attention: bool = False) -> dict[str, object]:
         """Per-layer tokens ``[B, 1+G*G, W]`` (class token first) and, if asked, attention maps

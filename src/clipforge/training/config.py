@@ -8,13 +8,15 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..device import TRAIN_PRECISIONS as PRECISIONS
 from ..device import check_device_spec
 from ..data.tables import parse_separator
 from ..utils import read_json
 from ..utils.typed import coerce_fields
+
+LINEAR_BACKENDS = ("auto", "torch", "onednn")
 
 # Fields that may differ between a run and its resumption (they do not change the optimisation).
 RESUMABLE_OVERRIDES = frozenset({
@@ -32,7 +34,11 @@ class TrainConfig:
     ``batch_size * accum_steps`` pairs per rank. ``warmup`` is in steps. ``threads`` sets torch's
     intra-op threads for the run (``None``: leave the default; on a CPU shared with other jobs one
     thread per process is often much faster than several, which wait on each other). ``save_every=0`` saves only
-    at the end; ``eval_every=0`` disables periodic evaluation.
+    at the end; ``eval_every=0`` disables periodic evaluation. ``fast_paths``: train through
+    ``clipforge.fast.enable`` (same gradients within float rounding, faster). ``linear_backend``: the
+    fp32 linear kernel (``auto``: this machine's stored choice, see ``clipforge.fast.backend``); the
+    run folder's config.json records the concrete one, which a resumed run uses. ``deterministic``
+    pins it to ``torch`` and turns on torch's deterministic algorithms.
     """
 
     model: str = "tiny-vit"
@@ -61,6 +67,8 @@ class TrainConfig:
     resampled: bool = False
     seed: int = 0
     deterministic: bool = False
+    fast_paths: bool = True
+    linear_backend: Literal["auto", "torch", "onednn"] = "auto"
     device: str = "auto"
     out: str = "runs/train"
     save_every: int = 500
@@ -93,6 +101,7 @@ class TrainConfig:
         need(isinstance(self.warmup, int) and self.warmup >= 0, "warmup", "must be an integer >= 0")
         need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0 or null")
         need(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
+        need(self.linear_backend in LINEAR_BACKENDS, "linear_backend", f"must be one of {', '.join(LINEAR_BACKENDS)}")
         need(self.num_workers >= 0, "num_workers", "must be >= 0")
         need(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null (torch's default)")
         need(self.save_every >= 0, "save_every", "must be >= 0 (0: only at the end)")
@@ -200,8 +209,8 @@ def merge_for_resume(saved: TrainConfig, overrides: dict[str, Any], run_dir: str
         old = getattr(saved, key)
         if key == "betas":
             value = tuple(value)
-        if value == old:
-            continue
+        if value == old or (key == "linear_backend" and "auto" in (old, value)):
+            continue  # "auto" on either side: the backend the run folder recorded is used
         if key not in RESUMABLE_OVERRIDES:
             raise ValueError(f"--resume {run_dir}: option {key!r} differs from the saved run "
                              f"({old!r} -> {value!r}); only {', '.join(sorted(RESUMABLE_OVERRIDES))} may change")
@@ -209,4 +218,4 @@ def merge_for_resume(saved: TrainConfig, overrides: dict[str, Any], run_dir: str
     return saved.replace(out=run_dir, resume=run_dir, **changes)
 
 
-__all__ = ["TrainConfig", "load_config_file", "merge_for_resume", "PRECISIONS"]
+__all__ = ["TrainConfig", "load_config_file", "merge_for_resume", "PRECISIONS", "LINEAR_BACKENDS"]

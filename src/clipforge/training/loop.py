@@ -2,7 +2,8 @@
 logging, periodic evaluation and checkpoints, stop cleanly on a signal, and leave a run folder:
 
 ```
-<out>/config.json           the resolved TrainConfig          model_config.json  the CLIPConfig
+<out>/config.json           the resolved TrainConfig (incl. the concrete linear_backend)
+<out>/model_config.json     the CLIPConfig
 <out>/metrics.jsonl         one record per log step (and per evaluation)
 <out>/checkpoints/step_*.pt  the last keep_last training checkpoints (resume from the newest)
 <out>/final.safetensors     the trained model (clipforge.load / load_model read it)
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import fast
 from ..checkpoints import load_model, save_model
 from ..config import CLIPConfig, get_model_config
 from ..data import SkipStats, make_pair_loader, open_pairs
@@ -135,6 +137,8 @@ class _Run:
         else:
             model = build_model(cfg)
         model = cast_weights(model.to(env.device), cfg.precision).train()  # bf16/fp16: weights cast
+        if cfg.fast_paths:  # same Parameters and state_dict; gradients equal within float rounding
+            fast.enable(model)
         if cfg.accum_steps > 1 and model.config.vision.kind == "resnet" and not cfg.lock_image:
             warnings.warn("gradient accumulation with a ResNet image tower: BatchNorm sees each micro-batch "
                           "separately when features are recomputed, so the gradient only approximates the "
@@ -280,6 +284,7 @@ class _Run:
                 "step": step,
                 "rank_states": rank_states,
                 "metrics": list(log.records) if log is not None else [],
+                "backend": fast.backend_record(),
             })
             ckpt.prune_checkpoints(self.run_dir, self.config.keep_last)
         barrier(self.env)
@@ -323,6 +328,7 @@ class _Run:
             "final_model": final_model,
             "last_checkpoint": str(ckpt.latest_checkpoint(self.run_dir)),
             "curves": str(curves) if curves else None,
+            "backend": fast.backend_record(),
         }
         write_json(self.run_dir / "summary.json", summary)
         return summary
@@ -363,12 +369,27 @@ def _deterministic(enabled: bool, device: torch.device):
 
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    previous = torch.are_deterministic_algorithms_enabled()
+    previous = torch.are_deterministic_algorithms_enabled(), torch.backends.mkldnn.deterministic
     torch.use_deterministic_algorithms(True)
+    torch.backends.mkldnn.deterministic = True
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(previous)
+        torch.use_deterministic_algorithms(previous[0])
+        torch.backends.mkldnn.deterministic = previous[1]
+
+
+def run_linear_backend(config: TrainConfig) -> str:
+    """The run's concrete fp32 linear kernel: ``torch`` when deterministic, else the config's; for
+    a resumed run left at ``auto``, the one its run folder recorded; else this process's choice
+    (``clipforge.fast.linear_backend``: set_backend, CLIPFORGE_LINEAR or the machine's cache)."""
+    if config.deterministic:
+        return "torch"
+    choice = config.linear_backend
+    saved = Path(config.resume) / "config.json" if config.resume else None
+    if choice == "auto" and saved is not None and saved.is_file():
+        choice = read_json(saved).get("linear_backend", "auto")
+    return fast.linear_backend() if choice == "auto" else choice
 
 
 def train(config: TrainConfig, *, should_stop: Callable[[int], bool] | None = None,
@@ -381,10 +402,13 @@ def train(config: TrainConfig, *, should_stop: Callable[[int], bool] | None = No
     ``config.eval_every`` steps. Under torchrun every process calls this.
     """
     config.validate()
+    backend = run_linear_backend(config)
+    config = config.replace(linear_backend=backend)  # recorded in the run folder's config.json
     had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
     env = init_distributed(config.device)
     try:
-        with _deterministic(config.deterministic, env.device), torch_threads(config.threads):
+        with _deterministic(config.deterministic, env.device), torch_threads(config.threads), \
+                fast.using_backend(backend):
             if evaluator is None and config.eval_every:
                 evaluator = default_evaluator(config)
             return _Run(config, env, should_stop, evaluator).run()
@@ -393,4 +417,5 @@ def train(config: TrainConfig, *, should_stop: Callable[[int], bool] | None = No
             shutdown_distributed(env)
 
 
-__all__ = ["train", "TokenizeCaptions", "build_model", "resolve_model_config", "open_training_data"]
+__all__ = ["train", "TokenizeCaptions", "build_model", "resolve_model_config", "open_training_data",
+           "run_linear_backend"]

@@ -1,0 +1,164 @@
+"""Fast Transformer modules: the plain ones with oneDNN / prepacked linears, the last block run for
+the pooled rows only, and a prefix shared by every row computed once.
+
+Each class subclasses its plain module and adds no Parameters (see ``fast.swap``), so a model with
+these classes has the plain model's weights, state_dict keys and, within float rounding, outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..models.layers import MLP, Attention, QuickGELU, ResidualAttentionBlock, Transformer
+from .backend import linear, linear_backend, use_packed
+from .linear import pack_weight, packed_linear
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class FastMLP(MLP):
+    packed: dict[str, torch.Tensor | str] | None = None  # set by pack(), dropped by train()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.packed
+        if p is not None and use_packed() and linear_backend() == "onednn":
+            x = packed_linear(x, p["c_fc"], p["c_fc_bias"], p["activation"])  # type: ignore[arg-type]
+            return packed_linear(x, p["c_proj"], self.c_proj.bias)  # type: ignore[arg-type]
+        return super().forward(x)  # c_fc, c_proj are FastLinear
+
+    def pack(self) -> None:
+        """Reorder both weights once into oneDNN's layout with the activation fused into the
+        first product. QuickGELU(u) = swish(1.702 u) / 1.702, so c_fc is scaled by 1.702 and
+        c_proj by 1/1.702 (equal within float rounding). A second copy of the weights."""
+        quick = isinstance(self.gelu, QuickGELU)
+        scale = 1.702 if quick else 1.0
+        with torch.no_grad():
+            self.packed = {"c_fc": pack_weight(self.c_fc.weight * scale), "c_fc_bias": self.c_fc.bias * scale,
+                           "c_proj": pack_weight(self.c_proj.weight / scale),
+                           "activation": "swish" if quick else "gelu"}
+
+    def train(self, mode: bool = True) -> "FastMLP":
+        if mode:
+            self.packed = None  # the weights may change now
+        return super().train(mode)
+
+
+class FastAttention(Attention):
+    packed: dict[str, torch.Tensor] | None = None
+
+    def pack(self) -> None:
+        """Reorder the projection weights once into oneDNN's layout."""
+        d, w = self.width, self.in_proj_weight
+        self.packed = {"qkv": pack_weight(w), "q": pack_weight(w[:d]), "kv": pack_weight(w[d:]),
+                       "out": pack_weight(self.out_proj.weight)}
+
+    def train(self, mode: bool = True) -> "FastAttention":
+        if mode:
+            self.packed = None
+        return super().train(mode)
+
+    def project(self, x: torch.Tensor, which: str) -> torch.Tensor:
+        """One of the projections ``qkv`` / ``q`` / ``kv`` / ``out`` of ``x``."""
+        d = self.width
+        if which == "out":
+            w, b = self.out_proj.weight, self.out_proj.bias
+        else:
+            rows = {"qkv": slice(0, 3 * d), "q": slice(0, d), "kv": slice(d, 3 * d)}[which]
+            w, b = self.in_proj_weight[rows], self.in_proj_bias[rows]
+        if self.packed is not None and use_packed() and linear_backend() == "onednn":
+            return packed_linear(x, self.packed[which], b)
+        return linear(x, w, b)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, l, d = x.shape
+        qkv = self.project(x, "qkv").view(b, l, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attend(x)[0]
+
+    def attend(self, x: torch.Tensor, past: KV | None = None) -> tuple[torch.Tensor, KV]:
+        """Output ``[B, L, D]`` and this call's keys and values ``[B, H, L, hd]``. ``past``: keys
+        and values ``[1, H, P, hd]`` of a prefix shared by every row, which ``x`` continues."""
+        b, l, d = x.shape
+        q, k, v = self.qkv(x)
+        if past is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            p = past[0].shape[2]
+            keys = torch.cat([past[0].expand(b, -1, -1, -1), k], dim=2)
+            values = torch.cat([past[1].expand(b, -1, -1, -1), v], dim=2)
+            mask = torch.ones(l, p + l, dtype=torch.bool, device=x.device).tril(p) if self.causal else None
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.project(out.transpose(1, 2).reshape(b, l, d), "out"), (k, v)
+
+    def attend_rows(self, h: torch.Tensor, index: torch.Tensor, past: KV | None = None) -> torch.Tensor:
+        """Attention output ``[B, D]`` for one query row per sequence (``index[b]``) over the keys
+        of ``h`` (``[B, L, D]``, normalised) and ``past``; causal: keys up to the row's position.
+        Keys and values cost a full projection; queries and the output projection one row."""
+        b, l, d = h.shape
+        hd = d // self.heads
+        q = self.project(h[torch.arange(b, device=h.device), index], "q").view(b, self.heads, 1, hd)
+        kv = self.project(h, "kv").view(b, l, 2, self.heads, hd).permute(2, 0, 3, 1, 4)
+        k, v, p = kv[0], kv[1], 0
+        if past is not None:
+            p = past[0].shape[2]
+            k = torch.cat([past[0].expand(b, -1, -1, -1), k], dim=2)
+            v = torch.cat([past[1].expand(b, -1, -1, -1), v], dim=2)
+        mask = None
+        if self.causal:
+            mask = (torch.arange(p + l, device=h.device) <= (index[:, None] + p)).view(b, 1, 1, p + l)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.project(out.reshape(b, d), "out")
+
+
+class FastBlock(ResidualAttentionBlock):
+    attn: FastAttention
+
+    def forward_kv(self, x: torch.Tensor, past: KV | None = None) -> tuple[torch.Tensor, KV]:
+        """The block's output and its attention's keys and values (see ``FastAttention.attend``)."""
+        a, kv = self.attn.attend(self.ln_1(x), past)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), kv
+
+    def forward_rows(self, x: torch.Tensor, index: torch.Tensor, past: KV | None = None) -> torch.Tensor:
+        """Exactly the rows ``forward(x)[arange(B), index]`` (``[B, D]``), at a fraction of the
+        cost: the last block of a tower pooled at one token needs nothing else."""
+        y = x[torch.arange(x.shape[0], device=x.device), index] + self.attn.attend_rows(self.ln_1(x), index, past)
+        return y + self.mlp(self.ln_2(y))
+
+
+class FastTransformer(Transformer):
+    resblocks: list[FastBlock]  # type: ignore[assignment]
+
+    def forward_pooled(self, x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+        """The final states ``[B, D]`` at one position per sequence (``pool[b]``), the last block
+        run for those rows alone; training too (gradient checkpointing respected)."""
+        if not len(self.resblocks):
+            return x[torch.arange(x.shape[0], device=x.device), pool]
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        *blocks, last = self.resblocks
+        for block in blocks:
+            x = checkpoint(block, x, use_reentrant=False) if ckpt else block(x)
+        if ckpt:
+            return checkpoint(last.forward_rows, x, pool, use_reentrant=False)
+        return last.forward_rows(x, pool)
+
+    def forward_shared_prefix(self, prefix: torch.Tensor, x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+        """Final states ``[B, D]`` at positions ``pool`` (indices into ``x``) of the sequences
+        ``prefix + x[b]``, where ``prefix`` (``[1, P, D]``) is shared by every row and ``x``
+        (``[B, S, D]``) holds each row's continuation. With causal attention the prefix's states do
+        not depend on what follows, so they are computed once and only their keys and values are
+        shared: exact, and the prefix is paid for once instead of B times. Inference only."""
+        if not self.causal:
+            raise ValueError("a shared prefix is exact only for causal attention")
+        if not len(self.resblocks):
+            return x[torch.arange(x.shape[0], device=x.device), pool]
+        *blocks, last = self.resblocks
+        for block in blocks:
+            prefix, past = block.forward_kv(prefix)
+            x = block.forward_kv(x, past)[0]
+        past = last.attn.attend(last.ln_1(prefix))[1]
+        return last.forward_rows(x, pool, past)
