@@ -10,6 +10,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from clipforge import fast
 from clipforge import plan as P
 from clipforge.cli.main import main
 from clipforge.config import get_model_config
@@ -24,17 +25,19 @@ def _block(rows: int, keys: int, w: int, mlp: int) -> int:
     return 2 * (rows * w * w + keys * 2 * w * w + 2 * rows * keys * w + rows * w * w + 2 * rows * w * mlp)
 
 
-def _hand_forward(cfg) -> tuple[int, int, int]:
-    """``(image forward, text forward, patch-embedding conv)`` FLOPs per sample of a ViT CLIP whose
-    last block runs only for the pooled token."""
+def _hand_forward(cfg, pooled_last: bool = False) -> tuple[int, int, int]:
+    """``(image forward, text forward, patch-embedding conv)`` FLOPs per sample of a ViT CLIP: the
+    plain model runs every block over every token; with ``pooled_last`` (clipforge's fast path)
+    the last block of each tower runs its queries, output projection and MLP for the pooled token only."""
     v, t, e = cfg.vision, cfg.text, cfg.embed_dim
     n = v.grid_size ** 2 + 1
     conv = 2 * (n - 1) * 3 * v.patch_size ** 2 * v.width
+    last_n, last_L = (1, 1) if pooled_last else (n, t.context_length)
     image = conv + (v.layers - 1) * _block(n, n, v.width, int(v.width * v.mlp_ratio)) \
-        + _block(1, n, v.width, int(v.width * v.mlp_ratio)) + 2 * v.width * e
+        + _block(last_n, n, v.width, int(v.width * v.mlp_ratio)) + 2 * v.width * e
     L = t.context_length
     text = (t.layers - 1) * _block(L, L, t.width, int(t.width * t.mlp_ratio)) \
-        + _block(1, L, t.width, int(t.width * t.mlp_ratio)) + 2 * t.width * e
+        + _block(last_L, L, t.width, int(t.width * t.mlp_ratio)) + 2 * t.width * e
     return image, text, conv
 
 
@@ -44,14 +47,20 @@ def micro_flops() -> P.ModelFlops:
 
 
 @pytest.fixture(scope="module")
+def micro_fast_flops() -> P.ModelFlops:
+    return P.count_model_flops(micro_config("vit"), fast=True)
+
+
+@pytest.fixture(scope="module")
 def micro_memory() -> P.MemoryModel:
     return P.build_memory_model(micro_config("vit"), "fp32", reserve_gb=0)
 
 
-def test_flop_count_equals_matmul_formula(micro_flops):
+@pytest.mark.parametrize("pooled_last", [False, True], ids=["plain", "fast"])
+def test_flop_count_equals_matmul_formula(micro_flops, micro_fast_flops, pooled_last):
     cfg = micro_config("vit")
-    f = micro_flops
-    image, text, conv = _hand_forward(cfg)
+    f = micro_fast_flops if pooled_last else micro_flops
+    image, text, conv = _hand_forward(cfg, pooled_last)
     assert f.image_forward == pytest.approx(image, rel=0.01)
     assert f.text_forward == pytest.approx(text, rel=0.01)
     # Backward: two products per forward product (input and weight gradients), except the patch
@@ -61,28 +70,33 @@ def test_flop_count_equals_matmul_formula(micro_flops):
     assert 0.5 * f.forward < f.recompute <= f.forward
 
 
-def test_meta_count_equals_direct_count_on_a_real_model(monkeypatch, micro_flops):
+@pytest.mark.parametrize("fast_path", [False, True], ids=["plain", "fast"])
+def test_meta_count_equals_direct_count_on_a_real_model(micro_flops, micro_fast_flops, fast_path):
     """The planner's method (meta device, two tiny batches, slope) against FlopCounterMode around
-    a real CPU training step of the real FeatureModel and contrastive loss at batch 6."""
+    a real CPU training step of the real FeatureModel and contrastive loss at batch 6: the plain
+    model, and the same model after ``fast.enable`` (what training runs by default)."""
     from clipforge.models import create_model
-    from clipforge.models import linear as linear_mod
     from clipforge.training.loss import contrastive_loss
     from clipforge.training.step import FeatureModel
 
-    # oneDNN linears are invisible to the counter; the plain torch path does the same products.
-    monkeypatch.setattr(linear_mod, "onednn_linear_is_faster", lambda: False)
     cfg = micro_config("vit")
     model = create_model(cfg, seed=0).train()
+    if fast_path:
+        fast.enable(model)
     b = 6
     images = torch.randn(b, 3, cfg.vision.image_size, cfg.vision.image_size)
     ids = torch.randint(1, 1000, (b, cfg.text.context_length))
-    ids[:, -1] = 49407  # end-of-text last: captions over the full context, as the planner counts
-    # The CPU's fused attention kernel is invisible to the counter; the math path does the same products.
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+    ids[:, -1] = 49407  # end-of-text last: the fast path's padding trim keeps the full context, as counted
+    ids[0, 5] = 49407  # one short caption: the plain model still runs every position
+    # oneDNN linears and the CPU's fused attention kernel are invisible to the counter; torch's
+    # linear and the math attention path do the same products.
+    with (fast.using_backend("torch"), FlopCounterMode(display=False) as counter,
+          sdpa_kernel(SDPBackend.MATH)):
         img, txt, scale = FeatureModel(model)(images, ids)
         loss = contrastive_loss(img, txt, scale)
         loss.backward()
-    planned = b * micro_flops.train + P.count_loss_flops(b, b, cfg.embed_dim)
+    flops = micro_fast_flops if fast_path else micro_flops
+    planned = b * flops.train + P.count_loss_flops(b, b, cfg.embed_dim)
     assert counter.get_total_flops() == pytest.approx(planned, rel=1e-3)
 
 
@@ -96,11 +110,13 @@ def test_vit_b32_forward_flops_match_the_known_figure():
         model.visual.forward_intermediates(images)
     full = counter.get_total_flops()
     assert full / 2 / 1e9 == pytest.approx(4.41, rel=0.02)
-    # The planner counts clipforge's training path, whose last block runs for the class token only:
-    # less by exactly the 49 other rows' share of that block.
+    # The planner counts the plain model, i.e. this same computation: 8.82 GFLOPs.
+    assert P.count_model_flops(cfg, backward=False).image_forward == pytest.approx(full, rel=1e-3)
+    # clipforge's fast path runs the last block for the class token only: less by exactly the 49
+    # other rows' share of that block.
     w, n = cfg.vision.width, 50
     saved = _block(n, n, w, 4 * w) - _block(1, n, w, 4 * w)
-    assert P.count_model_flops(cfg, backward=False).image_forward == pytest.approx(full - saved, rel=1e-3)
+    assert P.count_model_flops(cfg, backward=False, fast=True).image_forward == pytest.approx(full - saved, rel=1e-3)
 
 
 def test_loss_flops_global_and_local():
@@ -123,7 +139,7 @@ def test_saved_tensor_measurement_matches_a_hand_count():
     assert total == 4 * batch * (d + 3 * 4 * d)
 
 
-def test_activation_bytes_match_the_allocator_on_a_real_forward(monkeypatch):
+def test_activation_bytes_match_the_allocator_on_a_real_forward():
     """Independent check of the meta-device measurement: the memory a real CPU forward of the
     training path leaves allocated (torch.profiler's allocation events: everything kept for the
     backward pass, plus the two outputs) equals the saved-tensor count. CPU attention runs a fused
@@ -131,9 +147,7 @@ def test_activation_bytes_match_the_allocator_on_a_real_forward(monkeypatch):
     from torch.profiler import ProfilerActivity, profile
 
     from clipforge.models import create_model
-    from clipforge.models import linear as linear_mod
 
-    monkeypatch.setattr(linear_mod, "onednn_linear_is_faster", lambda: False)
     cfg = micro_config("vit")
     model = create_model(cfg, seed=0).train()
     b = 6
@@ -224,10 +238,16 @@ def test_cli_plan_json_out_and_table(tmp_path, capsys):
     assert f["total"] == pytest.approx(f["image_forward"] + f["text_forward"] + f["backward"] + f["loss_fwd_bwd"])
     assert record["samples_seen"] == 2_000_000 and record["local_batch"] == 64 and record["steps"] == 7813
     assert record["total_flops"] == pytest.approx(f["total"] * 2e6)
+    # The fast path differs from the plain model only in the towers' last blocks, never in the loss.
+    g = record["fast_path_flops_per_sample"]
+    assert g["loss_fwd_bwd"] == f["loss_fwd_bwd"] and g["image_forward"] < f["image_forward"]
+    assert g["total"] == pytest.approx(g["image_forward"] + g["text_forward"] + g["backward"] + g["loss_fwd_bwd"])
+    assert record["fast_path_total_flops"] == pytest.approx(g["total"] * 2e6)
+    assert record["fast_path_total_flops"] < record["total_flops"]
     assert record["time"]["seconds"] == pytest.approx(record["total_flops"] / (4 * 100e12 * 0.5))
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "FLOPs per sample" in text and "largest micro-batch" in text
+    assert "FLOPs per sample" in text and "clipforge fast path" in text and "largest micro-batch" in text
 
 
 def test_cli_plan_errors(capsys):

@@ -1,18 +1,25 @@
 """Compute and memory planning for a contrastive training run, before any hardware is booked.
 
-FLOPs are *counted*, not estimated: the real :class:`~clipforge.models.CLIP` is built on the
-``meta`` device (shapes only, no memory, no arithmetic) and one training step (image tower, text
-tower, forward and backward) runs under ``torch.utils.flop_counter.FlopCounterMode`` at a tiny
-batch, divided by the batch. The contrastive loss is counted separately at
-the real global batch ``N``, because its ``N x N`` logits make its cost per sample grow with ``N``.
-Convention: one multiply-accumulate = 2 FLOPs; only matrix products and convolutions are counted
-(elementwise ops, norms and softmax are not), as in MFU accounting. The text tower is counted over
-the full context (every caption padded to 77 tokens, as OpenAI's code runs it); clipforge's own
-training also trims padding after the batch's longest caption, so real captions cost less.
+FLOPs are *counted*, not estimated: the plain :class:`~clipforge.models.CLIP` (the reference
+computation, as OpenAI's released code runs it: every Transformer block over every token, the text
+over its full 77-token context) is built on the ``meta`` device (shapes only, no memory, no
+arithmetic) and one training step (image tower, text tower, forward and backward) runs under
+``torch.utils.flop_counter.FlopCounterMode`` at a tiny batch, divided by the batch. That is the
+basis for comparing with the CLIP paper, whose runs computed exactly this. The contrastive loss is
+counted separately at the real global batch ``N``, because its ``N x N`` logits make its cost per
+sample grow with ``N``. Convention: one multiply-accumulate = 2 FLOPs; only matrix products and
+convolutions are counted (elementwise ops, norms and softmax are not), as in MFU accounting.
 
-Memory is *measured* the same way: every tensor autograd saves for the backward pass is caught by
-``saved_tensors_hooks`` (each storage counted once, parameters excluded), at two batch sizes, giving
-activation bytes per sample. Attention is measured as the fused GPU kernels run it
+A second figure counts what clipforge's own training computes by default (``clipforge.fast``,
+``TrainConfig.fast_paths``): the last block of each Transformer tower run for the pooled token
+only, text still at the full context. Its padding trim (after the batch's longest caption) needs
+the ids' values, which meta tensors lack, so real captions cost less still; that saving depends on
+the data and is not counted. Days are planned from the plain count.
+
+Memory is *measured* on the plain model the same way: every tensor autograd saves for the backward
+pass is caught by ``saved_tensors_hooks`` (each storage counted once, parameters excluded), at two
+batch sizes, giving activation bytes per sample (clipforge's fast path keeps somewhat less: its last
+block saves the pooled rows only). Attention is measured as the fused GPU kernels run it
 (``_scaled_dot_product_efficient_attention``: queries, keys, values, output and log-sum-exp; no
 ``L x L`` matrix), not as the CPU's math fallback. Weights, gradients and AdamW's two moments are
 the parameter bytes in the precision's weight dtype (:mod:`clipforge.device`).
@@ -36,7 +43,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import device as _device
+from . import fast as _fast
 from .config import CLIPConfig, get_model_config
+from .fast.text import FastTextTransformer
 from .models import CLIP
 from .models.layers import ResidualAttentionBlock
 from .models.vision_resnet import Bottleneck
@@ -110,8 +119,9 @@ def resolve_config(model: str | CLIPConfig) -> CLIPConfig:
 
 
 def meta_model(config: CLIPConfig, precision: str = "fp32", grad_checkpointing: bool = False,
-               emulate_autocast: bool = True) -> CLIP:
-    """The real model on the meta device, in training mode, weights cast as ``precision`` says.
+               emulate_autocast: bool = True, fast: bool = False) -> CLIP:
+    """The real model on the meta device, in training mode, weights cast as ``precision`` says
+    (``fast``: with clipforge's fast training paths, ``clipforge.fast.enable``).
     The autocast precisions (``amp*``) keep float32 weights; with ``emulate_autocast`` their
     matmuls are modelled by casting the matmul weights to the autocast dtype instead (meta tensors
     cannot autocast), which gives the activations autocast produces, to within the float32
@@ -123,6 +133,8 @@ def meta_model(config: CLIPConfig, precision: str = "fp32", grad_checkpointing: 
         p = _device.Precision(p.name, p.autocast_dtype, "matmul")
     _device.cast_weights(model, p)
     model.set_grad_checkpointing(grad_checkpointing)
+    if fast:
+        _fast.enable(model)
     return model.train()
 
 
@@ -133,12 +145,23 @@ def _inputs(config: CLIPConfig, batch: int, dtype: torch.dtype) -> tuple[torch.T
     return images, ids
 
 
+def _image_features(model: CLIP, images: torch.Tensor) -> torch.Tensor:
+    return F.normalize(model.visual(images).float(), dim=-1)
+
+
+def _text_features(model: CLIP, ids: torch.Tensor) -> torch.Tensor:
+    """The text half of :class:`~clipforge.training.step.FeatureModel`, over the full context. The
+    fast tower's ``forward`` first trims padding after the batch's longest caption, which needs the
+    ids' values (meta tensors have none); at full context that trim is a no-op, so its pooled
+    forward is exactly what runs for a batch whose longest caption fills the context."""
+    text = model.text
+    out = text._forward_pooled(ids) if isinstance(text, FastTextTransformer) else text(ids)
+    return F.normalize(out.float(), dim=-1)
+
+
 def _features(model: CLIP, images: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What :class:`~clipforge.training.step.FeatureModel` computes, with the text over its full
-    context (``trim=False``: meta ids have no values to find the longest caption from)."""
-    img = F.normalize(model.visual(images).float(), dim=-1)
-    txt = F.normalize(model.text(ids, trim=False).float(), dim=-1)
-    return img, txt
+    """What :class:`~clipforge.training.step.FeatureModel` computes (text over its full context)."""
+    return _image_features(model, images), _text_features(model, ids)
 
 
 # --- FLOPs --------------------------------------------------------------------------------------
@@ -170,21 +193,22 @@ def _count(fn: Callable[[], Any]) -> float:
 def _step_flops(model: CLIP, batch: int, precision: str, backward: bool = True) -> tuple[float, float, float]:
     images, ids = _inputs(model.config, batch, _device.get_precision(precision).input_dtype)
     out: dict[str, torch.Tensor] = {}
-    f_img = _count(lambda: out.__setitem__("img", F.normalize(model.visual(images).float(), dim=-1)))
-    f_txt = _count(lambda: out.__setitem__("txt", F.normalize(model.text(ids, trim=False).float(), dim=-1)))
+    f_img = _count(lambda: out.__setitem__("img", _image_features(model, images)))
+    f_txt = _count(lambda: out.__setitem__("txt", _text_features(model, ids)))
     # The backward of a sum is elementwise (not counted): what remains is the towers' backward.
     f_bwd = _count(lambda: (out["img"].sum() + out["txt"].sum()).backward()) if backward else 0.0
     return f_img, f_txt, f_bwd
 
 
 def count_model_flops(config: CLIPConfig, precision: str = "fp32", batch: int = 2,
-                      backward: bool = True) -> ModelFlops:
-    """Per-sample FLOPs of one training step of both towers, counted on the meta device at a tiny
-    ``batch`` and divided by it (every counted product is linear in the batch, with no per-batch
-    constant; tests/test_plan.py holds this against a direct count at another batch). Recompute is
-    the extra backward count with gradient checkpointing on. ``backward=False`` counts the forward
-    pass only (backward and recompute left 0)."""
-    model = meta_model(config, precision)
+                      backward: bool = True, fast: bool = False) -> ModelFlops:
+    """Per-sample FLOPs of one training step of both towers of the plain model (every token, full
+    context), counted on the meta device at a tiny ``batch`` and divided by it (every counted
+    product is linear in the batch, with no per-batch constant; tests/test_plan.py holds this
+    against a direct count at another batch). Recompute is the extra backward count with gradient
+    checkpointing on. ``backward=False`` counts the forward pass only (backward and recompute left
+    0). ``fast``: clipforge's fast training path instead (pooled last blocks, full context)."""
+    model = meta_model(config, precision, fast=fast)
     img, txt, bwd = (f / batch for f in _step_flops(model, batch, precision, backward))
     if not backward:
         return ModelFlops(img, txt, 0.0, 0.0)
@@ -433,20 +457,23 @@ def _local_batch(cfg: PlanConfig) -> int:
     return math.ceil(cfg.global_batch / cfg.devices)
 
 
-def make_plan(cfg: PlanConfig, flops: ModelFlops | None = None, memory: MemoryModel | None = None
-              ) -> dict[str, Any]:
-    """The plan as a JSON-ready record (``flops``/``memory`` may be passed in to reuse a count)."""
+def make_plan(cfg: PlanConfig, flops: ModelFlops | None = None, memory: MemoryModel | None = None,
+              fast_flops: ModelFlops | None = None) -> dict[str, Any]:
+    """The plan as a JSON-ready record (``flops`` of the plain model, ``fast_flops`` of the fast
+    training path and ``memory`` may be passed in to reuse a count). Time comes from ``flops``."""
     config = resolve_config(cfg.model)
     acc = cfg.accelerator_spec()
     dtype = compute_dtype(cfg.precision, cfg.tf32)
     peak = acc.peak(dtype) * 1e12
     flops = flops or count_model_flops(config, cfg.precision)
+    fast = fast_flops or count_model_flops(config, cfg.precision, fast=True)
     memory = memory or build_memory_model(config, cfg.precision, cfg.local_loss, cfg.reserve_gb)
     n, w = cfg.global_batch, cfg.devices
     b_local = _local_batch(cfg)
     loss_rank_step = count_loss_flops(b_local, n, config.embed_dim, cfg.local_loss)
     loss_per_sample = loss_rank_step * w / n  # every rank's loss work, shared over the step's samples
     per_sample = flops.train + loss_per_sample
+    fast_per_sample = fast.train + loss_per_sample
     seen = cfg.samples * cfg.epochs
     steps = math.ceil(seen / n)
     total = per_sample * seen
@@ -468,11 +495,18 @@ def make_plan(cfg: PlanConfig, flops: ModelFlops | None = None, memory: MemoryMo
             "image_forward": flops.image_forward, "text_forward": flops.text_forward,
             "backward": flops.backward, "loss_fwd_bwd": loss_per_sample, "total": per_sample,
             "recompute_with_checkpointing": flops.recompute,
-            "convention": "2 FLOPs per multiply-accumulate; matmuls and convolutions only; text at full context"},
+            "convention": "2 FLOPs per multiply-accumulate; matmuls and convolutions only; plain model "
+                          "(OpenAI's computation: every token in every block, text at its full context)"},
+        "fast_path_flops_per_sample": {
+            "image_forward": fast.image_forward, "text_forward": fast.text_forward, "backward": fast.backward,
+            "loss_fwd_bwd": loss_per_sample, "total": fast_per_sample,
+            "what": "clipforge's default training path (clipforge.fast): last block of each Transformer tower for "
+                    "the pooled token only, text at full context (its data-dependent padding trim not counted)"},
         "local_batch": b_local,
         "steps": steps,
         "samples_seen": seen,
         "total_flops": total,
+        "fast_path_total_flops": fast_per_sample * seen,
         "time": {"seconds": seconds, "days": seconds / SECONDS_PER_DAY, "mfu": cfg.mfu,
                  "device_days": seconds * w / SECONDS_PER_DAY},
         "memory_per_device": mem,
@@ -508,6 +542,7 @@ def paper_check(mfu: float) -> list[dict[str, Any]]:
         days = plan["time"]["days"]
         rows.append({"model": run.model, "devices": run.devices, "paper_days": run.days,
                      "flops_per_sample": plan["flops_per_sample"]["total"], "total_flops": plan["total_flops"],
+                     "fast_path_flops_per_sample": plan["fast_path_flops_per_sample"]["total"],
                      "planned_days": days, "ratio": days / run.days, "implied_mfu": mfu * days / run.days,
                      "plan": plan})
     return rows

@@ -11,10 +11,13 @@ from __future__ import annotations
 import gzip
 import html
 import json
+import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Literal, overload
 
 import ftfy
 import regex as re
@@ -34,6 +37,95 @@ _WS = re.compile(r"\s+")
 # entities), so clean_text skips them; they cost ~75% of encoding time on ordinary captions.
 _PLAIN = re.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
 _TEXT_CACHE_SIZE = 65_536  # texts remembered per Tokenizer (~20 MB for captions); later ones are not cached
+
+# What to do with a text longer than the context (see :func:`tokenize`): "error" is OpenAI's behaviour.
+LONG_TEXT_MODES = ("error", "truncate", "chunks")
+LongTextMode = Literal["error", "truncate", "chunks"]
+DEFAULT_OVERLAP = 16  # tokens shared by consecutive windows of long_text="chunks" (~20% of a 75-token window)
+
+
+class LongTextWarning(UserWarning):
+    """Texts were cut to the context (``long_text="truncate"``). ``cut`` maps each cut text's index
+    to its full token count (with start/end), so callers can see how much was dropped."""
+
+    def __init__(self, message: str, cut: dict[int, int], context_length: int) -> None:
+        super().__init__(message)
+        self.cut = cut
+        self.context_length = context_length
+
+
+@dataclass(frozen=True)
+class TextWindows:
+    """Texts cut into context-sized windows at word boundaries (``long_text="chunks"``).
+
+    A text that fits is one window holding the text unchanged, so its row equals plain
+    :func:`tokenize`'s. A longer text becomes several windows of whole words (start and end tokens
+    included, at most ``context_length`` tokens) where consecutive windows share up to ``overlap``
+    tokens of words; only a single word longer than a window is cut inside (at BPE tokens).
+    """
+
+    texts: list[str]             # [M] the text of each window
+    ids: torch.Tensor            # [M, context_length] LongTensor, tokenize(texts) of the windows
+    text_index: torch.Tensor     # [M] LongTensor: the input text each window belongs to (non-decreasing)
+    lengths: torch.Tensor        # [M] LongTensor: tokens in each window without start/end (pooling weights)
+    num_texts: int
+
+    @property
+    def windows_per_text(self) -> torch.Tensor:
+        """``[num_texts]`` number of windows of each input text."""
+        return torch.bincount(self.text_index, minlength=self.num_texts)
+
+
+def check_long_text(long_text: str, overlap: int = DEFAULT_OVERLAP, context_length: int = 77) -> None:
+    """Refuse an unknown mode or (for ``"chunks"``) an overlap that leaves windows no room to advance."""
+    if long_text not in LONG_TEXT_MODES:
+        raise ValueError(f"long_text must be one of {', '.join(LONG_TEXT_MODES)}, got {long_text!r}")
+    if long_text != "chunks":
+        return
+    if context_length < 3:
+        raise ValueError(f"long_text='chunks' needs a context of at least 3 tokens, got {context_length}")
+    most = (context_length - 2) // 2
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap <= most:
+        raise ValueError(f"overlap must be an integer in 0..{most} (half a {context_length - 2}-token window), "
+                         f"got {overlap!r}")
+
+
+def plan_windows(lengths: Sequence[int], capacity: int, overlap: int) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges over units of ``lengths`` tokens (each <= ``capacity``): greedy
+    windows of at most ``capacity`` tokens; the next window starts at the earliest unit after the
+    current start from which the tail of the current window holds <= ``overlap`` tokens."""
+    n = len(lengths)
+    out: list[tuple[int, int]] = []
+    s = 0
+    while True:
+        e, total = s, 0
+        while e < n and total + lengths[e] <= capacity:
+            total += lengths[e]
+            e += 1
+        out.append((s, e))
+        if e >= n:
+            return out
+        s2, back = e, 0
+        while s2 - 1 > s and back + lengths[s2 - 1] <= overlap:
+            s2 -= 1
+            back += lengths[s2]
+        s = s2
+
+
+def truncation_warning(counts: Sequence[int], context_length: int, shown: int = 3) -> LongTextWarning | None:
+    """The :class:`LongTextWarning` for texts of ``counts`` tokens (with start/end) cut to the
+    context, or ``None`` when every text fits."""
+    cut = {i: int(n) for i, n in enumerate(counts) if n > context_length}
+    if not cut:
+        return None
+    items = list(cut.items())
+    detail = ", ".join(f"text {i}: {n} tokens, {n - context_length} cut" for i, n in items[:shown])
+    more = f", and {len(items) - shown} more" if len(items) > shown else ""
+    dropped = sum(n - context_length for n in cut.values())
+    return LongTextWarning(
+        f"long_text='truncate': {len(cut)} of {len(counts)} texts are longer than the context length "
+        f"{context_length} and were cut to their first {context_length} tokens ({dropped} tokens dropped; "
+        f"{detail}{more}); long_text='chunks' keeps all of them", cut, context_length)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -132,6 +224,44 @@ class Tokenizer:
                 self._text_cache[text] = ids
         return ids
 
+    def word_ids(self, text: str) -> list[tuple[str, list[int]]]:
+        """``(word, its BPE ids)`` for each whitespace-separated word of the cleaned text; the ids
+        concatenate to :meth:`encode`'s (pre-tokens never span whitespace, and BPE runs per pre-token)."""
+        cleaned = clean_text(text)
+        return [(w, [i for t in _PAT.findall(w) for i in self._word_ids(t)]) for w in cleaned.split(" ") if w]
+
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        """Token count of each text including the start and end tokens (what must fit the context)."""
+        return [len(self._encode(t)) + 2 for t in texts]
+
+    def windows(self, texts: str | Sequence[str], context_length: int | None = None,
+                overlap: int = DEFAULT_OVERLAP) -> TextWindows:
+        """Cut each text into windows of whole words that fit the context (see :class:`TextWindows`)."""
+        texts = self._as_list(texts)
+        ctx = context_length or self.context_length
+        check_long_text("chunks", overlap, ctx)
+        capacity = ctx - 2
+        win_texts: list[str] = []
+        owner: list[int] = []
+        for i, text in enumerate(texts):
+            if len(self._encode(text)) <= capacity:
+                win_texts.append(text)
+                owner.append(i)
+                continue
+            units: list[tuple[str, list[int]]] = []
+            for word, ids in self.word_ids(text):
+                if len(ids) <= capacity:
+                    units.append((word, ids))
+                else:  # one word longer than a window (a URL, a hash): cut at BPE tokens
+                    units.extend((self.decode(ids[j:j + capacity]).replace(" ", ""), ids[j:j + capacity])
+                                 for j in range(0, len(ids), capacity))
+            for s, e in plan_windows([len(u[1]) for u in units], capacity, overlap):
+                win_texts.append(" ".join(u[0] for u in units[s:e]))
+                owner.append(i)
+        ids = self.tokenize(win_texts, ctx, truncate=True)
+        lengths = ids.argmax(dim=-1) - 1  # the end token has the largest id (id 0, "!", may occur inside)
+        return TextWindows(win_texts, ids, torch.tensor(owner, dtype=torch.long), lengths, len(texts))
+
     def encode(self, text: str) -> list[int]:
         """BPE ids of ``text`` without start/end tokens."""
         if not isinstance(text, str):
@@ -163,34 +293,70 @@ class Tokenizer:
                  truncate: bool = False) -> torch.Tensor:
         return self.tokenize(texts, context_length, truncate)
 
-    def tokenize(self, texts: str | Sequence[str], context_length: int | None = None,
-                 truncate: bool = False) -> torch.Tensor:
-        """``[N, context_length]`` LongTensor: start token, BPE ids, end token, zero padding.
-
-        A text that does not fit raises ``ValueError`` naming its index and token count, unless
-        ``truncate=True`` (then the first tokens are kept and the row still ends with end-of-text).
-        """
+    @staticmethod
+    def _as_list(texts: str | Sequence[str]) -> list[str]:
         if isinstance(texts, str):
-            texts = [texts]
-        elif isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Iterable):
+            return [texts]
+        if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Iterable):
             raise TypeError(f"expected a str or a sequence of str, got {type(texts).__name__}")
-        else:
-            texts = list(texts)
-        ctx = context_length or self.context_length
-        out = torch.zeros(len(texts), ctx, dtype=torch.long)
-        for i, text in enumerate(texts):
+        out = list(texts)
+        for i, text in enumerate(out):
             if not isinstance(text, str):
                 raise TypeError(f"text at index {i} is {type(text).__name__}, expected str")
+        return out
+
+    @overload
+    def tokenize(self, texts: str | Sequence[str], context_length: int | None = None, truncate: bool = False, *,
+                 long_text: Literal["error", "truncate"] | None = None,
+                 overlap: int = DEFAULT_OVERLAP) -> torch.Tensor: ...
+
+    @overload
+    def tokenize(self, texts: str | Sequence[str], context_length: int | None = None, truncate: bool = False, *,
+                 long_text: Literal["chunks"], overlap: int = DEFAULT_OVERLAP) -> TextWindows: ...
+
+    @overload
+    def tokenize(self, texts: str | Sequence[str], context_length: int | None = None, truncate: bool = False, *,
+                 long_text: str | None = None, overlap: int = DEFAULT_OVERLAP) -> torch.Tensor | TextWindows: ...
+
+    def tokenize(self, texts: str | Sequence[str], context_length: int | None = None, truncate: bool = False, *,
+                 long_text: str | None = None, overlap: int = DEFAULT_OVERLAP) -> torch.Tensor | TextWindows:
+        """``[N, context_length]`` LongTensor: start token, BPE ids, end token, zero padding.
+
+        A text that does not fit: ``long_text="error"`` (the default, OpenAI's behaviour) raises
+        ``ValueError`` naming its index and token count; ``"truncate"`` keeps the first tokens (the
+        row still ends with end-of-text) and warns a :class:`LongTextWarning` with the counts;
+        ``"chunks"`` returns :class:`TextWindows` instead of a tensor (windows of whole words,
+        consecutive ones sharing up to ``overlap`` tokens). ``truncate=True`` is OpenAI's spelling
+        of a silent ``"truncate"``.
+        """
+        ctx = context_length or self.context_length
+        if long_text is None:
+            long_text = "truncate" if truncate else "error"
+        elif truncate and long_text != "truncate":
+            raise ValueError(f"truncate=True contradicts long_text={long_text!r}: pass one of them")
+        check_long_text(long_text, overlap, ctx)
+        if long_text == "chunks":
+            return self.windows(texts, ctx, overlap)
+        texts = self._as_list(texts)
+        out = torch.zeros(len(texts), ctx, dtype=torch.long)
+        counts: list[int] = []
+        for i, text in enumerate(texts):
             ids = [self.sot_token, *self._encode(text), self.eot_token]
+            counts.append(len(ids))
             if len(ids) > ctx:
-                if not truncate:
+                if long_text == "error":
                     raise ValueError(
                         f"text at index {i} has {len(ids)} tokens (with start/end), more than the "
-                        f"context length {ctx}: {text[:60]!r}... Pass truncate=True to cut it."
+                        f"context length {ctx}: {text[:60]!r}... Pass long_text='truncate' to cut it "
+                        f"or 'chunks' to encode it in windows (truncate=True: cut silently)."
                     )
                 ids = ids[:ctx]
                 ids[-1] = self.eot_token
             out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        if long_text == "truncate" and not truncate:
+            w = truncation_warning(counts, ctx)
+            if w is not None:
+                warnings.warn(w, stacklevel=2)
         return out
 
 
@@ -225,9 +391,31 @@ def _model_context_length(name: str) -> int:
     return get_model_config(name).text.context_length
 
 
-def tokenize(texts: str | Sequence[str], context_length: int = 77, truncate: bool = False) -> torch.Tensor:
-    """Tokenize one text or a list of texts into a ``[N, context_length]`` LongTensor."""
-    return get_tokenizer(context_length).tokenize(texts, context_length, truncate)
+@overload
+def tokenize(texts: str | Sequence[str], context_length: int = 77, truncate: bool = False, *,
+             long_text: Literal["error", "truncate"] | None = None, overlap: int = DEFAULT_OVERLAP) -> torch.Tensor: ...
+
+
+@overload
+def tokenize(texts: str | Sequence[str], context_length: int = 77, truncate: bool = False, *,
+             long_text: Literal["chunks"], overlap: int = DEFAULT_OVERLAP) -> TextWindows: ...
+
+
+@overload
+def tokenize(texts: str | Sequence[str], context_length: int = 77, truncate: bool = False, *,
+             long_text: str | None = None, overlap: int = DEFAULT_OVERLAP) -> torch.Tensor | TextWindows: ...
+
+
+def tokenize(texts: str | Sequence[str], context_length: int = 77, truncate: bool = False, *,
+             long_text: str | None = None, overlap: int = DEFAULT_OVERLAP) -> torch.Tensor | TextWindows:
+    """Tokenize one text or a list of texts into a ``[N, context_length]`` LongTensor.
+
+    ``long_text`` decides what happens to a text longer than the context: ``"error"`` (default,
+    as OpenAI's), ``"truncate"`` (cut, with a :class:`LongTextWarning` giving the counts) or
+    ``"chunks"`` (a :class:`TextWindows` of word-boundary windows); see :meth:`Tokenizer.tokenize`.
+    """
+    return get_tokenizer(context_length).tokenize(texts, context_length, truncate, long_text=long_text,
+                                                  overlap=overlap)
 
 
 def decode(ids: Iterable[int]) -> str:

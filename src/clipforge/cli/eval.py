@@ -7,7 +7,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .options import (ListAction, add_inference_model_options, add_progress_option, any_int, existing_file, fraction,
+from .options import (ListAction, add_inference_model_options, add_long_text_options, add_progress_option, any_int,
+                      existing_file, fraction,
                       load_model_arg,
                       nonempty_str, output_dir, output_file, positive_float, positive_int)
 
@@ -28,6 +29,7 @@ def _common(p: argparse.ArgumentParser, dataset_required: bool | None = True, mo
     p.add_argument("--cache-dir", default=None, type=output_dir,
                    help="cache for zero-shot heads and features (default ~/.cache/clipforge)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
+    add_long_text_options(p, default="truncate", what="zero-shot prompts and retrieval captions")
     add_progress_option(p)
 
 
@@ -134,7 +136,8 @@ def _context(args: argparse.Namespace, batch_size: int | None = None) -> Any:
     pretrained = f"random-init-seed{args.seed_init}" if args.random_init else str(args.model)
     return EvalContext(model, preprocess, name, pretrained=pretrained, batch_size=batch_size or args.batch_size,
                        text_batch_size=args.text_batch_size, cache_dir=args.cache_dir,
-                       use_cache=not args.no_cache, progress=args.progress)
+                       use_cache=not args.no_cache, progress=args.progress, long_text=args.long_text,
+                       long_text_overlap=args.long_text_overlap)
 
 
 def _finish(args: argparse.Namespace, records: list[dict[str, Any]]) -> int:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..device import DEVICE_CHOICES, INFERENCE_PRECISIONS, TRAIN_PRECISIONS, check_device_spec
+from ..tokenizer import DEFAULT_OVERLAP, LONG_TEXT_MODES
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -318,6 +319,17 @@ def add_inference_model_options(p: argparse.ArgumentParser, *, required: bool = 
         p.add_argument("--batch-size", type=positive_int, default=batch_size, help="images per forward pass")
 
 
+def add_long_text_options(p: argparse.ArgumentParser, default: str, what: str = "texts") -> None:
+    """``--long-text`` / ``--long-text-overlap``: what happens to text longer than the model's context."""
+    p.add_argument("--long-text", choices=LONG_TEXT_MODES, default=default,
+                   help=f"{what} longer than the model's context (77 tokens): error (refuse, naming the text and "
+                        f"its length), truncate (keep the first 77 tokens; a warning says how many were cut), "
+                        f"chunks (embed windows of whole words and average them by length: nothing is lost, "
+                        f"one text-tower pass per window)")
+    p.add_argument("--long-text-overlap", type=non_negative_int, default=DEFAULT_OVERLAP, metavar="TOKENS",
+                   help="--long-text chunks: tokens shared by consecutive windows (at most 37)")
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time of the record (tests swap it)."""
 
@@ -376,5 +388,5 @@ __all__ = [
     "non_negative_float", "any_int", "any_float", "fraction", "unit_interval", "comma_list", "device_spec",
     "nonempty_str", "ListAction", "existing_file", "existing_dir", "existing_path", "output_dir", "output_file", "output_path",
     "require_nonempty", "add_device_option", "add_precision_option", "add_progress_option", "add_log_option",
-    "add_inference_model_options", "configure_logging", "missing_extra", "load_model_arg",
+    "add_inference_model_options", "add_long_text_options", "configure_logging", "missing_extra", "load_model_arg",
 ]

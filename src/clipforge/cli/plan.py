@@ -38,8 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "plan", help="estimate a training run: FLOPs per sample, total compute, days on N devices, memory per device",
         description=textwrap.fill("FLOPs per sample (image + text towers, forward + backward, and the contrastive loss at the "
-        "global batch) counted with torch.utils.flop_counter on the real model built on the meta device, 2 FLOPs "
-        "per multiply-accumulate, matmuls and convolutions only. Days = total FLOPs / (devices x peak x MFU). "
+        "global batch) counted with torch.utils.flop_counter on the plain model built on the meta device (OpenAI's "
+        "computation: every token, text at its full 77-token context; the basis for comparing with the paper), 2 FLOPs "
+        "per multiply-accumulate, matmuls and convolutions only; also what clipforge's fast training path computes "
+        "(last block for the pooled token only). Days = total FLOPs / (devices x peak x MFU). "
         "Memory per device (weights, gradients, AdamW states, activations measured from the tensors autograd "
         "saves, with and without gradient checkpointing, the logits and gathered features) and the largest "
         "micro-batch that fits. --paper compares with the CLIP paper's RN50x64 and ViT-L/14 training times.", 100))
@@ -107,13 +109,15 @@ def plan_table(plan: dict[str, Any]) -> str:
         f"{acc['memory_gb']:g} GB), precision {i['precision']}, "
         f"{'local' if i['local_loss'] else 'global'} loss"),
         "",
-        "FLOPs per sample (GFLOP, 2 per multiply-accumulate)",
+        "FLOPs per sample (GFLOP, 2 per multiply-accumulate; plain model: every token, full text context)",
         f"  image forward      {_g(f['image_forward']):>12}",
         f"  text forward       {_g(f['text_forward']):>12}",
         f"  backward           {_g(f['backward']):>12}",
         f"  contrastive loss   {_g(f['loss_fwd_bwd']):>12}   (fwd+bwd, this global batch)",
         f"  total              {_g(f['total']):>12}",
         f"  (+ recompute with gradient checkpointing: {_g(f['recompute_with_checkpointing'])})",
+        (f"  clipforge fast path {_g(plan['fast_path_flops_per_sample']['total']):>12}   (total; last block for the "
+         "pooled token only, full context, before padding trim)"),
         "",
         f"total compute  {plan['total_flops']:.3e} FLOPs",
         (f"time           {t['days']:,.2f} days on {i['devices']} devices at MFU {t['mfu']:.0%} "
@@ -141,10 +145,14 @@ def _fmt(v: Any) -> str:
 
 
 def _paper_table(rows: list[dict[str, Any]], mfu: float) -> str:
-    lines = [f"CLIP paper check: 32 epochs x 400M pairs, batch 32,768, amp on V100 (125 TFLOP/s), MFU {mfu:.0%}",
+    lines = [(f"CLIP paper check: 32 epochs x 400M pairs, batch 32,768, amp on V100 (125 TFLOP/s), MFU {mfu:.0%}; "
+              "FLOPs of the plain model (OpenAI's computation: every token, full 77-token text context)"),
              (f"{'model':<10}{'GPUs':>6}{'GFLOP/sample':>14}{'total FLOPs':>13}{'planned days':>14}"
              f"{'paper days':>12}{'ratio':>7}{'implied MFU':>13}")]
     for r in rows:
         lines.append(f"{r['model']:<10}{r['devices']:>6}{r['flops_per_sample'] / 1e9:>14,.0f}{r['total_flops']:>13.2e}"
                      f"{r['planned_days']:>14.1f}{r['paper_days']:>12.0f}{r['ratio']:>7.2f}{r['implied_mfu']:>13.1%}")
+    lines.append("clipforge's fast training path (last block for the pooled token only) computes "
+                 + ", ".join(f"{r['model']} {r['fast_path_flops_per_sample'] / 1e9:,.0f}" for r in rows)
+                 + " GFLOP/sample")
     return "\n".join(lines)

@@ -6,7 +6,8 @@ import argparse
 import json
 from typing import Any
 
-from .options import (ListAction, add_inference_model_options, add_log_option, add_progress_option, any_int,
+from .options import (ListAction, add_inference_model_options, add_log_option, add_long_text_options,
+                      add_progress_option, any_int,
                       existing_dir, existing_file, load_model_arg, non_negative_int, nonempty_str, output_dir,
                       positive_float, positive_int, require_nonempty, unit_interval)
 
@@ -30,6 +31,7 @@ def register(sub: Any) -> None:
                    help="image decoding threads (0: decode inline)")
     p.add_argument("--workers", dest="decode_threads", type=non_negative_int, help=argparse.SUPPRESS)  # old name
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_long_text_options(p, default="truncate", what="--texts items")
     add_progress_option(p)
     p.set_defaults(func=run_embed)
 
@@ -85,6 +87,7 @@ def register(sub: Any) -> None:
     p.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=None,
                    help="memory-map the index (default: when over 1 GiB)")
     p.add_argument("--json", action="store_true", help="print results as JSON")
+    add_long_text_options(p, default="error", what="a text query")
     p.set_defaults(func=run_search)
 
     p = sub.add_parser("serve", help="HTTP search API + web page (FastAPI on uvicorn)",
@@ -141,7 +144,8 @@ def run_embed(args: argparse.Namespace) -> int:
     _require_items(args, source)
     model, preprocess = load_model_arg(args)
     s = embed_collection(model, source, args.out, preprocess=preprocess, shard_size=args.shard_size,
-                         batch_size=args.batch_size, workers=args.decode_threads, progress=args.progress)
+                         batch_size=args.batch_size, workers=args.decode_threads, progress=args.progress,
+                         long_text=args.long_text, long_text_overlap=args.long_text_overlap)
     if args.json:
         print(json.dumps(s.to_dict(), indent=2))
         return 0
@@ -241,7 +245,8 @@ def run_search(args: argparse.Namespace) -> int:
     model, preprocess = load_model_arg(args)
     index = load_index(args.index, mmap=args.mmap)
     try:
-        searcher = Searcher(index, model, preprocess, max_k=max(args.max_k, args.k))
+        searcher = Searcher(index, model, preprocess, max_k=max(args.max_k, args.k), long_text=args.long_text,
+                            long_text_overlap=args.long_text_overlap)
         if args.image:
             hits = searcher.search_image(load_image(args.image), args.k)
             query = {"type": "image", "path": args.image}

@@ -64,6 +64,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="linear warm-up steps before the cosine decay (default 100)")
     g.add_argument("--grad-clip", type=positive_float, help="clip the gradient norm to this value (default off)")
     add_precision_option(g, "train", default=None)
+    g.add_argument("--hard-negatives", choices=("none", "swap"),
+                   help="swap: add rule-built negative captions per caption (left<->right, above<->below, "
+                        "colours, objects swapped, counts changed) as extra columns of their own image's row "
+                        "of the loss, NegCLIP-style (default none)")
+    g.add_argument("--hard-negatives-per-caption", type=positive_int, metavar="N",
+                   help="at most N hard negatives per caption, drawn with --seed when more rules apply (default 3)")
     _bool_flag(g, "--grad-checkpointing", "recompute activations in backward (less memory; default off)")
     _bool_flag(g, "--lock-image", "freeze the image tower (LiT); needs --init to be useful (default off)")
     _bool_flag(g, "--local-loss", "each process computes only its rows of the logits (needs --gather-with-grad; "

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ..inference import embed_images
 from ..preprocess import image_transform, load_image
+from ..tokenizer import DEFAULT_OVERLAP
 from .features import skippable_errors
 from .zeroshot import embed_texts_length_sorted
 
@@ -215,7 +216,8 @@ def _unpack(sample: Any, index: int) -> tuple[str, Any, list[str]]:
 
 
 def embed_pairs(model: Any, samples: Iterable[Any], *, preprocess: Any = None, batch_size: int = 64,
-                text_batch_size: int = 256, progress: bool = False, total: int | None = None) -> PairFeatures:
+                text_batch_size: int = 256, progress: bool = False, total: int | None = None,
+                long_text: str | None = None, long_text_overlap: int = DEFAULT_OVERLAP) -> PairFeatures:
     """Stream ``(image, captions)`` samples: images are embedded batch by batch as they arrive;
     an unreadable image (``ImageLoadError``) is skipped with its captions and counted."""
     pre = preprocess or image_transform(model.config.preprocess)
@@ -259,7 +261,8 @@ def embed_pairs(model: Any, samples: Iterable[Any], *, preprocess: Any = None, b
     flush()
     bar.close()
     t1 = time.perf_counter()
-    text = embed_texts_length_sorted(model, captions, batch_size=text_batch_size, progress=progress)
+    text = embed_texts_length_sorted(model, captions, batch_size=text_batch_size, progress=progress,
+                                     long_text=long_text, overlap=long_text_overlap)
     t2 = time.perf_counter()
     img = torch.cat(feats) if feats else torch.empty(0, text.shape[1])
     return PairFeatures(F.normalize(img, dim=-1), text, np.asarray(owner, dtype=np.int64), keys,

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..preprocess import image_transform
+from ..tokenizer import DEFAULT_OVERLAP
 from .cache import default_cache_dir, image_tower_fingerprint, json_hash
 from .datasets import Subset, dataset_identity, dataset_name, open_labelled, open_pairs, resolve_classnames, short_names
 from .features import FeatureSet, extract_features
@@ -49,6 +50,8 @@ class EvalContext:
     arch: str | None = None                 # records' "model" (CLIP_benchmark: the architecture)
     pretrained: str | None = None           # records' "pretrained" (checkpoint path or tag)
     log: Callable[[str], None] | None = print  # notes the user must see (template choice, class order)
+    long_text: str | None = None            # prompts/captions past the context: error|truncate|chunks (None: cut silently)
+    long_text_overlap: int = DEFAULT_OVERLAP
     _image_fp: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -66,6 +69,8 @@ class EvalContext:
 
     def record(self, dataset: str, task: str, metrics: dict[str, Any], **extras: Any) -> dict[str, Any]:
         """A result record for this model (CLIP_benchmark's keys + ``extras``)."""
+        if self.long_text == "chunks":  # the one mode that changes text embeddings: keep results reproducible
+            extras.setdefault("long_text", {"mode": "chunks", "overlap": self.long_text_overlap})
         return make_record(dataset, str(self.arch), task, metrics, pretrained=str(self.pretrained or ""), **extras)
 
     @property
@@ -93,7 +98,8 @@ class EvalContext:
     def zeroshot(self, classnames: Any, templates: Any) -> ZeroShotClassifier:
         return ZeroShotClassifier(self.model, classnames, templates, preprocess=self.preprocess,
                                   cache_dir=self.cache_root / "zeroshot", use_cache=self.use_cache,
-                                  batch_size=self.text_batch_size, progress=self.progress)
+                                  batch_size=self.text_batch_size, progress=self.progress,
+                                  long_text=self.long_text, long_text_overlap=self.long_text_overlap)
 
 
 # --- shared helpers --------------------------------------------------------------------------------
@@ -293,7 +299,8 @@ def run_retrieval(ctx: EvalContext, dataset: Any, *, split: str | None = None, k
         total = len(samples) if hasattr(samples, "__len__") else None
         stream = samples
     pf = embed_pairs(ctx.model, stream, preprocess=ctx.preprocess, batch_size=ctx.batch_size,
-                     text_batch_size=ctx.text_batch_size, progress=ctx.progress, total=total)
+                     text_batch_size=ctx.text_batch_size, progress=ctx.progress, total=total,
+                     long_text=ctx.long_text, long_text_overlap=ctx.long_text_overlap)
     if stats is not None:
         pf.skipped += int(getattr(stats, "total", 0)) - int(before)
     t1 = time.perf_counter()

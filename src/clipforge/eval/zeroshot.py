@@ -23,6 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..inference import embed_images, embed_texts
+from ..longtext import encode_text_long
+from ..tokenizer import DEFAULT_OVERLAP
 from ..utils import atomic_write_bytes
 from .cache import default_cache_dir, json_hash, text_tower_fingerprint
 from .prompts import ClassName, class_texts, load_classnames, load_templates
@@ -31,12 +33,17 @@ CACHE_FORMAT = 1
 
 
 def embed_texts_length_sorted(model: nn.Module, texts: Sequence[str], *, batch_size: int = 256,
-                              progress: bool = False) -> torch.Tensor:
+                              progress: bool = False, long_text: str | None = None,
+                              overlap: int = DEFAULT_OVERLAP) -> torch.Tensor:
     """Unit-norm text embeddings in input order, computed in batches of similar token length.
 
     The text tower trims every batch to its longest prompt, so batching prompts of similar length
     avoids paying for padding; :func:`clipforge.inference.embed_texts` does exactly that (sorts
-    by length, restores the order), so this is a named alias for the call evaluation relies on."""
+    by length, restores the order), so this is a named alias for the call evaluation relies on.
+    ``long_text``: texts longer than the context (:mod:`clipforge.longtext`); None truncates silently."""
+    if long_text is not None:
+        return encode_text_long(model, list(texts), long_text=long_text, overlap=overlap, batch_size=batch_size,
+                                progress=progress)
     return embed_texts(model, list(texts), batch_size=batch_size, progress=progress)
 
 
@@ -53,7 +60,8 @@ def prompts_for(classnames: Sequence[ClassName], templates: Sequence[str]) -> tu
 
 
 def build_zeroshot_weights(model: nn.Module, classnames: Sequence[ClassName], templates: Sequence[str], *,
-                           batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+                           batch_size: int = 256, progress: bool = False, long_text: str | None = None,
+                           overlap: int = DEFAULT_OVERLAP) -> torch.Tensor:
     """``[C, D]`` unit-norm class embeddings (prompt ensemble averaged in embedding space).
 
     Prompts are embedded one template at a time: the prompts of one template share their first
@@ -70,7 +78,8 @@ def build_zeroshot_weights(model: nn.Module, classnames: Sequence[ClassName], te
     index = torch.as_tensor(owner)
     weights: torch.Tensor | None = None
     for t in tqdm(templates, desc="zero-shot head (templates)", unit="tpl", disable=not progress):
-        emb = embed_texts(model, [t.replace("{}", n, 1) for n in names], batch_size=batch_size)  # unit rows
+        emb = embed_texts_length_sorted(model, [t.replace("{}", n, 1) for n in names], batch_size=batch_size,
+                                        long_text=long_text, overlap=overlap)  # unit rows
         if weights is None:
             weights = torch.zeros(len(classnames), emb.shape[1], dtype=torch.float32)
         weights.index_add_(0, index, emb.float())
@@ -91,13 +100,15 @@ class ZeroShotClassifier:
     def __init__(self, model: nn.Module, classnames: str | Sequence[ClassName], templates: str | Sequence[str] = "imagenet",
                  *, preprocess: Callable[[Image.Image], torch.Tensor] | None = None,
                  cache_dir: str | Path | None = None, use_cache: bool = True, batch_size: int = 256,
-                 progress: bool = False, _weights: torch.Tensor | None = None) -> None:
+                 progress: bool = False, long_text: str | None = None, long_text_overlap: int = DEFAULT_OVERLAP,
+                 _weights: torch.Tensor | None = None) -> None:
         self.model = model
         self.classnames = load_classnames(classnames)
         self.templates = load_templates(templates)
         self.preprocess = preprocess
         self.batch_size = batch_size
         self.progress = progress
+        self.long_text, self.long_text_overlap = long_text, long_text_overlap
         self.cache_hit = False
         self.cache_path: Path | None = None
         t0 = time.perf_counter()
@@ -111,8 +122,11 @@ class ZeroShotClassifier:
     # --- construction ----------------------------------------------------------------------------
     @property
     def cache_key(self) -> str:
-        return json_hash({"format": CACHE_FORMAT, "text": self.text_fingerprint,
-                          "classes": self.classnames, "templates": self.templates})
+        key = {"format": CACHE_FORMAT, "text": self.text_fingerprint,
+               "classes": self.classnames, "templates": self.templates}
+        if self.long_text == "chunks":  # other modes give the historical (truncated) head or refuse
+            key["long_text"] = ["chunks", self.long_text_overlap]
+        return json_hash(key)
 
     def _build(self, cache_dir: Path, use_cache: bool) -> torch.Tensor:
         path = cache_dir / f"{self.cache_key}.safetensors"
@@ -126,8 +140,9 @@ class ZeroShotClassifier:
                         return w
                 except (ValueError, OSError):
                     pass  # a corrupt cache entry is rebuilt and overwritten
-        w = build_zeroshot_weights(self.model, self.classnames, self.templates,
-                                   batch_size=self.batch_size, progress=self.progress)
+        w = build_zeroshot_weights(self.model, self.classnames, self.templates, batch_size=self.batch_size,
+                                   progress=self.progress, long_text=self.long_text,
+                                   overlap=self.long_text_overlap)
         if use_cache:
             _write_head(path, w, self._meta())
         return w

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..inference import embed_images, embed_texts
+from ..longtext import encode_text_long
 from ..preprocess import ImageLoadError, image_transform
+from ..tokenizer import DEFAULT_OVERLAP, LongTextWarning, get_tokenizer
 from ..utils import rank_env, read_json, write_json
 from .sources import Item, Source
 from ..embeddings import EMB_DIRS, FORMAT, IMAGE_COLUMN, ShardPaths, model_info, rebuild_summary, write_shard
@@ -88,7 +91,10 @@ def _check_resume(out: Path, base: dict[str, Any]) -> None:
               ("kind", old.get("kind"), base["kind"]),
               ("model weights", (old.get("model") or {}).get("weights_sha256"), base["model"]["weights_sha256"]),
               ("shard_size", old.get("shard_size"), base["shard_size"]),
-              ("source", old.get("source"), base["source"])]
+              ("source", old.get("source"), base["source"]),
+              # text collections embedded before --long-text existed were truncated
+              ("long_text", old.get("long_text", "truncate" if old.get("kind") == "text" else None),
+               base.get("long_text"))]
     for what, was, now in checks:
         if was != now:
             raise ValueError(f"{out} already holds embeddings with a different {what} ({was!r} vs now {now!r}); "
@@ -98,8 +104,11 @@ def _check_resume(out: Path, base: dict[str, Any]) -> None:
 def embed_collection(model: torch.nn.Module, source: Source, out_dir: str | Path, *,
                      preprocess: Callable | None = None, shard_size: int = 10_000, batch_size: int = 64,
                      workers: int = 2, rank: int | None = None, world_size: int | None = None,
-                     progress: bool = True) -> EmbedSummary:
-    """Embed ``source`` with ``model`` into ``out_dir``; finished shards are kept, partial ones redone."""
+                     progress: bool = True, long_text: str = "truncate",
+                     long_text_overlap: int = DEFAULT_OVERLAP) -> EmbedSummary:
+    """Embed ``source`` with ``model`` into ``out_dir``; finished shards are kept, partial ones redone.
+    ``long_text``: texts longer than the context, see :func:`clipforge.longtext.encode_text_long`
+    (recorded in a text collection's manifest; a re-run must use the same)."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if rank is None or world_size is None:
@@ -116,6 +125,10 @@ def embed_collection(model: torch.nn.Module, source: Source, out_dir: str | Path
     base = {"format": FORMAT, "kind": kind, "embedding_dir": EMB_DIRS[kind], "dtype": "float16",
             "dim": int(model.config.embed_dim), "model": model_info(model), "shard_size": shard_size,
             "source": source.describe(), "num_shards": num_shards}
+    if kind == "text":
+        base["long_text"] = long_text
+        if long_text == "chunks":
+            base["long_text_overlap"] = long_text_overlap
     _check_resume(out, base)
     if not (out / "manifest.json").is_file():
         write_json(out / "manifest.json", {**base, "shards": [], "total": 0, "skipped": 0, "complete": False})
@@ -151,7 +164,8 @@ def embed_collection(model: torch.nn.Module, source: Source, out_dir: str | Path
             if kind == "image":
                 emb, rows, bad = _embed_image_chunk(model, chunk, pre, batch_size, pool, bar)
             else:
-                emb, rows, bad = _embed_text_chunk(model, list(chunk), batch_size, bar)
+                emb, rows, bad = _embed_text_chunk(model, list(chunk), batch_size, bar, long_text,
+                                                   long_text_overlap)
             write_shard(sp, emb, rows, bad)
             written.append(sp.index)
             embedded += len(rows)
@@ -203,8 +217,9 @@ def _embed_image_chunk(model: torch.nn.Module, chunk: Iterable[Item], pre: Calla
     return emb, rows, bad
 
 
-def _embed_text_chunk(model: torch.nn.Module, chunk: list[Item], batch_size: int,
-                      bar: tqdm) -> tuple[np.ndarray, list[dict], list[dict]]:
+def _embed_text_chunk(model: torch.nn.Module, chunk: list[Item], batch_size: int, bar: tqdm,
+                      long_text: str = "truncate",
+                      overlap: int = DEFAULT_OVERLAP) -> tuple[np.ndarray, list[dict], list[dict]]:
     rows: list[dict[str, Any]] = []
     bad: list[dict[str, Any]] = []
     texts: list[str] = []
@@ -217,10 +232,28 @@ def _embed_text_chunk(model: torch.nn.Module, chunk: list[Item], batch_size: int
         rows.append({"key": item.key, IMAGE_COLUMN: item.path, "member": item.member, "caption": text,
                      "width": None, "height": None})
     outs = []
-    for start in range(0, len(texts), batch_size):
-        part = texts[start:start + batch_size]
-        outs.append(embed_texts(model, part, batch_size=batch_size).numpy())
-        bar.update(len(part))
+    ctx = int(model.context_length)
+    counts = get_tokenizer(ctx).token_counts(texts) if long_text != "chunks" else []
+    cut = [(rows[i]["key"], n) for i, n in enumerate(counts) if n > ctx]
+    if cut and long_text == "error":
+        key, n = cut[0]
+        raise ValueError(f"text {key!r} has {n} tokens (with start/end), more than the model's context length "
+                         f"{ctx} ({len(cut)} such texts in this shard): use long_text 'truncate' or 'chunks'")
+    if cut:
+        shown = ", ".join(f"{k!r}: {n} tokens" for k, n in cut[:3]) + (", ..." if len(cut) > 3 else "")
+        warnings.warn(LongTextWarning(f"{len(cut)} of {len(texts)} texts of this shard are longer than the context "
+                                      f"length {ctx} and were cut to it ({sum(n - ctx for _, n in cut)} tokens "
+                                      f"dropped; {shown})", {i: n for i, n in enumerate(counts) if n > ctx}, ctx),
+                      stacklevel=2)
+    if long_text != "chunks":  # every text fits or is cut: progress per batch
+        for start in range(0, len(texts), batch_size):
+            part = texts[start:start + batch_size]
+            outs.append(embed_texts(model, part, batch_size=batch_size).numpy())
+            bar.update(len(part))
+    elif texts:
+        outs.append(encode_text_long(model, texts, long_text=long_text, overlap=overlap,
+                                     batch_size=batch_size).numpy())
+        bar.update(len(texts))
     bar.update(len(bad))
     dim = int(model.config.embed_dim)
     emb = np.concatenate(outs) if outs else np.zeros((0, dim), np.float32)

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from ..inference import embed_images, embed_texts
+from ..longtext import encode_text_long
 from ..preprocess import image_transform
-from ..tokenizer import get_tokenizer
+from ..tokenizer import DEFAULT_OVERLAP, check_long_text, get_tokenizer
 from .backend import SearchBackend
 from .index import load_index
 from ..embeddings import weights_sha256
@@ -77,12 +78,18 @@ class Searcher:
     def __init__(self, index: SearchBackend | str | Path, model: torch.nn.Module,
                  preprocess: Callable[[Image.Image], torch.Tensor] | None = None, *,
                  max_k: int = 100, query_cache: int = 1024, check_model: bool = True,
-                 truncate_text: bool = False) -> None:
+                 truncate_text: bool = False, long_text: str | None = None,
+                 long_text_overlap: int = DEFAULT_OVERLAP) -> None:
         self.index: SearchBackend = load_index(index) if isinstance(index, (str, Path)) else index
         self.model = model.eval()
         self.preprocess = preprocess or image_transform(model.config.preprocess)
         self.max_k = max_k
         self.truncate_text = truncate_text  # the service truncates like open_clip; the CLI refuses
+        # long_text (error | truncate | chunks, see clipforge.longtext) overrides truncate_text when given
+        if long_text is not None:
+            check_long_text(long_text, long_text_overlap, int(model.context_length))
+        self.long_text = long_text
+        self.long_text_overlap = long_text_overlap
         self.context_length = int(model.context_length)
         self.tokenizer = get_tokenizer(self.context_length)
         self._lock = threading.Lock()
@@ -117,9 +124,11 @@ class Searcher:
         if not text:
             raise QueryError("text query is empty")
         n = len(self.tokenizer.encode(text)) + 2
-        if n > self.context_length and not self.truncate_text:
+        refuse = self.long_text == "error" if self.long_text is not None else not self.truncate_text
+        if n > self.context_length and refuse:
             raise QueryError(f"text query has {n} tokens (with start/end), more than the model's context "
-                             f"length {self.context_length}; shorten it")
+                             f"length {self.context_length}; shorten it, or embed it with long_text 'truncate' or "
+                             f"'chunks' (CLI: --long-text)")
         return text, n
 
     def check_text(self, text: Any) -> str:
@@ -132,7 +141,11 @@ class Searcher:
         if hit is not None:
             return hit
         with self._lock:
-            v = embed_texts(self.model, [text], truncate=self.truncate_text).numpy()[0]
+            if self.long_text is not None:
+                v = encode_text_long(self.model, [text], long_text=self.long_text,
+                                     overlap=self.long_text_overlap).numpy()[0]
+            else:
+                v = embed_texts(self.model, [text], truncate=self.truncate_text).numpy()[0]
         self._cache.put(text, v)
         return v
 

@@ -15,6 +15,7 @@ from ..device import check_device_spec
 from ..data.tables import parse_separator
 from ..utils import read_json
 from ..utils.typed import coerce_fields
+from .hard_negatives import MODES as HARD_NEGATIVES
 
 LINEAR_BACKENDS = ("auto", "torch", "onednn")
 
@@ -38,7 +39,10 @@ class TrainConfig:
     ``clipforge.fast.enable`` (same gradients within float rounding, faster). ``linear_backend``: the
     fp32 linear kernel (``auto``: this machine's stored choice, see ``clipforge.fast.backend``); the
     run folder's config.json records the concrete one, which a resumed run uses. ``deterministic``
-    pins it to ``torch`` and turns on torch's deterministic algorithms.
+    pins it to ``torch`` and turns on torch's deterministic algorithms. ``hard_negatives="swap"``
+    adds up to ``hard_negatives_per_caption`` rule-built negative captions per caption (swapped
+    spatial words, colours, objects, changed counts; :mod:`clipforge.training.hard_negatives`) as
+    extra columns of that image's row of the loss (NegCLIP).
     """
 
     model: str = "tiny-vit"
@@ -58,6 +62,8 @@ class TrainConfig:
     grad_clip: float | None = None
     accum_steps: int = 1
     precision: str = "fp32"  # open_clip's names and meaning: see clipforge.device
+    hard_negatives: Literal["none", "swap"] = "none"
+    hard_negatives_per_caption: int = 3
     grad_checkpointing: bool = False
     lock_image: bool = False
     local_loss: bool = False
@@ -101,6 +107,9 @@ class TrainConfig:
         need(isinstance(self.warmup, int) and self.warmup >= 0, "warmup", "must be an integer >= 0")
         need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0 or null")
         need(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
+        need(self.hard_negatives in HARD_NEGATIVES, "hard_negatives", f"must be one of {', '.join(HARD_NEGATIVES)}")
+        need(isinstance(self.hard_negatives_per_caption, int) and not isinstance(self.hard_negatives_per_caption, bool)
+             and self.hard_negatives_per_caption >= 1, "hard_negatives_per_caption", "must be an integer >= 1")
         need(self.linear_backend in LINEAR_BACKENDS, "linear_backend", f"must be one of {', '.join(LINEAR_BACKENDS)}")
         need(self.num_workers >= 0, "num_workers", "must be >= 0")
         need(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null (torch's default)")
@@ -218,4 +227,4 @@ def merge_for_resume(saved: TrainConfig, overrides: dict[str, Any], run_dir: str
     return saved.replace(out=run_dir, resume=run_dir, **changes)
 
 
-__all__ = ["TrainConfig", "load_config_file", "merge_for_resume", "PRECISIONS", "LINEAR_BACKENDS"]
+__all__ = ["TrainConfig", "load_config_file", "merge_for_resume", "PRECISIONS", "LINEAR_BACKENDS", "HARD_NEGATIVES"]

@@ -40,6 +40,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, merge_for_resume
 from .distributed import DistEnv, all_gather_object, any_rank, barrier, init_distributed, shutdown_distributed
 from .evaluation import Evaluator, default_evaluator
+from .hard_negatives import SwapNegatives, TokenizeWithNegatives
 from .loss import ClipLoss
 from .metrics import MetricsLog, peak_rss_mb, plot_curves
 from .optim import CosineWarmup, build_optimizer
@@ -55,6 +56,15 @@ class TokenizeCaptions:
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         return get_tokenizer(self.context_length).tokenize(list(texts), self.context_length, truncate=True)
+
+
+def caption_tokenizer(config: TrainConfig, context_length: int) -> Callable[[list[str]], Any]:
+    """The loader's captions -> text batch function: ids, or ids with the rule-built hard
+    negatives of ``config.hard_negatives`` (drawn with the run's seed)."""
+    tokenize = TokenizeCaptions(context_length)
+    if config.hard_negatives == "none":
+        return tokenize
+    return TokenizeWithNegatives(tokenize, SwapNegatives(config.hard_negatives_per_caption, config.seed))
 
 
 def resolve_model_config(spec: str) -> CLIPConfig:
@@ -158,7 +168,7 @@ class _Run:
                             cfg.precision, cfg.grad_clip, scaler)
 
         loader = make_pair_loader(train_source, transform=image_transform(model.config.preprocess, train=True),
-                                  tokenize=TokenizeCaptions(model.context_length), batch_size=cfg.batch_size,
+                                  tokenize=caption_tokenizer(cfg, model.context_length), batch_size=cfg.batch_size,
                                   seed=cfg.seed, rank=env.rank, world_size=env.world_size,
                                   num_workers=cfg.num_workers, resampled=cfg.resampled)
         step, records = 0, []
@@ -417,5 +427,5 @@ def train(config: TrainConfig, *, should_stop: Callable[[int], bool] | None = No
             shutdown_distributed(env)
 
 
-__all__ = ["train", "TokenizeCaptions", "build_model", "resolve_model_config", "open_training_data",
+__all__ = ["train", "TokenizeCaptions", "caption_tokenizer", "build_model", "resolve_model_config", "open_training_data",
            "run_linear_backend"]

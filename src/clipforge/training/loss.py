@@ -5,6 +5,11 @@ batch of a data-parallel job.
 Memory: one ``[N, N]`` logits matrix is built; the text->image direction reads it transposed
 (a view), so no second matmul or copy. With ``local_loss`` each rank builds only its ``[B, N]``
 rows (and the ``[B, N]`` rows of the text direction) instead of ``[N, N]``.
+
+Hard negatives (``--hard-negatives swap``, :mod:`.hard_negatives`): each image's row of the
+image->text logits gains ``C`` columns, its own negative captions (absent ones at -inf), so the
+softmax of image ``i`` runs over all batch texts plus its own negatives (NegCLIP); the
+text->image direction is unchanged.
 """
 
 from __future__ import annotations
@@ -37,17 +42,49 @@ def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     return _ScaleGrad.apply(x, factor)
 
 
-def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
-                     logit_scale: torch.Tensor) -> torch.Tensor:
-    """Mean of the image->text and text->image cross-entropies; pair ``i`` is row/column ``i``.
-
-    Features are expected L2-normalised; ``logit_scale`` is the multiplier ``exp(t)``."""
+def _check_features(image_features: torch.Tensor, text_features: torch.Tensor,
+                    negatives: torch.Tensor | None, neg_mask: torch.Tensor | None) -> None:
     if image_features.shape != text_features.shape or image_features.dim() != 2:
         raise ValueError(f"image and text features must both be [N, D]; got {tuple(image_features.shape)} "
                          f"and {tuple(text_features.shape)}")
+    if (negatives is None) != (neg_mask is None):
+        raise ValueError("hard negatives need both their features [N, C, D] and their mask [N, C]")
+    if negatives is not None and neg_mask is not None:
+        n, d = image_features.shape
+        if negatives.dim() != 3 or negatives.shape[0] != n or negatives.shape[2] != d \
+                or tuple(neg_mask.shape) != tuple(negatives.shape[:2]):
+            raise ValueError(f"hard negatives must be [N, C, D] = [{n}, C, {d}] with a [N, C] mask; got "
+                             f"{tuple(negatives.shape)} and {tuple(neg_mask.shape)}")
+
+
+def _image_to_text_logits(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                          negatives: torch.Tensor | None, neg_mask: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``[N', N]`` image->text logits over the batch texts, the same rows with each image's own
+    hard negatives appended as ``C`` extra columns, absent ones at -inf). Without negatives (none
+    given, or none present) the second is the first, so the loss is the plain one exactly."""
     logits = logit_scale * image_features @ text_features.t()
+    if negatives is None or neg_mask is None or negatives.shape[1] == 0 or not bool(neg_mask.any()):
+        return logits, logits
+    neg = logit_scale * torch.einsum("nd,ncd->nc", image_features, negatives.to(image_features.dtype))
+    neg = torch.where(neg_mask.bool(), neg, torch.full_like(neg, float("-inf")))
+    return logits, torch.cat([logits, neg], dim=1)
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                     logit_scale: torch.Tensor, negatives: torch.Tensor | None = None,
+                     neg_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of the image->text and text->image cross-entropies; pair ``i`` is row/column ``i``.
+
+    Features are expected L2-normalised; ``logit_scale`` is the multiplier ``exp(t)``.
+    ``negatives [N, C, D]`` with ``neg_mask [N, C]``: rule-built hard negative captions of each
+    image (NegCLIP): extra columns of image ``i``'s softmax only (its row sees all ``N`` batch
+    texts plus its own present negatives, never another image's); the text->image direction is
+    the plain one."""
+    _check_features(image_features, text_features, negatives, neg_mask)
+    logits, with_neg = _image_to_text_logits(image_features, text_features, logit_scale, negatives, neg_mask)
     labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    return (F.cross_entropy(with_neg, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
 class ClipLoss:
@@ -80,23 +117,31 @@ class ClipLoss:
                              "never reach its gradients); pass --gather-with-grad")
 
     def __call__(self, image_features: torch.Tensor, text_features: torch.Tensor,
-                 logit_scale: torch.Tensor) -> torch.Tensor:
+                 logit_scale: torch.Tensor, negatives: torch.Tensor | None = None,
+                 neg_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``negatives [B, C, D]`` / ``neg_mask [B, C]``: this rank's images' hard negatives (see
+        :func:`contrastive_loss`). With the global loss they are gathered with their images (``C``
+        is the same on every rank), so each rank computes exactly the single-process loss of the
+        global batch; with ``local_loss`` they stay local, since only their own image's row uses them."""
         env = self.env
         if not env.distributed:
-            return contrastive_loss(image_features, text_features, logit_scale)
-        if image_features.shape != text_features.shape or image_features.dim() != 2:
-            raise ValueError(f"image and text features must both be [B, D]; got "
-                             f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
+            return contrastive_loss(image_features, text_features, logit_scale, negatives, neg_mask)
+        _check_features(image_features, text_features, negatives, neg_mask)
         if not self.gather_with_grad:
             image_features = scale_grad(image_features, float(env.world_size))
             text_features = scale_grad(text_features, float(env.world_size))
+            if negatives is not None:
+                negatives = scale_grad(negatives, float(env.world_size))
         all_img = gather_features(image_features, env, self.gather_with_grad)
         all_txt = gather_features(text_features, env, self.gather_with_grad)
         if not self.local_loss:
-            return contrastive_loss(all_img, all_txt, logit_scale)
+            if negatives is not None and neg_mask is not None:
+                negatives = gather_features(negatives, env, self.gather_with_grad)
+                neg_mask = gather_features(neg_mask.to(torch.uint8), env, with_grad=False).bool()
+            return contrastive_loss(all_img, all_txt, logit_scale, negatives, neg_mask)
         b = image_features.shape[0]
         labels = torch.arange(b, device=image_features.device) + env.rank * b
-        logits_per_image = logit_scale * image_features @ all_txt.t()
+        _, logits_per_image = _image_to_text_logits(image_features, all_txt, logit_scale, negatives, neg_mask)
         logits_per_text = logit_scale * text_features @ all_img.t()
         return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 

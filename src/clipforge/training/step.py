@@ -10,6 +10,8 @@ exactly the gradient of the full-batch loss (the temperature's share is divided 
 enters every one of the k losses). This needs the re-run to reproduce the cached features, which
 holds for the ViT/text towers (no dropout) but not for BatchNorm in train mode (ResNet towers):
 there each re-run sees statistics of one micro-batch and updates the running statistics again.
+Hard negatives are features like the others: cached with their micro-batch, recomputed with it,
+and concatenated in batch order, so each stays attached to its own image's row.
 """
 
 from __future__ import annotations
@@ -24,21 +26,37 @@ from torch import nn
 
 from .. import device as _device
 from ..models import CLIP
+from .hard_negatives import CaptionTokens
 from .loss import ClipLoss, scale_grad
+
+#: The text side of a batch: token ids, or ids with hard negatives (``--hard-negatives``).
+Text = torch.Tensor | CaptionTokens
 
 
 class FeatureModel(nn.Module):
     """What DDP wraps: images and ids -> (normalised image features, normalised text features,
-    temperature ``exp(logit_scale)``), features in float32 for a stable loss under autocast."""
+    temperature ``exp(logit_scale)``), features in float32 for a stable loss under autocast.
+
+    With hard negatives (``neg_ids [B, C, L]``, ``neg_mask [B, C]``) a fourth output holds their
+    features ``[B, C, D]`` (zeros where the mask is False); the present ones are encoded in the
+    same text pass as the captions, inside this forward so DDP sees every use of the weights."""
 
     def __init__(self, clip: CLIP) -> None:
         super().__init__()
         self.clip = clip
 
-    def forward(self, images: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, neg_ids: torch.Tensor | None = None,
+                neg_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         img = F.normalize(self.clip.encode_image(images).float(), dim=-1)
-        txt = F.normalize(self.clip.encode_text(ids).float(), dim=-1)
-        return img, txt, self.clip.logit_scale.float().exp()
+        scale = self.clip.logit_scale.float().exp()
+        if neg_ids is None or neg_mask is None:
+            txt = F.normalize(self.clip.encode_text(ids).float(), dim=-1)
+            return img, txt, scale
+        b = ids.shape[0]
+        both = F.normalize(self.clip.encode_text(torch.cat([ids, neg_ids[neg_mask]])).float(), dim=-1)
+        neg = both.new_zeros(*neg_mask.shape, both.shape[1])
+        neg[neg_mask] = both[b:]
+        return img, both[:b], scale, neg
 
 
 def autocast_context(precision: str, device: torch.device) -> ContextManager[Any]:
@@ -84,36 +102,59 @@ class TrainStep:
         no_sync = getattr(self.module, "no_sync", None)
         return no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
 
-    def compute_gradients(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    def _features(self, module: nn.Module, images: torch.Tensor, text: Text) -> tuple[Any, ...]:
+        """(image features, text features, temperature, negatives or None, their mask or None)."""
+        if isinstance(text, CaptionTokens):
+            with self._autocast():
+                img, txt, scale, neg = module(images, text.ids, text.neg_ids, text.neg_mask)
+            return img, txt, scale, neg, text.neg_mask
+        with self._autocast():
+            img, txt, scale = module(images, text)
+        return img, txt, scale, None, None
+
+    def _loss(self, img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, neg: torch.Tensor | None,
+              mask: torch.Tensor | None) -> torch.Tensor:
+        if neg is None:
+            return self.loss_fn(img, txt, scale)
+        return self.loss_fn(img, txt, scale, neg, mask)
+
+    def _to_device(self, text: Text) -> Text:
+        if isinstance(text, CaptionTokens):
+            return CaptionTokens(*(_device.to_device(t, self.device) for t in text))
+        return _device.to_device(text, self.device)
+
+    def compute_gradients(self, batches: Sequence[tuple[torch.Tensor, Text]]) -> float:
         """Accumulate into ``.grad`` the gradient of the contrastive loss over the union of
-        ``batches`` (k micro-batches); returns the loss value."""
-        batches = [(_device.to_device(im, self.device), _device.to_device(ids, self.device)) for im, ids in batches]
+        ``batches`` (k micro-batches); returns the loss value. The text side of a batch is ids,
+        or :class:`CaptionTokens` (ids with hard negatives, cached and recomputed with their
+        micro-batch like the other features)."""
+        batches = [(_device.to_device(im, self.device), self._to_device(text)) for im, text in batches]
         k = len(batches)
         if k == 1:
-            images, ids = batches[0]
-            with self._autocast():
-                img, txt, scale = self.module(images, ids)
-            loss = self.loss_fn(img, txt, scale)
+            images, text = batches[0]
+            loss = self._loss(*self._features(self.module, images, text))
             self._backward(loss)
             return float(loss.detach())
         inner = getattr(self.module, "module", self.module)  # skip DDP hooks for the no-grad pass
-        with torch.no_grad(), self._autocast():
-            cached = [inner(images, ids)[:2] for images, ids in batches]
-        cached_img = [c[0] for c in cached]
-        cached_txt = [c[1] for c in cached]
+        with torch.no_grad():
+            cached = [self._features(inner, images, text) for images, text in batches]
+        with_neg = cached[0][3] is not None
         value = 0.0
-        for j, (images, ids) in enumerate(batches):
+        for j, (images, text) in enumerate(batches):
             with self._no_sync(last=j == k - 1):
-                with self._autocast():
-                    img_j, txt_j, scale = self.module(images, ids)
-                img = torch.cat(cached_img[:j] + [img_j] + cached_img[j + 1:])
-                txt = torch.cat(cached_txt[:j] + [txt_j] + cached_txt[j + 1:])
-                loss = self.loss_fn(img, txt, scale_grad(scale, 1.0 / k))
+                fresh = self._features(self.module, images, text)
+                scale = fresh[2]
+
+                def joined(slot: int) -> torch.Tensor:
+                    return torch.cat([c[slot] for c in cached[:j]] + [fresh[slot]] + [c[slot] for c in cached[j + 1:]])
+
+                neg, mask = (joined(3), joined(4)) if with_neg else (None, None)
+                loss = self._loss(joined(0), joined(1), scale_grad(scale, 1.0 / k), neg, mask)
                 self._backward(loss)
             value = float(loss.detach())
         return value
 
-    def __call__(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+    def __call__(self, batches: Sequence[tuple[torch.Tensor, Text]]) -> StepResult:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.compute_gradients(batches)
         grad_norm = None
@@ -130,4 +171,4 @@ class TrainStep:
         return StepResult(loss=loss, grad_norm=grad_norm)
 
 
-__all__ = ["FeatureModel", "TrainStep", "StepResult", "autocast_context", "make_grad_scaler"]
+__all__ = ["FeatureModel", "TrainStep", "StepResult", "autocast_context", "make_grad_scaler", "Text"]
