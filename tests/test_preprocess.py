@@ -167,6 +167,14 @@ def test_non_image_bytes_raise_naming_the_file(tmp_path):
             load_image(f)
 
 
+def test_in_memory_errors_name_the_member_not_a_repr():
+    # Pillow names an in-memory file "<_io.BytesIO object at 0x...>"; the message must name the member
+    with pytest.raises(ImageLoadError) as ei:
+        load_image(b"\x00\x01garbage", name="shard-00003.tar:0007.jpg")
+    assert "BytesIO" not in str(ei.value) and "0x" not in str(ei.value)
+    assert str(ei.value).count("shard-00003.tar:0007.jpg") >= 1
+
+
 def test_missing_file_raises_image_load_error(tmp_path):
     missing = tmp_path / "nope" / "missing.jpg"
     with pytest.raises(ImageLoadError, match="missing.jpg") as ei:

@@ -56,8 +56,8 @@ def load_image(source: str | Path | bytes | BinaryIO, name: str | None = None) -
     no open file.
     """
     label = name or (str(source) if isinstance(source, (str, Path)) else getattr(source, "name", None) or "<bytes>")
+    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     try:
-        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
         with Image.open(fp) as im:
             im.load()
             try:
@@ -69,7 +69,9 @@ def load_image(source: str | Path | bytes | BinaryIO, name: str | None = None) -
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - OSError, SyntaxError, EOFError, struct.error, bomb errors...
-        raise ImageLoadError(f"cannot decode image {label}: {type(e).__name__}: {e}") from e
+        # Pillow names an in-memory file by its repr ("<_io.BytesIO object at 0x...>"): say which file it is
+        detail = str(e).replace(repr(fp), label) if not isinstance(fp, (str, Path)) else str(e)
+        raise ImageLoadError(f"cannot decode image {label}: {type(e).__name__}: {detail}") from e
     return img
 
 

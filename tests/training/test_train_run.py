@@ -264,3 +264,21 @@ def test_resumed_run_uses_the_backend_its_run_folder_recorded(tmp_path, model_js
     assert all(torch.equal(ref[n], got[n]) for n in ref)
     # The backend matters (so the equality above is a real check): torch's kernels round differently.
     assert not all(torch.equal(ref[n], v) for n, v in _weights(reference).items())
+
+
+def test_prune_removes_checkpoints_beyond_keep_and_stray_temporaries(tmp_path):
+    """A kill during a checkpoint write leaves `.step_*.pt.*.tmp`; the next save's prune removes it."""
+    from clipforge.training.checkpoint import checkpoint_dir, checkpoint_path, prune_checkpoints
+
+    folder = checkpoint_dir(tmp_path)
+    folder.mkdir(parents=True)
+    for step in (1, 2, 3):
+        checkpoint_path(tmp_path, step).write_bytes(b"x")
+    stray = folder / ".step_0000004.pt.k3j9x.tmp"
+    stray.write_bytes(b"")
+    other = folder / "notes.txt"
+    other.write_text("kept")
+    removed = prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(p.name for p in removed) == sorted([checkpoint_path(tmp_path, 1).name, stray.name])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [checkpoint_path(tmp_path, 2).name, checkpoint_path(tmp_path, 3).name, "notes.txt"])

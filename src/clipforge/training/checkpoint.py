@@ -117,12 +117,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` checkpoints; returns the removed paths."""
+    """Delete all but the newest ``keep_last`` checkpoints, and the temporary files of writes that a
+    kill interrupted (called by the only writer right after it saved, so no write is in flight);
+    returns the removed paths."""
     found = list_checkpoints(run_dir)
     removed = []
     for _, p in found[:-keep_last] if keep_last > 0 else found:
         p.unlink(missing_ok=True)
         removed.append(p)
+    folder = checkpoint_dir(run_dir)
+    if folder.is_dir():
+        for p in folder.glob(".step_*.pt.*.tmp"):
+            p.unlink(missing_ok=True)
+            removed.append(p)
     return removed
 
 

@@ -50,7 +50,7 @@ COLOUR_WORDS: dict[str, str] = {**{c: c for c in COLOUR_PALETTE}, "gray": "grey"
                                 "pink": "pink", "beige": "beige", "gold": "gold", "silver": "silver"}
 
 #: Noun groups: a single object is replaced by another of its group (a circle by a square, a dog
-#: by a cat). ``None`` plural: regular (via :func:`clipforge.data.scenes.plural`).
+#: by a cat). Plurals: :data:`_IRREGULAR`, else :func:`clipforge.data.scenes.plural` (the scenes' own).
 _NOUN_GROUPS: dict[str, tuple[str, ...]] = {
     "shape": SHAPES,
     "animal": ("dog", "cat", "horse", "cow", "sheep", "bird", "elephant", "zebra", "giraffe", "bear"),
@@ -204,7 +204,7 @@ def _count_value(token: str) -> int:
 
 
 def change_count(caption: str, rng: random.Random) -> str:
-    """One count becomes a nearby other count (within 2, >= 1), written the same way (word or
+    """One count ``n`` becomes another of ``max(1, n-2) .. max(3, n+1)``, written the same way (word or
     digits); the noun within the next few words takes the new number ("one circle" -> "two circles")."""
     found = list(_NUMBER_RE.finditer(caption))
     if not found:
@@ -213,7 +213,8 @@ def change_count(caption: str, rng: random.Random) -> str:
     n = _count_value(m.group())
     if n < 1:
         return caption
-    options = [v for v in range(max(1, n - 2), n + 3) if v != n]
+    # near counts are the hard ones; at least 1..3, the scenes' counts, so "three" is not mostly "four"/"five"
+    options = [v for v in range(max(1, n - 2), max(3, n + 1) + 1) if v != n]
     if m.group().isdigit():
         new_n = rng.choice(options)
         edits = [(m.start(), m.end(), str(new_n))]

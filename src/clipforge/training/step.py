@@ -143,13 +143,10 @@ class TrainStep:
         for j, (images, text) in enumerate(batches):
             with self._no_sync(last=j == k - 1):
                 fresh = self._features(self.module, images, text)
-                scale = fresh[2]
-
-                def joined(slot: int) -> torch.Tensor:
-                    return torch.cat([c[slot] for c in cached[:j]] + [fresh[slot]] + [c[slot] for c in cached[j + 1:]])
-
-                neg, mask = (joined(3), joined(4)) if with_neg else (None, None)
-                loss = self._loss(joined(0), joined(1), scale_grad(scale, 1.0 / k), neg, mask)
+                parts = cached[:j] + [fresh] + cached[j + 1:]
+                img, txt = (torch.cat([f[slot] for f in parts]) for slot in (0, 1))
+                neg, mask = (torch.cat([f[slot] for f in parts]) for slot in (3, 4)) if with_neg else (None, None)
+                loss = self._loss(img, txt, scale_grad(fresh[2], 1.0 / k), neg, mask)
                 self._backward(loss)
             value = float(loss.detach())
         return value

@@ -14,7 +14,8 @@ from ..data import make_pair_loader, open_pairs
 from ..preprocess import image_transform
 from ..utils import torch_threads
 from .config import TrainConfig
-from .loop import TokenizeCaptions, build_model
+from .. import fast
+from .loop import build_model, caption_tokenizer
 from .loss import ClipLoss
 from .optim import build_optimizer
 from .step import FeatureModel, TrainStep
@@ -28,9 +29,11 @@ def measure_step_time(config: TrainConfig, threads: Sequence[int], n: int = 3, w
     result: dict[int, float] = {}
     with torch.random.fork_rng(devices=[]):
         model = build_model(config).train()
+        if config.fast_paths:  # time the step the run will take
+            fast.enable(model)
         source = open_pairs(config.data, split="train", seed=config.seed + 99, **config.data_options())
         loader = make_pair_loader(source, transform=image_transform(model.config.preprocess, train=True),
-                                  tokenize=TokenizeCaptions(model.context_length), batch_size=config.batch_size,
+                                  tokenize=caption_tokenizer(config, model.context_length), batch_size=config.batch_size,
                                   seed=config.seed + 99, rank=0, world_size=1, num_workers=config.num_workers)
         step = TrainStep(model, FeatureModel(model), ClipLoss(), build_optimizer(model, 1e-5, 0.0, config.betas, config.eps),
                          precision=config.precision)
