@@ -95,7 +95,10 @@ def worker(impl: str, model_name: str, batch: int, n_batches: int, threads: int,
         from clipforge.training.optim import build_optimizer
         from clipforge.training.step import FeatureModel, TrainStep
 
+        from clipforge import fast
+
         model = create_model(cfg, seed=0).train()
+        fast.enable(model)  # what `clipforge train` does (TrainConfig.fast_paths, on by default)
         opt = build_optimizer(model, 1e-4, 0.1, (0.9, 0.98), 1e-6)
         step_fn = TrainStep(model, FeatureModel(model), ClipLoss(), opt)
 
