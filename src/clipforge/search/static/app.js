@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { maxK: 100 };
+const state = { maxK: 100, contextLength: 77 };
 
 function setStatus(text, isError = false) {
   const el = $("status");
@@ -77,7 +77,9 @@ function render(data) {
     grid.append(card);
   }
   const n = data.results.length;
-  setStatus(n ? `${n} result${n === 1 ? "" : "s"} in ${data.took_ms.toFixed(0)} ms` : "No results.");
+  const q = data.query || {};
+  const cut = q.truncated_from_tokens ? ` (query cut to its first ${state.contextLength} of ${q.truncated_from_tokens} tokens)` : "";
+  setStatus((n ? `${n} result${n === 1 ? "" : "s"} in ${data.took_ms.toFixed(0)} ms` : "No results.") + cut);
 }
 
 function searchText(text) {
