@@ -3,7 +3,13 @@
 
 Also clipforge's ONNX export run by ONNX Runtime (when installed). Rows: ViT-B/32 and RN50
 image encoding at batch 1/16/64, text encoding of realistic captions at batch 256. Prints medians (min-max), ratios to each reference and GFLOP/s as % of the fp32
-matmul peak measured in the same run; writes benchmarks/results/encode.json.
+matmul peak measured in the same run (bf16 rows: % of the bf16 GEMM peak); writes
+benchmarks/results/encode.json.
+
+Rows: ``clipforge`` is ``optimize_for_inference`` (fp32); ``clipforge-bf16`` the same in bf16
+where the machine's probe picks it (``precision="auto"``); ``clipforge-load`` is the model exactly
+as ``clipforge.load(path)`` returns it, called as a user calls it (``model.encode_image`` under
+``torch.no_grad``), no ``optimize_for_inference``.
 
     python benchmarks/encode.py                 # full
     python benchmarks/encode.py --quick         # 1 rep, small batches (smoke)
@@ -160,7 +166,7 @@ def main() -> None:
     torch.manual_seed(0)
     peaks = matmul_peak_gflops()
     peak = peaks["peak"]
-    print("fp32 4096^3 GEMM: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())
+    print("4096^3 GEMM: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())
           + f" ({torch.get_num_threads()} threads); clipforge linear backend: {linear_backend()}\n")
     rows: list[dict[str, object]] = []
     agreement: dict[str, float] = {}
@@ -169,6 +175,8 @@ def main() -> None:
     for name in args.models.split(","):
         model = clipforge.create_model(name, seed=0).eval()
         fast = optimize_for_inference(clipforge.create_model(name, seed=0).eval())
+        saved = clipforge.save_model(model, Path(tmp) / f"{name.replace('/', '-')}.safetensors")
+        loaded = clipforge.load(saved)[0]  # as a user gets it: the fast layer applied at load
         # The reduced-precision path, where the measured probe picks one (a separate row: its
         # embeddings agree with fp32 to ~1e-2, not 1e-4; the agreement is recorded).
         low_name = fastest_precision()
@@ -182,50 +190,88 @@ def main() -> None:
         with torch.inference_mode():
             for b in [int(x) for x in args.batches.split(",")]:
                 x = torch.randn(b, 3, s, s)
-                fns = {"clipforge": encode_image_fn("clipforge", fast, x)}
+                fns = {"clipforge": encode_image_fn("clipforge", fast, x),
+                       "clipforge-load": encode_image_fn("clipforge", loaded, x)}
                 if low is not None:
                     fns[f"clipforge-{low_name}"] = encode_image_fn("clipforge", low, x)
                     agreement[f"{name} image b{b}"] = cosine_agreement(fast.encode_image(x), low.encode_image(x))
                 fns.update({k: encode_image_fn(k, m, x) for k, m in refs.items()})
                 t = alternate(fns, reps=args.reps, warmup=1)
-                rows += _rows(f"{name} image", b, t, gf, peak)
+                rows += _rows(f"{name} image", b, t, gf, peaks)
             if name == args.models.split(",")[0]:
                 caps = captions(args.text_batch)
                 ids = clipforge.tokenize(caps, truncate=True)
                 gft = text_gflops(model, ids)
-                fns = {"clipforge": encode_text_fn("clipforge", fast, ids)}
+                fns = {"clipforge": encode_text_fn("clipforge", fast, ids),
+                       "clipforge-load": encode_text_fn("clipforge", loaded, ids)}
                 if low is not None:
                     fns[f"clipforge-{low_name}"] = encode_text_fn("clipforge", low, ids)
                     agreement[f"{name} text"] = cosine_agreement(fast.encode_text(ids), low.encode_text(ids))
                 fns.update({k: encode_text_fn(k, m, ids) for k, m in refs.items()})
                 t = alternate(fns, reps=args.reps, warmup=1)
-                rows += _rows(f"{name} text (captions)", args.text_batch, t, gft, peak)
+                rows += _rows(f"{name} text (captions)", args.text_batch, t, gft, peaks)
     cols = [("row", "work", ""), ("batch", "batch", "d"), ("impl", "impl", ""), ("items_per_s", "items/s", ".1f"),
-            ("range", "min-max", ""), ("ratio", "clipforge x", ".2f"), ("pct_peak", "% peak", ".0f"),
+            ("range", "min-max", ""), ("ratio", "clipforge x", ".2f"), ("load_ratio", "load x", ".2f"),
+            ("pct_peak", "% peak", ".0f"),
             ("peak_rss_mb", "peak RSS MB", ".0f")]
     shutil.rmtree(tmp, ignore_errors=True)
     print_table(rows, cols)
     if agreement:
-        print("\nreduced precision vs fp32, min cosine of embeddings: "
+        print("\nreduced precision vs fp32, min cosine of embeddings (random images; real photos below): "
               + ", ".join(f"{k} {v:.4f}" for k, v in agreement.items()))
+    real = real_photo_agreement(args.models.split(",")[0])
+    if real:
+        print("on Flickr8k photos and captions: " + ", ".join(f"{k} {v:.5f}" for k, v in real.items()))
+    print("\n'% peak': fp32 rows of the fp32 GEMM peak, bf16 rows of the bf16 GEMM peak; 'load x': the model "
+          "as clipforge.load returns it, vs each implementation")
     path = write_results("encode", {"env": environment(), "matmul_gflops": peaks,
                                         "linear_backend": linear_backend(), "backend": backend_record(),
                                         "precision_probe_gflops": matmul_speed_by_precision(),
-                                        "reduced_precision_min_cosine_vs_fp32": agreement, "rows": rows})
+                                        "reduced_precision_min_cosine_vs_fp32": agreement,
+                                        "reduced_precision_min_cosine_vs_fp32_real_photos": real, "rows": rows})
     print(f"\nwrote {path}")
 
 
-def _rows(work: str, batch: int, timings, gflops_per_item: float, peak: float) -> list[dict[str, object]]:
+def _rows(work: str, batch: int, timings, gflops_per_item: float, peaks: dict[str, float]) -> list[dict[str, object]]:
     ours = timings["clipforge"].summary(batch)["items_per_s"]
+    loaded = timings["clipforge-load"].summary(batch)["items_per_s"] if "clipforge-load" in timings else None
     out = []
     for impl, t in timings.items():
         s = t.summary(batch)
+        peak = peaks["bf16_peak"] if impl.endswith("-bf16") else peaks["peak"]
         out.append({"row": work, "batch": batch, "impl": impl, **s,
                     "range": f"{s['items_per_s_min']:.1f}-{s['items_per_s_max']:.1f}",
                     "ratio": ours / s["items_per_s"] if impl != "clipforge" else None,
-                    "gflops_per_item": gflops_per_item,
+                    "load_ratio": loaded / s["items_per_s"] if loaded and not impl.startswith("clipforge") else None,
+                    "gflops_per_item": gflops_per_item, "peak_gflops": peak,
                     "pct_peak": 100 * s["items_per_s"] * gflops_per_item / peak})
     return out
+
+
+def real_photo_agreement(name: str, n: int = 32) -> dict[str, float]:
+    """Min cosine between fp32 and the reduced-precision model's embeddings of ``n`` Flickr8k
+    photos and captions (where ../shared/data has them and the probe picks a reduced precision)."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from clipforge.preprocess import image_transform
+
+    folder = SHARED / "flickr8k"
+    if fastest_precision() == "fp32" or not (folder / "images_128_test.tar").exists():
+        return {}
+    model = clipforge.create_model(name, seed=0).eval()
+    pre = image_transform(model.config.preprocess)
+    with tarfile.open(folder / "images_128_test.tar") as tar:
+        members = [m for m in tar.getmembers() if m.name.endswith(".jpg")][:n]
+        images = torch.stack([pre(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")) for m in members])
+    ids = clipforge.tokenize(captions(n), truncate=True)
+    fp32 = optimize_for_inference(clipforge.create_model(name, seed=0).eval())
+    low = optimize_for_inference(model, precision="auto")
+    with torch.inference_mode():
+        return {"image": cosine_agreement(fp32.encode_image(images), low.encode_image(images.to(low.dtype))),
+                "text": cosine_agreement(fp32.encode_text(ids), low.encode_text(ids))}
 
 
 if __name__ == "__main__":

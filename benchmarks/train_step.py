@@ -36,7 +36,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
-IMPLS = ("clipforge", "openclip", "hf-pad77", "hf-longest")
+IMPLS = ("clipforge", "clipforge-bf16", "openclip", "openclip-bf16", "hf-pad77", "hf-longest")
 
 
 def _proc_kb(field: str) -> float:
@@ -90,7 +90,7 @@ def worker(impl: str, model_name: str, batch: int, n_batches: int, threads: int,
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g),
                 tokenize(caps[i * batch:(i + 1) * batch], truncate=True)) for i in range(n_batches)]
-    if impl == "clipforge":
+    if impl in ("clipforge", "clipforge-bf16"):
         from clipforge.training.loss import ClipLoss
         from clipforge.training.optim import build_optimizer
         from clipforge.training.step import FeatureModel, TrainStep
@@ -100,11 +100,16 @@ def worker(impl: str, model_name: str, batch: int, n_batches: int, threads: int,
         model = create_model(cfg, seed=0).train()
         fast.enable(model)  # what `clipforge train` does (TrainConfig.fast_paths, on by default)
         opt = build_optimizer(model, 1e-4, 0.1, (0.9, 0.98), 1e-6)
-        step_fn = TrainStep(model, FeatureModel(model), ClipLoss(), opt)
+        # clipforge-bf16: `clipforge train --precision amp_bf16` (or auto where bf16 pays): bf16 products
+        # under autocast through the fast layer, fp32 master weights, attention softmax, LayerNorm, loss.
+        step_fn = TrainStep(model, FeatureModel(model), ClipLoss(), opt,
+                            precision="amp_bf16" if impl == "clipforge-bf16" else "fp32")
 
         def step(images: torch.Tensor, ids: torch.Tensor) -> float:
             return step_fn([(images, ids)]).loss
-    elif impl == "openclip":
+    elif impl in ("openclip", "openclip-bf16"):
+        import contextlib
+
         import open_clip
 
         from clipforge.checkpoints import openclip_model_cfg
@@ -112,12 +117,16 @@ def worker(impl: str, model_name: str, batch: int, n_batches: int, threads: int,
         model = open_clip.CLIP(**openclip_model_cfg(cfg)).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
         loss_fn = open_clip.ClipLoss()
+        # openclip-bf16: open_clip_train --precision amp_bf16 (torch autocast to bfloat16).
+        autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if impl == "openclip-bf16" \
+            else contextlib.nullcontext
 
         def step(images: torch.Tensor, ids: torch.Tensor) -> float:
             # OpenCLIP's training loop: full-context ids (77), its ClipLoss, AdamW, clamp.
             opt.zero_grad(set_to_none=True)
-            image_features, text_features, logit_scale = model(images, ids)[:3]
-            loss = loss_fn(image_features, text_features, logit_scale)
+            with autocast():
+                image_features, text_features, logit_scale = model(images, ids)[:3]
+                loss = loss_fn(image_features, text_features, logit_scale)
             loss.backward()
             opt.step()
             with torch.no_grad():
@@ -233,12 +242,12 @@ def bench_row(model: str, batch: int, args: argparse.Namespace) -> dict[str, Any
 
 def available_impls(wanted: list[str]) -> list[str]:
     """Drop OpenCLIP (with a message) when it cannot be imported (it needs torchvision)."""
-    if "openclip" in wanted:
+    if any(i.startswith("openclip") for i in wanted):
         try:
             import open_clip  # noqa: F401
         except Exception as e:  # ImportError, or torchvision's operator error beside a CPU torch
             print(f"note: OpenCLIP not importable ({type(e).__name__}: {e}); its rows are skipped", file=sys.stderr)
-            wanted = [i for i in wanted if i != "openclip"]
+            wanted = [i for i in wanted if not i.startswith("openclip")]
     return wanted
 
 
@@ -292,11 +301,16 @@ def main() -> int:
         record["rows"] = rows = kept + rows
 
     write_json(args.out, record)
-    print(f"\n{'model':<10} {'batch':>5} {'impl':<11} {'s/step':>8} {'samples/s':>10} {'peak RSS MB':>12} {'vs clipforge':>13}")
+    print(f"\n{'model':<10} {'batch':>5} {'impl':<15} {'s/step':>8} {'samples/s':>10} {'peak RSS MB':>12} {'vs clipforge':>13}")
     for row in rows:
         for impl, r in row["results"].items():
-            print(f"{row['model']:<10} {row['batch']:>5} {impl:<11} {r['median_step_s']:>8.3f} {r['samples_per_s']:>10.1f} "
+            print(f"{row['model']:<10} {row['batch']:>5} {impl:<15} {r['median_step_s']:>8.3f} {r['samples_per_s']:>10.1f} "
                   f"{r['peak_rss_mb']:>12.0f} {r.get('clipforge_speedup', float('nan')):>12.2f}x")
+    for row in rows:
+        res = row["results"]
+        for a, b in (("clipforge-bf16", "clipforge"), ("openclip-bf16", "openclip"), ("clipforge-bf16", "openclip-bf16")):
+            if a in res and b in res:
+                print(f"{row['model']} b{row['batch']}: {a} / {b} = {res[a]['samples_per_s'] / res[b]['samples_per_s']:.2f}x")
     print(f"\nwrote {args.out}")
     return 0
 

@@ -20,9 +20,14 @@ pure_fp16
 amp_bf16,     float32                                             bfloat16
 amp_bfloat16
 amp           float32                                             float16 + gradient scaler (CUDA)
-auto          inference only: ``bf16``, ``fp16`` or ``fp32``, whichever a measured matmul probe finds
-              >= 1.3x faster on this CPU (``models.linear.fastest_precision``); fp32 on a GPU
+auto          inference: ``bf16``, ``fp16`` or ``fp32``, whichever the machine's stored matmul probe
+              finds >= 1.3x faster on this CPU (``fast.fastest_precision``); fp32 on a GPU.
+              training: ``amp_bf16`` where bf16 pays (that probe on a CPU; a CUDA GPU with bf16),
+              else ``fp32`` (CPU) / ``amp`` (older GPU), resolved once per run and recorded
 ============  ==================================================  ===========================
+
+On a CPU, ``amp_bf16`` training takes the fast layer's bf16 path (``clipforge.fast``): bf16
+products, float32 master weights, LayerNorm, attention softmax, loss and temperature.
 
 Before this vocabulary, ``clipforge train --precision bf16`` meant bfloat16 *autocast*; that run
 is now spelled ``amp_bf16`` (and the old ``fp16`` autocast is ``amp``). Inference commands cast the
@@ -127,6 +132,8 @@ PRECISIONS: dict[str, Precision] = {
     "amp": Precision("amp", autocast_dtype=torch.float16, grad_scaler=True),
 }
 TRAIN_PRECISIONS = tuple(PRECISIONS)
+# What a training run may ask for: a concrete name, or "auto" (resolved by training.run_precision).
+TRAIN_PRECISION_CHOICES = TRAIN_PRECISIONS + ("auto",)
 # Inference casts weights (optimize_for_inference); "auto" measures. Autocast names are training-only.
 INFERENCE_PRECISIONS = ("fp32", "bf16", "fp16", "pure_bf16", "pure_fp16", "auto")
 
@@ -179,5 +186,5 @@ def autocast(precision: Precision | str, device: torch.device | str) -> ContextM
 
 
 __all__ = ["DEVICE_CHOICES", "check_device_spec", "resolve_device", "pin_memory_for", "to_device", "Precision",
-           "PRECISIONS", "TRAIN_PRECISIONS", "INFERENCE_PRECISIONS", "get_precision", "inference_precision",
+           "PRECISIONS", "TRAIN_PRECISIONS", "TRAIN_PRECISION_CHOICES", "INFERENCE_PRECISIONS", "get_precision", "inference_precision",
            "cast_weights", "autocast"]

@@ -28,11 +28,31 @@ def _same_outputs(a, b, size):
 @pytest.mark.parametrize("target", ["model.safetensors", "folder"])
 def test_native_round_trip_is_exact_and_self_describing(tmp_path, micro_vit, target):
     path = save_model(micro_vit, tmp_path / target)
-    model, pre = clipforge.load(path)
+    model, pre = clipforge.load(path, fast=False)  # the plain model: bit-exact outputs
     assert model.config == micro_vit.config  # activation, preprocessing, tokenizer all travel along
     assert pre.config == micro_vit.config.preprocess
     _same_outputs(micro_vit, model, 32)
     assert not list(tmp_path.rglob("*.tmp"))  # atomic write leaves no temporaries
+
+
+def test_load_returns_the_fast_model_by_default(tmp_path, micro_vit):
+    """``clipforge.load`` applies the fast layer (inference calls packed, 1e-4 of the plain model);
+    the Parameters and state_dict are the plain model's."""
+    from clipforge import fast
+
+    path = save_model(micro_vit, tmp_path / "m.safetensors")
+    model, _ = clipforge.load(path)
+    assert fast.is_enabled(model) and not fast.is_enabled(micro_vit)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ids = clipforge.tokenize(["a cat", "two dogs on grass", "a red cube left of a ball"])
+    with torch.no_grad():
+        assert (model.encode_image(x) - micro_vit.encode_image(x)).abs().max() <= 1e-4
+        assert (model.encode_text(ids) - micro_vit.encode_text(ids)).abs().max() <= 1e-4
+    packing = [m for m in model.modules() if isinstance(m, fast.transformer.Packing)]
+    assert packing and all(m.pack_weights for m in packing)
+    if fast.linear_backend() == "onednn":
+        assert all(m.packed for m in packing)  # made by the inference calls above
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), micro_vit.state_dict().values()))
 
 
 def test_gelu_activation_survives_round_trip(tmp_path):

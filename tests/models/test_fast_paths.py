@@ -74,9 +74,8 @@ def test_fast_image_path_matches_plain_path(plain_model, linear):
             got = fast_model.encode_image(images)
     assert got.shape == plain.shape
     assert (got - plain).abs().max() <= TOL
-    packed = [m.packed for m in fast_model.modules() if isinstance(m, (fast.transformer.FastMLP,
-                                                                          fast.transformer.FastAttention))]
-    assert all((p is not None) == (linear == "onednn") for p in packed)
+    packed = [m.packed for m in fast_model.visual.modules() if isinstance(m, fast.transformer.Packing)]
+    assert all((p is not None) == (linear == "onednn") for p in packed)  # made by the first call
     if plain_model.config.vision.kind == "resnet":
         # The fast path really is different: no BatchNorm left, channels-last weights.
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast_model.visual.modules())
@@ -236,10 +235,57 @@ def test_onednn_linear_forward_and_gradients_match_f_linear():
 def test_packed_weights_are_dropped_by_train():
     with fast.using_backend("onednn"):
         model = optimize_for_inference(clipforge.create_model(micro_config("vit"), seed=0))
-    packed = [m for m in model.modules() if isinstance(m, (fast.transformer.FastMLP, fast.transformer.FastAttention))]
+        with torch.no_grad():
+            model.encode_image(torch.zeros(1, 3, model.image_size, model.image_size))
+            model.encode_text(torch.tensor([[49406, 320, 49407]]))
+    packed = [m for m in model.modules() if isinstance(m, fast.transformer.Packing)]
     assert packed and all(m.packed is not None for m in packed)
     model.train()  # the weights may change now
     assert all(m.packed is None for m in packed)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_follow_weight_changes(dtype):
+    """A model loaded for inference (``enable(pack=True)``, what ``clipforge.load`` does) and then
+    changed in place (an optimiser step, ``load_state_dict``) never computes with stale packs."""
+    plain = clipforge.create_model(micro_config("vit"), seed=0).eval().to(dtype)
+    with fast.using_backend("onednn"):
+        model = fast.enable(copy.deepcopy(plain), pack=True)
+        images = torch.randn(3, 3, model.image_size, model.image_size, generator=torch.Generator().manual_seed(0))
+        ids = clipforge.tokenize(["a red cube", "two blue balls on the left"])
+        with torch.no_grad():
+            before = model.encode_image(images.to(dtype)).float()
+            model.encode_text(ids)
+            assert all(m.packed for m in model.modules() if isinstance(m, fast.transformer.Packing))
+            for p, q in zip(model.parameters(), plain.parameters()):  # the same in-place change to both
+                noise = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).to(dtype)
+                p.add_(noise, alpha=0.05)
+                q.add_(noise, alpha=0.05)
+            after, ref = model.encode_image(images.to(dtype)).float(), plain.encode_image(images.to(dtype)).float()
+            after_text, ref_text = model.encode_text(ids).float(), plain.encode_text(ids).float()
+    tol = TOL if dtype == torch.float32 else 3e-2 * float(ref.abs().max())
+    assert (after - before).abs().max() > 10 * tol  # the change matters...
+    assert (after - ref).abs().max() <= tol  # ...and the packed model follows it
+    assert (after_text - ref_text).abs().max() <= (TOL if dtype == torch.float32 else 3e-2 * float(ref_text.abs().max()))
+
+
+@needs_onednn
+def test_enable_with_packing_leaves_training_exact():
+    """``pack=True`` changes inference calls only: gradients equal those of ``enable(model)``."""
+    base = clipforge.create_model(micro_config("vit"), seed=0)
+    images = torch.randn(4, 3, base.image_size, base.image_size, generator=torch.Generator().manual_seed(0))
+    ids = clipforge.tokenize(["a red cube", "a blue ball", "two cubes", "a green cone"])
+    grads = []
+    with fast.using_backend("onednn"):
+        for pack in (False, True):
+            model = fast.enable(copy.deepcopy(base), pack=pack).train()
+            img, txt = model.encode_image(images), model.encode_text(ids)
+            (model.logit_scale.exp() * img @ txt.T).sum().backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+            assert not any(m.packed for m in model.modules() if isinstance(m, fast.transformer.Packing))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("kind", ["vit", "resnet"])

@@ -33,7 +33,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..device import DEVICE_CHOICES, INFERENCE_PRECISIONS, TRAIN_PRECISIONS, check_device_spec
+from ..device import DEVICE_CHOICES, INFERENCE_PRECISIONS, TRAIN_PRECISION_CHOICES, check_device_spec
 from ..tokenizer import DEFAULT_OVERLAP, LONG_TEXT_MODES
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -281,8 +281,9 @@ def add_precision_option(p: argparse.ArgumentParser, mode: str, default: str | N
     if mode == "train":
         help = ("open_clip's names and meaning: fp32; bf16/fp16 cast the matmul weights; pure_bf16/pure_fp16 "
                 "cast every weight; amp_bf16 (= amp_bfloat16) bfloat16 autocast; amp float16 autocast + grad "
-                "scaler (CUDA). Formerly 'bf16' meant autocast: that is now amp_bf16")
-        choices: Sequence[str] = TRAIN_PRECISIONS
+                "scaler (CUDA); auto = amp_bf16 where bf16 pays (this CPU's stored matmul probe, or a CUDA GPU "
+                "with bf16), else fp32 (CPU) / amp (GPU). Formerly 'bf16' meant autocast: that is now amp_bf16")
+        choices: Sequence[str] = TRAIN_PRECISION_CHOICES
     else:
         help = ("weights cast for inference: fp32 (exact to 1e-4), bf16/fp16 (= pure_bf16/pure_fp16; ~1e-2), "
                 "auto (a reduced precision only where a measured matmul probe finds it >= 1.3x faster here)")

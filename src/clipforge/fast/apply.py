@@ -13,11 +13,11 @@ from ..models.layers import MLP, Attention, ResidualAttentionBlock, Transformer
 from ..models.text import TextTransformer
 from ..models.vision_resnet import ModifiedResNet
 from ..models.vision_vit import VisionTransformer
-from .backend import FastLinear, fastest_precision, linear_backend
+from .backend import FastLinear, fastest_precision
 from .resnet import FoldedResNet, conv_bn_pairs, fold_batchnorm, fused_conv_available
 from .swap import swap_class
 from .text import FastTextTransformer
-from .transformer import FastAttention, FastBlock, FastMLP, FastTransformer
+from .transformer import FastAttention, FastBlock, FastMLP, FastTransformer, Packing
 from .vit import FastVisionTransformer
 
 FAST: dict[type[nn.Module], type[nn.Module]] = {
@@ -27,12 +27,19 @@ FAST: dict[type[nn.Module], type[nn.Module]] = {
 PLAIN = {fast: plain for plain, fast in FAST.items()}
 
 
-def enable(model: nn.Module) -> nn.Module:
-    """Swap every plain module of ``model`` for its fast subclass, in place; returns ``model``."""
+def enable(model: nn.Module, *, pack: bool = False) -> nn.Module:
+    """Swap every plain module of ``model`` for its fast subclass, in place; returns ``model``.
+
+    ``pack=True`` (what ``clipforge.load`` does): inference calls (no autograd) also use weights
+    prepacked in oneDNN's layout, made at the first such call and remade after any change to the
+    weights (``fast.transformer.Packing``); training calls are unaffected. A second copy of the
+    Transformer weights while in eval mode."""
     for m in model.modules():
         fast = FAST.get(type(m))
         if fast is not None:
             swap_class(m, fast)
+        if isinstance(m, Packing):
+            m.pack_weights = pack
     return model
 
 
@@ -42,6 +49,7 @@ def disable(model: nn.Module) -> nn.Module:
         plain = PLAIN.get(type(m))
         if plain is not None:
             m.__dict__.pop("packed", None)
+            m.__dict__.pop("pack_weights", None)
             swap_class(m, plain)
     return model
 
@@ -76,15 +84,11 @@ def optimize_for_inference(model: CLIP, *, precision: str = "fp32", channels_las
     on_cpu = next(model.parameters()).device.type == "cpu"
     if precision == "auto":
         precision = fastest_precision() if on_cpu else "fp32"
-    enable(model)
+    enable(model, pack=pack_weights)
     n_folded = fold_batchnorm(model.visual) if fold_bn else 0
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if model.dtype != dtype:
         model.to(dtype)
-    if pack_weights and on_cpu and model.dtype == torch.float32 and linear_backend() == "onednn":
-        for m in model.modules():
-            if isinstance(m, (FastMLP, FastAttention)):
-                m.pack()
     if isinstance(model.visual, ModifiedResNet) and channels_last:
         model.visual.to(memory_format=torch.channels_last)
         if isinstance(model.visual, FoldedResNet):

@@ -103,8 +103,17 @@ def plain_kernels() -> bool:
 
 
 def use_packed() -> bool:
-    """Whether prepacked inference weights may be used now: no autograd, not traced/compiled."""
-    return not torch.is_grad_enabled() and not plain_kernels()
+    """Whether prepacked inference weights may be used now: no autograd, no autocast (it picks the
+    product's dtype), not traced/compiled."""
+    return not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and not plain_kernels()
+
+
+def packs(weight: torch.Tensor) -> bool:
+    """Whether inference weights like ``weight`` are prepacked: CPU fp32 when the linear backend
+    is oneDNN, CPU bf16 wherever oneDNN runs (torch's own bf16 CPU products are oneDNN's)."""
+    if weight.device.type != "cpu" or not onednn_available():
+        return False
+    return weight.dtype == torch.bfloat16 or (weight.dtype == torch.float32 and linear_backend() == "onednn")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,6 +11,7 @@ once per machine in :mod:`clipforge.fast.backend`.
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,31 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     algorithm = "none" if activation == "gelu" else ""
     b = bias.detach() if bias is not None else None
     return torch.ops.mkldnn._linear_pointwise(x, packed, b, activation, [], algorithm)
+
+
+PackKey = tuple[tuple[int, int, torch.dtype, torch.device], ...]
+
+
+def source_key(*tensors: torch.Tensor | None) -> PackKey:
+    """What a packed copy was made from: each tensor's storage, in-place version and dtype. Any
+    change to the weights (an optimiser step, ``load_state_dict``, ``.to()``) changes the key."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors if t is not None)
+
+
+def cached_pack(owner: torch.nn.Module, name: str, sources: tuple[torch.Tensor | None, ...],
+                make: Callable[[], Any]) -> Any:
+    """``make()`` (packed weights made from ``sources``), cached on ``owner`` under ``name`` and
+    made again whenever a source tensor has changed since: a packed copy is never stale."""
+    cache = owner.__dict__.get("packed")
+    if cache is None:
+        cache = owner.__dict__["packed"] = {}
+    key = source_key(*sources)
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        with torch.no_grad():
+            hit = (key, make())
+        cache[name] = hit
+    return hit[1]
 
 
 def _register_flop_formula() -> None:

@@ -12,51 +12,78 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..models.layers import MLP, Attention, QuickGELU, ResidualAttentionBlock, Transformer
-from .backend import linear, linear_backend, use_packed
-from .linear import pack_weight, packed_linear
+from .backend import linear, packs, use_packed
+from .linear import cached_pack, pack_weight, packed_linear
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
 
-class FastMLP(MLP):
-    packed: dict[str, torch.Tensor | str] | None = None  # set by pack(), dropped by train()
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              causal: bool = False) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``; under CPU bf16 autocast in float32 (the softmax in fp32,
+    and torch's CPU flash-attention backward is ~5x slower in bf16 than fp32: 24.5 vs 5.4 ms for
+    a tiny-vit batch of 128), the result returned in bf16 as autocast would."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal)
+        return out.to(torch.get_autocast_dtype("cpu"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
+
+class Packing:
+    """Inference weights prepacked in oneDNN's layout, made on the first call that can use them
+    (no autograd, CPU fp32 on the oneDNN backend or bf16: ``backend.packs``) and made again after
+    any change to the weights (``linear.cached_pack`` keys them by version), so a packed copy is
+    never stale. ``pack_weights`` is set by ``enable(model, pack=True)`` (``clipforge.load``) and
+    ``optimize_for_inference``; training leaves it off. A second copy of the packed weights."""
+
+    pack_weights: bool = False
+    packed: dict | None = None  # name -> (source key, packed weights), see linear.cached_pack
+
+    def packing(self, weight: torch.Tensor) -> bool:
+        return self.pack_weights and use_packed() and packs(weight)
+
+    def drop_packed(self) -> None:
+        self.packed = None
+
+
+class FastMLP(Packing, MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.packed
-        if p is not None and use_packed() and linear_backend() == "onednn":
-            x = packed_linear(x, p["c_fc"], p["c_fc_bias"], p["activation"])  # type: ignore[arg-type]
-            return packed_linear(x, p["c_proj"], self.c_proj.bias)  # type: ignore[arg-type]
+        if self.packing(self.c_fc.weight) and x.dtype == self.c_fc.weight.dtype:
+            p = cached_pack(self, "mlp", (self.c_fc.weight, self.c_fc.bias, self.c_proj.weight), self._pack)
+            x = packed_linear(x, p["c_fc"], p["c_fc_bias"], p["activation"])
+            return packed_linear(x, p["c_proj"], self.c_proj.bias)
         return super().forward(x)  # c_fc, c_proj are FastLinear
 
-    def pack(self) -> None:
-        """Reorder both weights once into oneDNN's layout with the activation fused into the
-        first product. QuickGELU(u) = swish(1.702 u) / 1.702, so c_fc is scaled by 1.702 and
-        c_proj by 1/1.702 (equal within float rounding). A second copy of the weights."""
+    def _pack(self) -> dict[str, torch.Tensor | str]:
+        """Both weights in oneDNN's layout with the activation fused into the first product.
+        QuickGELU(u) = swish(1.702 u) / 1.702, so c_fc is scaled by 1.702 and c_proj by 1/1.702
+        (scaled in fp32, then cast: equal within rounding)."""
         quick = isinstance(self.gelu, QuickGELU)
         scale = 1.702 if quick else 1.0
-        with torch.no_grad():
-            self.packed = {"c_fc": pack_weight(self.c_fc.weight * scale), "c_fc_bias": self.c_fc.bias * scale,
-                           "c_proj": pack_weight(self.c_proj.weight / scale),
-                           "activation": "swish" if quick else "gelu"}
+        dtype = self.c_fc.weight.dtype
+        fc_bias = self.c_fc.bias
+        return {"c_fc": pack_weight((self.c_fc.weight.float() * scale).to(dtype)),
+                "c_fc_bias": None if fc_bias is None else (fc_bias.float() * scale).to(dtype),
+                "c_proj": pack_weight((self.c_proj.weight.float() / scale).to(dtype)),
+                "activation": "swish" if quick else "gelu"}
 
     def train(self, mode: bool = True) -> "FastMLP":
         if mode:
-            self.packed = None  # the weights may change now
+            self.drop_packed()  # memory back while training; remade at the next inference call
         return super().train(mode)
 
 
-class FastAttention(Attention):
-    packed: dict[str, torch.Tensor] | None = None
-
-    def pack(self) -> None:
-        """Reorder the projection weights once into oneDNN's layout."""
+class FastAttention(Packing, Attention):
+    def _pack(self) -> dict[str, torch.Tensor]:
+        """The projection weights in oneDNN's layout."""
         d, w = self.width, self.in_proj_weight
-        self.packed = {"qkv": pack_weight(w), "q": pack_weight(w[:d]), "kv": pack_weight(w[d:]),
-                       "out": pack_weight(self.out_proj.weight)}
+        return {"qkv": pack_weight(w), "q": pack_weight(w[:d]), "kv": pack_weight(w[d:]),
+                "out": pack_weight(self.out_proj.weight)}
 
     def train(self, mode: bool = True) -> "FastAttention":
         if mode:
-            self.packed = None
+            self.drop_packed()
         return super().train(mode)
 
     def project(self, x: torch.Tensor, which: str) -> torch.Tensor:
@@ -67,8 +94,9 @@ class FastAttention(Attention):
         else:
             rows = {"qkv": slice(0, 3 * d), "q": slice(0, d), "kv": slice(d, 3 * d)}[which]
             w, b = self.in_proj_weight[rows], self.in_proj_bias[rows]
-        if self.packed is not None and use_packed() and linear_backend() == "onednn":
-            return packed_linear(x, self.packed[which], b)
+        if self.packing(w) and x.dtype == w.dtype:
+            p = cached_pack(self, "attn", (self.in_proj_weight, self.out_proj.weight), self._pack)
+            return packed_linear(x, p[which], b)
         return linear(x, w, b)
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -85,13 +113,13 @@ class FastAttention(Attention):
         b, l, d = x.shape
         q, k, v = self.qkv(x)
         if past is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            out = attention(q, k, v, causal=self.causal)
         else:
             p = past[0].shape[2]
             keys = torch.cat([past[0].expand(b, -1, -1, -1), k], dim=2)
             values = torch.cat([past[1].expand(b, -1, -1, -1), v], dim=2)
             mask = torch.ones(l, p + l, dtype=torch.bool, device=x.device).tril(p) if self.causal else None
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            out = attention(q, keys, values, mask)
         return self.project(out.transpose(1, 2).reshape(b, l, d), "out"), (k, v)
 
     def attend_rows(self, h: torch.Tensor, index: torch.Tensor, past: KV | None = None) -> torch.Tensor:
@@ -110,7 +138,7 @@ class FastAttention(Attention):
         mask = None
         if self.causal:
             mask = (torch.arange(p + l, device=h.device) <= (index[:, None] + p)).view(b, 1, 1, p + l)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attention(q, k, v, mask)
         return self.project(out.reshape(b, d), "out")
 
 

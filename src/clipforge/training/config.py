@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ..device import TRAIN_PRECISIONS as PRECISIONS
+from ..device import TRAIN_PRECISION_CHOICES as PRECISIONS
 from ..device import check_device_spec
 from ..data.tables import parse_separator
 from ..utils import read_json
@@ -61,7 +61,7 @@ class TrainConfig:
     warmup: int = 100
     grad_clip: float | None = None
     accum_steps: int = 1
-    precision: str = "fp32"  # open_clip's names and meaning: see clipforge.device
+    precision: str = "fp32"  # open_clip's names and meaning, or auto: see clipforge.device
     hard_negatives: Literal["none", "swap"] = "none"
     hard_negatives_per_caption: int = 3
     grad_checkpointing: bool = False

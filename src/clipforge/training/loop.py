@@ -104,8 +104,9 @@ def _seed_everything(seed: int) -> None:
 
 class _Run:
     def __init__(self, config: TrainConfig, env: DistEnv, should_stop: Callable[[int], bool] | None,
-                 evaluator: Evaluator | None) -> None:
+                 evaluator: Evaluator | None, precision_why: str = "as requested") -> None:
         self.config, self.env, self.should_stop = config, env, should_stop
+        self.precision_why = precision_why
         self.evaluator = evaluator
         self.run_dir = Path(config.resume or config.out)
         self.main = env.is_main
@@ -128,6 +129,10 @@ class _Run:
             raise ValueError(f"{self.run_dir} already holds a training run (checkpoints/); continue it with "
                              f"--resume {self.run_dir} or choose another --out")
         return None
+
+    def _backend(self) -> dict[str, Any]:
+        """What the run computes with: kernels (``fast.backend_record``) and precision, with why."""
+        return {**fast.backend_record(), "precision": self.config.precision, "precision_why": self.precision_why}
 
     def _say(self, msg: str) -> None:
         if self.main and self.config.progress:
@@ -166,6 +171,8 @@ class _Run:
         scaler = make_grad_scaler(cfg.precision, env.device)
         step_fn = TrainStep(model, module, ClipLoss(env, cfg.local_loss, cfg.gather_with_grad), optimizer,
                             cfg.precision, cfg.grad_clip, scaler)
+        if self.precision_why != "as requested":
+            self._say(f"precision {cfg.precision} ({self.precision_why})")
 
         loader = make_pair_loader(train_source, transform=image_transform(model.config.preprocess, train=True),
                                   tokenize=caption_tokenizer(cfg, model.context_length), batch_size=cfg.batch_size,
@@ -294,7 +301,7 @@ class _Run:
                 "step": step,
                 "rank_states": rank_states,
                 "metrics": list(log.records) if log is not None else [],
-                "backend": fast.backend_record(),
+                "backend": self._backend(),
             })
             ckpt.prune_checkpoints(self.run_dir, self.config.keep_last)
         barrier(self.env)
@@ -338,7 +345,7 @@ class _Run:
             "final_model": final_model,
             "last_checkpoint": str(ckpt.latest_checkpoint(self.run_dir)),
             "curves": str(curves) if curves else None,
-            "backend": fast.backend_record(),
+            "backend": self._backend(),
         }
         write_json(self.run_dir / "summary.json", summary)
         return summary
@@ -402,6 +409,37 @@ def run_linear_backend(config: TrainConfig) -> str:
     return fast.linear_backend() if choice == "auto" else choice
 
 
+def run_precision(config: TrainConfig, device: torch.device) -> tuple[str, str]:
+    """The run's concrete precision and why. ``auto``: for a resumed run, what its run folder
+    recorded; on a CPU ``amp_bf16`` where the machine's stored matmul probe
+    (``fast.matmul_speed_by_precision``) finds bf16 >= 1.3x fp32, else ``fp32``; on a CUDA GPU
+    ``amp_bf16`` where it has bf16, else ``amp``; elsewhere ``fp32``."""
+    choice = config.precision
+    if choice != "auto":
+        if choice in ("amp_bf16", "amp_bfloat16") and device.type == "cpu" and fast.fastest_precision() != "bf16":
+            speed = fast.matmul_speed_by_precision()
+            warnings.warn(f"--precision {choice}: this CPU's stored matmul probe finds bf16 no faster than fp32 "
+                          f"({speed['bf16']:.0f} vs {speed['fp32']:.0f} GFLOP/s); fp32 or auto may train faster",
+                          stacklevel=2)
+        return choice, "as requested"
+    saved = Path(config.resume) / "config.json" if config.resume else None
+    if saved is not None and saved.is_file():
+        recorded = read_json(saved).get("precision", "auto")
+        if recorded != "auto":
+            return recorded, f"auto, resolved when the run started ({saved})"
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported()
+        return ("amp_bf16", "auto: CUDA GPU with bf16") if bf16 else ("amp", "auto: CUDA GPU without bf16")
+    if device.type != "cpu":
+        return "fp32", f"auto: no reduced-precision training path chosen for {device.type}"
+    speed = fast.matmul_speed_by_precision()
+    ratio = speed["bf16"] / max(speed["fp32"], 1e-9)
+    measured = f"bf16 {speed['bf16']:.0f} vs fp32 {speed['fp32']:.0f} GFLOP/s ({ratio:.2f}x, this machine's stored probe)"
+    if fast.fastest_precision() == "bf16":
+        return "amp_bf16", f"auto: {measured}"
+    return "fp32", f"auto: kept fp32, this CPU has no bf16 gain: {measured}"
+
+
 def train(config: TrainConfig, *, should_stop: Callable[[int], bool] | None = None,
           evaluator: Evaluator | None = None) -> dict[str, Any]:
     """Run (or resume, ``config.resume``) a contrastive training job; returns the summary dict.
@@ -419,13 +457,15 @@ def train(config: TrainConfig, *, should_stop: Callable[[int], bool] | None = No
     try:
         with _deterministic(config.deterministic, env.device), torch_threads(config.threads), \
                 fast.using_backend(backend):
+            precision, why = run_precision(config, env.device)
+            config = config.replace(precision=precision)  # the concrete name, recorded in config.json
             if evaluator is None and config.eval_every:
                 evaluator = default_evaluator(config)
-            return _Run(config, env, should_stop, evaluator).run()
+            return _Run(config, env, should_stop, evaluator, precision_why=why).run()
     finally:
         if env.distributed and not had_group:
             shutdown_distributed(env)
 
 
 __all__ = ["train", "TokenizeCaptions", "caption_tokenizer", "build_model", "resolve_model_config", "open_training_data",
-           "run_linear_backend"]
+           "run_linear_backend", "run_precision"]

@@ -12,10 +12,11 @@ import torch
 
 from ..data import make_pair_loader, open_pairs
 from ..preprocess import image_transform
+from ..device import cast_weights
 from ..utils import torch_threads
 from .config import TrainConfig
 from .. import fast
-from .loop import build_model, caption_tokenizer
+from .loop import build_model, caption_tokenizer, run_precision
 from .loss import ClipLoss
 from .optim import build_optimizer
 from .step import FeatureModel, TrainStep
@@ -27,8 +28,9 @@ def measure_step_time(config: TrainConfig, threads: Sequence[int], n: int = 3, w
     the batches the workers prefetched while the model was built). No state of a real run is
     touched: the model, data stream (seed + 99) and RNG are private to the measurement."""
     result: dict[int, float] = {}
+    precision = run_precision(config, torch.device("cpu"))[0]  # the precision the run would take
     with torch.random.fork_rng(devices=[]):
-        model = build_model(config).train()
+        model = cast_weights(build_model(config), precision).train()
         if config.fast_paths:  # time the step the run will take
             fast.enable(model)
         source = open_pairs(config.data, split="train", seed=config.seed + 99, **config.data_options())
@@ -36,7 +38,7 @@ def measure_step_time(config: TrainConfig, threads: Sequence[int], n: int = 3, w
                                   tokenize=caption_tokenizer(config, model.context_length), batch_size=config.batch_size,
                                   seed=config.seed + 99, rank=0, world_size=1, num_workers=config.num_workers)
         step = TrainStep(model, FeatureModel(model), ClipLoss(), build_optimizer(model, 1e-5, 0.0, config.betas, config.eps),
-                         precision=config.precision)
+                         precision=precision)
         try:
             for t in threads:
                 with torch_threads(t):
