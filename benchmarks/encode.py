@@ -215,7 +215,6 @@ def main() -> None:
             ("pct_peak", "% peak", ".0f"),
             ("peak_rss_mb", "peak RSS MB", ".0f")]
     shutil.rmtree(tmp, ignore_errors=True)
-    print_table(rows, cols)
     if agreement:
         print("\nreduced precision vs fp32, min cosine of embeddings (random images; real photos below): "
               + ", ".join(f"{k} {v:.4f}" for k, v in agreement.items()))
@@ -224,6 +223,13 @@ def main() -> None:
         print("on Flickr8k photos and captions: " + ", ".join(f"{k} {v:.5f}" for k, v in real.items()))
     print("\n'% peak': fp32 rows of the fp32 GEMM peak, bf16 rows of the bf16 GEMM peak; 'load x': the model "
           "as clipforge.load returns it, vs each implementation")
+    late = matmul_peak_gflops()  # measured again at the end: a peak is the best the machine did
+    peaks = {k: max(v, late[k]) for k, v in peaks.items()}
+    for r in rows:  # % of the final peaks
+        r["peak_gflops"] = peaks["bf16_peak"] if str(r["impl"]).endswith("-bf16") else peaks["peak"]
+        r["pct_peak"] = 100 * float(r["items_per_s"]) * float(r["gflops_per_item"]) / r["peak_gflops"]
+    print("4096^3 GEMM, best of start and end: " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
+    print_table(rows, cols)
     path = write_results("encode", {"env": environment(), "matmul_gflops": peaks,
                                         "linear_backend": linear_backend(), "backend": backend_record(),
                                         "precision_probe_gflops": matmul_speed_by_precision(),

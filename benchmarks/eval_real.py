@@ -28,7 +28,7 @@ from _common import environment, write_results  # noqa: E402
 from clipforge.data import Sample, open_labelled  # noqa: E402
 from clipforge.eval.datasets import Subset  # noqa: E402
 from clipforge.eval.linear_probe import stratified_split  # noqa: E402
-from clipforge.eval.loading import load_model  # noqa: E402
+from clipforge.loading import load_for_inference, model_label  # noqa: E402
 from clipforge.eval.records import records_table, save_record  # noqa: E402
 from clipforge.eval.tasks import EvalContext, run_fewshot, run_linear_probe, run_retrieval, run_zeroshot  # noqa: E402
 
@@ -82,7 +82,8 @@ def main() -> int:
     args = ap.parse_args()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
 
-    model, preprocess, name = load_model(args.model, random_init=args.random_init)
+    model, preprocess = load_for_inference(args.model, random_init=args.random_init, seed=0 if args.random_init else None)
+    name = model_label(args.model, random_init=args.random_init, seed=0 if args.random_init else None)
     ctx = EvalContext(model, preprocess, name, batch_size=args.batch_size, cache_dir=args.cache_dir, progress=True)
     n_cls = 1000 if args.quick else None
     shots = [int(s) for s in args.shots.split(",")]

@@ -20,6 +20,7 @@ pure_fp16
 amp_bf16,     float32                                             bfloat16
 amp_bfloat16
 amp           float32                                             float16 + gradient scaler (CUDA)
+int8          inference only (CPU): Transformer products by dynamic int8 quantization, the rest fp32
 auto          inference: ``bf16``, ``fp16`` or ``fp32``, whichever the machine's stored matmul probe
               finds >= 1.3x faster on this CPU (``fast.fastest_precision``); fp32 on a GPU.
               training: ``amp_bf16`` where bf16 pays (that probe on a CPU; a CUDA GPU with bf16),
@@ -135,7 +136,7 @@ TRAIN_PRECISIONS = tuple(PRECISIONS)
 # What a training run may ask for: a concrete name, or "auto" (resolved by training.run_precision).
 TRAIN_PRECISION_CHOICES = TRAIN_PRECISIONS + ("auto",)
 # Inference casts weights (optimize_for_inference); "auto" measures. Autocast names are training-only.
-INFERENCE_PRECISIONS = ("fp32", "bf16", "fp16", "pure_bf16", "pure_fp16", "auto")
+INFERENCE_PRECISIONS = ("fp32", "bf16", "fp16", "pure_bf16", "pure_fp16", "int8", "auto")
 
 
 def get_precision(name: str) -> Precision:
@@ -147,7 +148,7 @@ def get_precision(name: str) -> Precision:
 
 
 def inference_precision(name: str) -> str:
-    """The weight-cast name ``optimize_for_inference`` takes: fp32 | bf16 | fp16 | auto."""
+    """The name ``optimize_for_inference`` takes: fp32 | bf16 | fp16 | int8 | auto."""
     if name not in INFERENCE_PRECISIONS:
         hint = " (autocast precisions are for training; inference casts the weights: use bf16 or fp16)" \
             if name in PRECISIONS else ""

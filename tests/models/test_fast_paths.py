@@ -313,7 +313,7 @@ def test_reduced_precision_inference_stays_close(kind, tmp_path, monkeypatch):
     stored = list(tmp_path.glob("precision-*.json"))  # measured once, written down for the machine
     assert len(stored) == 1 and json.loads(stored[0].read_text())["gflops"] == fast.matmul_speed_by_precision()
     with pytest.raises(ValueError, match="precision"):
-        optimize_for_inference(model, precision="int8")
+        optimize_for_inference(model, precision="int4")
     backend._precision_record.cache_clear()
 
 
@@ -415,3 +415,49 @@ def test_torch_compile_path_matches_plain_path():
     with torch.inference_mode():
         assert (compiled.encode_image(images) - plain_i).abs().max() <= TOL
         assert (compiled.encode_text(ids) - plain_t).abs().max() <= TOL
+
+
+# --- int8 ---------------------------------------------------------------------------------------
+needs_int8 = pytest.mark.skipif(not fast.linear.int8_available(), reason="no quantized CPU engine in this torch")
+
+
+@needs_int8
+def test_int8_linear_is_the_product_within_int8_rounding():
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 7, 96, generator=g), torch.randn(80, 96, generator=g), torch.randn(80, generator=g)
+    ref = torch.nn.functional.linear(x, w, b)
+    got = fast.linear.int8_linear(x, fast.linear.int8_weight(w, b))
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    rel = float((got - ref).norm() / ref.norm())
+    assert 1e-5 < rel < 0.03  # quantized (not the fp32 product), and close to it
+
+
+@needs_int8
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_int8_inference_stays_close_and_is_not_cached_as_fp32(kind):
+    from clipforge.eval import image_tower_fingerprint, text_tower_fingerprint
+
+    model = clipforge.create_model(micro_config(kind), seed=0).eval()
+    s = model.image_size
+    images = torch.randn(6, 3, s, s, generator=torch.Generator().manual_seed(4))
+    ids = clipforge.tokenize(_texts(12))
+    fp32 = optimize_for_inference(copy.deepcopy(model))
+    int8 = optimize_for_inference(copy.deepcopy(model), precision="int8")
+    assert int8.dtype == torch.float32
+    with torch.inference_mode():
+        ri, rt = fp32.encode_image(images), fp32.encode_text(ids)
+        gi, gt = int8.encode_image(images), int8.encode_text(ids)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(gi, ri).min() > 0.99 and cos(gt, rt).min() > 0.99
+    assert not torch.equal(gt, rt)  # the int8 products really ran
+    quantized = [m for m in int8.modules() if isinstance(m, (fast.transformer.FastMLP, fast.transformer.FastAttention))]
+    assert quantized and all(m.int8 for m in quantized)
+    assert any(any(k.endswith("int8") for k in (m.packed or {})) for m in quantized)
+    # evaluation caches key features by the weights: int8 features must not be served as fp32's
+    assert text_tower_fingerprint(int8) != text_tower_fingerprint(fp32)
+    if kind == "vit":
+        assert image_tower_fingerprint(int8) != image_tower_fingerprint(fp32)
+    with torch.enable_grad():  # a training call ignores int8: gradients flow through the fp32 weights
+        int8.requires_grad_(True)
+        int8.encode_text(ids).sum().backward()
+    assert int8.text.transformer.resblocks[0].mlp.c_fc.weight.grad is not None

@@ -286,6 +286,7 @@ def add_precision_option(p: argparse.ArgumentParser, mode: str, default: str | N
         choices: Sequence[str] = TRAIN_PRECISION_CHOICES
     else:
         help = ("weights cast for inference: fp32 (exact to 1e-4), bf16/fp16 (= pure_bf16/pure_fp16; ~1e-2), "
+                "int8 (CPU: dynamic int8 Transformer products, for large collections; more drift than bf16), "
                 "auto (a reduced precision only where a measured matmul probe finds it >= 1.3x faster here)")
         choices = INFERENCE_PRECISIONS
     p.add_argument("--precision", choices=choices, default=default, metavar="PRECISION",

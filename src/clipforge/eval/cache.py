@@ -48,19 +48,25 @@ def _tower(model: nn.Module, attr: str) -> nn.Module:
     return tower if isinstance(tower, nn.Module) else model
 
 
+def _int8(tower: nn.Module) -> bool:
+    """Whether the tower computes its products in int8 (``optimize_for_inference(precision="int8")``):
+    the weights are the fp32 model's, the features are not, so cached features must not be shared."""
+    return any(getattr(m, "int8", False) is True for m in tower.modules())
+
+
 def text_tower_fingerprint(model: nn.Module) -> str:
     """Hash of everything that determines ``encode_text``: the text tower's weights (the whole
-    module's for models without a ``.text`` tower) and the context length."""
+    module's for models without a ``.text`` tower), the context length and int8 compute."""
     tower = _tower(model, "text")
-    return state_dict_hash(tower.state_dict(), extra={
-        "kind": type(model).__qualname__, "ctx": getattr(model, "context_length", None), "tower": tower is not model})
+    extra = {"kind": type(model).__qualname__, "ctx": getattr(model, "context_length", None), "tower": tower is not model}
+    return state_dict_hash(tower.state_dict(), extra={**extra, "int8": True} if _int8(tower) else extra)
 
 
 def image_tower_fingerprint(model: nn.Module, preprocess: Any = None) -> str:
-    """Hash of the image tower's weights plus the preprocessing (its ``repr``)."""
+    """Hash of the image tower's weights plus the preprocessing (its ``repr``) and int8 compute."""
     tower = _tower(model, "visual")
-    return state_dict_hash(tower.state_dict(), extra={
-        "kind": type(model).__qualname__, "preprocess": repr(preprocess), "tower": tower is not model})
+    extra = {"kind": type(model).__qualname__, "preprocess": repr(preprocess), "tower": tower is not model}
+    return state_dict_hash(tower.state_dict(), extra={**extra, "int8": True} if _int8(tower) else extra)
 
 
 def json_hash(obj: Any, n: int = 32) -> str:

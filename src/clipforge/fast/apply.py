@@ -14,6 +14,7 @@ from ..models.text import TextTransformer
 from ..models.vision_resnet import ModifiedResNet
 from ..models.vision_vit import VisionTransformer
 from .backend import FastLinear, fastest_precision
+from .linear import int8_available
 from .resnet import FoldedResNet, conv_bn_pairs, fold_batchnorm, fused_conv_available
 from .swap import swap_class
 from .text import FastTextTransformer
@@ -50,6 +51,7 @@ def disable(model: nn.Module) -> nn.Module:
         if plain is not None:
             m.__dict__.pop("packed", None)
             m.__dict__.pop("pack_weights", None)
+            m.__dict__.pop("int8", None)
             swap_class(m, plain)
     return model
 
@@ -58,7 +60,7 @@ def is_enabled(model: nn.Module) -> bool:
     return any(type(m) in PLAIN for m in model.modules())
 
 
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "auto")
 
 
 def optimize_for_inference(model: CLIP, *, precision: str = "fp32", channels_last: bool = True,
@@ -73,7 +75,10 @@ def optimize_for_inference(model: CLIP, *, precision: str = "fp32", channels_las
     fused, large batches in chunks; optionally ``torch.compile`` of both towers. ``precision``:
     ``"bf16"``/``"fp16"`` cast the weights (embeddings then agree with fp32 to ~1e-2, not 1e-4);
     ``"auto"`` picks a reduced precision only where the machine's stored matmul probe found it
-    >= 1.3x faster than fp32 (``fast.fastest_precision``). Returns the same model, changed in
+    >= 1.3x faster than fp32 (``fast.fastest_precision``; never int8). ``"int8"``: the Transformer
+    products (attention projections, MLP) by dynamic int8 quantization on CPU (weights int8 per
+    output row, activations quantized per call; everything else fp32): embeddings drift from fp32
+    by more than bf16's (measured in benchmarks/int8.py), for embedding large collections. Returns the same model, changed in
     place: a model with folded BatchNorm is for inference only (``save_model`` refuses it).
     Packed weights are a second copy of the Transformer weights (``pack_weights=False`` avoids it).
     """
@@ -84,9 +89,15 @@ def optimize_for_inference(model: CLIP, *, precision: str = "fp32", channels_las
     on_cpu = next(model.parameters()).device.type == "cpu"
     if precision == "auto":
         precision = fastest_precision() if on_cpu else "fp32"
+    if precision == "int8" and not (on_cpu and int8_available()):
+        raise ValueError("precision int8 needs a CPU model and a torch build with a quantized CPU engine "
+                         f"(this one: {torch.backends.quantized.supported_engines}); use bf16 or fp32")
     enable(model, pack=pack_weights)
+    for m in model.modules():
+        if isinstance(m, (FastMLP, FastAttention)):
+            m.int8 = precision == "int8"
     n_folded = fold_batchnorm(model.visual) if fold_bn else 0
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = {"fp32": torch.float32, "int8": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if model.dtype != dtype:
         model.to(dtype)
     if isinstance(model.visual, ModifiedResNet) and channels_last:

@@ -11,6 +11,7 @@ once per machine in :mod:`clipforge.fast.backend`.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -78,6 +79,43 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     algorithm = "none" if activation == "gelu" else ""
     b = bias.detach() if bias is not None else None
     return torch.ops.mkldnn._linear_pointwise(x, packed, b, activation, [], algorithm)
+
+
+def int8_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+    """``weight`` quantized to int8 per output row (symmetric, scale = max|w| / 127) and prepacked
+    with ``bias`` for torch's dynamic quantized linear (:func:`int8_linear`)."""
+    w = weight.detach().float().contiguous()
+    scale = (w.abs().amax(dim=1).clamp_min(1e-12) / 127).double()
+    with warnings.catch_warnings():  # torch marks its quantized tensors deprecated (torchao succeeds them)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        q = torch.quantize_per_channel(w, scale, torch.zeros(len(scale), dtype=torch.long), 0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float().contiguous())
+
+
+def int8_linear(x: torch.Tensor, packed: Any) -> torch.Tensor:
+    """``x @ W.T + b`` with ``W`` from :func:`int8_weight` and ``x`` quantized per call (dynamic
+    quantization: activations to 8 bits with a range taken from this call's ``x``, int32 accumulation,
+    float32 output). ``reduce_range``: 7-bit activations, the setting that cannot overflow the
+    16-bit intermediate sums of x86 int8 kernels without VNNI."""
+    shape = x.shape
+    y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float().contiguous(), packed, True)
+    return y.view(*shape[:-1], y.shape[-1])
+
+
+@functools.lru_cache(maxsize=None)
+def int8_available() -> bool:
+    """Whether this torch build has a quantized CPU engine that runs :func:`int8_linear` and gets
+    the product right (within int8 rounding; no timing)."""
+    if "none" == torch.backends.quantized.engine or not torch.backends.quantized.supported_engines:
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        x, w, b = torch.randn(16, 64, generator=g), torch.randn(32, 64, generator=g), torch.randn(32, generator=g)
+        with torch.no_grad():
+            err = (int8_linear(x, int8_weight(w, b)) - F.linear(x, w, b)).abs().max()
+            return bool(err <= 0.05 * F.linear(x, w, b).abs().max())
+    except (RuntimeError, AttributeError):
+        return False
 
 
 PackKey = tuple[tuple[int, int, torch.dtype, torch.device], ...]

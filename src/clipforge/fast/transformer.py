@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..models.layers import MLP, Attention, QuickGELU, ResidualAttentionBlock, Transformer
 from .backend import linear, packs, use_packed
-from .linear import cached_pack, pack_weight, packed_linear
+from .linear import cached_pack, int8_available, int8_linear, int8_weight, pack_weight, packed_linear
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -38,10 +38,16 @@ class Packing:
     ``optimize_for_inference``; training leaves it off. A second copy of the packed weights."""
 
     pack_weights: bool = False
+    int8: bool = False  # optimize_for_inference(precision="int8"): dynamic int8 products (FastMLP, FastAttention)
     packed: dict | None = None  # name -> (source key, packed weights), see linear.cached_pack
 
     def packing(self, weight: torch.Tensor) -> bool:
         return self.pack_weights and use_packed() and packs(weight)
+
+    def quantized(self, x: torch.Tensor) -> bool:
+        """Whether this call runs the int8 products: int8 asked for, an inference call, fp32 CPU input."""
+        return (self.int8 and use_packed() and x.device.type == "cpu" and x.dtype == torch.float32
+                and int8_available())
 
     def drop_packed(self) -> None:
         self.packed = None
@@ -49,6 +55,11 @@ class Packing:
 
 class FastMLP(Packing, MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized(x):
+            p = cached_pack(self, "mlp-int8", (self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias),
+                            lambda: {"c_fc": int8_weight(self.c_fc.weight, self.c_fc.bias),
+                                     "c_proj": int8_weight(self.c_proj.weight, self.c_proj.bias)})
+            return int8_linear(self.gelu(int8_linear(x, p["c_fc"])), p["c_proj"])
         if self.packing(self.c_fc.weight) and x.dtype == self.c_fc.weight.dtype:
             p = cached_pack(self, "mlp", (self.c_fc.weight, self.c_fc.bias, self.c_proj.weight), self._pack)
             x = packed_linear(x, p["c_fc"], p["c_fc_bias"], p["activation"])
@@ -94,10 +105,19 @@ class FastAttention(Packing, Attention):
         else:
             rows = {"qkv": slice(0, 3 * d), "q": slice(0, d), "kv": slice(d, 3 * d)}[which]
             w, b = self.in_proj_weight[rows], self.in_proj_bias[rows]
+        if self.quantized(x):
+            p = cached_pack(self, "attn-int8", (self.in_proj_weight, self.in_proj_bias, self.out_proj.weight,
+                                                self.out_proj.bias), self._pack_int8)
+            return int8_linear(x, p[which])
         if self.packing(w) and x.dtype == w.dtype:
             p = cached_pack(self, "attn", (self.in_proj_weight, self.out_proj.weight), self._pack)
             return packed_linear(x, p[which], b)
         return linear(x, w, b)
+
+    def _pack_int8(self) -> dict[str, object]:
+        d, w, b = self.width, self.in_proj_weight, self.in_proj_bias
+        return {"qkv": int8_weight(w, b), "q": int8_weight(w[:d], b[:d]), "kv": int8_weight(w[d:], b[d:]),
+                "out": int8_weight(self.out_proj.weight, self.out_proj.bias)}
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, l, d = x.shape
