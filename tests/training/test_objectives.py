@@ -7,21 +7,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import micro_config
 from training.helpers_train import grads, random_batch
 
 from clipforge.checkpoints import load_model, save_model, save_openai
 from clipforge.eval import ZeroShotClassifier
+from clipforge.loading import load_for_inference
 from clipforge.models import BagOfWordsCLIP, CaptioningCLIP, create_model, with_objective
 from clipforge.models.objectives import bag_of_words, caption_targets
 from clipforge.tokenizer import tokenize
 from clipforge.training import SceneZeroShot, TrainConfig, train
 from clipforge.training.objectives import ObjectiveModule, bow_loss, caption_loss, freeze_unused, loss_count
+from clipforge.training.distributed import DistEnv
 from clipforge.training.step import ObjectiveStep
 
 # A toy vocabulary for hand computation: ids 0..7 are words, 8 start-of-text, 9 end-of-text (the
@@ -115,6 +120,55 @@ def test_gradient_accumulation_is_exact(objective):
     assert set(g1) == set(g2) and "head.weight" in g1 and "logit_scale" not in g1
     for name in g1:
         torch.testing.assert_close(g2[name], g1[name], rtol=1e-5, atol=1e-7)  # LayerNorm runs in float32
+
+
+def _objective_grads(objective: str, batches, env: DistEnv | None = None, ddp: bool = False):
+    model = _model(objective).double().train()
+    freeze_unused(model)
+    module = ObjectiveModule(model)
+    if ddp:
+        module = torch.nn.parallel.DistributedDataParallel(module)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    loss = ObjectiveStep(model, module, opt, env=env).compute_gradients(
+        [(im.double(), ids) for im, ids in batches])
+    return loss, grads(model)
+
+
+def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        images, ids = random_batch(6, seed=3)
+        sl = slice(0, 2) if rank == 0 else slice(2, 6)  # unequal shares: the count is global
+        mine = (images[sl], ids[sl])
+        env = DistEnv(rank=rank, world_size=2)
+        out = {}
+        for objective in ("bow", "caption"):
+            out[objective] = _objective_grads(objective, [mine], env, ddp=True)
+            out[objective + "-accum"] = _objective_grads(
+                objective, [(mine[0][:1], mine[1][:1]), (mine[0][1:], mine[1][1:])], env, ddp=True)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # ~10 s: two processes start (the computation itself is milliseconds)
+@pytest.mark.distributed
+def test_two_process_ddp_gradients_equal_single_process(tmp_path):
+    """DDP over ObjectiveModule: two ranks holding different numbers of captions and tokens get
+    the single-process gradient of the union, and the mean of their loss shares is its loss."""
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    images, ids = random_batch(6, seed=3)
+    for objective in ("bow", "caption"):
+        ref_loss, ref = _objective_grads(objective, [(images, ids)])
+        for key in (objective, objective + "-accum"):
+            assert (res[0][key][0] + res[1][key][0]) / 2 == pytest.approx(ref_loss, rel=1e-9), key
+            for rank in range(2):
+                g = res[rank][key][1]
+                assert set(g) == set(ref), key
+                for name in ref:
+                    torch.testing.assert_close(g[name], ref[name], rtol=1e-5, atol=1e-7)
 
 
 def test_unused_parameters_are_frozen():
@@ -233,13 +287,6 @@ def test_objective_models_save_reload_and_refuse_foreign_formats(tmp_path, micro
 DATA = "builtin:scenes?n=16&size=32"
 
 
-@pytest.fixture(scope="module")
-def model_json(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("cfg") / "micro.json"
-    path.write_text(micro_config("vit").to_json())
-    return str(path)
-
-
 def _config(model_json: str, out: Path, **kw) -> TrainConfig:
     base = dict(model=model_json, data=DATA, steps=2, batch_size=4, lr=1e-3, warmup=1, num_workers=0,
                 out=str(out), save_every=0, log_every=1, progress=False, threads=1)
@@ -266,8 +313,6 @@ def test_run_saves_a_model_that_reloads_and_classifies(run):
     clf = ZeroShotClassifier(model, ["red triangle", "blue square"], ["a photo of a {}."], use_cache=False)
     probs = clf.predict_proba(images)
     assert probs.shape == (2, 2) and torch.allclose(probs.sum(1), torch.ones(2))
-    from clipforge.loading import load_for_inference  # the CLI's loader (fast paths, packed weights)
-
     fast, _ = load_for_inference(out / "final.safetensors")
     fast_clf = ZeroShotClassifier(fast, ["red triangle", "blue square"], ["a photo of a {}."], use_cache=False)
     torch.testing.assert_close(fast_clf.logits(images), clf.logits(images), rtol=1e-4, atol=1e-4)

@@ -84,17 +84,36 @@ def caption_targets(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 
 # --- the models --------------------------------------------------------------------------------
 
-class BagOfWordsCLIP(CLIP):
-    """CLIP's image tower with a linear head to the BPE vocabulary (``objective="bow"``)."""
+class HeadCLIP(CLIP):
+    """A CLIP with one more module, ``head``: a linear map from the unit-norm image embedding to
+    ``out_features`` (initialised so its outputs start small: std ``embed_dim ** -0.5``)."""
+
+    objective = "contrastive"
+
+    def __init__(self, config: CLIPConfig, out_features: int) -> None:
+        super().__init__(config)
+        self.head = nn.Linear(config.embed_dim, out_features)
+        nn.init.normal_(self.head.weight, std=config.embed_dim ** -0.5)
+        nn.init.zeros_(self.head.bias)
+
+    def unused_parameter_names(self) -> list[str]:
+        """Parameters this objective never reads (training freezes them)."""
+        return ["logit_scale"]
+
+    def num_parameters(self) -> dict[str, int]:
+        n = super().num_parameters()
+        head = sum(p.numel() for p in self.head.parameters())
+        return {**n, "head": head, "total": n["total"] + head}
+
+
+class BagOfWordsCLIP(HeadCLIP):
+    """CLIP's image tower with a linear head to the BPE vocabulary (``objective="bow"``); the
+    logits start nearly uniform."""
 
     objective = "bow"
 
     def __init__(self, config: CLIPConfig) -> None:
-        super().__init__(config)
-        self.head = nn.Linear(config.embed_dim, config.text.vocab_size)
-        # Inputs are unit vectors: logits start with std embed_dim ** -0.5, nearly uniform.
-        nn.init.normal_(self.head.weight, std=config.embed_dim ** -0.5)
-        nn.init.zeros_(self.head.bias)
+        super().__init__(config, config.text.vocab_size)
 
     def bow_logits(self, image_features: torch.Tensor) -> torch.Tensor:
         """Unit-norm image features ``[B, E]`` -> vocabulary logits ``[B, V]``."""
@@ -107,23 +126,15 @@ class BagOfWordsCLIP(CLIP):
     def unused_parameter_names(self) -> list[str]:
         return [n for n, _ in self.named_parameters() if n.startswith("text.") or n == "logit_scale"]
 
-    def num_parameters(self) -> dict[str, int]:
-        n = super().num_parameters()
-        head = sum(p.numel() for p in self.head.parameters())
-        return {**n, "head": head, "total": n["total"] + head}
 
-
-class CaptioningCLIP(CLIP):
+class CaptioningCLIP(HeadCLIP):
     """CLIP's image tower and its causal text Transformer as a caption decoder conditioned on the
     image (``objective="caption"``); ``head`` projects the image embedding to the first token."""
 
     objective = "caption"
 
     def __init__(self, config: CLIPConfig) -> None:
-        super().__init__(config)
-        self.head = nn.Linear(config.embed_dim, config.text.width)
-        nn.init.normal_(self.head.weight, std=config.embed_dim ** -0.5)
-        nn.init.zeros_(self.head.bias)
+        super().__init__(config, config.text.width)
 
     def decode(self, image_features: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Decoder states ``[B, L, W]`` (after the final LayerNorm) for unit-norm image features
@@ -199,11 +210,6 @@ class CaptioningCLIP(CLIP):
     def unused_parameter_names(self) -> list[str]:
         return ["text.text_projection", "logit_scale"]
 
-    def num_parameters(self) -> dict[str, int]:
-        n = super().num_parameters()
-        head = sum(p.numel() for p in self.head.parameters())
-        return {**n, "head": head, "total": n["total"] + head}
-
 
 MODEL_CLASSES: dict[str, type[CLIP]] = {"contrastive": CLIP, "bow": BagOfWordsCLIP, "caption": CaptioningCLIP}
 assert tuple(MODEL_CLASSES) == OBJECTIVES
@@ -239,5 +245,5 @@ def with_objective(model: CLIP, objective: str, *, seed: int | None = None) -> C
     return new.to(device=model.device)
 
 
-__all__ = ["BagOfWordsCLIP", "CaptioningCLIP", "MODEL_CLASSES", "model_class", "objective_of", "with_objective",
+__all__ = ["HeadCLIP", "BagOfWordsCLIP", "CaptioningCLIP", "MODEL_CLASSES", "model_class", "objective_of", "with_objective",
            "content_mask", "bag_of_words", "caption_targets", "end_positions"]

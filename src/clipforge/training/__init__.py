@@ -1,6 +1,8 @@
-"""Contrastive training of CLIP models: ``clipforge.train(TrainConfig(...)) -> summary dict`` (re-exported from here).
+"""Training of CLIP models: ``clipforge.train(TrainConfig(...)) -> summary dict`` (re-exported from here);
+contrastive by default, or the paper's bag-of-words / captioning baselines (``TrainConfig.objective``).
 
-Modules: ``config`` (TrainConfig), ``loss`` (symmetric InfoNCE, global-batch aware),
+Modules: ``config`` (TrainConfig), ``loss`` (symmetric InfoNCE, global-batch aware), ``objectives``
+(bag-of-words and caption losses, the module DDP wraps for them),
 ``distributed`` (torchrun/DDP plumbing, feature gather), ``optim`` (AdamW grouping, cosine
 schedule), ``step`` (one optimiser step with contrastive-exact gradient accumulation),
 ``checkpoint`` (resumable training state), ``metrics`` (JSONL, TensorBoard, curves), ``signals``
