@@ -20,6 +20,7 @@ from training.helpers_train import grads, random_batch
 
 from clipforge.checkpoints import load_model, save_model, save_openai
 from clipforge.eval import ZeroShotClassifier
+from clipforge.finetune.classifier import zeroshot_head_weight
 from clipforge.loading import load_for_inference
 from clipforge.models import BagOfWordsCLIP, CaptioningCLIP, create_model, with_objective
 from clipforge.models.objectives import bag_of_words, caption_targets
@@ -279,6 +280,8 @@ def test_objective_models_save_reload_and_refuse_foreign_formats(tmp_path, micro
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in back.state_dict().items())
         with pytest.raises(ValueError, match="cannot hold"):
             save_openai(model, tmp_path / f"{objective}.pt")
+        with pytest.raises(ValueError, match="contrastive zero-shot head"):
+            zeroshot_head_weight(model, ["cat"], ["a {}"])
     assert "objective" not in micro_vit.config.to_dict()  # contrastive configs read as before
 
 
