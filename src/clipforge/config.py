@@ -18,6 +18,11 @@ from typing import Any, Literal
 OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
+#: What a model was trained to do (the three objectives of the paper's Figure 2): ``contrastive``
+#: (CLIP), ``bow`` (predict the caption's bag of BPE tokens from the image), ``caption`` (predict
+#: the caption's tokens in order). See :mod:`clipforge.models.objectives`.
+OBJECTIVES = ("contrastive", "bow", "caption")
+
 
 @dataclass
 class VisionConfig:
@@ -115,6 +120,9 @@ class CLIPConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     name: str | None = None
+    # The head the weights carry besides the two towers (``bow``, ``caption``); written to a
+    # config's dict only when not ``contrastive``, so every contrastive config reads as before.
+    objective: Literal["contrastive", "bow", "caption"] = "contrastive"
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
@@ -127,6 +135,8 @@ class CLIPConfig:
             self.tokenizer = TokenizerConfig(**self.tokenizer)
         if self.activation not in ("quick_gelu", "gelu"):
             raise ValueError(f"activation must be 'quick_gelu' or 'gelu', got {self.activation!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.preprocess.image_size != self.vision.image_size:
             raise ValueError(
                 f"preprocess.image_size {self.preprocess.image_size} != vision.image_size "
@@ -143,6 +153,8 @@ class CLIPConfig:
         d = dataclasses.asdict(self)
         d["preprocess"]["mean"] = list(d["preprocess"]["mean"])
         d["preprocess"]["std"] = list(d["preprocess"]["std"])
+        if d["objective"] == "contrastive":
+            del d["objective"]  # the default: contrastive configs (and their hashes, files) unchanged
         return d
 
     def to_json(self, indent: int | None = 2) -> str:

@@ -37,6 +37,10 @@ class _TextTower(nn.Module):
 
 def export_onnx(model: CLIP, out_dir: str | Path, opset: int = 17) -> dict[str, Path]:
     """Write ``image_encoder.onnx``, ``text_encoder.onnx`` and ``clipforge_config.json`` to ``out_dir``."""
+    objective = getattr(model.config, "objective", "contrastive")
+    if objective != "contrastive":  # the two encoders would drop the head, the part that makes it work
+        raise ValueError(f"ONNX export writes the two CLIP encoders; a model trained with objective "
+                         f"{objective!r} is used through its head, which is not exported")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model.float().eval()

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import micro_config
 
 from clipforge.cli.main import main
 from clipforge.fast.linear import onednn_available
@@ -21,13 +20,6 @@ from clipforge.training.checkpoint import list_checkpoints, load_checkpoint
 
 DATA = "builtin:scenes?n=48&size=32"   # 48 scenes: batch 8 -> 6 steps per epoch, so runs cross epochs
 STEPS = 14
-
-
-@pytest.fixture(scope="module")
-def model_json(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("cfg") / "micro.json"
-    path.write_text(micro_config("vit").to_json())
-    return str(path)
 
 
 def _config(model_json: str, out: Path, **kw) -> TrainConfig:

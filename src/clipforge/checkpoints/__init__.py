@@ -25,7 +25,7 @@ import torch
 
 from ..config import CLIPConfig, _load_zoo, get_model_config
 from ..fast import enable as enable_fast
-from ..models import CLIP
+from ..models import CLIP, model_class
 from ..preprocess import Preprocess, image_transform
 from . import hf, native, openai, openclip
 from .files import Source, read_source
@@ -115,10 +115,12 @@ def load_model(path: str | os.PathLike, *, config: CLIPConfig | dict | str | Non
                activation: str | None = None, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, return_info: bool = False) -> CLIP | tuple[CLIP, CheckpointInfo]:
     """Load any supported checkpoint as a :class:`CLIP` model in eval mode
-    (``return_info=True``: ``(model, CheckpointInfo)``, e.g. to learn the detected format)."""
+    (``return_info=True``: ``(model, CheckpointInfo)``, e.g. to learn the detected format). A
+    checkpoint of a ``bow`` / ``caption`` run (``config.objective``) comes back as the CLIP
+    subclass carrying its head (:mod:`clipforge.models.objectives`)."""
     sd, info = read_checkpoint(path, config=config, activation=activation)
     with torch.device("meta"):
-        model = CLIP(info.config)
+        model = model_class(info.config)(info.config)
     model = model.to_empty(device="cpu")
     load_state_dict_strict(model, {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in sd.items()},
                            f"{path} ({info.format} format)")

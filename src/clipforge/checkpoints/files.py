@@ -141,6 +141,14 @@ def _unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
 # --- writing ---------------------------------------------------------------------------------------
 
 
+def contrastive_only(model: CLIP, fmt: str) -> None:
+    """Foreign formats hold the two towers only: a model with a bow/caption head is refused there."""
+    objective = getattr(model.config, "objective", "contrastive")
+    if objective != "contrastive":
+        raise ValueError(f"a model trained with objective {objective!r} carries a head the {fmt} format "
+                         f"cannot hold; save it in clipforge's format (save_model / convert --to clipforge)")
+
+
 def native_state_dict(model: CLIP) -> dict[str, torch.Tensor]:
     """The model's weights as contiguous CPU tensors, refusing models whose parameters were folded."""
     if any(getattr(m, "inference_only", False) for m in model.modules()):

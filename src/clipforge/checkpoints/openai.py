@@ -21,7 +21,7 @@ import torch
 from ..config import CLIPConfig, PreprocessConfig, TextConfig, TokenizerConfig, VisionConfig
 from ..models import CLIP
 from ..utils.io import atomic_open, atomic_write_text
-from .files import Source, native_state_dict
+from .files import Source, contrastive_only, native_state_dict
 
 log = logging.getLogger(__name__)
 NAME = "openai"
@@ -60,6 +60,7 @@ def read_config(src: Source, activation: str | None = None) -> CLIPConfig:
 def write(model: CLIP, path: str | os.PathLike) -> Path:
     """A plain OpenAI-layout state dict (``torch.save``) that OpenAI's ``build_model`` and OpenCLIP
     (``pretrained=FILE``) load, with ``clipforge_config.json`` beside it for what shapes cannot tell."""
+    contrastive_only(model, "openai")
     path = Path(path)
     if path.is_dir() or not path.suffix:
         raise ValueError(f"{path}: the openai format is a single file (e.g. model.pt); "

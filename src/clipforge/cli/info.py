@@ -33,19 +33,20 @@ def describe(path: str | Path) -> dict[str, Any]:
     """The record ``clipforge info`` prints."""
     from ..checkpoints import read_checkpoint
     from ..config import available_models
-    from ..models import CLIP
+    from ..models import model_class
 
     sd, info = read_checkpoint(path)
     cfg = info.config
     with torch.device("meta"):  # parameter counts from the architecture (BatchNorm buffers are not parameters)
-        n = CLIP(cfg).num_parameters()
+        n = model_class(cfg)(cfg).num_parameters()
     dtypes = Counter(str(v.dtype).removeprefix("torch.") for v in sd.values() if v.is_floating_point())
     scale = sd.get("logit_scale")
     c = cfg.to_dict()
     return {
         "path": str(path), "weights": str(info.weights), "format": info.format,
         "architecture": cfg.name if cfg.name in available_models() else (cfg.name or "custom"),
-        "parameters": {k: n[k] for k in ("total", "image", "text")},
+        "objective": cfg.objective,
+        "parameters": {k: n[k] for k in ("total", "image", "text", "head") if k in n},
         "dtype": dtypes.most_common(1)[0][0] if dtypes else None,
         "embed_dim": cfg.embed_dim, "vision": c["vision"], "text": c["text"],
         "activation": cfg.activation, "activation_recorded": "activation" not in info.assumed,

@@ -1,4 +1,5 @@
-"""``clipforge train``: contrastive training from flags and/or a YAML/JSON config file.
+"""``clipforge train``: training (contrastive, or the paper's bag-of-words / captioning baselines with
+``--objective``) from flags and/or a YAML/JSON config file.
 
 Precedence: built-in defaults < ``--config FILE`` < explicit flags. ``--resume RUN_DIR`` continues
 a run from its saved config and newest checkpoint (only logging/saving cadence, workers and the
@@ -33,6 +34,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                                    "CLIPConfig .json (default tiny-vit); a checkpoint path here = --init CKPT")
     g.add_argument("--init", "--pretrained", dest="init", metavar="CKPT", type=existing_path,
                    help="start from these weights (any checkpoint format; the architecture is the checkpoint's)")
+    g.add_argument("--objective", choices=("contrastive", "bow", "caption"),
+                   help="what the image tower learns from the captions (the paper's Figure 2): contrastive "
+                        "(CLIP), bow (predict the caption's bag of BPE tokens), caption (predict its tokens "
+                        "in order with CLIP's text Transformer as decoder) (default contrastive)")
     g.add_argument("--data", type=nonempty_str,
                    help="builtin:scenes | manifest .csv/.tsv/.jsonl | shards: path, brace pattern (shards/{00000..00099}.tar), "
                         "glob or folder, also as http(s)://, s3://, gs:// URL or 'pipe:CMD' (default builtin:scenes)")
@@ -153,7 +158,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "train", help="train a CLIP model contrastively",
+        "train", help="train a CLIP model (contrastive, or --objective bow|caption)",
         description=__doc__)
     add_train_arguments(p)
     p.set_defaults(func=run_train)

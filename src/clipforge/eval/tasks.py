@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..models.objectives import objective_of
 from ..preprocess import image_transform
 from ..tokenizer import DEFAULT_OVERLAP
 from .cache import default_cache_dir, image_tower_fingerprint, json_hash
@@ -228,7 +229,14 @@ def _maybe_classnames(ds: Any, override: Any, log: Callable[[str], None] | None 
 
 def _zeroshot_scores(ctx: EvalContext, clf: ZeroShotClassifier, fs: FeatureSet) -> tuple[dict[str, float], np.ndarray, float]:
     t0 = time.perf_counter()
-    top, _ = chunked_topk(fs.features, clf.weights, k=5, scale=clf.logit_scale)
+    if clf.objective == "contrastive":
+        top, _ = chunked_topk(fs.features, clf.weights, k=5, scale=clf.logit_scale)
+    else:  # bow / caption: scores from the model's head, not one product with the class matrix
+        feats = torch.as_tensor(np.asarray(fs.features, dtype=np.float32)) \
+            if not isinstance(fs.features, torch.Tensor) else fs.features.float()
+        scores = clf.scores(torch.nn.functional.normalize(feats, dim=-1))
+        top = scores.topk(min(5, clf.num_classes), dim=1).indices.numpy() if len(feats) else \
+            np.zeros((0, min(5, clf.num_classes)), dtype=np.int64)
     m = metrics_from_topk(top, fs.labels, clf.num_classes)
     return m, top[:, 0], time.perf_counter() - t0
 
@@ -288,6 +296,10 @@ def run_retrieval(ctx: EvalContext, dataset: Any, *, split: str | None = None, k
                   ties: str = "clip_benchmark", block_elems: int = 1 << 24) -> dict[str, Any]:
     """Image<->text Recall@K (any-of-its-captions for image queries); ``ties``: the tie rule
     (:mod:`clipforge.eval.retrieval`), recorded as ``tie_rule``."""
+    objective = objective_of(ctx.model)
+    if objective != "contrastive":  # its text tower was never trained to match images
+        raise ValueError(f"retrieval compares image and text embeddings; a model trained with objective "
+                         f"{objective!r} has no aligned text embedding (use zero-shot classification)")
     t0 = time.perf_counter()
     samples = open_pairs(dataset, split)
     stats = getattr(samples, "stats", None)

@@ -6,6 +6,22 @@ the head costs one ``[C, D]`` matrix however many templates were used. Building 
 expensive part (ImageNet: 1,000 classes x 80 templates = 80k prompts through the text tower), so
 heads are cached on disk keyed by a hash of the text tower's weights, the class names and the
 templates; a second build of the same task never touches the text tower.
+
+Models trained with the paper's other two objectives (``config.objective``, see
+:mod:`clipforge.models.objectives`) are scored through the same :class:`ZeroShotClassifier`:
+
+- ``bow``: the score of class ``c`` is the mean over the prompt's content tokens of ``log p(token
+  | image)`` under the head's predicted distribution (the prompt's bag), averaged over the
+  templates (and synonyms). That is linear in the log-probabilities, so the head is again a
+  ``[C, V]`` matrix (:func:`build_bow_weights`: each class's mean normalised bag) and the scores
+  are ``log_softmax(head(image)) @ weights.T``.
+- ``caption``: the score is the decoder's mean per-token log-likelihood of the prompt given the
+  image (:meth:`~clipforge.models.CaptioningCLIP.prompt_log_likelihood`), averaged over the
+  templates. No image-independent head exists: every image x prompt pair is a decoder pass.
+
+Both are log-probabilities (no temperature); ``predict_proba`` is their softmax. Neither uses the
+disk cache (a bow head is tokenisation only, cheaper than reading a file; caption scores cannot
+be precomputed).
 """
 
 from __future__ import annotations
@@ -24,9 +40,10 @@ from tqdm.auto import tqdm
 
 from ..inference import embed_images, embed_texts
 from ..longtext import encode_text_long
-from ..tokenizer import DEFAULT_OVERLAP
+from ..models.objectives import content_mask, objective_of
+from ..tokenizer import DEFAULT_OVERLAP, get_tokenizer
 from ..utils import atomic_write_bytes
-from .cache import default_cache_dir, json_hash, text_tower_fingerprint
+from .cache import default_cache_dir, json_hash, state_dict_hash, text_tower_fingerprint
 from .prompts import ClassName, class_texts, load_classnames, load_templates
 
 CACHE_FORMAT = 1
@@ -87,6 +104,50 @@ def build_zeroshot_weights(model: nn.Module, classnames: Sequence[ClassName], te
     return F.normalize(weights, dim=-1)
 
 
+def prompt_ids(classnames: Sequence[ClassName], templates: Sequence[str], context_length: int = 77
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every prompt (class-major, synonyms included) tokenized ``[P, L]`` (long prompts truncated)
+    and its class index ``[P]``."""
+    if not classnames:
+        raise ValueError("no class names given")
+    texts, owner = prompts_for(classnames, templates)
+    return get_tokenizer(context_length).tokenize(texts, context_length, truncate=True), torch.as_tensor(owner)
+
+
+def build_bow_weights(classnames: Sequence[ClassName], templates: Sequence[str], *, context_length: int = 77,
+                      vocab_size: int = 49408) -> torch.Tensor:
+    """``[C, V]``: row ``c`` is the mean over class ``c``'s prompts of each prompt's bag of content
+    tokens (token counts / the prompt's number of content tokens). For log-probabilities ``lp
+    [N, V]``, ``lp @ W.T`` is then, per class, the mean over its prompts of the mean log-probability
+    of the prompt's tokens: the bag-of-words zero-shot score. Depends on the tokenizer only."""
+    ids, owner = prompt_ids(classnames, templates, context_length)
+    mask = content_mask(ids)
+    n = mask.sum(dim=1)
+    prompts = torch.bincount(owner[n > 0], minlength=len(classnames))
+    if bool((prompts == 0).any()):
+        c = int((prompts == 0).nonzero()[0])
+        raise ValueError(f"class {classnames[c]!r}: none of its prompts has a token to score")
+    rows = torch.arange(ids.shape[0])[:, None].expand_as(ids)[mask]
+    values = 1.0 / (n[rows] * prompts[owner[rows]]).float()
+    weights = torch.zeros(len(classnames), vocab_size, dtype=torch.float32)
+    return weights.index_put_((owner[rows], ids[mask]), values, accumulate=True)
+
+
+def scorer_fingerprint(model: nn.Module) -> str:
+    """What a classifier's scores depend on besides the images, class names and templates: the
+    text tower (contrastive), the tokenizer's shape only (bow: the head matrix is built from
+    tokens), the decoder and its image projection (caption)."""
+    objective = objective_of(model)
+    if objective == "contrastive":
+        return text_tower_fingerprint(model)
+    ctx, vocab = model.config.text.context_length, model.config.text.vocab_size
+    if objective == "bow":
+        return json_hash({"objective": "bow", "ctx": ctx, "vocab": vocab}, n=64)
+    state = {f"text.{k}": v for k, v in model.text.state_dict().items()}
+    state.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
+    return state_dict_hash(state, extra={"objective": objective, "ctx": ctx})
+
+
 class ZeroShotClassifier:
     """A zero-shot head over ``model``: ``predict_proba(images)`` -> ``[N, C]``.
 
@@ -95,6 +156,13 @@ class ZeroShotClassifier:
     a file (one template per line with ``{}``) or a list; ``classnames`` likewise (a class can be
     a list of synonyms). ``cache_dir=None`` uses :func:`default_cache_dir`/``zeroshot``;
     ``use_cache=False`` disables the disk cache.
+
+    Any model objective (``model.config.objective``, see the module docstring): ``contrastive``
+    (cosine head, ``weights [C, D]``), ``bow`` (``weights [C, V]``, class bags; scores are mean
+    token log-probabilities) or ``caption`` (``weights`` None; scores are mean per-token
+    log-likelihoods of the prompts). ``logits`` / ``scores`` return ``[N, C]`` scores for each;
+    ``predict_proba`` is their softmax. Image features are the unit-norm image embeddings in
+    every case.
     """
 
     def __init__(self, model: nn.Module, classnames: str | Sequence[ClassName], templates: str | Sequence[str] = "imagenet",
@@ -111,12 +179,28 @@ class ZeroShotClassifier:
         self.long_text, self.long_text_overlap = long_text, long_text_overlap
         self.cache_hit = False
         self.cache_path: Path | None = None
+        self.objective = objective_of(model)
         t0 = time.perf_counter()
-        self.text_fingerprint = text_tower_fingerprint(model)
-        if _weights is not None:
-            self.weights = _weights
+        self.text_fingerprint = scorer_fingerprint(model)
+        self.weights: torch.Tensor | None
+        if self.objective == "contrastive":
+            if _weights is not None:
+                self.weights = _weights
+            else:
+                self.weights = self._build(Path(cache_dir) if cache_dir else default_cache_dir() / "zeroshot", use_cache)
         else:
-            self.weights = self._build(Path(cache_dir) if cache_dir else default_cache_dir() / "zeroshot", use_cache)
+            # No disk cache here (see the module docstring): bow heads are tokenisation only, caption
+            # scores have no part that does not depend on the image.
+            if long_text == "chunks":
+                raise ValueError(f"long_text='chunks' averages text embeddings; a model trained with objective "
+                                 f"{self.objective!r} scores prompts as tokens (long prompts are truncated)")
+            ctx = model.config.text.context_length
+            self.prompt_ids, self.prompt_owner = prompt_ids(self.classnames, self.templates, ctx)
+            if self.objective == "bow":
+                self.weights = _weights if _weights is not None else build_bow_weights(
+                    self.classnames, self.templates, context_length=ctx, vocab_size=model.config.text.vocab_size)
+            else:
+                self.weights = None
         self.build_seconds = time.perf_counter() - t0
 
     # --- construction ----------------------------------------------------------------------------
@@ -124,6 +208,8 @@ class ZeroShotClassifier:
     def cache_key(self) -> str:
         key = {"format": CACHE_FORMAT, "text": self.text_fingerprint,
                "classes": self.classnames, "templates": self.templates}
+        if self.objective != "contrastive":
+            key["objective"] = self.objective
         if self.long_text == "chunks":  # other modes give the historical (truncated) head or refuse
             key["long_text"] = ["chunks", self.long_text_overlap]
         return json_hash(key)
@@ -148,11 +234,18 @@ class ZeroShotClassifier:
         return w
 
     def _meta(self) -> dict[str, Any]:
-        return {"format": CACHE_FORMAT, "classnames": self.classnames, "templates": self.templates,
+        meta = {"format": CACHE_FORMAT, "classnames": self.classnames, "templates": self.templates,
                 "text_fingerprint": self.text_fingerprint}
+        if self.objective != "contrastive":
+            meta["objective"] = self.objective
+        return meta
 
     def save(self, path: str | Path) -> None:
-        """Write the built head (weights, class names, templates, text-tower hash) as safetensors."""
+        """Write the built head (weights, class names, templates, text-tower hash) as safetensors.
+        A caption model has no head to save (its scores are computed from image and prompt together)."""
+        if self.weights is None:
+            raise ValueError(f"a zero-shot classifier over a model trained with objective {self.objective!r} "
+                             "has no head to save: its scores are computed from each image and prompt together")
         _write_head(Path(path), self.weights, self._meta())
 
     @classmethod
@@ -160,6 +253,10 @@ class ZeroShotClassifier:
              strict: bool = True) -> "ZeroShotClassifier":
         """Load a head saved with :meth:`save`. ``strict`` checks it was built by this model's text tower."""
         w, meta = _read_head(Path(path))
+        saved, objective = meta.get("objective", "contrastive"), objective_of(model)
+        if saved != objective:
+            raise ValueError(f"{path}: zero-shot head of a model trained with objective {saved!r}; this model's "
+                             f"objective is {objective!r}")
         clf = cls(model, meta["classnames"], meta["templates"], preprocess=preprocess, use_cache=False, _weights=w)
         if strict and meta.get("text_fingerprint") != clf.text_fingerprint:
             raise ValueError(f"{path}: zero-shot head was built with a different text tower "
@@ -170,16 +267,27 @@ class ZeroShotClassifier:
     # --- inference -------------------------------------------------------------------------------
     @property
     def num_classes(self) -> int:
-        return self.weights.shape[0]
+        return self.weights.shape[0] if self.weights is not None else len(self.classnames)
 
     @property
     def logit_scale(self) -> float:
+        """The contrastive model's temperature ``exp(logit_scale)``; 1 for bow / caption (their
+        scores are log-probabilities)."""
+        if self.objective != "contrastive":
+            return 1.0
         ls = getattr(self.model, "logit_scale", None)
         return float(ls.detach().exp()) if isinstance(ls, torch.Tensor) else 100.0
 
+    @property
+    def feature_dim(self) -> int:
+        """The dimension of the image features the scores read."""
+        if self.objective == "contrastive":
+            return self.weights.shape[1]  # type: ignore[union-attr]
+        return int(self.model.config.embed_dim)
+
     def image_features(self, images: Any) -> torch.Tensor:
         """Unit-norm ``[N, D]`` image features for any accepted input form."""
-        d = self.weights.shape[1]
+        d = self.feature_dim
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(np.asarray(images))
         if isinstance(images, Image.Image):
@@ -197,7 +305,35 @@ class ZeroShotClassifier:
                             progress=self.progress)
 
     def logits(self, images: Any) -> torch.Tensor:
-        return self.logit_scale * self.image_features(images) @ self.weights.t()
+        """``[N, C]`` class scores of images (or unit-norm image features)."""
+        return self.scores(self.image_features(images))
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        """``[N, C]`` class scores of unit-norm image features ``[N, D]``: scaled cosine similarities
+        (contrastive), mean token log-probabilities of the class bags (bow), mean per-token
+        log-likelihoods of the prompts (caption); templates averaged."""
+        if self.objective == "contrastive":
+            return self.logit_scale * features @ self.weights.t()  # type: ignore[union-attr]
+        model = self.model
+        was_training = model.training
+        model.eval()
+        out: list[torch.Tensor] = []
+        try:
+            with torch.no_grad():
+                for start in range(0, features.shape[0], self.batch_size):
+                    x = features[start:start + self.batch_size].float().to(model.device)
+                    out.append(self._generative_scores(x))
+        finally:
+            model.train(was_training)
+        return torch.cat(out) if out else torch.empty(0, self.num_classes)
+
+    def _generative_scores(self, x: torch.Tensor) -> torch.Tensor:
+        if self.objective == "bow":
+            log_probs = self.model.bow_logits(x).float().log_softmax(dim=-1).cpu()
+            return log_probs @ self.weights.t()  # type: ignore[union-attr]
+        per_prompt = self.model.prompt_log_likelihood(x, self.prompt_ids)  # [n, P]
+        per_class = torch.zeros(x.shape[0], self.num_classes).index_add_(1, self.prompt_owner, per_prompt)
+        return per_class / torch.bincount(self.prompt_owner, minlength=self.num_classes).float()
 
     def predict_proba(self, images: Any) -> torch.Tensor:
         return self.logits(images).softmax(dim=-1)
@@ -206,7 +342,8 @@ class ZeroShotClassifier:
         return self.logits(images).argmax(dim=-1)
 
     def __repr__(self) -> str:
-        return (f"ZeroShotClassifier(classes={self.num_classes}, templates={len(self.templates)}, "
+        objective = "" if self.objective == "contrastive" else f"objective={self.objective}, "
+        return (f"ZeroShotClassifier({objective}classes={self.num_classes}, templates={len(self.templates)}, "
                 f"cache_hit={self.cache_hit})")
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..checkpoints import load_model, save_model
 from ..eval import build_zeroshot_weights
-from ..models import CLIP
+from ..models import CLIP, objective_of
 from ..utils import atomic_write_bytes
 
 HEAD_FILE = "head.safetensors"
@@ -36,6 +36,10 @@ HEAD_FORMAT = 1
 def zeroshot_head_weight(model: CLIP, classnames: Sequence[Any], templates: Sequence[str],
                          batch_size: int = 256) -> torch.Tensor:
     """``[C, D]`` zero-shot head weight: unit class embeddings x exp(logit_scale)."""
+    objective = objective_of(model)
+    if objective != "contrastive":  # no text embeddings aligned with the images to start from
+        raise ValueError(f"fine-tuning starts from the contrastive zero-shot head; this model was trained with "
+                         f"objective {objective!r}")
     was_training = model.training
     try:
         w = build_zeroshot_weights(model, list(classnames), list(templates), batch_size=batch_size)

@@ -7,22 +7,25 @@ import torch
 
 from ..config import CLIPConfig, get_model_config
 from .clip import CLIP
+from .objectives import BagOfWordsCLIP, CaptioningCLIP, model_class, objective_of, with_objective
 from .text import TextTransformer
 from .vision_resnet import ModifiedResNet
 from .vision_vit import VisionTransformer
 
 
 def create_model(name_or_config: str | CLIPConfig, *, seed: int | None = None) -> CLIP:
-    """Build a randomly initialised model from a zoo name (``'ViT-B/32'``) or a :class:`CLIPConfig`.
+    """Build a randomly initialised model from a zoo name (``'ViT-B/32'``) or a :class:`CLIPConfig`
+    (of the class its ``objective`` names: :class:`CLIP`, :class:`BagOfWordsCLIP`, :class:`CaptioningCLIP`).
 
     ``seed`` makes the initialisation reproducible without touching the global RNG state.
     """
     config = get_model_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    cls = model_class(config)
     if seed is None:
-        return CLIP(config)
+        return cls(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return CLIP(config)
+        return cls(config)
 
 
-__all__ = ["CLIP", "TextTransformer", "VisionTransformer", "ModifiedResNet", "create_model"]
+__all__ = ["CLIP", "BagOfWordsCLIP", "CaptioningCLIP", "model_class", "objective_of", "with_objective", "TextTransformer", "VisionTransformer", "ModifiedResNet", "create_model"]

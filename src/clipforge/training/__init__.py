@@ -1,6 +1,8 @@
-"""Contrastive training of CLIP models: ``clipforge.train(TrainConfig(...)) -> summary dict`` (re-exported from here).
+"""Training of CLIP models: ``clipforge.train(TrainConfig(...)) -> summary dict`` (re-exported from here);
+contrastive by default, or the paper's bag-of-words / captioning baselines (``TrainConfig.objective``).
 
-Modules: ``config`` (TrainConfig), ``loss`` (symmetric InfoNCE, global-batch aware),
+Modules: ``config`` (TrainConfig), ``loss`` (symmetric InfoNCE, global-batch aware), ``objectives``
+(bag-of-words and caption losses, the module DDP wraps for them),
 ``distributed`` (torchrun/DDP plumbing, feature gather), ``optim`` (AdamW grouping, cosine
 schedule), ``step`` (one optimiser step with contrastive-exact gradient accumulation),
 ``checkpoint`` (resumable training state), ``metrics`` (JSONL, TensorBoard, curves), ``signals``
@@ -17,6 +19,7 @@ from .config import TrainConfig
 from .evaluation import SceneZeroShot, ValRetrieval, default_evaluator, task_accuracy
 from .loop import resolve_model_config, train
 from .loss import contrastive_loss
+from .objectives import bow_loss, caption_loss
 from .metrics import MetricsLog
 from .optim import CosineWarmup, build_optimizer
 from .signals import StopRequest
@@ -24,6 +27,7 @@ from .timing import measure_step_time
 
 __all__ = ["train", "TrainConfig", "resolve_model_config", "list_checkpoints", "measure_step_time",
            "default_evaluator", "SceneZeroShot", "ValRetrieval", "task_accuracy", "contrastive_loss",
+           "bow_loss", "caption_loss",
            # building blocks other training-like runs reuse (clipforge.finetune): optimiser, schedule,
            # resumable checkpoints, JSONL metrics, graceful stop
            "build_optimizer", "CosineWarmup", "checkpoint_path", "latest_checkpoint", "save_checkpoint",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ..config import OBJECTIVES
 from ..device import TRAIN_PRECISION_CHOICES as PRECISIONS
 from ..device import check_device_spec
 from ..data.tables import parse_separator
@@ -43,10 +44,18 @@ class TrainConfig:
     adds up to ``hard_negatives_per_caption`` rule-built negative captions per caption (swapped
     spatial words, colours, objects, changed counts; :mod:`clipforge.training.hard_negatives`) as
     extra columns of that image's row of the loss (NegCLIP).
+
+    ``objective`` (the paper's Figure 2 comparison, :mod:`clipforge.training.objectives`):
+    ``contrastive`` (CLIP), ``bow`` (predict the caption's bag of BPE tokens from the image) or
+    ``caption`` (predict the caption's tokens in order), all with the same image tower, data,
+    optimiser and schedule. It is part of the model (``CLIPConfig.objective``), so a resumed run
+    cannot change it. ``hard_negatives``, ``local_loss``, ``gather_with_grad`` and ``val_data``
+    (retrieval) are contrastive options and refused for the other two.
     """
 
     model: str = "tiny-vit"
     init: str | None = None
+    objective: Literal["contrastive", "bow", "caption"] = "contrastive"
     data: str = "builtin:scenes"
     val_data: str | None = None
     csv_separator: str | None = None  # open_clip's --csv-separator; None: .tsv tab, .csv sniffed
@@ -110,6 +119,13 @@ class TrainConfig:
         need(self.hard_negatives in HARD_NEGATIVES, "hard_negatives", f"must be one of {', '.join(HARD_NEGATIVES)}")
         need(isinstance(self.hard_negatives_per_caption, int) and not isinstance(self.hard_negatives_per_caption, bool)
              and self.hard_negatives_per_caption >= 1, "hard_negatives_per_caption", "must be an integer >= 1")
+        need(self.objective in OBJECTIVES, "objective", f"must be one of {', '.join(OBJECTIVES)}")
+        if self.objective != "contrastive":
+            for key, off in (("hard_negatives", "none"), ("local_loss", False), ("gather_with_grad", False),
+                             ("val_data", None)):
+                need(getattr(self, key) == off, key, f"is a contrastive-training option (negative captions, "
+                     f"the contrastive loss across processes, retrieval validation); objective "
+                     f"{self.objective!r} takes {off!r}")
         need(self.linear_backend in LINEAR_BACKENDS, "linear_backend", f"must be one of {', '.join(LINEAR_BACKENDS)}")
         need(self.num_workers >= 0, "num_workers", "must be >= 0")
         need(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null (torch's default)")
@@ -227,4 +243,5 @@ def merge_for_resume(saved: TrainConfig, overrides: dict[str, Any], run_dir: str
     return saved.replace(out=run_dir, resume=run_dir, **changes)
 
 
-__all__ = ["TrainConfig", "load_config_file", "merge_for_resume", "PRECISIONS", "LINEAR_BACKENDS", "HARD_NEGATIVES"]
+__all__ = ["TrainConfig", "load_config_file", "merge_for_resume", "PRECISIONS", "LINEAR_BACKENDS", "HARD_NEGATIVES",
+           "OBJECTIVES"]

@@ -98,6 +98,15 @@ def any_rank(flag: bool, env: DistEnv) -> bool:
     return bool(t.item())
 
 
+def sum_over_ranks(value: int, env: DistEnv) -> int:
+    """The sum of an integer over all ranks (e.g. the tokens a loss is averaged over)."""
+    if not env.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=env.device if env.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return int(t.item())
+
+
 def all_gather_object(obj: Any, env: DistEnv) -> list[Any]:
     if not env.distributed:
         return [obj]
@@ -121,4 +130,4 @@ def barrier(env: DistEnv) -> None:
 
 
 __all__ = ["DistEnv", "init_distributed", "shutdown_distributed", "resolve_device", "gather_features",
-           "any_rank", "all_gather_object", "broadcast_object", "barrier"]
+           "any_rank", "sum_over_ranks", "all_gather_object", "broadcast_object", "barrier"]

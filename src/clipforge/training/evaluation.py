@@ -3,8 +3,10 @@
 * ``builtin:scenes`` data: zero-shot accuracy on the scene generator's held-out tasks (colour-shape
   combinations never seen in training, counting, position), each beside its chance level.
 * ``val_data`` given: contrastive loss and Recall@1/5 (both directions) on its first ``val_pairs``
-  pairs, read in a fixed order.
-Both use the public ``clipforge.eval`` API; nothing here trains.
+  pairs, read in a fixed order (contrastive runs only: ``TrainConfig`` refuses it for bow/caption).
+Both use the public ``clipforge.eval`` API; nothing here trains. The scene tasks score every
+objective through ``ZeroShotClassifier`` (cosine head, bag-of-words or caption likelihood), so
+the curves of contrastive, bow and caption runs are comparable.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ def is_builtin_scenes(spec: str) -> bool:
 
 
 def task_accuracy(model: CLIP, task: ClassificationTask, batch_size: int = 256) -> float:
-    """Zero-shot top-1 accuracy of ``model`` on one task (head built afresh: the weights change
-    between evaluations, so a disk cache would only fill up)."""
+    """Zero-shot top-1 accuracy of ``model`` (any objective) on one task (head built afresh: the
+    weights change between evaluations, so a disk cache would only fill up)."""
     clf = ZeroShotClassifier(model, list(task.classnames), list(task.templates), use_cache=False,
                              batch_size=batch_size)
     pred = clf.predict(task.images).cpu().numpy()

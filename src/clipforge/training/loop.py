@@ -15,6 +15,7 @@ logging, periodic evaluation and checkpoints, stop cleanly on a signal, and leav
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -32,7 +33,7 @@ from ..checkpoints import load_model, save_model
 from ..config import CLIPConfig, get_model_config
 from ..data import SkipStats, make_pair_loader, open_pairs
 from ..device import cast_weights
-from ..models import CLIP, create_model
+from ..models import CLIP, create_model, with_objective
 from ..preprocess import image_transform
 from ..tokenizer import get_tokenizer
 from ..utils import read_json, torch_threads, write_json
@@ -41,11 +42,11 @@ from .config import TrainConfig, merge_for_resume
 from .distributed import DistEnv, all_gather_object, any_rank, barrier, init_distributed, shutdown_distributed
 from .evaluation import Evaluator, default_evaluator
 from .hard_negatives import SwapNegatives, TokenizeWithNegatives
-from .loss import ClipLoss
 from .metrics import MetricsLog, peak_rss_mb, plot_curves
+from .objectives import freeze_unused
 from .optim import CosineWarmup, build_optimizer
 from .signals import StopRequest, exit_code, signals_blocked
-from .step import FeatureModel, TrainStep, make_grad_scaler
+from .step import TrainStep, make_grad_scaler, make_train_step, objective_module
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,13 @@ def resolve_model_config(spec: str) -> CLIPConfig:
 
 
 def build_model(config: TrainConfig) -> CLIP:
-    """A fresh model of ``config.model`` (seeded), or the weights of ``config.init`` (any format)."""
+    """A fresh model of ``config.model`` (seeded), or the weights of ``config.init`` (any format),
+    of ``config.objective``: for bow / caption the CLIP subclass with that head (a fresh, seeded
+    head when the ``init`` weights have none or another objective's)."""
     if config.init:
-        return load_model(config.init)
-    return create_model(resolve_model_config(config.model), seed=config.seed)
+        return with_objective(load_model(config.init), config.objective, seed=config.seed)
+    arch = dataclasses.replace(resolve_model_config(config.model), objective=config.objective)
+    return create_model(arch, seed=config.seed)
 
 
 def open_training_data(config: TrainConfig) -> tuple[Any, Any | None]:
@@ -151,6 +155,9 @@ class _Run:
             model.load_state_dict(state["model"])
         else:
             model = build_model(cfg)
+        if model.config.objective != cfg.objective:  # only reachable with a hand-edited run folder
+            raise ValueError(f"{resume_from}: the checkpoint's model has objective {model.config.objective!r}, "
+                             f"the run's config {cfg.objective!r}")
         model = cast_weights(model.to(env.device), cfg.precision).train()  # bf16/fp16: weights cast
         if cfg.fast_paths:  # same Parameters and state_dict; gradients equal within float rounding
             fast.enable(model)
@@ -162,15 +169,17 @@ class _Run:
             model.set_grad_checkpointing(True)
         if cfg.lock_image:
             model.lock_image_tower()
-        module: torch.nn.Module = FeatureModel(model)
+        freeze_unused(model)  # bow/caption: what the objective never reads (text tower parts, temperature)
+        module: torch.nn.Module = objective_module(model)
         if env.distributed:
             module = torch.nn.parallel.DistributedDataParallel(
                 module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         optimizer = build_optimizer(model, cfg.lr, cfg.wd, cfg.betas, cfg.eps)
         schedule = CosineWarmup(optimizer, cfg.lr, cfg.warmup, cfg.steps)
         scaler = make_grad_scaler(cfg.precision, env.device)
-        step_fn = TrainStep(model, module, ClipLoss(env, cfg.local_loss, cfg.gather_with_grad), optimizer,
-                            cfg.precision, cfg.grad_clip, scaler)
+        step_fn = make_train_step(model, module, optimizer, precision=cfg.precision, grad_clip=cfg.grad_clip,
+                                  scaler=scaler, env=env, local_loss=cfg.local_loss,
+                                  gather_with_grad=cfg.gather_with_grad)
         if self.precision_why != "as requested":
             self._say(f"precision {cfg.precision} ({self.precision_why})")
 
@@ -328,6 +337,7 @@ class _Run:
             "steps_done": self.step,
             "steps": cfg.steps,
             "model": model.config.name or cfg.model,
+            "objective": cfg.objective,
             "parameters": model.num_parameters(),
             "data": cfg.data,
             "world_size": env.world_size,
@@ -442,7 +452,8 @@ def run_precision(config: TrainConfig, device: torch.device) -> tuple[str, str]:
 
 def train(config: TrainConfig, *, should_stop: Callable[[int], bool] | None = None,
           evaluator: Evaluator | None = None) -> dict[str, Any]:
-    """Run (or resume, ``config.resume``) a contrastive training job; returns the summary dict.
+    """Run (or resume, ``config.resume``) a training job (``config.objective``: contrastive, bow or
+    caption); returns the summary dict.
 
     ``should_stop(step)`` is polled after every step (True: checkpoint and return, like a signal);
     ``evaluator(model, step) -> {name: value}`` replaces the default periodic evaluation (zero-shot

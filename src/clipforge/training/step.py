@@ -12,6 +12,10 @@ holds for the ViT/text towers (no dropout) but not for BatchNorm in train mode (
 there each re-run sees statistics of one micro-batch and updates the running statistics again.
 Hard negatives are features like the others: cached with their micro-batch, recomputed with it,
 and concatenated in batch order, so each stays attached to its own image's row.
+
+The ``bow`` / ``caption`` objectives (:mod:`.objectives`) need none of this: their losses are
+means of per-caption / per-token terms, so :class:`ObjectiveStep` runs each micro-batch once and
+weights its summed loss by the count of the whole step (all micro-batches, all ranks).
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from torch import nn
 
 from .. import device as _device
 from ..models import CLIP
+from .distributed import DistEnv, sum_over_ranks
 from .hard_negatives import CaptionTokens
 from .loss import ClipLoss, scale_grad
+from .objectives import ObjectiveModule, loss_count
 
 #: The text side of a batch: token ids, or ids with hard negatives (``--hard-negatives``).
 Text = torch.Tensor | CaptionTokens
@@ -83,7 +89,7 @@ class TrainStep:
     """Runs optimiser steps for ``model`` (a :class:`CLIP`), through ``module`` (the
     :class:`FeatureModel`, possibly DDP-wrapped)."""
 
-    def __init__(self, model: CLIP, module: nn.Module, loss_fn: ClipLoss, optimizer: torch.optim.Optimizer,
+    def __init__(self, model: CLIP, module: nn.Module, loss_fn: ClipLoss | None, optimizer: torch.optim.Optimizer,
                  precision: str = "fp32", grad_clip: float | None = None,
                  scaler: torch.amp.GradScaler | None = None) -> None:
         self.model, self.module, self.loss_fn, self.optimizer = model, module, loss_fn, optimizer
@@ -168,4 +174,56 @@ class TrainStep:
         return StepResult(loss=loss, grad_norm=grad_norm)
 
 
-__all__ = ["FeatureModel", "TrainStep", "StepResult", "autocast_context", "make_grad_scaler", "Text"]
+class ObjectiveStep(TrainStep):
+    """Optimiser steps for the ``bow`` / ``caption`` objectives, through ``module`` (an
+    :class:`~.objectives.ObjectiveModule`, possibly DDP-wrapped; its forward returns a summed loss).
+
+    The step's loss is the sum over micro-batches and ranks divided by the count over all of them
+    (captions for bow, target tokens for caption), so each micro-batch's backward gets its sum
+    times ``world_size / count``: DDP's average over ranks then makes the gradient exactly that of
+    the global-batch mean (also when ranks hold different token counts). The value returned is
+    this rank's share; the loop's mean over ranks is the global loss."""
+
+    def __init__(self, model: CLIP, module: nn.Module, optimizer: torch.optim.Optimizer, precision: str = "fp32",
+                 grad_clip: float | None = None, scaler: torch.amp.GradScaler | None = None,
+                 env: DistEnv | None = None) -> None:
+        super().__init__(model, module, None, optimizer, precision, grad_clip, scaler)
+        self.env = env or DistEnv()
+        self.objective = model.config.objective
+
+    def compute_gradients(self, batches: Sequence[tuple[torch.Tensor, Text]]) -> float:
+        if any(isinstance(text, CaptionTokens) for _, text in batches):
+            raise ValueError(f"hard negatives are a contrastive option; objective {self.objective!r} takes plain ids")
+        count = sum_over_ranks(sum(loss_count(self.objective, ids) for _, ids in batches), self.env)
+        weight = self.env.world_size / max(count, 1)
+        k, value = len(batches), 0.0
+        for j, (images, ids) in enumerate(batches):
+            images, ids = _device.to_device(images, self.device), _device.to_device(ids, self.device)
+            with self._no_sync(last=j == k - 1):
+                with self._autocast():
+                    total = self.module(images, ids)
+                loss = total * weight
+                self._backward(loss)
+            value += float(loss.detach())
+        return value
+
+
+def objective_module(model: CLIP) -> nn.Module:
+    """What a run trains through (and DDP wraps): :class:`FeatureModel` for the contrastive
+    objective, :class:`~.objectives.ObjectiveModule` for bow / caption."""
+    return FeatureModel(model) if model.config.objective == "contrastive" else ObjectiveModule(model)
+
+
+def make_train_step(model: CLIP, module: nn.Module, optimizer: torch.optim.Optimizer, *, precision: str = "fp32",
+                    grad_clip: float | None = None, scaler: torch.amp.GradScaler | None = None,
+                    env: DistEnv | None = None, local_loss: bool = False, gather_with_grad: bool = False) -> TrainStep:
+    """The step of the model's objective: :class:`TrainStep` with the contrastive loss, or
+    :class:`ObjectiveStep`."""
+    if model.config.objective == "contrastive":
+        return TrainStep(model, module, ClipLoss(env, local_loss, gather_with_grad), optimizer, precision,
+                         grad_clip, scaler)
+    return ObjectiveStep(model, module, optimizer, precision, grad_clip, scaler, env)
+
+
+__all__ = ["FeatureModel", "TrainStep", "ObjectiveStep", "StepResult", "autocast_context", "make_grad_scaler", "Text",
+           "objective_module", "make_train_step"]

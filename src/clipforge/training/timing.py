@@ -17,9 +17,9 @@ from ..utils import torch_threads
 from .config import TrainConfig
 from .. import fast
 from .loop import build_model, caption_tokenizer, run_precision
-from .loss import ClipLoss
+from .objectives import freeze_unused
 from .optim import build_optimizer
-from .step import FeatureModel, TrainStep
+from .step import make_train_step, objective_module
 
 
 def measure_step_time(config: TrainConfig, threads: Sequence[int], n: int = 3, warmup: int = 2) -> dict[int, float]:
@@ -37,8 +37,9 @@ def measure_step_time(config: TrainConfig, threads: Sequence[int], n: int = 3, w
         loader = make_pair_loader(source, transform=image_transform(model.config.preprocess, train=True),
                                   tokenize=caption_tokenizer(config, model.context_length), batch_size=config.batch_size,
                                   seed=config.seed + 99, rank=0, world_size=1, num_workers=config.num_workers)
-        step = TrainStep(model, FeatureModel(model), ClipLoss(), build_optimizer(model, 1e-5, 0.0, config.betas, config.eps),
-                         precision=precision)
+        freeze_unused(model)
+        step = make_train_step(model, objective_module(model), build_optimizer(model, 1e-5, 0.0, config.betas, config.eps),
+                               precision=precision)
         try:
             for t in threads:
                 with torch_threads(t):
