@@ -18,6 +18,7 @@ as ``clipforge.load(path)`` returns it, called as a user calls it (``model.encod
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (alternate, environment, matmul_peak_gflops, openai_reference_module,  # noqa: E402
+from _common import (RESULTS, alternate, environment, matmul_peak_gflops, openai_reference_module,  # noqa: E402
                      print_table, write_results)
 
 import clipforge  # noqa: E402
@@ -160,6 +161,8 @@ def main() -> None:
     ap.add_argument("--text-batch", type=int, default=256)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="1 rep, batches 1,4, text batch 32")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of other models already in benchmarks/results/encode.json")
     args = ap.parse_args()
     if args.quick:
         args.reps, args.batches, args.text_batch = 1, "1,4", 32
@@ -230,6 +233,11 @@ def main() -> None:
         r["pct_peak"] = 100 * float(r["items_per_s"]) * float(r["gflops_per_item"]) / r["peak_gflops"]
     print("4096^3 GEMM, best of start and end: " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
     print_table(rows, cols)
+    previous = RESULTS / "encode.json"
+    if args.merge and previous.is_file():  # rows of models not measured now, from their own run
+        mine = tuple(args.models.split(","))
+        kept = [r for r in json.loads(previous.read_text()).get("rows", []) if not str(r["row"]).startswith(mine)]
+        rows = kept + rows
     path = write_results("encode", {"env": environment(), "matmul_gflops": peaks,
                                         "linear_backend": linear_backend(), "backend": backend_record(),
                                         "precision_probe_gflops": matmul_speed_by_precision(),

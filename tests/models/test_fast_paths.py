@@ -74,7 +74,8 @@ def test_fast_image_path_matches_plain_path(plain_model, linear):
             got = fast_model.encode_image(images)
     assert got.shape == plain.shape
     assert (got - plain).abs().max() <= TOL
-    packed = [m.packed for m in fast_model.visual.modules() if isinstance(m, fast.transformer.Packing)]
+    packed = [m.packed for m in fast_model.visual.modules()  # (a folded ResNet computes from its own convs)
+              if isinstance(m, fast.transformer.Packing) and not isinstance(m, fast.resnet.FoldedResNet)]
     assert all((p is not None) == (linear == "onednn") for p in packed)  # made by the first call
     if plain_model.config.vision.kind == "resnet":
         # The fast path really is different: no BatchNorm left, channels-last weights.
@@ -461,3 +462,29 @@ def test_int8_inference_stays_close_and_is_not_cached_as_fp32(kind):
         int8.requires_grad_(True)
         int8.encode_text(ids).sum().backward()
     assert int8.text.transformer.resblocks[0].mlp.c_fc.weight.grad is not None
+
+
+@pytest.mark.skipif(not fused_conv_available(), reason="no fused oneDNN convolution in this torch")
+def test_loaded_resnet_folds_lazily_and_follows_changes():
+    """``enable(pack=True)`` on a ResNet (what ``clipforge.load`` does): inference calls run folded,
+    fused convolutions from copies; the tower keeps its BatchNorms (trainable, savable), and a change
+    to a weight or a running statistic is followed."""
+    plain = clipforge.create_model(micro_config("resnet"), seed=0).eval()
+    _randomise_batchnorm(plain)
+    model = fast.enable(copy.deepcopy(plain), pack=True)
+    s = plain.image_size
+    images = torch.randn(5, 3, s, s, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got, ref = model.encode_image(images), plain.encode_image(images)
+        assert (got - ref).abs().max() <= TOL
+        assert model.visual.packed and "folded" in model.visual.packed
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.visual.modules())
+        for m in (model, plain):  # the same change to both: a statistic and a weight
+            bn = m.visual.layer1[0].bn2
+            bn.running_var.mul_(2.0)
+            m.visual.conv1.weight.mul_(0.5)
+        got2, ref2 = model.encode_image(images), plain.encode_image(images)
+    assert (ref2 - ref).abs().max() > 10 * TOL
+    assert (got2 - ref2).abs().max() <= TOL
+    model.train()
+    assert not model.visual.packed  # training drops the copies; the train-mode forward is the plain one

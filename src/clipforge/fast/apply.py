@@ -15,7 +15,7 @@ from ..models.vision_resnet import ModifiedResNet
 from ..models.vision_vit import VisionTransformer
 from .backend import FastLinear, fastest_precision
 from .linear import int8_available
-from .resnet import FoldedResNet, conv_bn_pairs, fold_batchnorm, fused_conv_available
+from .resnet import FastResNet, FoldedResNet, conv_bn_pairs, fold_batchnorm, fused_conv_available
 from .swap import swap_class
 from .text import FastTextTransformer
 from .transformer import FastAttention, FastBlock, FastMLP, FastTransformer, Packing
@@ -24,6 +24,7 @@ from .vit import FastVisionTransformer
 FAST: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: FastLinear, MLP: FastMLP, Attention: FastAttention, ResidualAttentionBlock: FastBlock,
     Transformer: FastTransformer, TextTransformer: FastTextTransformer, VisionTransformer: FastVisionTransformer,
+    ModifiedResNet: FastResNet,
 }
 PLAIN = {fast: plain for plain, fast in FAST.items()}
 

@@ -1,5 +1,7 @@
 """The fast ResNet image tower for inference: BatchNorm folded into the convolutions and convolutions with their pointwise
-epilogue fused.
+epilogue fused. Two forms: :class:`FastResNet` (``fast.enable(pack=True)``, what ``clipforge.load``
+gives) keeps its modules and computes folded copies of the conv weights lazily for inference calls;
+:class:`FoldedResNet` (``optimize_for_inference``) folds in place.
 
 After folding, a bottleneck is conv+ReLU, conv+ReLU, pool, conv + residual add + ReLU. PyTorch
 ships oneDNN's fused forms as ``torch.ops.mkldnn._convolution_pointwise`` (the ops its compiler
@@ -15,7 +17,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..models.vision_resnet import Bottleneck, ModifiedResNet
 from .backend import use_packed
+from .linear import cached_pack
 from .swap import swap_class
+from .transformer import Packing
+
+Weights = dict[int, tuple[torch.Tensor, torch.Tensor | None]]  # id(conv) -> (weight, bias) to compute with
 
 
 def fused_conv_available() -> bool:
@@ -27,50 +33,92 @@ def _args(conv: nn.Conv2d) -> tuple[list[int], list[int], list[int], int]:
     return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups  # type: ignore[arg-type]
 
 
-def conv_act(x: torch.Tensor, conv: nn.Conv2d, activation: str = "none") -> torch.Tensor:
-    """``activation(conv(x))`` with ``activation`` in ``"none"``, ``"relu"``."""
-    return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, *_args(conv), activation, [], "")
+def conv_act(x: torch.Tensor, conv: nn.Conv2d, activation: str = "none", wb: Weights | None = None) -> torch.Tensor:
+    """``activation(conv(x))`` with ``activation`` in ``"none"``, ``"relu"``; ``wb``: folded
+    weights to use instead of the conv's own (:class:`FastResNet`)."""
+    w, b = wb[id(conv)] if wb is not None else (conv.weight, conv.bias)
+    return torch.ops.mkldnn._convolution_pointwise(x, w, b, *_args(conv), activation, [], "")
 
 
-def conv_add_relu(x: torch.Tensor, residual: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+def conv_add_relu(x: torch.Tensor, residual: torch.Tensor, conv: nn.Conv2d, wb: Weights | None = None) -> torch.Tensor:
     """``relu(conv(x) + residual)``: the end of a residual block in one op."""
-    return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, conv.weight, conv.bias, *_args(conv),
-                                                          "add", None, "relu", [], "")
+    w, b = wb[id(conv)] if wb is not None else (conv.weight, conv.bias)
+    return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, w, b, *_args(conv), "add", None, "relu", [], "")
 
 
-def _bottleneck_fused(block: Bottleneck, x: torch.Tensor) -> torch.Tensor:
+def _bottleneck_fused(block: Bottleneck, x: torch.Tensor, wb: Weights | None = None) -> torch.Tensor:
     """A bottleneck with BatchNorm folded away: three oneDNN ops with fused ReLU / residual add."""
-    out = conv_act(conv_act(x, block.conv1, "relu"), block.conv2, "relu")
-    identity = x if block.downsample is None else conv_act(block.downsample[0](x), block.downsample[1])
-    return conv_add_relu(block.avgpool(out), identity, block.conv3)
+    out = conv_act(conv_act(x, block.conv1, "relu", wb), block.conv2, "relu", wb)
+    identity = x if block.downsample is None else conv_act(block.downsample[0](x), block.downsample[1], "none", wb)
+    return conv_add_relu(block.avgpool(out), identity, block.conv3, wb)
 
 
-class FoldedResNet(ModifiedResNet):
+def _forward_fused(tower: ModifiedResNet, x: torch.Tensor, wb: Weights | None = None) -> torch.Tensor:
+    x = x.contiguous(memory_format=torch.channels_last)
+    for conv in (tower.conv1, tower.conv2, tower.conv3):
+        x = conv_act(x, conv, "relu", wb)
+    x = tower.avgpool(x)
+    for stage in tower._stages():
+        for block in stage:
+            x = _bottleneck_fused(block, x, wb)
+    return tower.attnpool(x)
+
+
+def _chunked(tower: ModifiedResNet, x: torch.Tensor, wb: Weights | None, chunk_pixels: int) -> torch.Tensor:
+    tower._check(x)
+    chunk = max(1, chunk_pixels // (x.shape[-1] * x.shape[-2]))
+    return torch.cat([_forward_fused(tower, part, wb) for part in x.split(chunk)])
+
+
+class FastResNet(Packing, ModifiedResNet):
+    """The ResNet tower with the fast layer on. With ``pack_weights`` (``clipforge.load``), an
+    inference call (eval mode, no autograd, CPU fp32) runs the folded, fused form from copies of
+    the conv weights with their BatchNorm folded in, channels-last, made at the first such call and
+    remade whenever a weight or running statistic changes (``linear.cached_pack``): the module
+    itself is untouched, so it still trains, saves and reports its BatchNorm statistics."""
+
+    inference_chunk_pixels: int = 16 * 224 * 224
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.pack_weights and not self.training and use_packed() and x.device.type == "cpu"
+                and x.dtype == torch.float32 and self.conv1.weight.dtype == torch.float32
+                and fused_conv_available()):
+            pairs = conv_bn_pairs(self)
+            mods = [(getattr(p, c), getattr(p, b)) for p, c, b in pairs]
+            if all(isinstance(c, nn.Conv2d) and isinstance(b, nn.BatchNorm2d) and not b.training for c, b in mods):
+                sources = tuple(t for c, b in mods for t in (c.weight, c.bias, b.weight, b.bias, b.running_mean,
+                                                             b.running_var))
+                wb = cached_pack(self, "folded", sources, lambda: _fold_copies(mods))
+                return _chunked(self, x, wb, self.inference_chunk_pixels)
+        return super().forward(x)
+
+    def train(self, mode: bool = True) -> "FastResNet":
+        if mode:
+            self.drop_packed()
+        return super().train(mode)
+
+
+def _fold_copies(mods: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> Weights:
+    """Per conv, the (weight, bias) of it with its eval-mode BatchNorm folded in, channels-last."""
+    out: Weights = {}
+    for conv, bn in mods:
+        f = fuse_conv_bn_eval(conv, bn)
+        out[id(conv)] = (f.weight.detach().contiguous(memory_format=torch.channels_last), f.bias.detach())
+    return out
+
+
+class FoldedResNet(FastResNet):
     """A ResNet tower whose BatchNorms were folded into its convolutions (``fold_batchnorm``):
     different parameters (convs gain biases, statistics gone), so inference only."""
 
     inference_only = True  # save_model refuses a model holding such a module
     fused = False  # fused oneDNN convolutions (set by optimize_for_inference when every pair folded)
-    # Fused calls run in chunks of at most this many pixels.
-    inference_chunk_pixels: int = 16 * 224 * 224
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.fused and use_packed() and x.device.type == "cpu" and x.dtype == torch.float32
                 and self.conv1.weight.dtype == torch.float32):
-            self._check(x)
-            chunk = max(1, self.inference_chunk_pixels // (x.shape[-1] * x.shape[-2]))
-            return torch.cat([self._forward_fused(part) for part in x.split(chunk)])
-        return super().forward(x)
-
-    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous(memory_format=torch.channels_last)
-        for conv in (self.conv1, self.conv2, self.conv3):
-            x = conv_act(x, conv, "relu")
-        x = self.avgpool(x)
-        for stage in self._stages():
-            for block in stage:
-                x = _bottleneck_fused(block, x)
-        return self.attnpool(x)
+            return _chunked(self, x, None, self.inference_chunk_pixels)
+        return ModifiedResNet.forward(self, x)
 
 
 def conv_bn_pairs(visual: ModifiedResNet) -> list[tuple[nn.Module, str, str]]:
