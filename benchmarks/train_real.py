@@ -71,7 +71,7 @@ def test_retrieval(model: Any, manifest: Path) -> dict[str, float]:
 
 
 def chance(n_images: int, n_texts: int, per_image: int, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    from clipforge.training.demo import chance_recall
+    from clipforge.demo import chance_recall
 
     out = {}
     for k in ks:
@@ -98,8 +98,8 @@ def main() -> int:
     import torch
 
     from clipforge.checkpoints import load_model
-    from clipforge.training import TrainConfig, train
-    from clipforge.training.budget import calibrate_step_time, plan_steps, thread_candidates
+    from clipforge.training import TrainConfig, measure_step_time, train
+    from clipforge.demo import plan_steps, thread_candidates
     from clipforge.training.loop import build_model
     from clipforge.utils import write_json
 
@@ -116,7 +116,7 @@ def main() -> int:
                                keep_last=1, log_every=10, threads=threads,
                                time_limit_minutes=limit_s / 60 if limit_s else None)
 
-        timing = calibrate_step_time(config(1000, None, None), thread_candidates())
+        timing = measure_step_time(config(1000, None, None), thread_candidates())
         threads = min(timing, key=timing.__getitem__)
         budget_s = args.minutes * 60
         steps = args.steps or plan_steps(budget_s, timing[threads])

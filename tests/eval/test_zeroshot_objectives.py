@@ -26,6 +26,8 @@ def test_eval_zeroshot_and_retrieval_refusal(capsys, tmp_path, objective):
     rec = json.loads(next((tmp_path / "out").glob("zeroshot_classification__*.json")).read_text())
     assert rec["num_classes"] == 3 and 0.0 <= rec["metrics"]["acc1"] <= 1.0
     assert "acc1_single_template" in rec["metrics"]
+    # bow records also carry the score without the token prior; caption has no such variant
+    assert ("acc1_token_prior_removed" in rec["metrics"]) == (objective == "bow")
     capsys.readouterr()
     assert main(["eval", "retrieval", *common, "--dataset", "builtin:scenes?n=8&size=32", "--split", "test"]) == 1
     assert "no aligned text embedding" in capsys.readouterr().err

@@ -210,6 +210,33 @@ def test_bow_scorer_ranks_the_planted_class_first():
     torch.testing.assert_close(clf.logits(images[:1])[0], torch.tensor(expected), rtol=1e-5, atol=1e-5)
 
 
+def test_bow_scorer_with_the_prior_removed():
+    """A head whose bias puts most mass on "cat" for every image, while each image raises its own
+    class's token: as specified every image is called "cat"; with ``bow_prior="scored"`` (log p
+    minus the log of its mean over the scored images) each image gets its own class."""
+    model = _model("bow").eval()
+    names = ["dog", "cat", "bird"]
+    tok = [int(tokenize([n])[0, 1]) for n in names]
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.head.bias[tok[1]] = 10.0
+        for i, t in enumerate(tok):
+            model.head.weight[t, i] = 3.0
+    features = torch.eye(model.config.embed_dim)[:3]          # unit-norm image embeddings e0, e1, e2
+    plain = ZeroShotClassifier(model, names, ["a photo of a {}."], use_cache=False)
+    assert plain.scores(features).argmax(1).tolist() == [1, 1, 1]
+    pmi = ZeroShotClassifier(model, names, ["a photo of a {}."], use_cache=False, bow_prior="scored", batch_size=2)
+    scores = pmi.scores(features)
+    assert scores.argmax(1).tolist() == [0, 1, 2]
+    with torch.no_grad():
+        log_p = model.bow_logits(features).log_softmax(-1)
+    expected = (log_p - log_p.exp().mean(0).log()) @ pmi.weights.t()
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="bow_prior"):
+        ZeroShotClassifier(model, names, ["a {}"], use_cache=False, bow_prior="batch")
+
+
 def test_caption_scorer_ranks_the_planted_class_first():
     model = _model("caption").eval()
     dog = int(tokenize(["dog"])[0, 1])
@@ -262,8 +289,11 @@ def test_scene_evaluation_scores_every_objective():
     evaluator = SceneZeroShot(n_per_class=1)
     for objective in ("bow", "caption"):
         out = evaluator(_model(objective).eval(), 0)
-        assert set(out) == {"heldout_colour_shape_acc", "seen_colour_shape_acc", "counting_acc", "position_acc",
-                            "relation_acc"}
+        tasks = {"heldout_colour_shape", "seen_colour_shape", "counting", "position", "relation"}
+        expected = {f"{t}_acc" for t in tasks}
+        if objective == "bow":  # also scored with the token prior removed
+            expected |= {f"{t}_calibrated_acc" for t in tasks}
+        assert set(out) == expected
         assert all(0.0 <= v <= 1.0 for v in out.values())
 
 

@@ -21,7 +21,7 @@ from typing import Iterator
 from .options import ArgumentParser, add_log_option, add_subparsers, configure_logging, missing_extra
 
 # Command-group modules, in the order they appear in --help.
-COMMAND_MODULES = ["models", "info", "convert", "demo", "train", "finetune", "eval", "search", "data", "export", "plan"]
+COMMAND_MODULES = ["models", "info", "convert", "demo", "train", "finetune", "eval", "search", "data", "export", "plan", "experiment"]
 
 
 def iter_commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()

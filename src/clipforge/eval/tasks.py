@@ -270,6 +270,12 @@ def run_zeroshot(ctx: EvalContext, dataset: Any, *, split: str | None = None, cl
     fs = ctx.features(ds, ident)
     t3 = time.perf_counter()
     metrics, pred, t_score = _zeroshot_scores(ctx, clf, fs)
+    if clf.objective == "bow":  # also without the token prior, which can make one class win everywhere
+        clf.bow_prior = "scored"
+        calibrated = _zeroshot_scores(ctx, clf, fs)[0]
+        clf.bow_prior = "none"
+        metrics["acc1_token_prior_removed"] = calibrated["acc1"]
+        metrics["mean_per_class_recall_token_prior_removed"] = calibrated["mean_per_class_recall"]
     extras: dict[str, Any] = {
         "split": split, "n_samples": len(fs), "skipped": fs.skipped, "skipped_examples": fs.skipped_messages[:5],
         "num_classes": clf.num_classes, **choice.record_extras(),

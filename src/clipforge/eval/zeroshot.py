@@ -19,7 +19,12 @@ Models trained with the paper's other two objectives (``config.objective``, see
   image (:meth:`~clipforge.models.CaptioningCLIP.prompt_log_likelihood`), averaged over the
   templates. No image-independent head exists: every image x prompt pair is a decoder pass.
 
-Both are log-probabilities (no temperature); ``predict_proba`` is their softmax. Neither uses the
+Both are log-probabilities (no temperature); ``predict_proba`` is their softmax. A bow score as
+specified is dominated by the token prior (frequent tokens score high for every image, so one class
+can win for all of them); ``bow_prior="scored"`` subtracts the log of the model's mean predicted
+distribution over the images scored in the same call (pointwise mutual information; a per-class
+constant). That is transductive (an image's scores depend on the set scored with it): meant for
+evaluating a test set, not for classifying single images. Neither uses the
 disk cache (a bow head is tokenisation only, cheaper than reading a file; caption scores cannot
 be precomputed).
 """
@@ -169,8 +174,11 @@ class ZeroShotClassifier:
                  *, preprocess: Callable[[Image.Image], torch.Tensor] | None = None,
                  cache_dir: str | Path | None = None, use_cache: bool = True, batch_size: int = 256,
                  progress: bool = False, long_text: str | None = None, long_text_overlap: int = DEFAULT_OVERLAP,
-                 _weights: torch.Tensor | None = None) -> None:
+                 bow_prior: str = "none", _weights: torch.Tensor | None = None) -> None:
+        if bow_prior not in ("none", "scored"):
+            raise ValueError(f"bow_prior: 'none' or 'scored' (got {bow_prior!r})")
         self.model = model
+        self.bow_prior = bow_prior
         self.classnames = load_classnames(classnames)
         self.templates = load_templates(templates)
         self.preprocess = preprocess
@@ -320,6 +328,8 @@ class ZeroShotClassifier:
         out: list[torch.Tensor] = []
         try:
             with torch.no_grad():
+                if self.objective == "bow" and self.bow_prior == "scored" and features.shape[0]:
+                    return self._bow_pmi_scores(features)
                 for start in range(0, features.shape[0], self.batch_size):
                     x = features[start:start + self.batch_size].float().to(model.device)
                     out.append(self._generative_scores(x))
@@ -327,10 +337,23 @@ class ZeroShotClassifier:
             model.train(was_training)
         return torch.cat(out) if out else torch.empty(0, self.num_classes)
 
+    def _bow_log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.bow_logits(x).float().log_softmax(dim=-1).cpu()
+
+    def _bow_pmi_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """``bow_prior="scored"``: (log p(token | image) - log mean_images p(token | image)) @ bags.
+        Two passes over the features (the prior first), so memory stays one chunk of [n, V]."""
+        chunks = [features[i:i + self.batch_size].float().to(self.model.device)
+                  for i in range(0, features.shape[0], self.batch_size)]
+        total = torch.zeros(self.model.config.text.vocab_size, dtype=torch.float64)
+        for x in chunks:
+            total += self._bow_log_probs(x).double().exp().sum(dim=0)
+        log_prior = (total / features.shape[0]).log().float()
+        return torch.cat([(self._bow_log_probs(x) - log_prior) @ self.weights.t() for x in chunks])  # type: ignore[union-attr]
+
     def _generative_scores(self, x: torch.Tensor) -> torch.Tensor:
         if self.objective == "bow":
-            log_probs = self.model.bow_logits(x).float().log_softmax(dim=-1).cpu()
-            return log_probs @ self.weights.t()  # type: ignore[union-attr]
+            return self._bow_log_probs(x) @ self.weights.t()  # type: ignore[union-attr]
         per_prompt = self.model.prompt_log_likelihood(x, self.prompt_ids)  # [n, P]
         per_class = torch.zeros(x.shape[0], self.num_classes).index_add_(1, self.prompt_owner, per_prompt)
         return per_class / torch.bincount(self.prompt_owner, minlength=self.num_classes).float()

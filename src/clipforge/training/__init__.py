@@ -16,7 +16,7 @@ from __future__ import annotations
 from .checkpoint import (capture_rng, checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
                          prune_checkpoints, restore_rng, save_checkpoint)
 from .config import TrainConfig
-from .evaluation import SceneZeroShot, ValRetrieval, default_evaluator, task_accuracy
+from .evaluation import LabelledZeroShot, SceneZeroShot, ValRetrieval, default_evaluator, task_accuracy
 from .loop import resolve_model_config, train
 from .loss import contrastive_loss
 from .objectives import bow_loss, caption_loss
@@ -26,7 +26,7 @@ from .signals import StopRequest
 from .timing import measure_step_time
 
 __all__ = ["train", "TrainConfig", "resolve_model_config", "list_checkpoints", "measure_step_time",
-           "default_evaluator", "SceneZeroShot", "ValRetrieval", "task_accuracy", "contrastive_loss",
+           "default_evaluator", "SceneZeroShot", "LabelledZeroShot", "ValRetrieval", "task_accuracy", "contrastive_loss",
            "bow_loss", "caption_loss",
            # building blocks other training-like runs reuse (clipforge.finetune): optimiser, schedule,
            # resumable checkpoints, JSONL metrics, graceful stop

@@ -17,8 +17,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..data import ClassificationTask, open_pairs, scene_tasks
-from ..eval import ZeroShotClassifier, embed_pairs, retrieval_metrics
+from ..data import ClassificationTask, open_labelled, open_pairs, scene_tasks
+from ..eval import ZeroShotClassifier, embed_pairs, load_templates, resolve_classnames, retrieval_metrics
 from ..models import CLIP
 from .config import TrainConfig
 from .loss import contrastive_loss
@@ -30,32 +30,91 @@ def is_builtin_scenes(spec: str) -> bool:
     return spec.strip().lower().startswith("builtin:scenes")
 
 
-def task_accuracy(model: CLIP, task: ClassificationTask, batch_size: int = 256) -> float:
+def task_accuracy(model: CLIP, task: ClassificationTask, batch_size: int = 256, bow_prior: str = "none") -> float:
     """Zero-shot top-1 accuracy of ``model`` (any objective) on one task (head built afresh: the
     weights change between evaluations, so a disk cache would only fill up)."""
+    return task_accuracies(model, task, batch_size, (bow_prior,))[bow_prior]
+
+
+def task_accuracies(model: CLIP, task: ClassificationTask, batch_size: int = 256,
+                    bow_priors: tuple[str, ...] = ("none",)) -> dict[str, float]:
+    """Accuracy per bow scoring (``ZeroShotClassifier``'s ``bow_prior``) from one set of image
+    features; other objectives have one scoring, reported under every name."""
     clf = ZeroShotClassifier(model, list(task.classnames), list(task.templates), use_cache=False,
                              batch_size=batch_size)
-    pred = clf.predict(task.images).cpu().numpy()
-    return float((pred == np.asarray(task.labels)).mean())
+    features = clf.image_features(task.images)
+    labels = np.asarray(task.labels)
+    out = {}
+    for prior in bow_priors:
+        clf.bow_prior = prior
+        out[prior] = float((clf.scores(features).argmax(dim=-1).cpu().numpy() == labels).mean())
+    return out
+
+
+def _accuracy_metrics(model: CLIP, task: ClassificationTask, name: str) -> dict[str, float]:
+    """``<name>_acc``; bow models also ``<name>_calibrated_acc`` (token prior removed, see
+    ``ZeroShotClassifier(bow_prior="scored")``): the score as specified lets the prior win."""
+    if getattr(model.config, "objective", "contrastive") != "bow":
+        return {f"{name}_acc": task_accuracy(model, task)}
+    acc = task_accuracies(model, task, bow_priors=("none", "scored"))
+    return {f"{name}_acc": acc["none"], f"{name}_calibrated_acc": acc["scored"]}
 
 
 class SceneZeroShot:
-    """Held-out scene tasks, generated once (fixed seed) and re-scored at every evaluation."""
+    """Held-out scene tasks, generated once (fixed seed) and re-scored at every evaluation;
+    ``names`` restricts which (default all; a task's scenes do not depend on the others)."""
 
-    def __init__(self, n_per_class: int = 20, seed: int = 12345) -> None:
-        self.n_per_class, self.seed = n_per_class, seed
+    def __init__(self, n_per_class: int = 20, seed: int = 12345, names: list[str] | None = None) -> None:
+        self.n_per_class, self.seed, self.names = n_per_class, seed, names
         self._tasks: dict[str, ClassificationTask] | None = None
 
     def tasks(self, image_size: int) -> dict[str, ClassificationTask]:
         if self._tasks is None:
-            self._tasks = scene_tasks(seed=self.seed, n_per_class=self.n_per_class, image_size=image_size)
+            self._tasks = scene_tasks(seed=self.seed, n_per_class=self.n_per_class, image_size=image_size,
+                                      names=self.names)
         return self._tasks
 
     def __call__(self, model: CLIP, step: int) -> dict[str, float]:
         out = {}
         for name, task in self.tasks(model.image_size).items():
-            out[f"{name}_acc"] = task_accuracy(model, task)
+            out.update(_accuracy_metrics(model, task, name))
         return out
+
+
+class LabelledZeroShot:
+    """Zero-shot accuracy on a fixed, class-stratified sample of a labelled dataset (any
+    ``clipforge.data.open_labelled`` spec: an ``.npz``, an image folder, a manifest, shards), so a
+    run trained on one source is measured on another as it trains (the paper's Figure 2 setting:
+    trained on captions, scored on a classification benchmark). ``n`` images, the same ones at
+    every evaluation (drawn once with ``seed``), decoded once; ``templates``: a built-in set name,
+    a file or a list (default the single ``"a photo of a {}."``); ``classnames`` as in ``clipforge
+    eval zeroshot``. The metric is ``<name>_acc`` (bow models: also ``<name>_calibrated_acc``)."""
+
+    def __init__(self, spec: str, *, n: int = 500, seed: int = 0, classnames: Any = None,
+                 templates: Any = None, name: str = "zeroshot") -> None:
+        if n < 1:
+            raise ValueError(f"zero-shot evaluation on {spec!r}: n must be >= 1 (got {n})")
+        self.spec, self.n, self.seed, self.name = spec, n, seed, name
+        self.classnames, self.templates = classnames, templates
+        self._task: ClassificationTask | None = None
+
+    def task(self) -> ClassificationTask:
+        if self._task is None:
+            ds = open_labelled(self.spec)
+            labels = np.asarray(ds.labels)
+            # Round-robin over classes in a seeded order: every class equally represented in the sample.
+            rng = np.random.default_rng(self.seed)
+            per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+            picked = [int(idx[i]) for i in range(max(len(p) for p in per_class)) for idx in per_class if i < len(idx)]
+            picked = sorted(picked[:self.n])
+            templates = load_templates(self.templates) if self.templates is not None else ["a photo of a {}."]
+            self._task = ClassificationTask(name=self.name, images=[ds[i] for i in picked],
+                                            labels=labels[picked], classnames=resolve_classnames(ds, self.classnames),
+                                            templates=templates)
+        return self._task
+
+    def __call__(self, model: CLIP, step: int) -> dict[str, float]:
+        return _accuracy_metrics(model, self.task(), self.name)
 
 
 class ValRetrieval:
@@ -104,4 +163,5 @@ def default_evaluator(config: TrainConfig) -> Evaluator | None:
     return evaluate
 
 
-__all__ = ["default_evaluator", "SceneZeroShot", "ValRetrieval", "task_accuracy", "is_builtin_scenes"]
+__all__ = ["default_evaluator", "SceneZeroShot", "LabelledZeroShot", "ValRetrieval", "task_accuracy",
+           "is_builtin_scenes"]

@@ -1,0 +1,53 @@
+"""The paper's Figure 9 on this machine: does zero-shot error fall as a power law of training
+compute? ``clipforge experiment scaling`` (:func:`clipforge.experiments.run_scaling`): a family of
+ViT sizes (width and depth grown together; the demo model is ``s128``) trained on the built-in
+scenes with one recipe (the demo's optimiser and schedule, the same images for every size, one
+seed); each run's FLOPs counted with torch's flop counter (:mod:`clipforge.plan`); each finished
+model measured on fresh held-out scenes (zero-shot error per task and their mean, validation
+loss). Fits: error = a * compute^b (log-log least squares, 95% CI of b), and the fit on all but the
+largest size used to predict the largest.
+
+    python benchmarks/scaling.py [--sizes s32,s48,s64,s96,s128,s192,s256] [--steps 600] [--workdir /tmp/cf-exp]
+
+Runs live in ``--workdir/scaling`` and are reused / resumed; results go to
+benchmarks/results/scaling.{json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, write_results  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="s32,s48,s64,s96,s128,s192,s256")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--minutes", type=float, help="budget; re-run to continue")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/cf-exp"))
+    args = p.parse_args()
+
+    from clipforge.experiments import ScalingConfig, format_scaling, run_scaling
+
+    config = ScalingConfig(out=str(args.workdir / "scaling"), sizes=tuple(args.sizes.split(",")), steps=args.steps,
+                           seed=args.seed, threads=args.threads, minutes=args.minutes, progress=False)
+    result = run_scaling(config)
+    png = REPO / "benchmarks" / "results" / "scaling.png"
+    shutil.copyfile(result["plot"], png)
+    result = {**result, "env": environment(), "plot": str(png.relative_to(REPO))}
+    path = write_results("scaling", result)
+    print(format_scaling(result))
+    print(f"\nwrote {path} and {png}")
+    return 0 if result["status"] == "complete" else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

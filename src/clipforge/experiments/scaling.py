@@ -1,0 +1,264 @@
+"""``clipforge experiment scaling``: the paper's Figure 9 on the built-in scenes. Does zero-shot
+error fall as a power law of training compute?
+
+A family of ViTs (``SCALING_FAMILY``: width and depth grown together from 32-wide, 2-layer towers,
+the demo model ``tiny-vit-p16`` among them) is trained with one recipe (data, images, optimiser,
+schedule, seed). Each run's training compute is *counted*: :func:`clipforge.plan.count_model_flops`
+(forward + backward of both towers, the plain model: every token, the full text context) x images,
+plus the contrastive loss at the batch size, x steps. Each finished model is then measured on
+fresh held-out scenes (more per class than training's periodic check): zero-shot error on every
+scene task, their mean (the paper averages its datasets), and the contrastive validation loss. The
+fits: error (and loss) = a * compute^b by least squares in log-log space, the exponent's 95%
+confidence interval, and the test that matters: fitted on all but the largest model, how well does
+the line predict the largest?
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..checkpoints import load_model
+from ..config import CLIPConfig, get_model_config
+from ..demo import EVAL_SEED
+from ..plan import count_loss_flops, count_model_flops
+from ..training import SceneZeroShot, TrainConfig, ValRetrieval
+from ..utils import atomic_write_text, read_json, write_json
+from .curves import fit_power_law, holdout_prediction
+from .runs import Budget, Recipe, is_complete, train_or_resume
+
+# name -> (width, layers, heads) of both towers (embed_dim = width); ViT patch 16 at 64 px as the
+# demo model. Widths grow ~1.4x per size, depth every other size: compute ~2-3x per size.
+SCALING_FAMILY: dict[str, tuple[int, int, int]] = {
+    "s32": (32, 2, 1), "s48": (48, 2, 1), "s64": (64, 3, 1), "s96": (96, 3, 2), "s128": (128, 3, 2),
+    "s192": (192, 4, 3), "s256": (256, 4, 4), "s384": (384, 6, 6),
+}
+DEFAULT_SIZES = ("s32", "s48", "s64", "s96", "s128", "s192")
+
+
+def family_config(name: str) -> CLIPConfig:
+    """The architecture of size ``name`` (the demo model's config with width/depth/heads replaced)."""
+    if name not in SCALING_FAMILY:
+        raise ValueError(f"unknown size {name!r}; the family: {', '.join(SCALING_FAMILY)}")
+    width, layers, heads = SCALING_FAMILY[name]
+    base = get_model_config("tiny-vit-p16")
+    return dataclasses.replace(
+        base, name=f"scaling-{name}", embed_dim=width,
+        vision=dataclasses.replace(base.vision, width=width, layers=layers, heads=heads),
+        text=dataclasses.replace(base.text, width=width, layers=layers, heads=heads))
+
+
+@dataclass
+class ScalingConfig(Recipe):
+    """One scaling experiment: ``sizes`` of the family trained for ``steps`` x ``batch_size``
+    images each with the same recipe and ``seed``; measured on ``eval_per_class`` fresh scenes
+    per class and ``val_pairs`` held-out pairs."""
+
+    out: str = "runs/scaling"
+    steps: int = 600
+    sizes: tuple[str, ...] = DEFAULT_SIZES
+    seed: int = 0
+    eval_per_class: int = 100
+    val_pairs: int = 1000
+
+    def __post_init__(self) -> None:
+        self.check_recipe()
+        self.sizes = tuple(self.sizes)
+        for s in self.sizes:
+            family_config(s)
+        if len(set(self.sizes)) != len(self.sizes) or len(self.sizes) < 3:
+            raise ValueError(f"sizes: >= 3 distinct sizes are needed for a fit with an interval "
+                             f"(got {list(self.sizes)})")
+
+    def model_file(self, size: str) -> Path:
+        return Path(self.out) / "configs" / f"{size}.json"
+
+    def run_config(self, size: str) -> TrainConfig:
+        return self.train_config(str(self.model_file(size)), self.seed, Path(self.out) / size)
+
+
+def training_flops(arch: CLIPConfig, steps: int, batch_size: int) -> dict[str, float]:
+    """Counted FLOPs of a contrastive run: both towers' forward + backward per image x images, and
+    the loss (its ``N x N`` logits) per step x steps."""
+    per_image = count_model_flops(arch).train
+    loss = count_loss_flops(batch_size, batch_size, arch.embed_dim)
+    return {"per_image": per_image, "loss_per_step": loss, "total": per_image * steps * batch_size + loss * steps}
+
+
+def measure(config: ScalingConfig, run_dir: Path, data: str) -> dict[str, Any]:
+    """The finished model's held-out measurements (cached in ``run_dir/scaling_eval.json``):
+    zero-shot on fresh scenes of the demo's evaluation seed, loss on ``data``'s validation split."""
+    cached = run_dir / "scaling_eval.json"
+    key = {"eval_per_class": config.eval_per_class, "val_pairs": config.val_pairs, "seed": EVAL_SEED}
+    if cached.is_file():
+        saved = read_json(cached)
+        if saved.get("key") == key:
+            return saved
+    model = load_model(run_dir / "final.safetensors").eval()
+    acc = SceneZeroShot(n_per_class=config.eval_per_class, seed=EVAL_SEED)(model, step=0)
+    errors = {k.removesuffix("_acc"): 1.0 - v for k, v in acc.items()}
+    val = ValRetrieval(data, seed=EVAL_SEED, n=config.val_pairs)(model, 0)
+    result = {"key": key, "zeroshot_error": errors, "mean_zeroshot_error": float(np.mean(list(errors.values()))),
+              "val_loss": val["val_loss"], "val_t2i_R@1": val["val_t2i_R@1"], "val_i2t_R@1": val["val_i2t_R@1"]}
+    write_json(cached, result)
+    return result
+
+
+def targets(measured: dict[str, Any]) -> dict[str, float]:
+    """What is fitted against compute: the mean zero-shot error, each scene task's error
+    (``<task>_error``) and the validation loss."""
+    return {"mean_zeroshot_error": measured["mean_zeroshot_error"], "val_loss": measured["val_loss"],
+            **{f"{task}_error": e for task, e in measured["zeroshot_error"].items()}}
+
+
+def fits(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Power-law fit of each target vs total training FLOPs over the measured sizes, and the
+    hold-out test (fit on all but the largest, predict the largest)."""
+    done = [r for r in rows if r.get("measured")]
+    out: dict[str, Any] = {}
+    if len(done) < 3:
+        return out
+    x = [r["flops"]["total"] for r in done]
+    values = [targets(r["measured"]) for r in done]
+    for target in values[0]:
+        y = [v[target] for v in values]
+        if min(y) <= 0:
+            out[target] = {"error": f"a value of {min(y)} has no logarithm (error 0 at this eval size)"}
+            continue
+        out[target] = {"all": fit_power_law(x, y).to_dict(), "holdout_largest": holdout_prediction(x, y)}
+    return out
+
+
+def plot(rows: list[dict[str, Any]], fitted: dict[str, Any], path: Path, title: str) -> Path:
+    """Three panels: the mean zero-shot error and the validation loss (points, the fit on all
+    sizes with its exponent CI, the fit without the largest and its prediction interval there),
+    and every task's error with its fit."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    done = [r for r in rows if r.get("measured")]
+    fig = Figure(figsize=(13, 4.4))
+    x = np.array([r["flops"]["total"] for r in done])
+    values = [targets(r["measured"]) for r in done]
+    grid = np.geomspace(x.min() / 1.5, x.max() * 1.5, 50) if len(x) else np.array([])
+
+    def line(ax: Any, fit: dict[str, Any], **kw: Any) -> None:
+        ax.plot(grid, fit["coefficient"] * grid ** fit["exponent"], **kw)
+
+    panels = (("mean_zeroshot_error", "mean zero-shot error (scene tasks)"), ("val_loss", "validation loss"))
+    for i, (target, label) in enumerate(panels):
+        ax = fig.add_subplot(1, 3, i + 1)
+        y = np.array([v[target] for v in values])
+        ax.loglog(x, y, "o", color="tab:blue")
+        for r, xi, yi in zip(done, x, y):
+            ax.annotate(r["size"], (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        f = fitted.get(target, {})
+        if "all" in f:
+            a, h = f["all"], f["holdout_largest"]
+            ci = a["exponent_ci"]
+            line(ax, a, color="tab:blue", lw=1,
+                 label=f"fit all: b={a['exponent']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+            line(ax, h["fit"], color="tab:orange", lw=1, ls="--",
+                 label=f"fit without largest: predicts {h['predicted']:.3g} ({h['relative_error']:+.0%})")
+            if h["prediction_interval"]:
+                lo, hi = h["prediction_interval"]
+                ax.errorbar([h["x"]], [h["predicted"]], yerr=[[h["predicted"] - lo], [hi - h["predicted"]]],
+                            fmt="s", color="tab:orange", ms=4, capsize=3)
+        ax.set_ylabel(label)
+    ax = fig.add_subplot(1, 3, 3)
+    tasks = [t for t in (values[0] if values else {}) if t not in ("mean_zeroshot_error", "val_loss")]
+    for j, target in enumerate(tasks):
+        colour = f"C{j}"
+        ax.loglog(x, [v[target] for v in values], "o", ms=4, color=colour)
+        f = fitted.get(target, {})
+        if "all" in f:
+            line(ax, f["all"], color=colour, lw=1,
+                 label=f"{target.removesuffix('_error').replace('_', ' ')}: b={f['all']['exponent']:.3f}")
+    ax.set_ylabel("zero-shot error per task")
+    for ax in fig.axes:
+        ax.set_xlabel("training compute (FLOPs)")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        for which in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            which(FuncFormatter(lambda v, _: f"{v:.3g}"))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def run_scaling(config: ScalingConfig) -> dict[str, Any]:
+    """Train (or reuse / resume) every size, measure the finished ones, fit, and write
+    ``results.json`` + ``scaling.png`` into ``config.out`` (``status`` ``partial`` when the budget
+    ran out: the fit then uses the sizes that finished)."""
+    budget = Budget(config.minutes)
+    out = Path(config.out)
+    rows: list[dict[str, Any]] = []
+    for i, size in enumerate(config.sizes, 1):
+        arch = family_config(size)
+        path = config.model_file(size)
+        if not path.is_file():
+            atomic_write_text(path, arch.to_json())
+        run = config.run_config(size)
+        flops = training_flops(arch, config.steps, config.batch_size)
+        if config.progress:
+            tqdm.write(f"[{i}/{len(config.sizes)}] {size} (width {arch.vision.width}, {arch.vision.layers} layers): "
+                       f"{config.steps} steps x {config.batch_size}, {flops['total']:.3g} FLOPs -> {run.out}")
+        t = time.time()
+        summary = train_or_resume(run, budget)
+        row: dict[str, Any] = {"size": size, "width": arch.vision.width, "layers": arch.vision.layers,
+                               "heads": arch.vision.heads, "flops": flops,
+                               "parameters": (summary.get("parameters") or {}).get("total"),
+                               "status": summary.get("status"), "reused": bool(summary.get("reused")),
+                               "train_wall_s": time.time() - t, "run_dir": run.out}
+        if is_complete(run.out):
+            row["measured"] = measure(config, Path(run.out), run.data)
+        rows.append(row)
+        if row["status"] == "interrupted":
+            break  # a signal: stop here (the run resumes on the next call)
+    fitted = fits(rows)
+    png = plot(rows, fitted, out / "scaling.png",
+               f"built-in scenes, {config.steps} x {config.batch_size} images per size, seed {config.seed}")
+    complete = len(rows) == len(config.sizes) and all(r.get("measured") for r in rows)
+    result = {"experiment": "scaling", "status": "complete" if complete else "partial", "config": asdict(config),
+              "interrupted": any(r["status"] == "interrupted" for r in rows),
+              "rows": rows, "fits": fitted, "plot": str(png), "wall_s": time.time() - budget.started}
+    write_json(out / "results.json", result)
+    return result
+
+
+def format_scaling(result: dict[str, Any]) -> str:
+    """The table ``clipforge experiment scaling`` prints."""
+    lines = [f"{'size':<6}{'width':>6}{'layers':>7}{'params':>10}{'FLOPs':>11}{'mean err':>10}{'held-out err':>13}"
+             f"{'val loss':>10}{'status':>11}"]
+    for r in result["rows"]:
+        m = r.get("measured") or {}
+        err = f"{m['mean_zeroshot_error']:.3f}" if m else "-"
+        held = f"{m['zeroshot_error']['heldout_colour_shape']:.3f}" if m else "-"
+        loss = f"{m['val_loss']:.3f}" if m else "-"
+        params = f"{r['parameters'] / 1e6:.2f}M" if r.get("parameters") else "-"
+        lines.append(f"{r['size']:<6}{r['width']:>6}{r['layers']:>7}{params:>10}{r['flops']['total']:>11.3g}{err:>10}"
+                     f"{held:>13}{loss:>10}{r['status']:>11}")
+    for target, f in result.get("fits", {}).items():
+        if "all" not in f:
+            lines.append(f"{target}: {f.get('error')}")
+            continue
+        a, h = f["all"], f["holdout_largest"]
+        ci = a["exponent_ci"]
+        pi = h["prediction_interval"]
+        lines.append(f"{target}: exponent {a['exponent']:.3f} (95% CI {ci[0]:.3f} to {ci[1]:.3f}), R^2 {a['r2']:.3f}; "
+                     f"fit without the largest predicts {h['predicted']:.4g} vs measured {h['measured']:.4g} "
+                     f"({h['relative_error']:+.1%}" + (f", 95% PI {pi[0]:.3g}-{pi[1]:.3g})" if pi else ")"))
+    return "\n".join(lines)
+
+
+__all__ = ["ScalingConfig", "run_scaling", "format_scaling", "family_config", "training_flops", "SCALING_FAMILY",
+           "DEFAULT_SIZES", "targets", "fits"]

@@ -1,0 +1,243 @@
+"""``clipforge experiment objectives|scaling`` end to end on tiny models: results and plots are
+written, finished runs are reused, a budget stops and a re-run resumes, a folder of another recipe
+is refused, FLOPs are the planner's count, and the CLI's choices match the library's."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from clipforge.experiments import (SCALING_FAMILY, Budget, ObjectivesConfig, ScalingConfig, family_config, run_objectives,
+                                   run_scaling, training_flops)
+from clipforge.plan import count_loss_flops, count_model_flops
+from clipforge.training import LabelledZeroShot
+
+from ..conftest import micro_config
+
+
+@pytest.fixture
+def micro_file(tmp_path):
+    cfg = micro_config("vit")
+    path = tmp_path / "micro.json"
+    path.write_text(cfg.to_json())
+    return str(path)
+
+
+def _objectives(tmp_path, micro_file, **kw):
+    base = dict(out=str(tmp_path / "obj"), model=micro_file, steps=4, batch_size=8, eval_every=2, warmup=1,
+                threads=1, num_workers=0, device="cpu", progress=False)
+    return ObjectivesConfig(**{**base, **kw})
+
+
+def test_objectives_experiment_writes_curves_ratios_and_plot(tmp_path, micro_file):
+    result = run_objectives(_objectives(tmp_path, micro_file))
+    assert result["status"] == "complete"
+    for objective in ("contrastive", "bow", "caption"):
+        run = result["runs"][objective][0]
+        assert run["status"] == "completed" and not run["reused"]
+        assert [n for n, _ in run["curve"]] == [16, 32]            # evaluated at steps 2 and 4, x batch 8
+        assert all(0.0 <= a <= 1.0 for _, a in run["curve"])
+    calibrated = result["runs"]["bow"][0]["curve_calibrated"]   # bow runs are also scored without the token prior
+    assert [n for n, _ in calibrated] == [16, 32] and result["series"]["bow-calibrated"][0]["final_acc"] == calibrated[-1][1]
+    level = result["common_level"]
+    bests = [r[0]["best_acc"] for r in result["series"].values()]
+    above = [b for b in bests if b > 1 / 8]                   # curves at chance are left out of the level
+    assert level == (min(above) if above else None)
+    assert len(result["never_above_chance"]) == len(bests) - len(above)
+    if "contrastive" in result["reach"]:                       # the ratio of contrastive to itself
+        assert result["ratios"]["contrastive"]["median"] in (1.0, None)
+    saved = json.loads((tmp_path / "obj" / "results.json").read_text())
+    assert saved["metric"] == "eval/heldout_colour_shape_acc" and saved["chance"] == pytest.approx(1 / 8)
+    assert (tmp_path / "obj" / "objectives.png").stat().st_size > 1000
+    # same command again: every run reused, nothing retrained
+    final = tmp_path / "obj" / "caption-s0" / "final.safetensors"
+    before = final.stat().st_mtime_ns
+    again = run_objectives(_objectives(tmp_path, micro_file))
+    assert all(r[0]["reused"] for r in again["runs"].values())
+    assert final.stat().st_mtime_ns == before
+    assert again["runs"]["bow"][0]["curve"] == result["runs"]["bow"][0]["curve"]
+
+
+def test_objectives_budget_stops_and_a_rerun_resumes(tmp_path, micro_file, monkeypatch):
+    # The clock made deterministic: the first run is given a sliver of time (its time limit ends it
+    # after its first step, whatever the machine's speed), then the budget is spent.
+    left = iter([1e-9])
+    monkeypatch.setattr(Budget, "remaining_minutes", lambda self: next(left, 0.0))
+    cfg = _objectives(tmp_path, micro_file, objectives=("contrastive", "bow"), steps=6, minutes=1.0)
+    partial = run_objectives(cfg)
+    monkeypatch.undo()
+    assert partial["status"] == "partial"
+    first = partial["runs"]["contrastive"][0]
+    assert first["status"] == "time_limit" and first["steps_done"] == 1
+    assert partial["runs"]["bow"][0]["status"] == "not_started"
+    done = run_objectives(_objectives(tmp_path, micro_file, objectives=("contrastive", "bow"), steps=6))
+    assert done["status"] == "complete"
+    for objective in ("contrastive", "bow"):
+        assert done["runs"][objective][0]["steps_done"] == 6
+        assert [n for n, _ in done["runs"][objective][0]["curve"]] == [16, 32, 48]
+
+
+def test_objectives_stop_at_a_signal(tmp_path, micro_file, monkeypatch):
+    from clipforge.experiments import objectives
+
+    calls = []
+
+    def interrupted(config, budget=None, evaluator=None):
+        calls.append(config.out)
+        return {"status": "interrupted", "steps_done": 1}
+
+    monkeypatch.setattr(objectives, "train_or_resume", interrupted)
+    result = run_objectives(_objectives(tmp_path, micro_file))
+    assert len(calls) == 1 and result["interrupted"] and result["status"] == "partial"
+
+
+def test_level_leaves_out_curves_at_chance():
+    from clipforge.experiments.objectives import summarise
+
+    curves = {"contrastive": {0: [(10, 0.2), (20, 0.6)]}, "caption": {0: [(10, 0.1), (20, 0.1)]},
+              "bow": {0: [(10, 0.1), (20, 0.3)]}}
+    stats = summarise(curves, chance=0.1)
+    assert stats["never_above_chance"] == ["caption-s0"]
+    assert stats["common_level"] == 0.3 and set(stats["reach"]) == {"contrastive", "bow"}
+    assert stats["reach"]["contrastive"][0]["images"] == pytest.approx(12.5)
+    assert stats["ratios"]["bow"]["per_seed"][0] == {"ratio": pytest.approx(20 / 12.5), "bound": "="}
+    assert summarise({"caption": {0: [(10, 0.1)]}}, chance=0.1)["common_level"] is None
+
+
+def test_objectives_refuses_a_folder_of_another_recipe(tmp_path, micro_file):
+    run_objectives(_objectives(tmp_path, micro_file, objectives=("bow",)))
+    with pytest.raises(ValueError, match=r"holds another run \(lr: 0.001 there, 0.002 asked\)"):
+        run_objectives(_objectives(tmp_path, micro_file, objectives=("bow",), lr=2e-3))
+
+
+def test_objectives_early_evaluations_and_folder_identity(tmp_path, micro_file):
+    cfg = _objectives(tmp_path, micro_file, objectives=("contrastive",), steps=8, eval_every=4, first_eval=1)
+    assert cfg.eval_steps() == [1, 2, 4, 8]
+    result = run_objectives(cfg)
+    assert [n for n, _ in result["runs"]["contrastive"][0]["curve"]] == [8, 16, 32, 64]
+    metrics = (tmp_path / "obj" / "contrastive-s0" / "metrics.jsonl").read_text()
+    assert '"step": 3, "eval/' not in metrics                     # off the schedule: not scored
+    assert "eval/seen_colour_shape_acc" not in metrics            # only the experiment's task is scored
+    with pytest.raises(ValueError, match=r"scored otherwise \(first_eval: 1 there, 2 asked\)"):
+        run_objectives(_objectives(tmp_path, micro_file, objectives=("contrastive",), steps=8, eval_every=4,
+                                   first_eval=2))
+
+
+@pytest.mark.parametrize("kw,match", [({"objectives": ("contrastive", "mse")}, "mse"),
+                                      ({"first_eval": 3}, "first_eval: must divide"),
+                                      ({"task": "colour"}, "not a scene task"),
+                                      ({"eval_every": 0}, "eval_every"),
+                                      ({"data": "pairs.jsonl"}, "zeroshot: a labelled dataset is needed"),
+                                      ({"seeds": (1, 1)}, "must not repeat")])
+def test_objectives_config_refuses_bad_settings(tmp_path, micro_file, kw, match):
+    with pytest.raises(ValueError, match=match):
+        _objectives(tmp_path, micro_file, **kw)
+
+
+def _labelled_npz(path, per_class=(5, 3, 4)):
+    rng = np.random.default_rng(0)
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(per_class)])
+    rng.shuffle(labels)
+    images = rng.integers(0, 255, size=(len(labels), 16, 16, 3), dtype=np.uint8)
+    np.savez(path, images=images, labels=labels, class_names=np.array(["cat", "dog", "ship"]))
+    return labels
+
+
+def test_labelled_zeroshot_sample_is_stratified_and_fixed(tmp_path):
+    labels = _labelled_npz(tmp_path / "d.npz")
+    z = LabelledZeroShot(str(tmp_path / "d.npz"), n=7, seed=3, templates=["a {}."])
+    task = z.task()
+    counts = np.bincount(task.labels, minlength=3)
+    assert counts.tolist() == [3, 2, 2] or sorted(counts.tolist()) == [2, 2, 3]
+    assert counts.max() - counts.min() <= 1
+    assert task.classnames == ["cat", "dog", "ship"] and task.templates == ["a {}."]
+    again = LabelledZeroShot(str(tmp_path / "d.npz"), n=7, seed=3).task()
+    assert np.array_equal(again.labels, task.labels) and again.templates == ["a photo of a {}."]
+    assert len(labels) == 12
+
+
+def test_objectives_scored_on_a_labelled_dataset(tmp_path, micro_file):
+    _labelled_npz(tmp_path / "d.npz")
+    result = run_objectives(_objectives(tmp_path, micro_file, objectives=("contrastive", "caption"),
+                                        zeroshot=str(tmp_path / "d.npz"), zeroshot_n=6))
+    assert result["metric"] == "eval/zeroshot_acc" and result["chance"] == pytest.approx(1 / 3)
+    for objective in ("contrastive", "caption"):
+        accs = [a for _, a in result["runs"][objective][0]["curve"]]
+        assert len(accs) == 2 and all(round(a * 6) == a * 6 for a in accs)  # k of 6 images right
+
+
+def test_family_grows_and_flops_are_the_planners_count():
+    widths = [family_config(s).vision.width for s in SCALING_FAMILY]
+    assert widths == sorted(widths) and len(widths) >= 5
+    arch = family_config("s64")
+    assert arch.text.width == arch.embed_dim == 64 and arch.vision.layers == SCALING_FAMILY["s64"][1]
+    f = training_flops(arch, steps=10, batch_size=32)
+    assert f["per_image"] == count_model_flops(arch).train
+    assert f["total"] == f["per_image"] * 320 + count_loss_flops(32, 32, 64) * 10
+    flops = [training_flops(family_config(s), 1, 1)["per_image"] for s in SCALING_FAMILY]
+    assert flops == sorted(flops)
+    with pytest.raises(ValueError, match="unknown size 's40'"):
+        family_config("s40")
+
+
+def test_scaling_experiment_fits_and_predicts(tmp_path):
+    cfg = ScalingConfig(out=str(tmp_path / "sc"), sizes=("s32", "s48", "s64"), steps=3, batch_size=8, warmup=1,
+                        eval_per_class=2, val_pairs=16, threads=1, num_workers=0, device="cpu", progress=False)
+    result = run_scaling(cfg)
+    assert result["status"] == "complete"
+    rows = result["rows"]
+    assert [r["size"] for r in rows] == ["s32", "s48", "s64"]
+    for r in rows:
+        m = r["measured"]
+        assert set(m["zeroshot_error"]) >= {"heldout_colour_shape", "seen_colour_shape"}
+        assert m["mean_zeroshot_error"] == pytest.approx(np.mean(list(m["zeroshot_error"].values())))
+        assert m["val_loss"] > 0
+    fit = result["fits"]["val_loss"]
+    x = [r["flops"]["total"] for r in rows]
+    y = [r["measured"]["val_loss"] for r in rows]
+    slope = np.polyfit(np.log10(x), np.log10(y), 1)[0]
+    assert fit["all"]["exponent"] == pytest.approx(slope, rel=1e-6)
+    assert fit["holdout_largest"]["x"] == max(x)
+    assert (tmp_path / "sc" / "scaling.png").stat().st_size > 1000
+    again = run_scaling(cfg)                        # reused, and the measurements come from the cache
+    assert all(r["reused"] for r in again["rows"])
+    assert again["fits"]["val_loss"]["all"]["exponent"] == fit["all"]["exponent"]
+
+
+def test_scaling_config_needs_three_sizes(tmp_path):
+    with pytest.raises(ValueError, match=">= 3 distinct sizes"):
+        ScalingConfig(out=str(tmp_path), sizes=("s32", "s48"))
+
+
+def test_cli_choices_match_the_library():
+    from clipforge.cli import experiment as cli
+    from clipforge.experiments import OBJECTIVES
+
+    assert cli.SIZES == tuple(SCALING_FAMILY) and cli.OBJECTIVES == OBJECTIVES
+
+
+def test_cli_objectives_runs_and_prints_the_table(tmp_path, micro_file, capsys):
+    from clipforge.cli.main import main
+
+    code = main(["experiment", "objectives", "--out", str(tmp_path / "o"), "--model", micro_file, "--steps", "2",
+                 "--eval-every", "2", "--batch-size", "4", "--objectives", "contrastive,bow", "--workers", "0",
+                 "--threads", "1", "--device", "cpu", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "contrastive" in out and "bow" in out and "x contrastive" in out
+    assert (tmp_path / "o" / "results.json").is_file()
+
+
+def test_cli_scaling_runs_and_prints_the_fits(tmp_path, capsys):
+    from clipforge.cli.main import main
+
+    code = main(["experiment", "scaling", "--out", str(tmp_path / "s"), "--sizes", "s32,s48,s64", "--steps", "2",
+                 "--warmup", "1", "--batch-size", "4", "--eval-per-class", "1", "--val-pairs", "8", "--workers", "0",
+                 "--threads", "1", "--device", "cpu", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "val_loss: exponent" in out and "s64" in out
+    saved = json.loads((tmp_path / "s" / "results.json").read_text())
+    assert saved["config"]["sizes"] == ["s32", "s48", "s64"] and saved["config"]["steps"] == 2
