@@ -104,6 +104,12 @@ def test_level_leaves_out_curves_at_chance():
     assert stats["reach"]["contrastive"][0]["images"] == pytest.approx(12.5)
     assert stats["ratios"]["bow"]["per_seed"][0] == {"ratio": pytest.approx(20 / 12.5), "bound": "="}
     assert summarise({"caption": {0: [(10, 0.1)]}}, chance=0.1)["common_level"] is None
+    # the same at fractions of the way up from chance: 0.15 (contrastive between 0 and 10 images: an upper bound)
+    levels = {lv["fraction"]: lv for lv in stats["levels"]}
+    assert levels[0.25]["level"] == pytest.approx(0.15) and levels[1.0]["level"] == pytest.approx(0.3)
+    assert levels[0.25]["reach"]["contrastive"][0] == {"level": pytest.approx(0.15), "images": 10.0, "upper_bound": True}
+    assert levels[0.25]["ratios"]["bow"]["per_seed"][0]["bound"] == ">="
+    assert levels[1.0]["ratios"]["contrastive"]["median"] == 1.0
 
 
 def test_objectives_refuses_a_folder_of_another_recipe(tmp_path, micro_file):

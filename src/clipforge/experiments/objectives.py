@@ -136,32 +136,47 @@ def _say(config: ObjectivesConfig, msg: str) -> None:
         tqdm.write(msg)
 
 
+def _at_level(full: dict[str, dict[int, Curve]], level: float) -> dict[str, Any]:
+    """Images each curve needed to first reach ``level``, and the ratios to contrastive of the same
+    seed (median and range over seeds)."""
+    reach = {o: {s: first_reach(c, level) for s, c in by_seed.items()} for o, by_seed in full.items() if by_seed}
+    ratios: dict[str, Any] = {}
+    if "contrastive" in reach:
+        for o in reach:
+            per_seed = {s: (reach_ratio(r, reach["contrastive"][s]) if o != "contrastive" or r.images is None
+                            else {"ratio": 1.0, "bound": "="}) for s, r in reach[o].items() if s in reach["contrastive"]}
+            values = [p["ratio"] for p in per_seed.values() if p["ratio"] is not None]
+            ratios[o] = {"per_seed": per_seed,
+                         "median": float(np.median(values)) if values else None,
+                         "min": min(values) if values else None, "max": max(values) if values else None,
+                         "bounds": sorted({p["bound"] for p in per_seed.values() if p["bound"]})}
+    return {"reach": {o: {s: r.to_dict() for s, r in by.items()} for o, by in reach.items()}, "ratios": ratios}
+
+
+LEVEL_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of the way from chance up to the common level
+
+
 def summarise(curves: dict[str, dict[int, Curve]], chance: float | None = None) -> dict[str, Any]:
     """The common level (the lowest of the runs' best accuracies: every curve reaches it), the
     images each run needed to first reach it, and the ratios to contrastive of the same seed
-    (median and range over seeds). Curves that never rose above ``chance`` are left out of the
-    level (listed in ``never_above_chance``): a level at chance would compare noise."""
+    (median and range over seeds); the same at ``LEVEL_FRACTIONS`` of the way up from chance
+    (``levels``: which objective is ahead can change with the level). Curves that never rose
+    above ``chance`` are left out (listed in ``never_above_chance``): a level at chance would
+    compare noise."""
     full = {o: {s: c for s, c in by_seed.items() if c} for o, by_seed in curves.items()}
     floor = chance if chance is not None else -1.0
     flat = sorted(f"{o}-s{s}" for o, by in full.items() for s, c in by.items() if max(v for _, v in c) <= floor)
     full = {o: {s: c for s, c in by.items() if max(v for _, v in c) > floor} for o, by in full.items()}
     bests = [max(v for _, v in c) for by_seed in full.values() for c in by_seed.values()]
     if not bests:
-        return {"common_level": None, "reach": {}, "ratios": {}, "never_above_chance": flat}
+        return {"common_level": None, "reach": {}, "ratios": {}, "levels": [], "never_above_chance": flat}
     level = min(bests)
-    reach = {o: {s: first_reach(c, level) for s, c in by_seed.items()} for o, by_seed in full.items() if by_seed}
-    ratios: dict[str, Any] = {}
-    if "contrastive" in reach:
-        for o in reach:
-            per_seed = {s: reach_ratio(r, reach["contrastive"][s]) for s, r in reach[o].items()
-                        if s in reach["contrastive"]}
-            values = [p["ratio"] for p in per_seed.values() if p["ratio"] is not None]
-            ratios[o] = {"per_seed": per_seed,
-                         "median": float(np.median(values)) if values else None,
-                         "min": min(values) if values else None, "max": max(values) if values else None,
-                         "bounds": sorted({p["bound"] for p in per_seed.values() if p["bound"]})}
-    return {"common_level": level, "reach": {o: {s: r.to_dict() for s, r in by.items()} for o, by in reach.items()},
-            "ratios": ratios, "never_above_chance": flat}
+    levels = []
+    if chance is not None:
+        for f in LEVEL_FRACTIONS:
+            at = chance + f * (level - chance)
+            levels.append({"fraction": f, "level": at, **_at_level(full, at)})
+    return {"common_level": level, **_at_level(full, level), "levels": levels, "never_above_chance": flat}
 
 
 def plot(config: ObjectivesConfig, curves: dict[str, dict[int, Curve]], level: float | None,
@@ -236,6 +251,7 @@ def run_objectives(config: ObjectivesConfig) -> dict[str, Any]:
         curves[objective][seed] = read_curve(run.out, config.metric, per_step)
         runs[objective][seed] = {"run_dir": run.out, "status": summary.get("status"),
                                  "reused": bool(summary.get("reused")), "wall_s": time.time() - t,
+                                 "train_wall_s": summary.get("wall_time_s"),
                                  "steps_done": summary.get("steps_done"), "final_loss": summary.get("final_loss"),
                                  "curve": curves[objective][seed]}
         calibrated = read_curve(run.out, config.calibrated_metric, per_step) if objective == "bow" else []
@@ -270,6 +286,23 @@ def runs_stopped(runs: dict[str, dict[int, dict[str, Any]]]) -> bool:
     return any(r["status"] == "interrupted" for by in runs.values() for r in by.values())
 
 
+def _levels_table(stats: dict[str, Any], title: str) -> list[str]:
+    """Median (over seeds) images-to-level ratios to contrastive, one row per level."""
+    if not stats.get("levels"):
+        return []
+    lines = [f"{title} (median over seeds; >= where contrastive was there by its first evaluation):"]
+    names = list(stats["levels"][0]["reach"])
+    lines.append(f"  {'level':>7}" + "".join(f"{n:>16}" for n in names))
+    for lv in stats["levels"]:
+        cells = []
+        for n in names:
+            r = lv["ratios"].get(n, {})
+            bound = ">=" if ">=" in r.get("bounds", []) else ""
+            cells.append("-" if r.get("median") is None else f"{bound}{r['median']:.2f}")
+        lines.append(f"  {lv['level']:>7.3f}" + "".join(f"{c:>16}" for c in cells))
+    return lines
+
+
 def format_objectives(result: dict[str, Any]) -> str:
     """The table ``clipforge experiment objectives`` prints."""
     level = result.get("common_level")
@@ -287,16 +320,11 @@ def format_objectives(result: dict[str, Any]) -> str:
             fin = "-" if r["final_acc"] is None else f"{r['final_acc']:.3f}"
             best = "-" if r["best_acc"] is None else f"{r['best_acc']:.3f}"
             lines.append(f"{o:<15}{s:>5}{fin:>10}{best:>10}{n:>20}{x:>15}  {r['status']}")
+    lines += _levels_table(result, "images to reach each level, x contrastive")
     alt = result.get("with_bow_calibrated_only")
     if alt and alt.get("common_level") is not None:
-        lines.append(f"without bow's uncalibrated score, every curve reaches {alt['common_level']:.3f}: images to it")
-        for o, by in alt["reach"].items():
-            for s, r in by.items():
-                ratio = alt["ratios"].get(o, {}).get("per_seed", {}).get(s, {})
-                n = "-" if r["images"] is None else ("<=" if r["upper_bound"] else "") + f"{r['images']:,.0f}"
-                x = "-" if ratio.get("ratio") is None else \
-                    ("" if ratio["bound"] == "=" else ratio["bound"]) + f"{ratio['ratio']:.2f}"
-                lines.append(f"  {o:<15}{s:>5}{n:>20}{x:>15}")
+        lines += _levels_table(alt, f"without bow's uncalibrated score every curve reaches {alt['common_level']:.3f}; "
+                                    "images to each level, x contrastive")
     for o, r in result.get("ratios", {}).items():
         if o != "contrastive" and r["median"] is not None and len(r["per_seed"]) > 1:
             lines.append(f"{o}: x contrastive median {r['median']:.2f} (range {r['min']:.2f}-{r['max']:.2f})")
