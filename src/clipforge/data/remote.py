@@ -25,6 +25,8 @@ from typing import Any, BinaryIO, Iterator
 
 from ..utils import atomic_open
 
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # what a shard folder's listing keeps
+
 logger = logging.getLogger("clipforge.data")
 
 REMOTE_EXTRA = "remote"
@@ -305,8 +307,6 @@ def write_small(name: str, data: bytes) -> None:
 def list_remote(pattern: str) -> list[str]:
     """fsspec URLs matching a glob ``pattern`` or, for a folder URL, its ``.tar`` files (sorted,
     with the pattern's scheme kept)."""
-    from .shards import TAR_SUFFIXES  # here, not at the top: shards imports this module (a cycle)
-
     fsspec = require_fsspec(pattern)
     fs, path = _fsspec_call(pattern, lambda: fsspec.core.url_to_fs(pattern))
     if any(c in path for c in "*?["):

@@ -26,14 +26,13 @@ from typing import BinaryIO, Iterator
 
 from ..preprocess import ImageLoadError, load_image
 from .base import PairSource, Sample, _check_partition, stable_rng
-from .remote import ShardOpenError, is_remote, list_remote, local_path, open_stream, read_small, scheme
+from .remote import TAR_SUFFIXES, ShardOpenError, is_remote, list_remote, local_path, open_stream, read_small, scheme
 from .skip import BadSample, SkipStats
 from .tables import as_caption_list
 
 logger = logging.getLogger("clipforge.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 

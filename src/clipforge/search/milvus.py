@@ -29,10 +29,11 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from ..embeddings import Collection, load_metadata
-from .index import (INDEX_FORMAT, INFO_FILE, RECALL_K, BuildReport, IndexPlan, ShardRef, _collection_refs,
-                    _drop_self, _exact_topk, _next_generation, _rows, _sample_ids, _shard_vectors, _writer_lock,
-                    choose_nlist, human_bytes, parse_memory, recall_at_k, remove_strays, tune_nprobe)
 from ..utils import read_json, write_json
+from .planning import (RECALL_K, IndexPlan, drop_self, exact_topk, choose_nlist, human_bytes, parse_memory,
+    recall_at_k, tune_nprobe)
+from .store import (INDEX_FORMAT, INFO_FILE, BuildReport, ShardRef, collection_refs, next_generation, vectors_at,
+    sample_ids, shard_vectors, writer_lock, remove_strays)
 
 EXTRA_HINT = "the Milvus backend needs pymilvus and milvus-lite: pip install 'clipforge[milvus]'"
 DEFAULT_DB = "milvus.db"
@@ -279,7 +280,7 @@ def _batches(refs: list[ShardRef], kind: str, dim: int) -> Iterator[list[dict[st
     for ref in refs:
         if ref.count == 0:
             continue
-        x = _shard_vectors(ref, kind, dim)
+        x = shard_vectors(ref, kind, dim)
         meta = load_metadata(ref.paths(kind).metadata, ref.name)
         if meta.num_rows != ref.count:
             raise ValueError(f"{ref.paths(kind).metadata}: {meta.num_rows} rows but {ref.count} embeddings")
@@ -313,10 +314,10 @@ def _measure(index: MilvusIndex, refs: list[ShardRef], kind: str, dim: int, n: i
     if len(deleted) > 1000:
         return index.info["params"].get("nprobe"), None, [], 0
     if query_ids is None:
-        query_ids = _sample_ids(n, n_queries, rng, exclude=np.array(sorted(deleted), np.int64))
-    queries = _rows(refs, kind, query_ids)
+        query_ids = sample_ids(n, n_queries, rng, exclude=np.array(sorted(deleted), np.int64))
+    queries = vectors_at(refs, kind, query_ids)
     extra = len(deleted)
-    truth = _exact_topk(refs, kind, dim, queries, query_ids, RECALL_K + extra, progress)
+    truth = exact_topk(refs, kind, dim, queries, query_ids, RECALL_K + extra, progress)
     truth = np.stack([np.pad(np.array(r, np.int64), (0, RECALL_K), constant_values=-1)[:RECALL_K] for r in
                       ([x for x in row if int(x) not in deleted] for row in truth)]) if extra else truth
     nlist = index.info["params"].get("nlist")
@@ -326,7 +327,7 @@ def _measure(index: MilvusIndex, refs: list[ShardRef], kind: str, dim: int, n: i
 
     if not nlist:
         ids = search(queries, RECALL_K + 1, 0)
-        return None, recall_at_k(_drop_self(ids, query_ids, RECALL_K), truth), [], len(query_ids)
+        return None, recall_at_k(drop_self(ids, query_ids, RECALL_K), truth), [], len(query_ids)
     nprobe, recall, table = tune_nprobe(None, queries, query_ids, truth, target, int(nlist), search=search)
     return nprobe, recall, table, len(query_ids)
 
@@ -346,7 +347,7 @@ def build_milvus_index(embeddings: str | Path, out_dir: str | Path, *, uri: str 
     stored_uri, conn_uri = resolve_uri(uri, out)
     coll = Collection.open(embeddings, kind)
     kind, dim = coll.kind, coll.dim
-    refs = _collection_refs(coll)
+    refs = collection_refs(coll)
     n = sum(r.count for r in refs)
     budget = parse_memory(max_memory)
     plan = plan_milvus(n, dim, max_memory=budget, exact_threshold=exact_threshold)
@@ -356,13 +357,13 @@ def build_milvus_index(embeddings: str | Path, out_dir: str | Path, *, uri: str 
         notes.append(f"embedding collection {coll.root} is not complete "
                      f"({len(refs)} of {coll.manifest.get('num_shards')} shards finished)")
     nq = min(n_queries, max(1, n // 10))
-    query_ids = _sample_ids(n, nq, rng)
-    with _writer_lock(out):
+    query_ids = sample_ids(n, nq, rng)
+    with writer_lock(out):
         strays = remove_strays(out)
         if strays:
             notes.append(f"removed {len(strays)} leftover file(s) of an interrupted run (e.g. {strays[0]})")
         old = read_json(out / INFO_FILE) if (out / INFO_FILE).is_file() else {}
-        gen = _next_generation(out, extra=_milvus_generation(old))
+        gen = next_generation(out, extra=_milvus_generation(old))
         name = f"{collection}_g{gen:06d}"
         client = connect(conn_uri)
         try:
