@@ -115,19 +115,10 @@ def all_gather_object(obj: Any, env: DistEnv) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any, env: DistEnv) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not env.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
 
 
 __all__ = ["DistEnv", "init_distributed", "shutdown_distributed", "resolve_device", "gather_features",
-           "any_rank", "sum_over_ranks", "all_gather_object", "broadcast_object", "barrier"]
+           "any_rank", "sum_over_ranks", "all_gather_object", "barrier"]
