@@ -178,7 +178,7 @@ def test_filter_refuses_scores_of_other_data(tmp_path, opts):
     assert not (tmp_path / "f").exists()  # refused before anything was written
     # scores written before the data record existed: refused, asking for a re-score
     (tmp_path / "scores" / "data.json").unlink()
-    with pytest.raises(ValueError, match="do not record which data.*re-run `clipforge data score`"):
+    with pytest.raises(ValueError, match="do not record which data.*re-run `clipforge data score --force`"):
         ScoreTable(tmp_path / "scores")
 
 

@@ -129,8 +129,8 @@ class ScoreStep(Step):
                 tables.append((u.name, z["keys"], z["score"], z["score_mean"]))
         out: dict[str, Any] = {"model": self.embedder.name,
                                "scores": score_summary(np.concatenate(all_scores) if all_scores else np.zeros(0))}
-        keys = hashlib.sha256("".join(f"{n}\t{k}\n" for n, ks, _, _ in tables for k in ks).encode("utf-8",
-                                                                                                   "surrogateescape"))
+        listing = "".join(f"{n}\t{k}\n" for n, ks, _, _ in tables for k in ks)
+        keys = hashlib.sha256(listing.encode("utf-8", "surrogatepass"))
         write_json(run.out / DATA_FILE, {"data": run.pool.spec, "inputs": data_fingerprint(run.pool),
                                          "count": int(sum(len(ks) for _, ks, _, _ in tables)),
                                          "keys_sha256": keys.hexdigest()})
@@ -170,7 +170,7 @@ class ScoreTable:
         ident = self.folder / DATA_FILE
         if not ident.is_file():
             raise ValueError(f"scores in {self.folder} do not record which data they were computed on "
-                             f"(written by an older clipforge): re-run `clipforge data score` on the data to filter")
+                             f"(written by an older clipforge): re-run `clipforge data score --force` on the data to filter")
         self.identity = read_json(ident)
         self.files = {p.name[: -len(".scores.npz")]: p for p in self.folder.glob("*.scores.npz")}
         if not self.files:
