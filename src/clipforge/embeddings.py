@@ -43,6 +43,7 @@ from .utils import (
     atomic_write_text,
     is_done,
     read_json,
+    text_name,
     write_json,
     write_marker,
 )
@@ -130,6 +131,9 @@ def write_shard(paths: ShardPaths, embeddings: np.ndarray, rows: list[dict[str, 
 
     if embeddings.ndim != 2 or embeddings.shape[0] != len(rows):
         raise ValueError(f"shard {paths.name}: {embeddings.shape[0]} embeddings for {len(rows)} metadata rows")
+    # file names that are not UTF-8 (surrogate-escaped str) are stored in text_name's \xNN spelling
+    rows = [{k: text_name(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows]
+    skipped = [{k: text_name(v) if isinstance(v, str) else v for k, v in r.items()} for r in skipped]
     atomic_write_bytes(paths.emb, _npy_bytes(embeddings))
     atomic_write_bytes(paths.metadata, _parquet_bytes(pa.Table.from_pylist(rows, schema=metadata_schema())))
     marker = {"shard": paths.index, "name": paths.name, "count": int(embeddings.shape[0]), "skipped": skipped}

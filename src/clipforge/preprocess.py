@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import random
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -38,6 +40,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .config import PreprocessConfig
+from .utils import text_name
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
@@ -55,9 +58,13 @@ def load_image(source: str | Path | bytes | BinaryIO, name: str | None = None) -
     EXIF block alone is not an error: the pixels are used as stored. The returned image holds
     no open file.
     """
-    label = name or (str(source) if isinstance(source, (str, Path)) else getattr(source, "name", None) or "<bytes>")
+    label = text_name(name or (str(source) if isinstance(source, (str, Path))
+                               else str(getattr(source, "name", None) or "<bytes>")))
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    opened = None
     try:
+        if isinstance(fp, (str, Path)):
+            fp = opened = _open_regular(fp, label)
         with Image.open(fp) as im:
             im.load()
             try:
@@ -66,13 +73,38 @@ def load_image(source: str | Path | bytes | BinaryIO, name: str | None = None) -
                 img = im.copy()
     except FileNotFoundError:
         raise ImageLoadError(f"image file not found: {label}") from None
+    except ImageLoadError:
+        raise
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - OSError, SyntaxError, EOFError, struct.error, bomb errors...
         # Pillow names an in-memory file by its repr ("<_io.BytesIO object at 0x...>"): say which file it is
         detail = str(e).replace(repr(fp), label) if not isinstance(fp, (str, Path)) else str(e)
         raise ImageLoadError(f"cannot decode image {label}: {type(e).__name__}: {detail}") from e
+    finally:
+        if opened is not None:
+            opened.close()
     return img
+
+
+def _open_regular(path: str | Path, label: str) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file. Opened non-blocking, then checked on
+    the descriptor: a FIFO named ``x.jpg`` would otherwise block ``open`` (or the first read)
+    forever, and a device could be read without end."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+                "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+                else "not a regular file"
+            raise ImageLoadError(f"cannot read image {label}: {kind}, not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

@@ -187,3 +187,40 @@ def test_extras_named_exist_in_pyproject():
     assert any(d.startswith("torch>=") for d in pyproject["project"]["dependencies"])
     assert "py.typed" in pyproject["tool"]["setuptools"]["package-data"]["clipforge"]
     assert (Path(__file__).resolve().parents[2] / "src" / "clipforge" / "py.typed").is_file()
+
+
+def test_unknown_shift_is_refused_while_parsing(tmp_path, capsys, monkeypatch):
+    import clipforge.cli.eval as cli_eval
+
+    monkeypatch.setattr(cli_eval, "load_model_arg", lambda *a: pytest.fail("model loaded before --shifts was checked"))
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    for argv in (["eval", "robustness", "--model", "tiny-vit", "--random-init", "--dataset", "builtin:scenes-colour",
+                  "--shifts", "grayscale,bogus"],
+                 ["finetune", "--model", str(tmp_path / "m.safetensors"), "--dataset", "builtin:scenes-colour",
+                  "--steps", "2", "--shifts", "bogus",
+                  "--out", str(tmp_path / "ft")]):
+        assert main(argv, parser=PARSER) == 2
+        err = capsys.readouterr().err
+        assert "argument --shifts: unknown shift 'bogus'" in err and "grayscale" in err and "Traceback" not in err
+    assert PARSER.parse_args(["eval", "robustness", "--model", "m", "--dataset", "d", "--shifts", "blur:2,noise"]).shifts \
+        == "blur:2,noise"
+
+
+def test_long_text_overlap_error_names_the_option(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("a dog\na cat\n", encoding="utf-8")
+    code = main(["embed", "--model", "tiny-vit", "--random-init", "--texts", str(tmp_path / "t.txt"),
+                 "--out", str(tmp_path / "out"), "--long-text", "chunks", "--long-text-overlap", "99",
+                 "--no-progress"], parser=PARSER)
+    line = _one_error_line(capsys)
+    assert code == 1
+    assert "--long-text-overlap 99" in line and "0..37" in line
+
+
+def test_retrieval_on_an_image_folder_says_what_it_needs(tmp_path, capsys):
+    folder = _images(tmp_path / "photos")
+    code = main(["eval", "retrieval", "--model", "tiny-vit", "--random-init", "--dataset", str(folder),
+                 "--out", str(tmp_path / "res"), "--no-progress"], parser=PARSER)
+    line = _one_error_line(capsys)
+    assert code == 1
+    assert "folder of images without captions" in line and str(folder) in line
+    assert ".csv/.tsv/.jsonl" in line and ".tar shards" in line and "no .tar shards in directory" not in line

@@ -95,3 +95,19 @@ def test_dedup_reads_clipforge_embed_output(tmp_path, micro_vit):
     assert rows["e3"]["duplicate_of"] == "e0"
     rep = json.loads((tmp_path / "dd" / "report.json").read_text())
     assert rep["step_summary"]["near"]["missing_embeddings"] == 0
+
+
+def test_cli_filter_refuses_scores_of_other_data(tmp_path, capsys):
+    from clipforge.curation import RunOptions, ScoreStep, open_pool, run_step
+    from curation.curationutil import ColourEmbedder
+    from curation.test_steps import score_pool
+
+    a, b = score_pool(tmp_path / "a"), balance_pool(tmp_path / "b")
+    run_step(ScoreStep(ColourEmbedder()), open_pool(b), tmp_path / "b_scores", RunOptions(progress=False))
+    code = main(["data", "filter", "--data", a, "--scores", str(tmp_path / "b_scores"), "--min-score", "0.3",
+                 "--out", str(tmp_path / "f"), "--no-progress"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert str(tmp_path / "b_scores") in lines[0] and repr(a) in lines[0] and repr(b) in lines[0]
+    assert not (tmp_path / "f").exists()

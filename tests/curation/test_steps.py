@@ -145,15 +145,41 @@ def test_score_then_filter_drops_mismatched_captions(tmp_path, opts):
     src, dst = read_shard_members(tmp_path / "pool" / "00001.tar"), read_shard_members(out / "00001.tar")
     assert set(dst) == {"r6.png", "r6.txt", "r6.json"} and all(dst[n] == src[n] for n in dst)
     assert json.loads((out / "00001_stats.json").read_text())["successes"] == 1
-    # another pool whose shards are named differently: scores are found by key; unknown keys are dropped
+    # the same contents under other names (a moved / renamed copy): accepted, scores found by key
     import shutil
     (tmp_path / "renamed").mkdir()
     shutil.copy(tmp_path / "pool" / "00000.tar", tmp_path / "renamed" / "part-a.tar")
-    write_shard(tmp_path / "renamed" / "part-b.tar", [("r6", png(solid("blue")), "a blue sky"), ("zz", png(solid("red")), "red")])
+    shutil.copy(tmp_path / "pool" / "00001.tar", tmp_path / "renamed" / "part-b.tar")
     rep = run_step(FilterStep(ScoreTable(tmp_path / "scores"), min_score=0.5), open_pool(str(tmp_path / "renamed")),
                    tmp_path / "filtered2", opts())
-    assert kept(tmp_path / "filtered2") == {"r1", "r3", "r6"} and dropped(tmp_path / "filtered2", "no_score") == {"zz"}
-    assert rep["step_summary"]["no_score"] == 1
+    assert kept(tmp_path / "filtered2") == {"r1", "r3", "r6"}
+    assert rep["step_summary"]["no_score"] == 0
+
+
+def test_filter_refuses_scores_of_other_data(tmp_path, opts):
+    """Scores apply by key, and keys repeat across datasets: scores of B must never filter A."""
+    pool = score_pool(tmp_path / "pool")
+    run_step(ScoreStep(ColourEmbedder(), batch_size=2), open_pool(pool), tmp_path / "scores", opts())
+    ident = json.loads((tmp_path / "scores" / "data.json").read_text())
+    assert ident["data"] == pool and ident["count"] == 6 and len(ident["inputs"]) == 2
+    # same keys, one shard with other contents (a different dataset keyed alike)
+    (tmp_path / "other").mkdir()
+    import shutil
+    shutil.copy(tmp_path / "pool" / "00000.tar", tmp_path / "other" / "00000.tar")
+    write_shard(tmp_path / "other" / "00001.tar", [("r4", png(solid("red")), "a red photo"),
+                                                   ("r5", png(solid("red")), "a red thing"),
+                                                   ("r6", png(solid("red")), "red")])
+    with pytest.raises(ValueError) as e:
+        run_step(FilterStep(ScoreTable(tmp_path / "scores"), min_score=0.5), open_pool(str(tmp_path / "other")),
+                 tmp_path / "f", opts())
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path / "scores") in msg and repr(pool) in msg
+    assert repr(str(tmp_path / "other")) in msg and "clipforge data score" in msg
+    assert not (tmp_path / "f").exists()  # refused before anything was written
+    # scores written before the data record existed: refused, asking for a re-score
+    (tmp_path / "scores" / "data.json").unlink()
+    with pytest.raises(ValueError, match="do not record which data.*re-run `clipforge data score --force`"):
+        ScoreTable(tmp_path / "scores")
 
 
 def test_filter_needs_a_finished_score_run(tmp_path):

@@ -186,3 +186,22 @@ def test_tar_member_key_with_directories(tmp_path):
     write_tar(tmp_path / "n.tar", members)
     got = list(open_pairs(str(tmp_path / "n.tar")).iter_samples())
     assert [(s.key, s.captions) for s in got] == [("sub/x1", ["nested"])]
+
+
+@pytest.mark.parametrize("ext,fmt", [("gif", "GIF"), ("bmp", "BMP"), ("tif", "TIFF"), ("tiff", "TIFF"),
+                                     ("webp", "WEBP")])
+def test_members_of_other_pillow_formats_are_images(tmp_path, ext, fmt):
+    """A .gif (.bmp, .tif...) member is the same valid image it is in a folder, not 'missing_image'."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (14, 9), (200, 30, 30)).save(buf, format=fmt)
+    tar = write_tar(tmp_path / "s.tar", [*sample_members("a", "a red thing", img=buf.getvalue(), ext=ext),
+                                         *sample_members("b", "a jpeg", img=image_bytes(fmt="JPEG"))])
+    src = ShardSource(str(tar))
+    samples = list(src.iter_samples())
+    assert _keys(samples) == ["a", "b"] and src.stats.total == 0
+    assert samples[0].image.size == (14, 9)
+    assert samples[0].image.convert("RGB").getpixel((3, 3))[0] > 150

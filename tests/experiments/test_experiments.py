@@ -79,6 +79,36 @@ def test_objectives_budget_stops_and_a_rerun_resumes(tmp_path, micro_file, monke
         assert [n for n, _ in done["runs"][objective][0]["curve"]] == [16, 32, 48]
 
 
+def test_objectives_run_killed_before_its_first_checkpoint_starts_again(tmp_path, micro_file):
+    """SIGKILL before a run's first checkpoint leaves config.json (and a metrics line) but nothing
+    to resume from: a re-run must train that run from the start, not refuse it forever."""
+    import shutil
+
+    from clipforge.training import list_checkpoints
+
+    cfg = _objectives(tmp_path, micro_file, objectives=("contrastive",))
+    first = run_objectives(cfg)["runs"]["contrastive"][0]
+    run = tmp_path / "obj" / "contrastive-s0"
+    assert list_checkpoints(run)
+    # the half-made folder: what the trainer writes before its first checkpoint
+    for p in run.iterdir():
+        if p.name not in ("config.json", "model_config.json", "metrics.jsonl"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 123.0}\n')
+    assert not list_checkpoints(run) and (run / "config.json").is_file()
+    again = run_objectives(cfg)
+    redone = again["runs"]["contrastive"][0]
+    assert again["status"] == "complete" and redone["status"] == "completed" and not redone["reused"]
+    assert redone["steps_done"] == 4 and redone["curve"] == first["curve"]  # the same run, from step 0
+    assert "123.0" not in (run / "metrics.jsonl").read_text()
+    # a half-made folder of another recipe is still refused
+    for p in run.iterdir():
+        if p.name != "config.json":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    with pytest.raises(ValueError, match=r"holds another run \(lr: 0.001 there, 0.002 asked\)"):
+        run_objectives(_objectives(tmp_path, micro_file, objectives=("contrastive",), lr=2e-3))
+
+
 def test_objectives_stop_at_a_signal(tmp_path, micro_file, monkeypatch):
     from clipforge.experiments import objectives
 

@@ -245,3 +245,28 @@ def test_cli_on_builtin_scenes(tmp_path, ckpt, capsys):
     assert main([*argv, "--lr", "5e-4"]) == 1  # the later --lr wins
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "other settings" in err[0] and "lr" in err[0]
+
+
+def test_cli_sigterm_exits_143_like_train(tmp_path, ckpt, capsys, monkeypatch):
+    """SIGTERM mid-run: a checkpoint, then exit 128 + 15 (as `clipforge train`), not SIGINT's 130."""
+    import os
+    import signal
+
+    import clipforge.finetune.run as ft_run
+
+    real, calls = ft_run.load_batch, []
+
+    def load_batch(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by the run's StopRequest (flag, then checkpoint)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ft_run, "load_batch", load_batch)
+    data = toy_npz(tmp_path / "toy.npz", n_per_class=10)
+    code = main(["finetune", "--model", ckpt, "--dataset", data, "--steps", "6", "--batch-size", "8",
+                 "--wise-alphas", "0", "--out", str(tmp_path / "run"), "--no-progress", "--threads", "1",
+                 "--device", "cpu"])
+    assert code == 143, capsys.readouterr().err
+    assert (tmp_path / "run" / "checkpoints" / "step_0000002.pt").is_file()
+    assert "re-run the same command to continue" in capsys.readouterr().err

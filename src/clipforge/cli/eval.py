@@ -10,7 +10,7 @@ from typing import Any
 from .options import (ListAction, add_inference_model_options, add_long_text_options, add_progress_option, any_int,
                       existing_file, fraction,
                       load_model_arg,
-                      nonempty_str, output_dir, output_file, positive_float, positive_int)
+                      nonempty_str, output_dir, output_file, positive_float, positive_int, shift_list)
 
 
 def _c_value(text: str) -> Any:
@@ -101,7 +101,7 @@ def register(subparsers: Any) -> None:
     _common(p, dataset_required=False)
     _probe_args(p)
     p.add_argument("--templates", default="auto", help="templates for the zero-shot head")
-    p.add_argument("--shifts", default="all", type=nonempty_str,
+    p.add_argument("--shifts", default="all", type=shift_list,
                    help="comma-separated: grayscale,blur,noise,jpeg,lowres,sketch,invert (name:severity allowed); 'all'")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=SPEC", type=_variant,
                    help="a user-supplied shifted copy of the test set (repeatable)")

@@ -4,7 +4,7 @@ fine-tuned models and evaluate each alpha clean and under image shifts.
 
 Re-running the same command continues an interrupted run (newest checkpoint) and skips finished
 work (the fine-tuned model, alphas already evaluated). Exit codes: 0 done, 1 bad input,
-130 stopped by SIGINT/SIGTERM after writing a checkpoint.
+130/143 stopped by SIGINT/SIGTERM after writing a checkpoint (128 + the signal, as `train`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from .options import (ListAction, add_device_option, add_progress_option, any_int, existing_path, fraction,
                       non_negative_float, non_negative_int, nonempty_str, output_dir, positive_float, positive_int,
-                      unit_interval)
+                      shift_list, unit_interval)
 
 
 def register(subparsers: Any) -> None:
@@ -67,7 +67,7 @@ def register(subparsers: Any) -> None:
     g.add_argument("--wise-alphas", action=ListAction, item=unit_interval, metavar="A,B",
                    default=[round(0.1 * k, 1) for k in range(11)],
                    help="interpolation weights of the fine-tuned model (0 = zero-shot, 1 = fine-tuned)")
-    g.add_argument("--shifts", type=nonempty_str, default="all",
+    g.add_argument("--shifts", type=shift_list, default="all",
                    help="image shifts to evaluate under: all, or a list like grayscale,blur:2,noise "
                         "(grayscale blur noise jpeg lowres sketch invert)")
     g.add_argument("--save-wise-models", action=argparse.BooleanOptionalAction, default=True,
@@ -90,6 +90,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..finetune import FinetuneConfig, finetune  # each command imports its capability when it runs
+    from ..training.signals import exit_code
 
     config = FinetuneConfig(
         model=args.model, dataset=args.dataset, out=args.out, classnames=args.classnames, templates=args.templates,
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if result.status != "completed":
         print(f"stopped at step {result.steps_done}/{result.steps} ({result.status}); re-run the same command to "
               "continue", file=sys.stderr)
-        return 130
+        return exit_code(result.signal) if result.signal is not None else 130
     if args.json:
         print(json.dumps({**result.summary, "files": result.files}, indent=2))
     else:

@@ -181,6 +181,19 @@ def nonempty_str(text: str) -> str:
     return text
 
 
+def shift_list(text: str) -> str:
+    """``--shifts``: ``all`` or known shift names (``name:severity``), checked while parsing so a typo
+    is refused before any features are computed."""
+    from ..eval.shifts import parse_shifts  # the eval commands that take --shifts import it anyway
+
+    text = nonempty_str(text)
+    try:
+        parse_shifts(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def existing_file(text: str) -> str:
     p = Path(text)
     if not p.exists():
@@ -382,13 +395,19 @@ def load_model_arg(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.random_init:
         print(f"note: {args.model} with random weights (seed {args.seed_init}): results are meaningless",
               file=sys.stderr)
+    if getattr(args, "long_text", None) == "chunks":  # the bound depends on the model's context length
+        ctx, overlap = int(model.context_length), args.long_text_overlap
+        most = max(ctx - 2, 0) // 2
+        if not 0 <= overlap <= most:
+            raise ValueError(f"--long-text-overlap {overlap}: must be in 0..{most} tokens (half a window of "
+                             f"this model's {ctx}-token context)")
     return model, preprocess
 
 
 __all__ = [
     "ArgumentParser", "HelpFormatter", "add_subparsers", "positive_int", "non_negative_int", "positive_float",
     "non_negative_float", "any_int", "any_float", "fraction", "unit_interval", "comma_list", "device_spec",
-    "nonempty_str", "ListAction", "existing_file", "existing_dir", "existing_path", "output_dir", "output_file", "output_path",
+    "nonempty_str", "shift_list", "ListAction", "existing_file", "existing_dir", "existing_path", "output_dir", "output_file", "output_path",
     "require_nonempty", "add_device_option", "add_precision_option", "add_progress_option", "add_log_option",
     "add_inference_model_options", "add_long_text_options", "configure_logging", "missing_extra", "load_model_arg",
 ]

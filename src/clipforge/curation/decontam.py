@@ -20,13 +20,14 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..data.files import walk_files
 from ..data.labelled import FOLDER_IMAGE_EXTS, open_labelled
 from ..data.remote import is_remote
 from ..data.shards import IMAGE_EXTS, read_shard, resolve_shards
 from ..data.tables import IMAGE_COLUMNS, find_column, is_manifest, read_rows
 from ..inference import batched
 from ..preprocess import ImageLoadError, load_image
-from ..utils import atomic_open
+from ..utils import atomic_open, text_name
 from .embed import Embedder
 from .hashing import pixel_hash
 from .neighbors import best_match
@@ -69,11 +70,11 @@ def iter_eval_images(spec: str) -> Iterator[tuple[str, Image.Image | None, str]]
         return
     p = Path(spec)
     if p.is_dir() and not any(x.name.lower().endswith(".tar") for x in p.iterdir() if x.is_file()):
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in FOLDER_IMAGE_EXTS)
+        files = walk_files(p, FOLDER_IMAGE_EXTS)
         if not files:
             raise ValueError(f"evaluation folder {p} holds no images ({', '.join(FOLDER_IMAGE_EXTS)})")
         for f in files:
-            yield from _load(str(f.relative_to(p)), f)
+            yield from _load(text_name(f.relative_to(p).as_posix()), f)
         return
     if spec.lower().endswith(".npz"):
         with np.load(p, allow_pickle=False) as z:

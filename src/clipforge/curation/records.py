@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..data import PairSource, Sample, ShardSource, open_pairs
 from ..data.remote import is_remote
-from ..data.shards import IMAGE_EXTS, TAR_SUFFIXES, ShardRecord, read_shard, shard_sample_count
+from ..data.shards import IMAGE_EXTS, PORTABLE_IMAGE_EXTS, TAR_SUFFIXES, ShardRecord, read_shard, shard_sample_count
 from ..data.skip import BadSample
 from ..data.tables import as_caption_list
 from ..preprocess import ImageLoadError, load_image
@@ -126,7 +126,7 @@ def sample_record(key: str, s: Sample, origin: str) -> RawRecord:
             data = Path(path).read_bytes()
             suffix = Path(path).suffix.lower().lstrip(".")
             ext = "jpg" if suffix == "jpeg" else suffix
-            if ext not in IMAGE_EXTS:  # e.g. .bmp / .gif: re-encode to a WebDataset image type
+            if ext not in PORTABLE_IMAGE_EXTS:  # e.g. .bmp / .gif: re-encode to a WebDataset image type
                 data = None
                 ext = "png"
         except OSError:

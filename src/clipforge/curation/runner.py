@@ -80,6 +80,9 @@ class Step:
         """Settings that change the result (part of the run fingerprint)."""
         return {}
 
+    def check_input(self, pool: Pool) -> None:
+        """Refuse a pool this step cannot apply to (raises ValueError) before anything is written."""
+
     def prepare(self, run: "StepRun") -> None:
         """Global passes before the writing pass (counting, planning); may use run.map_units/once."""
 
@@ -159,6 +162,7 @@ class StepRun:
     def execute(self) -> dict[str, Any]:
         """Run (or resume, or reuse) the step; returns the merged report on rank 0 (and with
         one rank), a short status dict on the other ranks."""
+        self.step.check_input(self.pool)
         reused = self._check_out()
         if reused is not None:
             logger.info("%s: %s already holds a finished %s run; reusing it (use --force to redo)",

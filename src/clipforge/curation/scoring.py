@@ -5,19 +5,60 @@ CLIP-score filtering LAION later applied to crawled pairs (threshold 0.28 for Vi
 the image and caption embeddings, the best caption's when a sample has several, NaN for
 unusable samples, and ``reason`` why) plus ``scores.parquet`` when pyarrow is importable.
 ``filter`` reads those files by key and copies the pairs scoring >= ``min_score``.
+
+Scores are only meaningful for the data they were computed on, and ``filter`` applies them by
+key (keys like ``000000123`` repeat across datasets), so ``score`` also writes ``data.json``:
+the data spec and a content fingerprint of every input (size + SHA-256 of each shard file, or
+of the manifest; remote shards by name). ``filter`` recomputes it for its ``--data`` and refuses
+scores of other data, and scores without ``data.json`` (written before it existed).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..utils import atomic_open, read_json
+from ..data.remote import is_remote
+from ..utils import atomic_open, read_json, write_json
 from .embed import Embedder
-from .records import Unit
+from .records import ChunkUnit, Pool, ShardUnit, Unit
 from .runner import FINISHED, Decision, Item, Step, StepRun
+
+
+DATA_FILE = "data.json"
+
+
+def _file_digest(path: str) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return {"size": os.path.getsize(path), "sha256": h.hexdigest()}
+
+
+def data_fingerprint(pool: Pool) -> list[dict[str, Any]]:
+    """What a pool's contents are, independent of where they live (so a moved or renamed copy
+    matches): one entry per input in order. Local shards: size + SHA-256 of the file; remote
+    shards: their name; manifests: rows, split and the manifest file's size + SHA-256."""
+    out: list[dict[str, Any]] = []
+    for u in pool.units:
+        if isinstance(u, ShardUnit):
+            out.append({"url": u.path} if is_remote(u.path) else _file_digest(u.path))
+        elif isinstance(u, ChunkUnit):
+            ident = u.identity()
+            if out:  # chunks of one manifest: the manifest once
+                continue
+            entry = {"rows": ident.get("n"), "split": ident.get("split")}
+            path = ident.get("path")
+            entry.update(_file_digest(path) if path else {"spec": ident.get("spec")})
+            out.append(entry)
+        else:
+            out.append(u.identity())
+    return out
 
 
 def score_summary(scores: np.ndarray) -> dict[str, Any]:
@@ -77,7 +118,7 @@ class ScoreStep(Step):
         return [self.scores_path(run, unit)]
 
     def global_outputs(self, run: StepRun) -> list[Path]:
-        return [run.out / "scores.parquet"]
+        return [run.out / "scores.parquet", run.out / DATA_FILE]
 
     def summarize(self, run: StepRun, report: dict[str, Any]) -> dict[str, Any]:
         all_scores = []
@@ -88,6 +129,12 @@ class ScoreStep(Step):
                 tables.append((u.name, z["keys"], z["score"], z["score_mean"]))
         out: dict[str, Any] = {"model": self.embedder.name,
                                "scores": score_summary(np.concatenate(all_scores) if all_scores else np.zeros(0))}
+        listing = "".join(f"{n}\t{k}\n" for n, ks, _, _ in tables for k in ks)
+        keys = hashlib.sha256(listing.encode("utf-8", "surrogatepass"))
+        write_json(run.out / DATA_FILE, {"data": run.pool.spec, "inputs": data_fingerprint(run.pool),
+                                         "count": int(sum(len(ks) for _, ks, _, _ in tables)),
+                                         "keys_sha256": keys.hexdigest()})
+        out["data_identity"] = str(run.out / DATA_FILE)
         try:
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -120,6 +167,11 @@ class ScoreTable:
         if not (self.folder / FINISHED).exists():
             raise ValueError(f"score run in {self.folder} is not finished (no {FINISHED}); finish or merge it first")
         self.fingerprint = str(info.get("fingerprint"))
+        ident = self.folder / DATA_FILE
+        if not ident.is_file():
+            raise ValueError(f"scores in {self.folder} do not record which data they were computed on "
+                             f"(written by an older clipforge): re-run `clipforge data score --force` on the data to filter")
+        self.identity = read_json(ident)
         self.files = {p.name[: -len(".scores.npz")]: p for p in self.folder.glob("*.scores.npz")}
         if not self.files:
             raise FileNotFoundError(f"no *.scores.npz files in {self.folder}")
@@ -129,6 +181,12 @@ class ScoreTable:
     def _load(p: Path) -> dict[str, tuple[float, str]]:
         with np.load(p, allow_pickle=False) as z:
             return {str(k): (float(s), str(r)) for k, s, r in zip(z["keys"], z["score"], z["reason"])}
+
+    def check_data(self, pool: Pool) -> None:
+        """Refuse to apply these scores to other data than they were computed on."""
+        if data_fingerprint(pool) != self.identity.get("inputs"):
+            raise ValueError(f"scores in {self.folder} were computed on {self.identity.get('data')!r}, not on "
+                             f"--data {pool.spec!r} (contents differ): score this data with `clipforge data score`")
 
     def for_unit(self, name: str) -> dict[str, tuple[float, str]]:
         if name in self.files:
@@ -152,6 +210,9 @@ class FilterStep(Step):
 
     def config(self) -> dict[str, Any]:
         return {"scores": self.scores.fingerprint, "min_score": self.min_score}
+
+    def check_input(self, pool: Pool) -> None:
+        self.scores.check_data(pool)
 
     def decide(self, run: StepRun, unit: Unit, items: list[Item]) -> list[Decision]:
         if self._unit != unit.name:

@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image
 
 from ..preprocess import ImageLoadError, load_image
+from ..utils import text_name
+from .files import walk_files
 from .scenes import parse_scenes_query, scene_tasks
 from .remote import is_remote, local_path, read_small, scheme
 from .shards import IMAGE_EXTS, read_shard, resolve_shards, split_member_name
@@ -191,7 +193,7 @@ def _open_folder(root: Path, split: str | None, classnames) -> LabelledDataset:
     files: list[Path] = []
     labels: list[int] = []
     for k, d in enumerate(classes):
-        found = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in FOLDER_IMAGE_EXTS)
+        found = walk_files(d, FOLDER_IMAGE_EXTS)  # regular files only; each directory once
         files.extend(found)
         labels.extend([k] * len(found))
     if not files:
@@ -199,7 +201,7 @@ def _open_folder(root: Path, split: str | None, classnames) -> LabelledDataset:
                          f"in {len(classes)} class folders")
     names = _classnames(classnames, len(classes), [d.name.replace("_", " ") for d in classes], f"image folder {root}")
     return LabelledDataset(name=root.name, labels=np.asarray(labels, dtype=np.int64), classnames=names,
-                           loader=_FileLoader(files), keys=[str(f.relative_to(root)) for f in files])
+                           loader=_FileLoader(files), keys=[text_name(str(f.relative_to(root))) for f in files])
 
 
 def _open_npz(path: Path, classnames) -> LabelledDataset:

@@ -32,7 +32,11 @@ from .tables import as_caption_list
 
 logger = logging.getLogger("clipforge.data")
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# image members read from shards, in order of preference when a sample has several: WebDataset's usual
+# types first, then the other formats Pillow decodes (a .gif member is an image here as in a folder)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm")
+#: the types written into shards (what other WebDataset readers decode); others are re-encoded as PNG
+PORTABLE_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 
@@ -93,6 +97,23 @@ def _split_top(s: str, sep: str) -> list[str]:
     return parts
 
 
+def _not_a_shard_folder(folder: str) -> str:
+    """What to say about a folder given as image-text pairs that holds no ``.tar`` shards."""
+    names = [p.name for p in Path(folder).iterdir() if not p.name.startswith(".")]
+    manifests = sorted(n for n in names if n.lower().endswith((".csv", ".tsv", ".jsonl")))
+    accepted = ("image-text pairs are read from a manifest (.csv/.tsv/.jsonl with image and caption columns), "
+                "WebDataset .tar shards (image + .txt/.json caption members, or a folder of them) or builtin:scenes")
+    if manifests:
+        return f"{folder} holds no .tar shards; give its manifest instead ({', '.join(manifests[:3])}): {accepted}"
+    images = sum(1 for n in names if os.path.splitext(n)[1].lower() in
+                 (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"))
+    subdirs = sum(1 for n in names if (Path(folder) / n).is_dir())
+    if images or subdirs:
+        return (f"{folder} is a folder of images without captions, not image-text pairs; {accepted} "
+                f"(an image folder works for zero-shot classification: class subfolders, `clipforge eval zeroshot`)")
+    return f"no .tar shards in directory {folder}; {accepted}"
+
+
 def resolve_shards(spec: str) -> list[str]:
     """The shards named by ``spec``: brace patterns, globs, directories of ``.tar`` files,
     or a ``,`` / ``::`` separated list of those; each may be a local path, a ``file://``,
@@ -127,7 +148,7 @@ def resolve_shards(spec: str) -> list[str]:
             elif os.path.isdir(name):
                 tars = sorted(str(p) for p in Path(name).iterdir() if p.name.lower().endswith(TAR_SUFFIXES))
                 if not tars:
-                    raise FileNotFoundError(f"no .tar shards in directory {name}")
+                    raise FileNotFoundError(_not_a_shard_folder(name))
                 found.extend(tars)
             elif os.path.isfile(name):
                 found.append(name)

@@ -1,7 +1,8 @@
 """One training run of an experiment: started, resumed or reused, within the experiment's budget.
 
 Each run lives in its own folder (``clipforge train``'s layout). Re-running an experiment reuses
-every run that completed, resumes one that stopped (budget, signal, crash after a checkpoint), and
+every run that completed, resumes one that stopped (budget, signal, crash after a checkpoint), starts
+again one that was killed before its first checkpoint (nothing to resume), and
 refuses a folder that holds a different run (another model, objective, seed, schedule...), so an
 experiment folder can never mix recipes.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..demo import DemoSettings, scenes_spec, train_config
-from ..training import TrainConfig, train
+from ..training import TrainConfig, list_checkpoints, train
 from ..utils import read_json
 
 # The fields that define what a run computes; the rest (cadence, workers, threads, progress, the
@@ -104,11 +105,12 @@ def train_or_resume(config: TrainConfig, budget: Budget | None = None,
     with ``budget_exhausted: True``."""
     budget = budget or Budget()
     run_dir = Path(config.out)
-    started = (run_dir / "config.json").is_file()
-    if started:
+    if (run_dir / "config.json").is_file():
         check_same_run(config, run_dir)
         if is_complete(run_dir):
             return {**(run_state(run_dir) or {}), "reused": True}
+    # a run killed before its first checkpoint left config.json and nothing to resume from: start it again
+    started = (run_dir / "config.json").is_file() and bool(list_checkpoints(run_dir))
     left = budget.remaining_minutes()
     if left is not None and left <= 0:  # nothing runs: the last attempt's summary, if any, says where it stands
         return {**(run_state(run_dir) or {"status": "not_started", "steps_done": 0}), "budget_exhausted": True}

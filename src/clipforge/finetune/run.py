@@ -61,6 +61,7 @@ class FinetuneResult:
     table: str = ""
     files: dict[str, str] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    signal: int | None = None        # the signal that interrupted it (exit code 128 + signal, as train's)
 
 
 def _fingerprint(obj: Any) -> str:
@@ -204,6 +205,7 @@ class _Run:
                         bar.set_postfix(loss=f"{rec['loss']:.3f}", **({"acc": f"{rec['train_acc']:.3f}"}
                                                                        if "train_acc" in rec else {}))
                         window = [now, 0, 0.0, 0.0, 0]
+                    self.signum = stop.signum
                     reason = "interrupted" if stop.requested else (
                         "stopped" if self.should_stop is not None and self.should_stop(step) else None)
                     if (cfg.save_every and step % cfg.save_every == 0) or reason or step == total:
@@ -305,7 +307,8 @@ class _Run:
         else:
             ft, status, steps_done, total = self.train(zs, splits, preprocess)
             if status != "completed":
-                return FinetuneResult(self.out, status, steps_done, total, None)
+                return FinetuneResult(self.out, status, steps_done, total, None,
+                                      signal=getattr(self, "signum", None) if status == "interrupted" else None)
             if cfg.recipe == "flyp":
                 ft.refresh_head()
             ft.eval()

@@ -4,17 +4,18 @@ so item ``i`` always lands in the same output shard and a re-run can skip finish
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 from PIL import Image
 
-from ..data import open_pairs
+from ..data import SkipStats, open_pairs
+from ..data.files import walk_files
 from ..data.shards import IMAGE_EXTS
 from ..data.tables import CAPTION_COLUMNS, IMAGE_COLUMNS, find_column, read_rows
 from ..preprocess import load_image
+from ..utils import text_name
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl")
@@ -60,17 +61,10 @@ class Source(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
-def list_image_files(root: Path) -> list[Path]:
-    """Image files under ``root`` (recursive), sorted by their relative POSIX path."""
-    found: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for fn in filenames:
-            if not fn.startswith(".") and Path(fn).suffix.lower() in IMAGE_EXTENSIONS:
-                p = Path(dirpath) / fn
-                found.append((p.relative_to(root).as_posix(), p))
-    found.sort(key=lambda t: t[0])
-    return [p for _, p in found]
+def list_image_files(root: Path, stats: SkipStats | None = None) -> list[Path]:
+    """Image files under ``root`` (recursive), sorted by their relative POSIX path; FIFOs, devices,
+    dangling links and directories reached twice are counted in ``stats`` (:func:`clipforge.data.files.walk_files`)."""
+    return walk_files(root, IMAGE_EXTENSIONS, stats)
 
 
 class ImageFolderSource:
@@ -83,7 +77,8 @@ class ImageFolderSource:
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {root}")
-        self.files = list_image_files(self.root)
+        self.stats = SkipStats(log_first=0)
+        self.files = list_image_files(self.root, self.stats)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -99,8 +94,12 @@ class ImageFolderSource:
                     caption = None
             yield Item(key=p.relative_to(self.root).as_posix(), path=str(p), caption=caption)
 
+    def skip_stats(self) -> dict[str, Any] | None:
+        """Entries left out while listing the folder (FIFOs, devices, dangling links, loops), by reason."""
+        return self.stats.to_dict() if self.stats.total else None
+
     def describe(self) -> dict[str, Any]:
-        return {"type": "image-folder", "root": str(self.root), "count": len(self.files)}
+        return {"type": "image-folder", "root": text_name(str(self.root)), "count": len(self.files)}
 
 
 class TextFileSource:

@@ -10,10 +10,12 @@ loads with ``torch.load(weights_only=True)`` (no arbitrary code runs on load).
 
 from __future__ import annotations
 
+import errno
+import io
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -93,11 +95,43 @@ def to_plain(obj: Any, where: str = "state") -> Any:
     raise TypeError(f"cannot store {where} of type {type(obj).__name__} in a training checkpoint")
 
 
+class _Sink(io.RawIOBase):
+    """The checkpoint file as torch.save sees it, keeping the first ``OSError`` of a write: torch's
+    zip writer turns it into ``RuntimeError('... unexpected pos ...')``, which names neither the
+    file nor the cause (a full disk, a quota)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        super().__init__()
+        self.f, self.error = f, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` atomically (a kill mid-write leaves the previous checkpoints intact)."""
+    """Write ``state`` atomically (a kill mid-write leaves the previous checkpoints intact). A failed
+    write (ENOSPC, EDQUOT, EIO...) removes its temporary file and raises one ``OSError`` naming the
+    path and the errno; the previous checkpoint stays the latest."""
     path = Path(path)
-    with atomic_open(path, "wb") as f:
-        torch.save({"format_version": FORMAT_VERSION, **state}, f)
+    sink: _Sink | None = None
+    try:
+        with atomic_open(path, "wb") as f:
+            sink = _Sink(f)
+            torch.save({"format_version": FORMAT_VERSION, **state}, sink)
+    except (OSError, RuntimeError) as e:
+        err = sink.error if sink is not None and sink.error is not None else e
+        if not isinstance(err, OSError):
+            raise
+        code = errno.errorcode.get(err.errno or 0, "")
+        raise OSError(err.errno, f"cannot write training checkpoint ({err.strerror or err}"
+                                 f"{', ' + code if code else ''})", str(path)) from None
     return path
 
 

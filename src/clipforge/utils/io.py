@@ -18,7 +18,8 @@ import numpy as np
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
-    """Open a temporary file next to ``path``; on clean exit it replaces ``path`` atomically."""
+    """Open a temporary file next to ``path``; on clean exit it replaces ``path`` atomically. On
+    any error the temporary file is removed; an ``OSError`` of a write (a full disk) gets ``path``."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open supports modes 'w' and 'wb', got {mode!r}")
     path = Path(path)
@@ -31,9 +32,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None and e.errno:  # a failed write (ENOSPC...) names no file
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
 
 
