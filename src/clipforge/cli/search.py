@@ -94,8 +94,24 @@ def register(sub: Any) -> None:
                        description="Needs the search extra: pip install 'clipforge[search]'.")
     add_inference_model_options(p, batch_size=None)
     p.add_argument("--index", required=True, type=existing_dir, help="index directory")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind")
-    p.add_argument("--port", type=non_negative_int, default=8080, help="TCP port (0: any free port)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (beyond loopback only with --auth-token-file or --insecure)")
+    p.add_argument("--port", type=port_number, default=8080, help="TCP port (0: any free port)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without authentication (anyone who reaches it may query)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="browser origin allowed to call the API, e.g. http://localhost:3000 (repeat; '*' for any; "
+                        "default: none)")
+    p.add_argument("--max-image-pixels", type=positive_int, default=40_000_000,
+                   help="largest image (width x height, read from its header before decoding) accepted in a "
+                        "query or thumbnailed; larger ones get 413")
+    p.add_argument("--max-connections", type=positive_int, default=1000,
+                   help="open connections; beyond it the oldest idle one is closed (capped by the descriptor limit)")
+    p.add_argument("--header-timeout", type=positive_float, default=10.0,
+                   help="seconds a connection may take to send a request head before it is closed")
+    p.add_argument("--keep-alive", type=positive_int, default=5, help="seconds an idle keep-alive connection stays open")
+    p.add_argument("--graceful-timeout", type=positive_int, default=30,
+                   help="seconds to finish in-flight requests on SIGTERM / Ctrl-C before closing")
     p.add_argument("--max-k", type=positive_int, default=100, help="largest k a request may ask for")
     p.add_argument("--max-upload", default="10M", type=memory_size, help="largest accepted image upload")
     p.add_argument("--thumb-size", type=positive_int, default=256, help="thumbnail size in pixels")
@@ -122,6 +138,14 @@ def milvus_name(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,200}", text):
         raise argparse.ArgumentTypeError(f"expected letters, digits and _ (not starting with a digit), got {text!r}")
     return text
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 0..65535."""
+    value = non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port between 0 and 65535, got {text!r}")
+    return value
 
 
 def memory_size(text: str) -> str:
@@ -268,24 +292,37 @@ def run_search(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from clipforge.search.http import multipart_available
     from clipforge.search.index import load_index, parse_memory
+    from clipforge.search.server import ServerLimits, bind_socket, connection_budget, is_loopback, uvicorn_config
     from clipforge.search.service import create_app
 
-    from clipforge.search.http import multipart_available
-
+    if not is_loopback(args.host) and not args.insecure:
+        raise ValueError(f"--host {args.host} is reachable beyond this machine and the server has no authentication: "
+                         "give --auth-token-file FILE, or --insecure to serve it open on purpose")
     if not args.no_uploads and not multipart_available():
         raise ValueError("image uploads need python-multipart, which is not installed: "
                          "pip install 'clipforge[search]' (or start with --no-uploads)")
-    model, preprocess = load_model_arg(args)
-    index = load_index(args.index, mmap=args.mmap)
-    app = create_app(index, model, preprocess, max_k=args.max_k, max_upload_bytes=parse_memory(args.max_upload),
-                     max_json_bytes=parse_memory(args.max_json), workers=args.server_threads,
-                     max_pending=args.max_pending, request_timeout=args.request_timeout,
-                     index_name=args.index_name, uploads=not args.no_uploads, thumb_size=args.thumb_size)
-    print(f"serving {index.count()} items from {args.index} on http://{args.host}:{args.port}/ "
-          f"(API docs at /docs)", flush=True)
+    limits = connection_budget(ServerLimits(max_connections=args.max_connections, header_timeout=args.header_timeout,
+                                            keep_alive=args.keep_alive, graceful_timeout=args.graceful_timeout))
+    sock = bind_socket(args.host, args.port)  # a bad host or a busy port: one line, before any banner
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        model, preprocess = load_model_arg(args)
+        index = load_index(args.index, mmap=args.mmap)
+        try:
+            app = create_app(index, model, preprocess, max_k=args.max_k, max_upload_bytes=parse_memory(args.max_upload),
+                             max_json_bytes=parse_memory(args.max_json), workers=args.server_threads,
+                             max_pending=args.max_pending, request_timeout=args.request_timeout,
+                             index_name=args.index_name, uploads=not args.no_uploads, thumb_size=args.thumb_size,
+                             max_image_pixels=args.max_image_pixels, cors_origins=tuple(args.cors_origin))
+            host, port = sock.getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            open_note = "" if is_loopback(args.host) else " WITHOUT authentication (--insecure)"
+            print(f"serving {index.count()} items from {args.index} on http://{shown}:{port}/{open_note} "
+                  f"(API docs at /docs)", flush=True)
+            uvicorn.Server(uvicorn_config(app, limits, log_level=args.log_level)).run(sockets=[sock])
+        finally:
+            index.close()
     finally:
-        index.close()
+        sock.close()
     return 0

@@ -26,7 +26,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from .http import ERRORS, WorkerPool, check_unicode, decode_query_image, parse_json, whole
+from .http import ERRORS, WorkerPool, check_unicode, decode_query_image, parse_json, public_path, whole
 from .searcher import QueryError, Searcher
 from .thumbnails import ThumbnailError, Thumbnailer
 
@@ -110,12 +110,12 @@ class MetadataRequest(BaseModel):
 
 def add_clip_back_routes(app: FastAPI, searcher: Searcher, thumbs: Thumbnailer, pool: WorkerPool, *,
                          name: str, max_upload_bytes: int, max_result_ids: int,
-                         knn_columns: tuple[str, ...] = KNN_COLUMNS) -> None:
-    """Register /knn-service, /indices-list and /metadata on ``app``."""
+                         knn_columns: tuple[str, ...] = KNN_COLUMNS, decode_image: Any = decode_query_image) -> None:
+    """Register /knn-service, /indices-list and /metadata on ``app`` (``decode_image``: bytes,
+    name -> PIL image, with the server's pixel limit)."""
     info = searcher.index.info
     has_images = info["kind"] == "image"
     offload = pool.run
-    decode_image = decode_query_image
     max_k = searcher.max_k
 
     def thumb_b64(item_id: int, row: dict[str, Any]) -> str | None:
@@ -129,6 +129,8 @@ def add_clip_back_routes(app: FastAPI, searcher: Searcher, thumbs: Thumbnailer, 
 
     def knn_meta(item_id: int, row: dict[str, Any]) -> dict[str, Any]:
         out = {c: row[c] for c in knn_columns if c in row}
+        if "image_path" in out:  # never the server's absolute path: the item's key (relative) instead
+            out["image_path"] = public_path(row.get("key")) if out["image_path"] else None
         img = thumb_b64(item_id, row)
         if img is not None:
             out["image"] = img

@@ -23,6 +23,7 @@ multipart requests get 415 saying why, and the schema does not offer them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -39,17 +40,45 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from . import http
 from .clip_back_api import KNN_COLUMNS, add_clip_back_routes
-from .http import (ERRORS, BodyLimit, Busy, Limits, SafeJSONResponse, WorkerPool, check_unicode, decode_query_image,
-                   error_response, find_too_large, parse_json, whole)
+from .http import (DEFAULT_MAX_IMAGE_PIXELS, ERRORS, BodyLimit, Busy, Limits, SafeJSONResponse, WorkerPool,
+                   check_unicode, decode_query_image, error_response, find_too_large, limit_image_pixels, parse_json,
+                   public_path, public_row, whole)
+from .metrics import LATENCY_BUCKETS, Metrics
 from .backend import SearchBackend
 from .searcher import Hit, QueryError, Searcher
 from .thumbnails import Thumbnailer, ThumbnailError
 
 STATIC_DIR = Path(__file__).with_name("static")
 log = logging.getLogger("clipforge.search.service")
+
+
+def route_label(request: Request) -> str:
+    """The route template (``/items/{item_id}``), not the raw path: bounded metric labels."""
+    path = request.url.path
+    for r in request.app.router.routes:
+        match, _ = r.matches(request.scope) if hasattr(r, "matches") else (None, None)
+        if match is not None and match.name == "FULL":
+            return getattr(r, "path", path)
+    return "other"
+
+
+def find_disconnect(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception it wraps, or a group it belongs to) is a client disconnect."""
+    seen: set[int] = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, ClientDisconnect):
+            return True
+        stack.extend([x.__cause__, x.__context__, *getattr(x, "exceptions", ())])  # type: ignore[list-item]
+    return False
 
 
 # --- schemas (what the OpenAPI document promises) -------------------------------------------------
@@ -96,10 +125,15 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
                max_pending: int = 256, request_timeout: float = 30.0, query_cache: int = 1024,
                thumb_size: int = 256, title: str = "clipforge search", index_name: str | None = None,
                uploads: bool | None = None, max_result_ids: int = 10_000,
-               knn_columns: tuple[str, ...] = KNN_COLUMNS) -> FastAPI:
-    """Build the service around ``model`` and the index at ``index`` (loaded here, once)."""
+               knn_columns: tuple[str, ...] = KNN_COLUMNS, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               cors_origins: tuple[str, ...] = ()) -> FastAPI:
+    """Build the service around ``model`` and the index at ``index`` (loaded here, once).
+
+    ``max_image_pixels`` also becomes Pillow's process-wide limit (its bomb warning an error);
+    ``cors_origins`` are the browser origins allowed to call the API (none by default; ``"*"`` any)."""
     for name, v in (("max_k", max_k), ("max_upload_bytes", max_upload_bytes), ("max_json_bytes", max_json_bytes),
-                    ("workers", workers), ("max_pending", max_pending), ("max_result_ids", max_result_ids)):
+                    ("workers", workers), ("max_pending", max_pending), ("max_result_ids", max_result_ids),
+                    ("max_image_pixels", max_image_pixels)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if not request_timeout > 0:
@@ -113,8 +147,15 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
     elif uploads and not has_multipart:
         raise RuntimeError("image uploads need python-multipart: pip install 'clipforge[search]' "
                            "(or pip install python-multipart), or disable uploads")
+    limit_image_pixels(max_image_pixels)
+    decode_image = functools.partial(decode_query_image, max_pixels=max_image_pixels)
     searcher = Searcher(index, model, preprocess, max_k=max_k, query_cache=query_cache, truncate_text=True)
-    thumbs = Thumbnailer(size=thumb_size)
+    thumbs = Thumbnailer(size=thumb_size, max_pixels=max_image_pixels)
+    metrics = Metrics()
+    metrics.counter("clipforge_requests_total", "HTTP requests answered, by route and status")
+    metrics.histogram("clipforge_request_seconds", "time to answer a request, by route", LATENCY_BUCKETS)
+    metrics.counter("clipforge_errors_total", "error responses and dropped requests, by kind")
+    metrics.counter("clipforge_client_disconnects_total", "clients that went away before their response")
     info = searcher.index.info
     has_images = info["kind"] == "image"
     name = index_name or searcher.index.path.resolve().name or "index"
@@ -129,20 +170,43 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
     app.state.max_upload_bytes = max_upload_bytes
     app.state.uploads = uploads
     app.state.pool = pool  # worker threads; shut down with the process (or by the embedding caller)
-    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST"],
-                       allow_headers=["*"])  # clip-retrieval's front end runs on another origin
+    app.state.metrics = metrics
+    if cors_origins:  # e.g. clip-retrieval's front end served from another origin: opt-in, per origin
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["content-type", "authorization"])
     app.add_middleware(BodyLimit, limits=Limits(max_json_bytes, max_upload_bytes,
                                                 max(max_json_bytes, max_upload_bytes * 4 // 3 + 65536)))
 
     @app.middleware("http")
     async def never_die(request: Request, call_next):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        route = route_label(request)
         try:
-            return await call_next(request)
+            response = await call_next(request)
         except Exception as e:
             if find_too_large(e) is not None:
+                metrics.inc("clipforge_errors_total", kind="body_too_large")
                 raise  # BodyLimit answers 413
+            if find_disconnect(e):
+                return client_gone(request)
             log.exception("unhandled error on %s %s", request.method, request.url.path)
-            return error_response(500, f"internal error: {type(e).__name__}: {e}")
+            metrics.inc("clipforge_errors_total", kind="internal")
+            response = error_response(500, f"internal error: {type(e).__name__}: {e}")
+        metrics.inc("clipforge_requests_total", route=route, status=str(response.status_code))
+        metrics.observe("clipforge_request_seconds", time.perf_counter() - t0, route=route)
+        if response.status_code >= 400:
+            metrics.inc("clipforge_errors_total", kind=str(response.status_code))
+        return response
+
+    def client_gone(request: Request) -> Response:
+        """A client that closed its connection mid-request: a normal event, counted, one debug line."""
+        log.debug("client went away during %s %s", request.method, request.url.path)
+        metrics.inc("clipforge_client_disconnects_total")
+        return Response(status_code=499)
+
+    @app.exception_handler(ClientDisconnect)
+    async def disconnected(request: Request, _: ClientDisconnect) -> Response:
+        return client_gone(request)
 
     @app.exception_handler(QueryError)
     async def queryerror_response(_: Request, e: QueryError) -> JSONResponse:
@@ -168,7 +232,7 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
 
     def result(h: Hit) -> dict[str, Any]:
         r = h.row
-        return {"id": h.id, "score": round(h.score, 6), "key": r.get("key"), "caption": r.get("caption"),
+        return {"id": h.id, "score": round(h.score, 6), "key": public_path(r.get("key")), "caption": r.get("caption"),
                 "width": r.get("width"), "height": r.get("height"),
                 "image_url": f"/items/{h.id}/image" if has_images and r.get("image_path") else None}
 
@@ -229,7 +293,7 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
         limit = max_upload_bytes
         try:
             form = await request.form(max_files=2, max_fields=16)
-        except StarletteHTTPException:
+        except (StarletteHTTPException, ClientDisconnect):
             raise
         except Exception as e:
             if find_too_large(e) is not None:
@@ -256,7 +320,7 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
         if not data:
             return error_response(400, "uploaded file is empty")
         fname = upload.filename or "upload"
-        img = await offload(decode_query_image, data, fname)
+        img = await offload(decode_image, data, fname)
         hits = await offload(searcher.search_image, img, k)
         return respond({"type": "image", "filename": check_unicode(fname, "filename"), "width": img.width,
                         "height": img.height}, k, hits, t0)
@@ -266,8 +330,8 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
     @app.get("/items/{item_id}", summary="Metadata of one indexed item", responses=ERRORS)
     async def item(item_id: int = item_id_param) -> dict[str, Any]:
         meta = searcher.item(item_id)
-        meta["image_url"] = f"/items/{item_id}/image" if has_images and meta.get("image_path") else None
-        return meta
+        image_url = f"/items/{item_id}/image" if has_images and meta.get("image_path") else None
+        return {**public_row(meta), "image_url": image_url}
 
     @app.get("/items/{item_id}/image", summary="JPEG thumbnail of an item, from its original file or shard",
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, **ERRORS})
@@ -291,7 +355,7 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
                 "query_cache": searcher.cache_stats}
 
     add_clip_back_routes(app, searcher, thumbs, pool, name=name, max_upload_bytes=max_upload_bytes,
-                         max_result_ids=max_result_ids, knn_columns=knn_columns)
+                         max_result_ids=max_result_ids, knn_columns=knn_columns, decode_image=decode_image)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
