@@ -8,7 +8,8 @@ from typing import Any
 
 from .options import (ListAction, add_inference_model_options, add_log_option, add_long_text_options,
                       add_progress_option, any_int,
-                      existing_dir, existing_file, load_model_arg, non_negative_int, nonempty_str, output_dir,
+                      existing_dir, existing_file, load_model_arg, non_negative_float, non_negative_int, nonempty_str,
+                      output_dir,
                       positive_float, positive_int, require_nonempty, unit_interval)
 
 
@@ -110,6 +111,15 @@ def register(sub: Any) -> None:
     p.add_argument("--header-timeout", type=positive_float, default=10.0,
                    help="seconds a connection may take to send a request head before it is closed")
     p.add_argument("--keep-alive", type=positive_int, default=5, help="seconds an idle keep-alive connection stays open")
+    p.add_argument("--auth-token-file", type=existing_file, default=None, metavar="FILE",
+                   help="file holding a bearer token (>= 16 characters): every route but /health then needs "
+                        "'Authorization: Bearer <token>'")
+    p.add_argument("--max-batch", type=positive_int, default=32,
+                   help="text or image queries encoded together across requests (1: each alone)")
+    p.add_argument("--batch-wait-ms", type=non_negative_float, default=5.0,
+                   help="longest wait for a batch to fill once its first query arrived")
+    p.add_argument("--max-embed-items", type=positive_int, default=64,
+                   help="texts (and images) per /embed or /rank request")
     p.add_argument("--graceful-timeout", type=positive_int, default=30,
                    help="seconds to finish in-flight requests on SIGTERM / Ctrl-C before closing")
     p.add_argument("--max-k", type=positive_int, default=100, help="largest k a request may ask for")
@@ -138,6 +148,19 @@ def milvus_name(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,200}", text):
         raise argparse.ArgumentTypeError(f"expected letters, digits and _ (not starting with a digit), got {text!r}")
     return text
+
+
+def read_token(path: str) -> str:
+    """The bearer token in ``path`` (surrounding whitespace ignored), at least 16 characters."""
+    from pathlib import Path
+
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"--auth-token-file {path}: not UTF-8 text") from None
+    if len(token) < 16 or any(c.isspace() for c in token):
+        raise ValueError(f"--auth-token-file {path}: the token must be one word of at least 16 characters")
+    return token
 
 
 def port_number(text: str) -> int:
@@ -297,7 +320,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from clipforge.search.server import ServerLimits, bind_socket, connection_budget, is_loopback, uvicorn_config
     from clipforge.search.service import create_app
 
-    if not is_loopback(args.host) and not args.insecure:
+    token = read_token(args.auth_token_file) if args.auth_token_file else None
+    if not is_loopback(args.host) and not args.insecure and token is None:
         raise ValueError(f"--host {args.host} is reachable beyond this machine and the server has no authentication: "
                          "give --auth-token-file FILE, or --insecure to serve it open on purpose")
     if not args.no_uploads and not multipart_available():
@@ -314,10 +338,13 @@ def run_serve(args: argparse.Namespace) -> int:
                              max_json_bytes=parse_memory(args.max_json), workers=args.server_threads,
                              max_pending=args.max_pending, request_timeout=args.request_timeout,
                              index_name=args.index_name, uploads=not args.no_uploads, thumb_size=args.thumb_size,
-                             max_image_pixels=args.max_image_pixels, cors_origins=tuple(args.cors_origin))
+                             max_image_pixels=args.max_image_pixels, cors_origins=tuple(args.cors_origin),
+                             max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                             max_embed_items=args.max_embed_items, auth_token=token)
             host, port = sock.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
-            open_note = "" if is_loopback(args.host) else " WITHOUT authentication (--insecure)"
+            open_note = " (bearer token required)" if token else "" if is_loopback(args.host) else \
+                " WITHOUT authentication (--insecure)"
             print(f"serving {index.count()} items from {args.index} on http://{shown}:{port}/{open_note} "
                   f"(API docs at /docs)", flush=True)
             uvicorn.Server(uvicorn_config(app, limits, log_level=args.log_level)).run(sockets=[sock])

@@ -58,6 +58,7 @@ class ErrorResponse(BaseModel):
 
 ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in {
     400: "malformed body (not JSON, not UTF-8, nested too deeply, empty upload)",
+    401: "missing or wrong bearer token (servers started with a token)",
     404: "unknown item or index",
     413: "body or image too large",
     415: "unsupported content type (or uploads disabled)",

@@ -134,25 +134,37 @@ class Searcher:
     def check_text(self, text: Any) -> str:
         return self.text_tokens(text)[0]
 
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """[B, D] L2-normalised float32 embeddings of checked texts, one model call (no cache)."""
+        with self._lock:
+            if self.long_text is not None:
+                return encode_text_long(self.model, texts, long_text=self.long_text,
+                                        overlap=self.long_text_overlap).numpy()
+            return embed_texts(self.model, texts, truncate=self.truncate_text, batch_size=max(len(texts), 1)).numpy()
+
+    def encode_images(self, images: list[torch.Tensor]) -> np.ndarray:
+        """[B, D] L2-normalised float32 embeddings of preprocessed ``[3, S, S]`` images, one model call."""
+        with self._lock:
+            return embed_images(self.model, images, batch_size=max(len(images), 1)).numpy()
+
+    def cached_text(self, text: str) -> np.ndarray | None:
+        return self._cache.get(text)
+
+    def remember_text(self, text: str, vec: np.ndarray) -> None:
+        self._cache.put(text, vec)
+
     def embed_text(self, text: str, checked: bool = False) -> np.ndarray:
         if not checked:
             text = self.check_text(text)
         hit = self._cache.get(text)
         if hit is not None:
             return hit
-        with self._lock:
-            if self.long_text is not None:
-                v = encode_text_long(self.model, [text], long_text=self.long_text,
-                                     overlap=self.long_text_overlap).numpy()[0]
-            else:
-                v = embed_texts(self.model, [text], truncate=self.truncate_text).numpy()[0]
+        v = self.encode_texts([text])[0]
         self._cache.put(text, v)
         return v
 
     def embed_image(self, image: Image.Image) -> np.ndarray:
-        x = self.preprocess(image)
-        with self._lock:
-            return embed_images(self.model, [x], batch_size=1).numpy()[0]
+        return self.encode_images([self.preprocess(image)])[0]
 
     # --- searching -------------------------------------------------------------------------------
     def search_vector(self, vec: np.ndarray, k: int, exclude: int | None = None) -> list[Hit]:

@@ -23,12 +23,16 @@ multipart requests get 415 saying why, and the schema does not offer them.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import hmac
 import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
@@ -47,10 +51,12 @@ from .clip_back_api import KNN_COLUMNS, add_clip_back_routes
 from .http import (DEFAULT_MAX_IMAGE_PIXELS, ERRORS, BodyLimit, Busy, Limits, SafeJSONResponse, WorkerPool,
                    check_unicode, decode_query_image, error_response, find_too_large, limit_image_pixels, parse_json,
                    public_path, public_row, whole)
-from .metrics import LATENCY_BUCKETS, Metrics
+from .batching import Batcher, ClientGone
+from .metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Metrics
 from .backend import SearchBackend
 from .searcher import Hit, QueryError, Searcher
 from .thumbnails import Thumbnailer, ThumbnailError
+from .vectors_api import add_vector_routes
 
 STATIC_DIR = Path(__file__).with_name("static")
 log = logging.getLogger("clipforge.search.service")
@@ -64,6 +70,10 @@ def route_label(request: Request) -> str:
         if match is not None and match.name == "FULL":
             return getattr(r, "path", path)
     return "other"
+
+
+def observe_batch(metrics: Metrics, kind: str, n: int) -> None:
+    metrics.observe("clipforge_batch_size", n, kind=kind)
 
 
 def find_disconnect(e: BaseException) -> bool:
@@ -126,18 +136,27 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
                thumb_size: int = 256, title: str = "clipforge search", index_name: str | None = None,
                uploads: bool | None = None, max_result_ids: int = 10_000,
                knn_columns: tuple[str, ...] = KNN_COLUMNS, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-               cors_origins: tuple[str, ...] = ()) -> FastAPI:
+               cors_origins: tuple[str, ...] = (), max_batch: int = 32, batch_wait_ms: float = 5.0,
+               max_embed_items: int = 64, auth_token: str | None = None) -> FastAPI:
     """Build the service around ``model`` and the index at ``index`` (loaded here, once).
 
     ``max_image_pixels`` also becomes Pillow's process-wide limit (its bomb warning an error);
-    ``cors_origins`` are the browser origins allowed to call the API (none by default; ``"*"`` any)."""
+    ``cors_origins`` are the browser origins allowed to call the API (none by default; ``"*"`` any).
+    Text and image queries are batched across requests (``max_batch`` items, waiting at most
+    ``batch_wait_ms`` for a batch to fill; ``max_batch=1``: each alone). With ``auth_token`` every
+    route but ``/health`` needs ``Authorization: Bearer <token>``."""
     for name, v in (("max_k", max_k), ("max_upload_bytes", max_upload_bytes), ("max_json_bytes", max_json_bytes),
                     ("workers", workers), ("max_pending", max_pending), ("max_result_ids", max_result_ids),
-                    ("max_image_pixels", max_image_pixels)):
+                    ("max_image_pixels", max_image_pixels), ("max_batch", max_batch),
+                    ("max_embed_items", max_embed_items)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if not request_timeout > 0:
         raise ValueError(f"request_timeout must be > 0 seconds, got {request_timeout!r}")
+    if not batch_wait_ms >= 0:
+        raise ValueError(f"batch_wait_ms must be >= 0, got {batch_wait_ms!r}")
+    if auth_token is not None and (not auth_token.strip() or len(auth_token) < 16):
+        raise ValueError("the auth token must have at least 16 characters")
     has_multipart = http.multipart_available()
     if uploads is None:
         uploads = has_multipart
@@ -161,8 +180,50 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
     name = index_name or searcher.index.path.resolve().name or "index"
     pool = WorkerPool(workers, max_pending, request_timeout)
     offload = pool.run
+    metrics.histogram("clipforge_batch_size", "items encoded together, by kind (text | image)", BATCH_BUCKETS)
+    batchers = {kind: Batcher(encode, max_batch=max_batch, wait_s=batch_wait_ms / 1000, max_pending=max_pending,
+                              name=kind, on_batch=functools.partial(observe_batch, metrics, kind))
+                for kind, encode in (("text", searcher.encode_texts), ("image", searcher.encode_images))}
+    for kind, b in batchers.items():
+        metrics.gauge("clipforge_queue_depth", "items waiting for a batch, by kind", lambda b=b: b.depth, kind=kind)
+    metrics.gauge("clipforge_pool_pending", "requests queued or running in the worker pool", lambda: pool.pending)
 
-    app = FastAPI(title=title, version="1", default_response_class=SafeJSONResponse, description=(
+    async def client_left(request: Request) -> None:
+        """Completes when the client goes away (its body has been read: the next message is the disconnect)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def encode_item(request: Request, kind: str, value: Any) -> np.ndarray:
+        """One text or preprocessed image through its batcher, within the request timeout."""
+        try:
+            return await asyncio.wait_for(batchers[kind].run(value, client_left(request)), request_timeout)
+        except asyncio.TimeoutError:
+            raise Busy(f"query took longer than {request_timeout:g} s") from None
+        except ClientGone:
+            raise ClientDisconnect() from None
+
+    async def text_vector(request: Request, text: str) -> np.ndarray:
+        v = searcher.cached_text(text)
+        if v is None:
+            v = await encode_item(request, "text", text)
+            searcher.remember_text(text, v)
+        return v
+
+    async def image_vector(request: Request, x: torch.Tensor) -> np.ndarray:
+        return await encode_item(request, "image", x)
+
+    def decode_and_preprocess(data: bytes, name: str) -> tuple[Image.Image, torch.Tensor]:
+        img = decode_image(data, name)
+        return img, searcher.preprocess(img)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+        yield
+        for b in batchers.values():  # uvicorn has drained in-flight requests; finish what is queued
+            b.close()
+        pool.shutdown()
+
+    app = FastAPI(title=title, version="1", default_response_class=SafeJSONResponse, lifespan=lifespan, description=(
         "Semantic search over an embedded collection with a CLIP model: text queries, image "
         "uploads and search-by-result. Also answers clip-retrieval's back-end API "
         "(/knn-service, /indices-list, /metadata)."))
@@ -171,6 +232,7 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
     app.state.uploads = uploads
     app.state.pool = pool  # worker threads; shut down with the process (or by the embedding caller)
     app.state.metrics = metrics
+    app.state.batchers = batchers
     if cors_origins:  # e.g. clip-retrieval's front end served from another origin: opt-in, per origin
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["content-type", "authorization"])
@@ -181,6 +243,12 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
     async def never_die(request: Request, call_next):  # type: ignore[no-untyped-def]
         t0 = time.perf_counter()
         route = route_label(request)
+        if auth_token is not None and request.url.path != "/health" and request.method != "OPTIONS" \
+                and not authorized(request.headers.get("authorization", "")):
+            metrics.inc("clipforge_requests_total", route=route, status="401")
+            metrics.inc("clipforge_errors_total", kind="401")
+            return error_response(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
+                                  headers={"WWW-Authenticate": "Bearer"})
         try:
             response = await call_next(request)
         except Exception as e:
@@ -197,6 +265,10 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
         if response.status_code >= 400:
             metrics.inc("clipforge_errors_total", kind=str(response.status_code))
         return response
+
+    def authorized(header: str) -> bool:
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), auth_token.encode())  # type: ignore[union-attr]
 
     def client_gone(request: Request) -> Response:
         """A client that closed its connection mid-request: a normal event, counted, one debug line."""
@@ -240,8 +312,9 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
         return {"query": query, "k": k, "took_ms": round(1000 * (time.perf_counter() - t0), 2),
                 "results": [result(h) for h in hits]}
 
-    def json_query(body: bytes) -> tuple[dict[str, Any], list[Hit], int]:
-        """Parse, validate and run a JSON /search body (in the pool: parsing and tokenizing are CPU work)."""
+    def parse_search(body: bytes) -> tuple[dict[str, Any], int, str | None, int | None]:
+        """Parse and validate a JSON /search body (in the pool: parsing and tokenizing are CPU work):
+        (query as echoed, k, text or None, item id or None)."""
         data = parse_json(body)
         if not isinstance(data, dict):
             raise QueryError("request body must be a JSON object like {\"text\": \"...\", \"k\": 10}")
@@ -259,9 +332,9 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
             query = {"type": "text", "text": text}
             if n > searcher.context_length:
                 query["truncated_from_tokens"] = n
-            return query, searcher.search_text(text, k, checked=True), k
+            return query, k, text, None
         item_id = searcher.check_id(item_id)
-        return {"type": "item", "item_id": item_id}, searcher.search_item(item_id, k), k
+        return {"type": "item", "item_id": item_id}, k, None, item_id
 
     json_body = {"schema": search_request_schema(max_k, searcher.index.ntotal)}
     content: dict[str, Any] = {"application/json": json_body}
@@ -279,7 +352,11 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "application/json":
             body = await request.body()
-            query, hits, k = await offload(json_query, body)
+            query, k, text, item_id = await offload(parse_search, body)
+            if text is not None:
+                hits = await offload(searcher.search_vector, await text_vector(request, text), k)
+            else:
+                hits = await offload(searcher.search_item, item_id, k)
             return respond(query, k, hits, t0)
         if ctype == "multipart/form-data":
             if not uploads:
@@ -320,8 +397,8 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
         if not data:
             return error_response(400, "uploaded file is empty")
         fname = upload.filename or "upload"
-        img = await offload(decode_image, data, fname)
-        hits = await offload(searcher.search_image, img, k)
+        img, x = await offload(decode_and_preprocess, data, fname)
+        hits = await offload(searcher.search_vector, await image_vector(request, x), k)
         return respond({"type": "image", "filename": check_unicode(fname, "filename"), "width": img.width,
                         "height": img.height}, k, hits, t0)
 
@@ -352,10 +429,22 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
                 "model": model.config.name, "model_matches_index": searcher.model_matches,
                 "max_k": searcher.max_k, "max_upload_bytes": max_upload_bytes, "max_json_bytes": max_json_bytes,
                 "uploads": uploads, "workers": workers, "request_timeout_s": request_timeout,
-                "query_cache": searcher.cache_stats}
+                "query_cache": searcher.cache_stats, "max_image_pixels": max_image_pixels,
+                "batching": {"max_batch": max_batch, "wait_ms": batch_wait_ms,
+                             **{k: {"batches": b.batches, "items": b.items, "queued": b.depth}
+                                for k, b in batchers.items()}},
+                "auth": auth_token is not None}
 
     add_clip_back_routes(app, searcher, thumbs, pool, name=name, max_upload_bytes=max_upload_bytes,
                          max_result_ids=max_result_ids, knn_columns=knn_columns, decode_image=decode_image)
+
+    add_vector_routes(app, searcher, pool, max_items=max_embed_items, max_upload_bytes=max_upload_bytes,
+                      decode_image=decode_image, encode=encode_item)
+
+    @app.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=Response,
+             responses={200: {"content": {"text/plain": {}}}})
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
