@@ -3,6 +3,7 @@ collection, item queries reuse a stored vector. Shared by the ``search`` CLI and
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from collections import OrderedDict
@@ -19,6 +20,7 @@ from ..longtext import encode_text_long
 from ..preprocess import image_transform
 from ..tokenizer import DEFAULT_OVERLAP, check_long_text, get_tokenizer
 from .backend import SearchBackend
+from .filters import FilterError, Predicate, filterable_columns, mask, parse_filter
 from .index import load_index
 from ..embeddings import weights_sha256
 
@@ -94,6 +96,8 @@ class Searcher:
         self.tokenizer = get_tokenizer(self.context_length)
         self._lock = threading.Lock()
         self._cache = _LRU(query_cache)
+        self._masks: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock_masks = threading.Lock()
         dim = int(model.config.embed_dim)
         if dim != self.index.info["dim"]:
             raise ValueError(f"model embeds into {dim} dims but the index at {self.index.path} holds "
@@ -173,6 +177,81 @@ class Searcher:
         pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and i != exclude][:k]
         rows = self.index.rows([i for i, _ in pairs])
         return [Hit(i, s, r) for (i, s), r in zip(pairs, rows)]
+
+    @property
+    def filter_columns(self) -> dict[str, str]:
+        """Metadata columns a filter may name (FAISS indexes; none for backends without a table)."""
+        meta = getattr(self.index, "metadata", None)
+        return filterable_columns(meta.schema) if meta is not None and hasattr(meta, "schema") else {}
+
+    def parse_filter(self, spec: Any) -> list[Predicate]:
+        cols = self.filter_columns
+        if not cols:
+            raise QueryError("this index cannot be filtered here (filters need a FAISS index with metadata)")
+        try:
+            return parse_filter(spec, cols)
+        except FilterError as e:
+            raise QueryError(str(e)) from None
+
+    def _mask(self, preds: list[Predicate]) -> np.ndarray:
+        key = repr(preds)
+        with self._lock_masks:
+            hit = self._masks.get(key)
+            if hit is not None:
+                self._masks.move_to_end(key)
+                return hit
+        m = mask(self.index.metadata, preds)  # type: ignore[attr-defined]
+        with self._lock_masks:
+            self._masks[key] = m
+            while len(self._masks) > 16:
+                self._masks.popitem(last=False)
+        return m
+
+    def _search_deeper(self, q: np.ndarray, fetch: int, selectivity: float) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS IVF: nprobe scaled by 1 / selectivity (the filtered-out share of each probed list
+        is wasted), so filtered recall stays near the index's own; other indexes: a plain search."""
+        info = self.index.info
+        if info.get("type") != "ivf" or not hasattr(self.index, "index"):
+            return self.index.search(q, fetch)
+        import faiss  # heavy optional dependency: loaded when used
+
+        p = info["params"]
+        base = int(p.get("nprobe") or 1)
+        nprobe = min(int(p.get("nlist") or base), max(base, math.ceil(base / max(selectivity, 1e-6))))
+        if nprobe == base:
+            return self.index.search(q, fetch)
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        old = getattr(self.index, "_params", None)
+        if old is not None and old.sel is not None:
+            params.sel = old.sel  # deleted ids stay skipped
+        qz = faiss.downcast_index(faiss.extract_index_ivf(self.index.index).quantizer)
+        qp = None
+        if isinstance(qz, faiss.IndexHNSW):
+            qp = faiss.SearchParametersHNSW(efSearch=max(64, 2 * nprobe))
+            params.quantizer_params = qp
+        out = self.index.index.search(np.ascontiguousarray(q, dtype=np.float32), min(fetch, self.index.ntotal),
+                                      params=params)
+        del qp
+        return out
+
+    def search_filtered(self, vec: np.ndarray, k: int, preds: list[Predicate],
+                        exclude: int | None = None) -> tuple[list[Hit], dict[str, int]]:
+        """The ``k`` best items passing ``preds``, by over-fetching: 4k candidates, then 4x more
+        until k pass or everything was fetched. Returns (hits, {"matching", "fetched"})."""
+        k = self.check_k(k)
+        allowed = self._mask(preds)
+        matching = int(allowed.sum())
+        total = self.index.ntotal
+        fetch = min(4 * k + (exclude is not None), total)
+        while True:
+            scores, ids = self._search_deeper(vec[None, :], fetch, matching / max(total, 1))
+            pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0])
+                     if i >= 0 and i != exclude and allowed[i]][:k]
+            if len(pairs) >= min(k, matching) or fetch >= total:
+                break
+            fetch = min(fetch * 4, total)
+        rows = self.index.rows([i for i, _ in pairs])
+        return [Hit(i, s, r) for (i, s), r in zip(pairs, rows)], {"matching": matching, "fetched": fetch}
 
     def search_text(self, text: str, k: int = 10, checked: bool = False) -> list[Hit]:
         self.check_k(k)

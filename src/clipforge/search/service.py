@@ -52,6 +52,7 @@ from .http import (DEFAULT_MAX_IMAGE_PIXELS, ERRORS, BodyLimit, Busy, Limits, Sa
                    check_unicode, decode_query_image, error_response, find_too_large, limit_image_pixels, parse_json,
                    public_path, public_row, whole)
 from .batching import Batcher, ClientGone
+from .filters import filter_schema
 from .metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Metrics
 from .backend import SearchBackend
 from .searcher import Hit, QueryError, Searcher
@@ -94,9 +95,10 @@ def find_disconnect(e: BaseException) -> bool:
 # --- schemas (what the OpenAPI document promises) -------------------------------------------------
 
 
-def search_request_schema(max_k: int, ntotal: int) -> dict[str, Any]:
+def search_request_schema(max_k: int, ntotal: int, filter_columns: dict[str, str] | None = None) -> dict[str, Any]:
     """The JSON /search body exactly as the handler takes it: one of text / item_id (the other
-    absent or null), k within bounds; a text longer than the model's context is truncated."""
+    absent or null), k within bounds, an optional metadata filter; a text longer than the
+    model's context is truncated."""
     k = {"type": "integer", "minimum": 1, "maximum": max_k, "default": 10, "description": "number of results"}
     text = {"type": "string", "pattern": "\\S", "description": "text query (needs a non-space character; "
             "tokens beyond the model's context length are dropped, and the response says so)",
@@ -104,11 +106,12 @@ def search_request_schema(max_k: int, ntotal: int) -> dict[str, Any]:
     item = {"type": "integer", "minimum": 0, "maximum": max(ntotal - 1, 0),
             "description": "id of an indexed item: find similar items"}
     null = {"type": "null"}
+    extra = {"filter": filter_schema(filter_columns)} if filter_columns else {}
     return {"title": "SearchRequest", "oneOf": [
         {"type": "object", "additionalProperties": False, "required": ["text"],
-         "properties": {"text": text, "item_id": null, "k": k}},
+         "properties": {"text": text, "item_id": null, "k": k, **extra}},
         {"type": "object", "additionalProperties": False, "required": ["item_id"],
-         "properties": {"item_id": item, "text": null, "k": k}},
+         "properties": {"item_id": item, "text": null, "k": k, **extra}},
     ]}
 
 
@@ -122,11 +125,17 @@ class SearchResult(BaseModel):
     image_url: str | None = None
 
 
+class FilterReport(BaseModel):
+    matching: int   # items whose metadata passes the filter
+    fetched: int    # nearest neighbours fetched to find k of them (over-fetch)
+
+
 class SearchResponse(BaseModel):
     query: dict[str, Any]
     k: int
     took_ms: float
     results: list[SearchResult]
+    filter: FilterReport | None = None
 
 
 def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
@@ -312,15 +321,16 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
         return {"query": query, "k": k, "took_ms": round(1000 * (time.perf_counter() - t0), 2),
                 "results": [result(h) for h in hits]}
 
-    def parse_search(body: bytes) -> tuple[dict[str, Any], int, str | None, int | None]:
+    def parse_search(body: bytes) -> tuple[dict[str, Any], int, str | None, int | None, list | None]:
         """Parse and validate a JSON /search body (in the pool: parsing and tokenizing are CPU work):
-        (query as echoed, k, text or None, item id or None)."""
+        (query as echoed, k, text or None, item id or None, filter predicates or None)."""
         data = parse_json(body)
         if not isinstance(data, dict):
             raise QueryError("request body must be a JSON object like {\"text\": \"...\", \"k\": 10}")
-        unknown = set(data) - {"text", "item_id", "k"}
+        unknown = set(data) - {"text", "item_id", "k", "filter"}
         if unknown:
-            raise QueryError(f"unknown field(s) {sorted(unknown)}; use text or item_id, and k")
+            raise QueryError(f"unknown field(s) {sorted(unknown)}; use text or item_id, k and filter")
+        preds = searcher.parse_filter(data["filter"]) if "filter" in data else None
         k = searcher.check_k(whole(data.get("k", 10)))
         text, item_id = data.get("text"), whole(data.get("item_id"))
         if (text is None) == (item_id is None):
@@ -332,11 +342,11 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
             query = {"type": "text", "text": text}
             if n > searcher.context_length:
                 query["truncated_from_tokens"] = n
-            return query, k, text, None
+            return query, k, text, None, preds
         item_id = searcher.check_id(item_id)
-        return {"type": "item", "item_id": item_id}, k, None, item_id
+        return {"type": "item", "item_id": item_id}, k, None, item_id, preds
 
-    json_body = {"schema": search_request_schema(max_k, searcher.index.ntotal)}
+    json_body = {"schema": search_request_schema(max_k, searcher.index.ntotal, searcher.filter_columns)}
     content: dict[str, Any] = {"application/json": json_body}
     if uploads:
         content["multipart/form-data"] = {"schema": {
@@ -352,7 +362,11 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "application/json":
             body = await request.body()
-            query, k, text, item_id = await offload(parse_search, body)
+            query, k, text, item_id, preds = await offload(parse_search, body)
+            if preds is not None:
+                vec = await text_vector(request, text) if text is not None else searcher.index.vector(item_id)
+                hits, report = await offload(searcher.search_filtered, vec, k, preds, item_id)
+                return {**respond(query, k, hits, t0), "filter": report}
             if text is not None:
                 hits = await offload(searcher.search_vector, await text_vector(request, text), k)
             else:
