@@ -81,7 +81,9 @@ def parse_filter(spec: Any, columns: dict[str, str]) -> list[Predicate]:
             for x in values:
                 if not _scalar_ok(x, kind):
                     raise FilterError(f"filter: {col}: {op} needs {kind} values, got {json.dumps(x)[:60]}")
-            preds.append(Predicate(col, op, tuple(v) if op == "in" else v))
+            if kind == "number":  # integers beyond int64 compare as floats
+                values = [float(x) if isinstance(x, int) and abs(x) >= 2**63 else x for x in values]
+            preds.append(Predicate(col, op, tuple(values) if op == "in" else values[0]))
     return preds
 
 
@@ -91,7 +93,12 @@ def mask(table: pa.Table, preds: list[Predicate]) -> np.ndarray:
     for p in preds:
         col = table.column(p.column)
         if p.op == "in":
-            m = pc.is_in(col, value_set=pa.array(list(p.value), type=col.type))
+            if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+                col = col.cast(pa.float64())  # one numeric type for the column and the values
+                value_set = pa.array([float(v) for v in p.value], pa.float64())
+            else:
+                value_set = pa.array(list(p.value), type=col.type)
+            m = pc.is_in(col, value_set=value_set)
         else:
             fn = {"eq": pc.equal, "ne": pc.not_equal, "gt": pc.greater, "gte": pc.greater_equal,
                   "lt": pc.less, "lte": pc.less_equal}[p.op]
