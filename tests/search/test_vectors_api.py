@@ -288,3 +288,36 @@ def test_metrics_count_requests_by_route_and_status(built):
     assert 'clipforge_request_seconds_count{route="/search"} 2' in text
     assert 'clipforge_errors_total{kind="422"} 1' in text and 'clipforge_queue_depth{kind="text"} 0' in text
     assert logging.getLogger("clipforge").level is not None
+
+
+def test_shutdown_drains_in_flight_requests(built):
+    """SIGTERM / Ctrl-C (uvicorn's should_exit): a query waiting on its batch still gets its answer."""
+    import httpx
+
+    d, model = built
+    app = create_app(d / "idx", model, batch_wait_ms=0)
+    b = app.state.batchers["text"]
+    gate = Gate(b.encode)
+    b.encode = gate
+    server = LiveServer(app)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(httpx.post, server.url + "/search", json={"text": "in flight at shutdown"}, timeout=30)
+            assert gate.entered.wait(20)
+            server.server.should_exit = True  # what uvicorn's signal handler sets
+
+            def refusing() -> bool:  # the listener is closed: shutdown has begun, the query still held
+                try:
+                    socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+                    return False
+                except OSError:
+                    return True
+
+            wait_for(refusing, "the server stopped accepting")
+            assert not held.done()
+            gate.release.set()
+            r = held.result(30)
+        assert r.status_code == 200 and len(r.json()["results"]) == 10
+    finally:
+        server.close()
+    assert not server.thread.is_alive()
