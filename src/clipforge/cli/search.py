@@ -94,7 +94,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("serve", help="HTTP search API + web page (FastAPI on uvicorn)",
                        description="Needs the search extra: pip install 'clipforge[search]'.")
     add_inference_model_options(p, batch_size=None)
-    p.add_argument("--index", required=True, type=existing_dir, help="index directory")
+    p.add_argument("--index", required=True, action="append", type=index_spec, metavar="[NAME=]PATH",
+                   help="index directory, NAME=PATH, or clip-retrieval's indices_paths.json ({name: path}); repeat "
+                        "for several indexes (the first is the default; requests choose with 'index')")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (beyond loopback only with --auth-token-file or --insecure)")
     p.add_argument("--port", type=port_number, default=8080, help="TCP port (0: any free port)")
@@ -132,7 +134,7 @@ def register(sub: Any) -> None:
                    help="requests queued or running before new ones get 503")
     p.add_argument("--request-timeout", type=positive_float, default=30.0, help="seconds before a query gets 503")
     p.add_argument("--index-name", default=None, type=nonempty_str,
-                   help="name in clip-retrieval's /indices-list (default: the index folder's name)")
+                   help="name of a single unnamed --index (default: the index folder's name)")
     p.add_argument("--no-uploads", action="store_true",
                    help="disable image uploads (needed to start without python-multipart)")
     p.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=None,
@@ -148,6 +150,32 @@ def milvus_name(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,200}", text):
         raise argparse.ArgumentTypeError(f"expected letters, digits and _ (not starting with a digit), got {text!r}")
     return text
+
+
+def index_spec(text: str) -> list[tuple[str | None, str]]:
+    """``PATH``, ``NAME=PATH`` or an ``indices_paths.json`` ({name: path}) -> [(name or None, dir)]."""
+    import re
+    from pathlib import Path
+
+    name, eq, rest = text.partition("=")
+    if eq and re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", name) and not Path(text).is_dir():
+        return [(name, existing_dir(rest))]
+    if text.endswith(".json") and Path(text).is_file():
+        try:
+            mapping = json.loads(Path(text).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise argparse.ArgumentTypeError(f"{text}: not a JSON object of index names to paths ({e})") from None
+        if not isinstance(mapping, dict) or not mapping or not all(isinstance(v, str) for v in mapping.values()):
+            raise argparse.ArgumentTypeError(f"{text}: expected a JSON object of index names to paths")
+        base = Path(text).resolve().parent
+        out = []
+        for k, v in mapping.items():
+            p = Path(v) if Path(v).is_absolute() else base / v
+            if not p.is_dir():
+                raise argparse.ArgumentTypeError(f"{text}: index {k!r}: {v} is not a directory")
+            out.append((str(k), str(p)))
+        return out
+    return [(None, existing_dir(text))]
 
 
 def read_token(path: str) -> str:
@@ -331,10 +359,21 @@ def run_serve(args: argparse.Namespace) -> int:
                                             keep_alive=args.keep_alive, graceful_timeout=args.graceful_timeout))
     sock = bind_socket(args.host, args.port)  # a bad host or a busy port: one line, before any banner
     try:
+        specs = [x for group in args.index for x in group]
+        if len(specs) > 1 and any(n is None for n, _ in specs):
+            raise ValueError("several --index: name each one (NAME=PATH or an indices_paths.json)")
+        if len(specs) > 1 and args.index_name:
+            raise ValueError("--index-name names a single --index; use NAME=PATH for several")
+        dup = sorted({n for n, _ in specs if n is not None and [m for m, _ in specs].count(n) > 1})
+        if dup:
+            raise ValueError(f"--index: the name {dup[0]!r} is given twice")
         model, preprocess = load_model_arg(args)
-        index = load_index(args.index, mmap=args.mmap)
+        indexes: dict[Any, Any] = {}
         try:
-            app = create_app(index, model, preprocess, max_k=args.max_k, max_upload_bytes=parse_memory(args.max_upload),
+            for n, path in specs:
+                indexes[n] = load_index(path, mmap=args.mmap)
+            index = next(iter(indexes.values()))
+            app = create_app(indexes if len(indexes) > 1 else index, model, preprocess, max_k=args.max_k, max_upload_bytes=parse_memory(args.max_upload),
                              max_json_bytes=parse_memory(args.max_json), workers=args.server_threads,
                              max_pending=args.max_pending, request_timeout=args.request_timeout,
                              index_name=args.index_name, uploads=not args.no_uploads, thumb_size=args.thumb_size,
@@ -345,11 +384,13 @@ def run_serve(args: argparse.Namespace) -> int:
             shown = f"[{host}]" if ":" in host else host
             open_note = " (bearer token required)" if token else "" if is_loopback(args.host) else \
                 " WITHOUT authentication (--insecure)"
-            print(f"serving {index.count()} items from {args.index} on http://{shown}:{port}/{open_note} "
-                  f"(API docs at /docs)", flush=True)
+            what = ", ".join(f"{n}: {sv.searcher.index.count()} items" for n, sv in app.state.served.items()) \
+                if len(indexes) > 1 else f"{index.count()} items from {specs[0][1]}"
+            print(f"serving {what} on http://{shown}:{port}/{open_note} (API docs at /docs)", flush=True)
             uvicorn.Server(uvicorn_config(app, limits, log_level=args.log_level)).run(sockets=[sock])
         finally:
-            index.close()
+            for ix in indexes.values():
+                ix.close()
     finally:
         sock.close()
     return 0

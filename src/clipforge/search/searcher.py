@@ -81,7 +81,7 @@ class Searcher:
                  preprocess: Callable[[Image.Image], torch.Tensor] | None = None, *,
                  max_k: int = 100, query_cache: int = 1024, check_model: bool = True,
                  truncate_text: bool = False, long_text: str | None = None,
-                 long_text_overlap: int = DEFAULT_OVERLAP) -> None:
+                 long_text_overlap: int = DEFAULT_OVERLAP, model_lock: Any = None) -> None:
         self.index: SearchBackend = load_index(index) if isinstance(index, (str, Path)) else index
         self.model = model.eval()
         self.preprocess = preprocess or image_transform(model.config.preprocess)
@@ -94,7 +94,7 @@ class Searcher:
         self.long_text_overlap = long_text_overlap
         self.context_length = int(model.context_length)
         self.tokenizer = get_tokenizer(self.context_length)
-        self._lock = threading.Lock()
+        self._lock = model_lock or threading.Lock()  # Searchers over several indexes share their model's
         self._cache = _LRU(query_cache)
         self._masks: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock_masks = threading.Lock()

@@ -29,8 +29,11 @@ import functools
 import hmac
 import logging
 import time
+import urllib.parse
+import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import numpy as np
 import torch
@@ -95,7 +98,8 @@ def find_disconnect(e: BaseException) -> bool:
 # --- schemas (what the OpenAPI document promises) -------------------------------------------------
 
 
-def search_request_schema(max_k: int, ntotal: int, filter_columns: dict[str, str] | None = None) -> dict[str, Any]:
+def search_request_schema(max_k: int, ntotal: int, filter_columns: dict[str, str] | None = None,
+                          names: list[str] | None = None) -> dict[str, Any]:
     """The JSON /search body exactly as the handler takes it: one of text / item_id (the other
     absent or null), k within bounds, an optional metadata filter; a text longer than the
     model's context is truncated."""
@@ -106,7 +110,9 @@ def search_request_schema(max_k: int, ntotal: int, filter_columns: dict[str, str
     item = {"type": "integer", "minimum": 0, "maximum": max(ntotal - 1, 0),
             "description": "id of an indexed item: find similar items"}
     null = {"type": "null"}
-    extra = {"filter": filter_schema(filter_columns)} if filter_columns else {}
+    extra: dict[str, Any] = {"filter": filter_schema(filter_columns)} if filter_columns else {}
+    if names:
+        extra["index"] = {"type": "string", "enum": names, "description": "which index (default: the first)"}
     return {"title": "SearchRequest", "oneOf": [
         {"type": "object", "additionalProperties": False, "required": ["text"],
          "properties": {"text": text, "item_id": null, "k": k, **extra}},
@@ -138,7 +144,23 @@ class SearchResponse(BaseModel):
     filter: FilterReport | None = None
 
 
-def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
+@dataclass
+class Served:
+    """One of the server's indexes: its name, Searcher and thumbnails."""
+
+    name: str
+    searcher: Searcher
+    thumbs: Thumbnailer
+
+    @property
+    def has_images(self) -> bool:
+        return self.searcher.index.info["kind"] == "image"
+
+
+IndexArg = Union[str, Path, SearchBackend]
+
+
+def create_app(index: IndexArg | dict[str, IndexArg], model: torch.nn.Module,
                preprocess: Callable[[Image.Image], torch.Tensor] | None = None, *, max_k: int = 100,
                max_upload_bytes: int = 10 * 2**20, max_json_bytes: int = 256 * 2**10, workers: int = 4,
                max_pending: int = 256, request_timeout: float = 30.0, query_cache: int = 1024,
@@ -147,7 +169,9 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
                knn_columns: tuple[str, ...] = KNN_COLUMNS, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                cors_origins: tuple[str, ...] = (), max_batch: int = 32, batch_wait_ms: float = 5.0,
                max_embed_items: int = 64, auth_token: str | None = None) -> FastAPI:
-    """Build the service around ``model`` and the index at ``index`` (loaded here, once).
+    """Build the service around ``model`` and the index at ``index`` (loaded here, once), or
+several: ``{name: index}`` (the first is the default; requests choose with ``index`` /
+clip-retrieval's ``indice_name``).
 
     ``max_image_pixels`` also becomes Pillow's process-wide limit (its bomb warning an error);
     ``cors_origins`` are the browser origins allowed to call the API (none by default; ``"*"`` any).
@@ -177,16 +201,34 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
                            "(or pip install python-multipart), or disable uploads")
     limit_image_pixels(max_image_pixels)
     decode_image = functools.partial(decode_query_image, max_pixels=max_image_pixels)
-    searcher = Searcher(index, model, preprocess, max_k=max_k, query_cache=query_cache, truncate_text=True)
-    thumbs = Thumbnailer(size=thumb_size, max_pixels=max_image_pixels)
+    given = dict(index) if isinstance(index, dict) else {index_name: index}
+    if not given:
+        raise ValueError("no index to serve")
+    model_lock = threading.Lock()
+    served: dict[str, Served] = {}
+    for nm, ix in given.items():
+        s_ = Searcher(ix, model, preprocess, max_k=max_k, query_cache=query_cache, truncate_text=True,
+                      model_lock=model_lock)
+        nm = nm or s_.index.path.resolve().name or "index"
+        if nm in served:
+            raise ValueError(f"two indexes are named {nm!r}: give them distinct names (NAME=PATH)")
+        served[nm] = Served(nm, s_, Thumbnailer(size=thumb_size, max_pixels=max_image_pixels))
+    default = next(iter(served.values()))
+    searcher = default.searcher  # model-level work (encoding, the text cache) goes through the first
+
+    def pick(name: Any) -> Served:
+        if name is None:
+            return default
+        if not isinstance(name, str) or name not in served:
+            raise QueryError(f"unknown index {str(name)[:80]!r}; this server has {sorted(served)}", status=404)
+        return served[name]
     metrics = Metrics()
     metrics.counter("clipforge_requests_total", "HTTP requests answered, by route and status")
     metrics.histogram("clipforge_request_seconds", "time to answer a request, by route", LATENCY_BUCKETS)
     metrics.counter("clipforge_errors_total", "error responses and dropped requests, by kind")
     metrics.counter("clipforge_client_disconnects_total", "clients that went away before their response")
     info = searcher.index.info
-    has_images = info["kind"] == "image"
-    name = index_name or searcher.index.path.resolve().name or "index"
+    name = default.name
     pool = WorkerPool(workers, max_pending, request_timeout)
     offload = pool.run
     metrics.histogram("clipforge_batch_size", "items encoded together, by kind (text | image)", BATCH_BUCKETS)
@@ -237,6 +279,7 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
         "uploads and search-by-result. Also answers clip-retrieval's back-end API "
         "(/knn-service, /indices-list, /metadata)."))
     app.state.searcher = searcher
+    app.state.served = served
     app.state.max_upload_bytes = max_upload_bytes
     app.state.uploads = uploads
     app.state.pool = pool  # worker threads; shut down with the process (or by the embedding caller)
@@ -311,26 +354,33 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
         msg = "; ".join(f"{'.'.join(str(p) for p in er.get('loc', ()))}: {er.get('msg')}" for er in errs)
         return error_response(422, msg or "invalid request", errors=errs)
 
-    def result(h: Hit) -> dict[str, Any]:
+    def image_url(sv: Served, item_id: int, row: dict[str, Any]) -> str | None:
+        if not sv.has_images or not row.get("image_path"):
+            return None
+        return f"/items/{item_id}/image" + ("" if sv is default else f"?index={urllib.parse.quote(sv.name)}")
+
+    def result(sv: Served, h: Hit) -> dict[str, Any]:
         r = h.row
         return {"id": h.id, "score": round(h.score, 6), "key": public_path(r.get("key")), "caption": r.get("caption"),
-                "width": r.get("width"), "height": r.get("height"),
-                "image_url": f"/items/{h.id}/image" if has_images and r.get("image_path") else None}
+                "width": r.get("width"), "height": r.get("height"), "image_url": image_url(sv, h.id, r)}
 
-    def respond(query: dict[str, Any], k: int, hits: list[Hit], t0: float) -> dict[str, Any]:
+    def respond(sv: Served, query: dict[str, Any], k: int, hits: list[Hit], t0: float) -> dict[str, Any]:
+        if len(served) > 1:
+            query = {**query, "index": sv.name}
         return {"query": query, "k": k, "took_ms": round(1000 * (time.perf_counter() - t0), 2),
-                "results": [result(h) for h in hits]}
+                "results": [result(sv, h) for h in hits]}
 
-    def parse_search(body: bytes) -> tuple[dict[str, Any], int, str | None, int | None, list | None]:
+    def parse_search(body: bytes) -> tuple[Served, dict[str, Any], int, str | None, int | None, list | None]:
         """Parse and validate a JSON /search body (in the pool: parsing and tokenizing are CPU work):
         (query as echoed, k, text or None, item id or None, filter predicates or None)."""
         data = parse_json(body)
         if not isinstance(data, dict):
             raise QueryError("request body must be a JSON object like {\"text\": \"...\", \"k\": 10}")
-        unknown = set(data) - {"text", "item_id", "k", "filter"}
+        unknown = set(data) - {"text", "item_id", "k", "filter", "index"}
         if unknown:
-            raise QueryError(f"unknown field(s) {sorted(unknown)}; use text or item_id, k and filter")
-        preds = searcher.parse_filter(data["filter"]) if "filter" in data else None
+            raise QueryError(f"unknown field(s) {sorted(unknown)}; use text or item_id, k, filter and index")
+        sv = pick(data.get("index"))
+        preds = sv.searcher.parse_filter(data["filter"]) if "filter" in data else None
         k = searcher.check_k(whole(data.get("k", 10)))
         text, item_id = data.get("text"), whole(data.get("item_id"))
         if (text is None) == (item_id is None):
@@ -342,11 +392,15 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
             query = {"type": "text", "text": text}
             if n > searcher.context_length:
                 query["truncated_from_tokens"] = n
-            return query, k, text, None, preds
-        item_id = searcher.check_id(item_id)
-        return {"type": "item", "item_id": item_id}, k, None, item_id, preds
+            return sv, query, k, text, None, preds
+        item_id = sv.searcher.check_id(item_id)
+        return sv, {"type": "item", "item_id": item_id}, k, None, item_id, preds
 
-    json_body = {"schema": search_request_schema(max_k, searcher.index.ntotal, searcher.filter_columns)}
+    columns: dict[str, str] = {}
+    for sv in served.values():
+        columns = {**sv.searcher.filter_columns, **columns}
+    json_body = {"schema": search_request_schema(max_k, max(sv.searcher.index.ntotal for sv in served.values()),
+                                                 columns, sorted(served) if len(served) > 1 else None)}
     content: dict[str, Any] = {"application/json": json_body}
     if uploads:
         content["multipart/form-data"] = {"schema": {
@@ -362,16 +416,17 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "application/json":
             body = await request.body()
-            query, k, text, item_id, preds = await offload(parse_search, body)
+            sv, query, k, text, item_id, preds = await offload(parse_search, body)
+            s_ = sv.searcher
             if preds is not None:
-                vec = await text_vector(request, text) if text is not None else searcher.index.vector(item_id)
-                hits, report = await offload(searcher.search_filtered, vec, k, preds, item_id)
-                return {**respond(query, k, hits, t0), "filter": report}
+                vec = await text_vector(request, text) if text is not None else s_.index.vector(item_id)
+                hits, report = await offload(s_.search_filtered, vec, k, preds, item_id)
+                return {**respond(sv, query, k, hits, t0), "filter": report}
             if text is not None:
-                hits = await offload(searcher.search_vector, await text_vector(request, text), k)
+                hits = await offload(s_.search_vector, await text_vector(request, text), k)
             else:
-                hits = await offload(searcher.search_item, item_id, k)
-            return respond(query, k, hits, t0)
+                hits = await offload(s_.search_item, item_id, k)
+            return respond(sv, query, k, hits, t0)
         if ctype == "multipart/form-data":
             if not uploads:
                 return error_response(415, "image uploads are disabled on this server (python-multipart is not installed); "
@@ -391,9 +446,12 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
                 raise
             return error_response(400, f"malformed multipart body: {type(e).__name__}: {e}")
         try:
-            unknown = sorted(set(form.keys()) - {"image", "file", "k"})
+            unknown = sorted(set(form.keys()) - {"image", "file", "k", "index"})
             if unknown:
-                return error_response(422, f"unknown form field(s) {unknown[:5]}; send 'image' (a file) and optionally 'k'")
+                return error_response(422, f"unknown form field(s) {unknown[:5]}; send 'image' (a file) and optionally "
+                                           "'k' and 'index'")
+            index_field = form.get("index")
+            sv = pick(index_field if isinstance(index_field, str) else None)
             upload = form.get("image") or form.get("file")
             if upload is None or isinstance(upload, str):
                 return error_response(422, "multipart request needs an 'image' file field")
@@ -412,26 +470,31 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
             return error_response(400, "uploaded file is empty")
         fname = upload.filename or "upload"
         img, x = await offload(decode_and_preprocess, data, fname)
-        hits = await offload(searcher.search_vector, await image_vector(request, x), k)
-        return respond({"type": "image", "filename": check_unicode(fname, "filename"), "width": img.width,
+        hits = await offload(sv.searcher.search_vector, await image_vector(request, x), k)
+        return respond(sv, {"type": "image", "filename": check_unicode(fname, "filename"), "width": img.width,
                         "height": img.height}, k, hits, t0)
 
     item_id_param = PathParam(..., ge=0, description="id of an indexed item")
 
+    index_param = Query(None, description="which index (default: the first)",
+                        json_schema_extra={"enum": sorted(served)})
+
     @app.get("/items/{item_id}", summary="Metadata of one indexed item", responses=ERRORS)
-    async def item(item_id: int = item_id_param) -> dict[str, Any]:
-        meta = searcher.item(item_id)
-        image_url = f"/items/{item_id}/image" if has_images and meta.get("image_path") else None
-        return {**public_row(meta), "image_url": image_url}
+    async def item(item_id: int = item_id_param, index: str | None = index_param) -> dict[str, Any]:
+        sv = pick(index)
+        meta = sv.searcher.item(item_id)
+        return {**public_row(meta), "image_url": image_url(sv, item_id, meta)}
 
     @app.get("/items/{item_id}/image", summary="JPEG thumbnail of an item, from its original file or shard",
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, **ERRORS})
     async def item_image(item_id: int = item_id_param,
-                         size: int | None = Query(None, ge=16, le=1024, description="longer side, pixels")) -> Response:
-        meta = searcher.item(item_id)
-        if not has_images:
+                         size: int | None = Query(None, ge=16, le=1024, description="longer side, pixels"),
+                         index: str | None = index_param) -> Response:
+        sv = pick(index)
+        meta = sv.searcher.item(item_id)
+        if not sv.has_images:
             raise ThumbnailError(f"item {item_id} is a text; this index holds no images")
-        data = await offload(thumbs.thumbnail, item_id, meta, size)
+        data = await offload(sv.thumbs.thumbnail, item_id, meta, size)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
 
     @app.get("/health", summary="Liveness and what is loaded")
@@ -447,9 +510,11 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
                 "batching": {"max_batch": max_batch, "wait_ms": batch_wait_ms,
                              **{k: {"batches": b.batches, "items": b.items, "queued": b.depth}
                                 for k, b in batchers.items()}},
-                "auth": auth_token is not None}
+                "auth": auth_token is not None,
+                "indices": [{"name": sv.name, "items": sv.searcher.index.count(), "kind": sv.searcher.index.info["kind"],
+                             "backend": sv.searcher.index.info.get("backend", "faiss")} for sv in served.values()]}
 
-    add_clip_back_routes(app, searcher, thumbs, pool, name=name, max_upload_bytes=max_upload_bytes,
+    add_clip_back_routes(app, served, pool, max_upload_bytes=max_upload_bytes,
                          max_result_ids=max_result_ids, knn_columns=knn_columns, decode_image=decode_image)
 
     add_vector_routes(app, searcher, pool, max_items=max_embed_items, max_upload_bytes=max_upload_bytes,
