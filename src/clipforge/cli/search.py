@@ -116,6 +116,11 @@ def register(sub: Any) -> None:
     p.add_argument("--auth-token-file", type=existing_file, default=None, metavar="FILE",
                    help="file holding a bearer token (>= 16 characters): every route but /health then needs "
                         "'Authorization: Bearer <token>'")
+    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                   help="run the towers in torch, or export them to ONNX at start and run them in ONNX Runtime "
+                        "(fp32; needs the onnx extra)")
+    p.add_argument("--onnx-dir", type=output_dir, default=None,
+                   help="--runtime onnx: keep (or reuse) the exported towers here (default: a temporary folder)")
     p.add_argument("--max-batch", type=positive_int, default=32,
                    help="text or image queries encoded together across requests (1: each alone)")
     p.add_argument("--batch-wait-ms", type=non_negative_float, default=5.0,
@@ -367,7 +372,15 @@ def run_serve(args: argparse.Namespace) -> int:
         dup = sorted({n for n, _ in specs if n is not None and [m for m, _ in specs].count(n) > 1})
         if dup:
             raise ValueError(f"--index: the name {dup[0]!r} is given twice")
+        if args.runtime == "onnx" and args.precision not in ("fp32", None):
+            raise ValueError("--runtime onnx serves the fp32 towers: use --precision fp32 with it")
+        if args.onnx_dir and args.runtime != "onnx":
+            raise ValueError("--onnx-dir is for --runtime onnx")
         model, preprocess = load_model_arg(args)
+        if args.runtime == "onnx":
+            from clipforge.search.onnx_runtime import onnx_model
+
+            model = onnx_model(model, args.onnx_dir, threads=args.server_threads)
         indexes: dict[Any, Any] = {}
         try:
             for n, path in specs:
