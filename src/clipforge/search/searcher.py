@@ -20,7 +20,7 @@ from ..longtext import encode_text_long
 from ..preprocess import image_transform
 from ..tokenizer import DEFAULT_OVERLAP, check_long_text, get_tokenizer
 from .backend import SearchBackend
-from .filters import FilterError, Predicate, filterable_columns, mask, parse_filter
+from .filters import FilterError, Predicate, filterable_columns, mask, milvus_expr, parse_filter
 from .index import load_index
 from ..embeddings import weights_sha256
 
@@ -181,6 +181,9 @@ class Searcher:
     @property
     def filter_columns(self) -> dict[str, str]:
         """Metadata columns a filter may name (FAISS indexes; none for backends without a table)."""
+        pushed = getattr(self.index, "filter_columns", None)  # Milvus: its own fields, filtered server-side
+        if pushed is not None:
+            return dict(pushed)
         meta = getattr(self.index, "metadata", None)
         return filterable_columns(meta.schema) if meta is not None and hasattr(meta, "schema") else {}
 
@@ -235,10 +238,18 @@ class Searcher:
         return out
 
     def search_filtered(self, vec: np.ndarray, k: int, preds: list[Predicate],
-                        exclude: int | None = None) -> tuple[list[Hit], dict[str, int]]:
+                        exclude: int | None = None) -> tuple[list[Hit], dict[str, Any]]:
         """The ``k`` best items passing ``preds``, by over-fetching: 4k candidates, then 4x more
-        until k pass or everything was fetched. Returns (hits, {"matching", "fetched"})."""
+        until k pass or everything was fetched. Returns (hits, {"matching", "fetched"}). A Milvus
+        index gets the filter as its own expression ("pushed_down"; "matching" is not known)."""
         k = self.check_k(k)
+        if getattr(self.index, "filter_columns", None) is not None:  # Milvus: the expression is pushed down
+            n = k + (exclude is not None)
+            scores, ids = self.index.search(vec[None, :], n, filter_expr=milvus_expr(preds))  # type: ignore[call-arg]
+            pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and i != exclude][:k]
+            rows = self.index.rows([i for i, _ in pairs])
+            return [Hit(i, s, r) for (i, s), r in zip(pairs, rows)], {"matching": None, "fetched": n,
+                                                                      "pushed_down": True}
         allowed = self._mask(preds)
         matching = int(allowed.sum())
         total = self.index.ntotal

@@ -132,8 +132,9 @@ class SearchResult(BaseModel):
 
 
 class FilterReport(BaseModel):
-    matching: int   # items whose metadata passes the filter
-    fetched: int    # nearest neighbours fetched to find k of them (over-fetch)
+    matching: int | None = None   # items whose metadata passes the filter (FAISS)
+    fetched: int                  # nearest neighbours fetched to find k of them (over-fetch)
+    pushed_down: bool = False     # Milvus: the filter ran in Milvus as its expression
 
 
 class SearchResponse(BaseModel):
