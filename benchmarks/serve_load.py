@@ -1,28 +1,33 @@
-"""Load test of `clipforge serve`: 50 concurrent clients, with and without one abusive client.
+"""Load test of `clipforge serve` (server in its own process, uvicorn + the product app).
 
-The server runs in its own process (uvicorn, the product app from ``create_app``) over an exact
-index of ``--n`` synthetic unit vectors, with a ``--model`` zoo architecture in random weights (the
-text tower's cost is what matters, not its answers). An asyncio + httpx client then runs two phases
-of ``--duration`` seconds each:
+Suites (``--suite``, default all):
 
-- ``baseline``: ``--clients`` clients in closed loops, each sending text queries (random 3-6 word
-  phrases from a small vocabulary, so the query cache hits some) and search-by-item queries;
-- ``abuse``: the same, plus one client sending 10 MB JSON text queries back to back (alternately
-  with Content-Length, refused on the header, and chunked, refused once 256 KiB have arrived).
+- ``batching``: closed-loop clients (``--clients-list``, default 1,8,32,128) sending unique text
+  queries (no cache hits) or image uploads, against a server with batching on (``--max-batch``,
+  ``--batch-wait-ms``) and with ``--max-batch 1``, in fp32 and bf16 (``--precisions``). Per row:
+  QPS, p50/p99 latency, mean batch size (from the server's /metrics). Also the offline batched
+  text-encode rate of the same model and precision in this process, the reference for the goal
+  "32 text clients: QPS >= 3x unbatched and >= 70% of offline batched encoding".
+- ``hardening``: ``--clients`` clients (text + search-by-item) with and without one client
+  sending 10 MB JSON bodies; then four clients uploading a 169-megapixel PNG (a few tens of KB)
+  back to back; then ``--idle`` idle connections held open. Each phase polls /health every
+  100 ms and reads the server's RSS (now / peak) before and after.
 
-Meanwhile ``/health`` is polled every 100 ms. Printed: p50/p99/max latency and counts per request
-kind and phase, the status codes seen (a 5xx is a failure); written to
-benchmarks/results/serve_load.json (or --out).
+Printed as tables; written to benchmarks/results/serve_load.json (or --out). Exit 1 on any 5xx.
 
-    python benchmarks/serve_load.py                      # 50 clients, 20 s per phase
-    python benchmarks/serve_load.py --duration 5 --n 20000
+    python benchmarks/serve_load.py                               # everything, ViT-B/32
+    python benchmarks/serve_load.py --suite batching --duration 10
+    python benchmarks/serve_load.py --model tiny-vit --n 500 --duration 1 --clients-list 1,4 --idle 300  # smoke
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
+import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,17 +41,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, environment, print_table
 
 SERVER = """
-import socket, sys
+import json, socket, sys
 import uvicorn
-import clipforge
-from clipforge.inference import optimize_for_inference
+from clipforge.loading import load_for_inference
+from clipforge.search.server import ServerLimits, connection_budget, uvicorn_config
 from clipforge.search.service import create_app
-index, model_name, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
-model = optimize_for_inference(clipforge.create_model(model_name, seed=0))
-app = create_app(index, model, workers=threads)
+cfg = json.loads(sys.argv[1])
+limits = connection_budget(ServerLimits(max_connections=cfg["max_connections"]))
+model, pre = load_for_inference(cfg["model"], precision=cfg["precision"], random_init=True, seed=0)
+app = create_app(cfg["index"], model, pre, workers=cfg["threads"], max_batch=cfg["max_batch"],
+                 batch_wait_ms=cfg["wait_ms"], max_pending=4096, query_cache=cfg["cache"])
 sock = socket.socket(); sock.bind(("127.0.0.1", 0))
 print(sock.getsockname()[1], flush=True)
-uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+uvicorn.Server(uvicorn_config(app, limits, log_level="warning", access_log=False)).run(sockets=[sock])
 """
 WORDS = ("dog cat beach red blue car tree house river mountain city night snow bird flower street boat "
          "child old green small large running sitting photo painting").split()
@@ -137,51 +144,285 @@ async def run_phase(base: str, clients: int, duration: float, abusive: bool, n: 
             for kind, v in sorted(lat.items())}
 
 
+class Server:
+    """The server process for one configuration."""
+
+    def __init__(self, idx: Path, args: argparse.Namespace, *, max_batch: int, precision: str, cache: int = 1024):
+        import httpx
+
+        cfg = {"index": str(idx), "model": args.model, "threads": args.threads, "max_batch": max_batch,
+               "wait_ms": args.batch_wait_ms, "precision": precision, "cache": cache,
+               "max_connections": args.max_connections}
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, json.dumps(cfg)], stdout=subprocess.PIPE, text=True)
+        self.port = int(self.proc.stdout.readline())
+        self.base = f"http://127.0.0.1:{self.port}"
+        for _ in range(600):
+            try:
+                if httpx.get(self.base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+
+    def rss(self) -> dict[str, float]:
+        """Resident memory now and at its peak (MiB), from /proc."""
+        out = {}
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out["rss_mib" if line.startswith("VmRSS") else "peak_rss_mib"] = int(line.split()[1]) / 1024
+        return out
+
+    def batch_stats(self, kind: str) -> tuple[float, float]:
+        import httpx
+
+        text = httpx.get(self.base + "/metrics", timeout=30).text
+        get = lambda what: float((re.search(rf'clipforge_batch_size_{what}{{kind="{kind}"}} (\S+)', text) or [0, 0])[1])
+        return get("sum"), get("count")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+def query_images(n: int = 16) -> list[bytes]:
+    from PIL import Image
+
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        img = Image.fromarray(rng.integers(0, 256, (240 + 8 * i, 320, 3), dtype=np.uint8))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        out.append(buf.getvalue())
+    return out
+
+
+async def closed_loop(base: str, clients: int, duration: float, kind: str, seed: int) -> dict:
+    """``clients`` closed loops of unique text queries or image uploads for ``duration`` s."""
+    import httpx
+
+    lat: list[float] = []
+    codes: Counter = Counter()
+    images = query_images()
+    stop = time.perf_counter() + duration
+
+    async def client(i: int) -> None:
+        rng = np.random.default_rng(seed * 1000 + i)
+        j = 0
+        async with httpx.AsyncClient(base_url=base, timeout=120) as c:
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                if kind == "text":  # unique: the query cache never answers
+                    text = " ".join(rng.choice(WORDS, size=int(rng.integers(3, 7)))) + f" {i} {j}"
+                    r = await c.post("/search", json={"text": text, "k": 10})
+                else:
+                    r = await c.post("/search", files={"image": ("q.jpg", images[(i + j) % len(images)], "image/jpeg")},
+                                     data={"k": "10"})
+                codes[r.status_code] += 1
+                lat.append(1000 * (time.perf_counter() - t))
+                j += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    wall = time.perf_counter() - t0
+    return {"count": len(lat), "qps": len(lat) / wall, "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
+            "status": {str(k): v for k, v in sorted(codes.items())}}
+
+
+def offline_text_rate(args: argparse.Namespace, precision: str, batch: int = 32, n: int = 256) -> float:
+    """Captions per second when they come as batches of ``batch`` (same model, same precision)."""
+    import torch
+
+    from clipforge.inference import embed_texts
+    from clipforge.loading import load_for_inference
+
+    model, _ = load_for_inference(args.model, precision=precision, random_init=True, seed=0)
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 7)))) + f" {i}" for i in range(n)]
+    torch.set_num_threads(args.threads)
+    embed_texts(model, texts[:batch], batch_size=batch)  # warm-up
+    t = time.perf_counter()
+    embed_texts(model, texts, batch_size=batch)
+    return n / (time.perf_counter() - t)
+
+
+def batching_suite(idx: Path, args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for precision in args.precisions:
+        try:
+            offline = offline_text_rate(args, precision)
+        except RuntimeError as e:  # e.g. bf16 packing needs AVX512-BF16 / AVX-NE-CONVERT on this CPU
+            print(f"  skipping {precision}: {str(e).splitlines()[0]}", flush=True)
+            rows.append({"precision": precision, "skipped": str(e).splitlines()[0], "status": {}})
+            continue
+        for max_batch in (args.max_batch, 1):
+            server = Server(idx, args, max_batch=max_batch, precision=precision, cache=0)
+            try:
+                asyncio.run(closed_loop(server.base, 2, 1.0, "text", 99))  # warm-up
+                for kind in ("text", "image"):
+                    for clients in args.clients_list:
+                        s0, c0 = server.batch_stats(kind)
+                        r = asyncio.run(closed_loop(server.base, clients, args.duration, kind, args.seed))
+                        s1, c1 = server.batch_stats(kind)
+                        rows.append({"precision": precision, "max_batch": max_batch, "kind": kind, "clients": clients,
+                                     **r, "mean_batch": (s1 - s0) / max(c1 - c0, 1),
+                                     "offline_text_per_s": offline if kind == "text" else None})
+                        print(f"  {precision} max_batch={max_batch} {kind} x{clients}: {r['qps']:.1f} q/s", flush=True)
+            finally:
+                server.close()
+    return rows
+
+
+async def health_during(base: str, duration: float, load) -> dict:
+    """Poll /health every 100 ms while ``load`` (a coroutine) runs for ``duration`` s."""
+    import httpx
+
+    lat: list[float] = []
+    codes: Counter = Counter()
+    stop = time.perf_counter() + duration
+
+    async def poll() -> None:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as c:
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                try:
+                    codes[(await c.get("/health")).status_code] += 1
+                except httpx.HTTPError as e:
+                    codes[type(e).__name__] += 1
+                lat.append(1000 * (time.perf_counter() - t))
+                await asyncio.sleep(0.1)
+
+    other = await asyncio.gather(poll(), load(stop))
+    return {"health_count": len(lat), "health_p50_ms": pct(lat, 50), "health_p99_ms": pct(lat, 99),
+            "health_max_ms": max(lat) if lat else float("nan"),
+            "health_status": " ".join(f"{k}:{v}" for k, v in sorted(codes.items(), key=str)), **(other[1] or {})}
+
+
+def bomb_png(side: int = 13_000) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (side, side), 0).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def hardening_suite(idx: Path, args: argparse.Namespace) -> dict:
+    import httpx
+
+    server = Server(idx, args, max_batch=args.max_batch, precision="fp32")
+    out: dict = {}
+    try:
+        asyncio.run(run_phase(server.base, 4, 2.0, False, args.n, args.seed + 99))  # warm-up
+        for name, abusive in (("baseline", False), ("abuse", True)):
+            out[name] = asyncio.run(run_phase(server.base, args.clients, args.duration, abusive, args.n, args.seed))
+        bomb = bomb_png()
+
+        async def bombs(stop: float) -> dict:
+            codes: Counter = Counter()
+
+            async def one() -> None:
+                async with httpx.AsyncClient(base_url=server.base, timeout=120) as c:
+                    while time.perf_counter() < stop:
+                        r = await c.post("/search", files={"image": ("bomb.png", bomb, "image/png")})
+                        codes[r.status_code] += 1
+            await asyncio.gather(*(one() for _ in range(4)))
+            return {"load_status": " ".join(f"{k}:{v}" for k, v in sorted(codes.items()))}
+
+        before = server.rss()
+        r = asyncio.run(health_during(server.base, args.duration, bombs))
+        out["bomb"] = {**r, "bomb_bytes": len(bomb), "rss_before_mib": before["rss_mib"], **server.rss()}
+
+        async def idle(stop: float) -> dict:
+            socks, refused = [], 0
+            for _ in range(args.idle):
+                s = socket.socket()
+                s.setblocking(False)
+                try:
+                    s.connect(("127.0.0.1", server.port))
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    refused += 1
+                    s.close()
+                    continue
+                socks.append(s)
+                if len(socks) % 500 == 0:
+                    await asyncio.sleep(0)  # let the health poller run while the flood builds
+            while time.perf_counter() < stop:
+                await asyncio.sleep(0.1)
+            for s in socks:
+                s.close()
+            return {"idle_opened": len(socks), "idle_failed": refused}
+
+        before = server.rss()
+        r = asyncio.run(health_during(server.base, args.duration, idle))
+        out["idle_flood"] = {**r, "rss_before_mib": before["rss_mib"], **server.rss()}
+    finally:
+        server.close()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=["all", "batching", "hardening"], default="all")
     ap.add_argument("--n", type=int, default=100_000, help="indexed vectors")
     ap.add_argument("--model", default="ViT-B/32", help="zoo architecture (random weights)")
-    ap.add_argument("--clients", type=int, default=50)
-    ap.add_argument("--duration", type=float, default=20.0, help="seconds per phase")
+    ap.add_argument("--clients", type=int, default=50, help="hardening: clients of the baseline/abuse phases")
+    ap.add_argument("--clients-list", type=lambda t: [int(x) for x in t.split(",")], default=[1, 8, 32, 128])
+    ap.add_argument("--precisions", type=lambda t: t.split(","), default=["fp32", "bf16"])
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--batch-wait-ms", type=float, default=5.0)
+    ap.add_argument("--idle", type=int, default=20_000, help="hardening: idle connections of the flood")
+    ap.add_argument("--max-connections", type=int, default=1000)
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per row / phase")
     ap.add_argument("--threads", type=int, default=4, help="server worker threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "serve_load.json")
     args = ap.parse_args()
 
     import clipforge
+    from clipforge.search.server import raise_fd_limit
 
+    soft = raise_fd_limit()
+    if args.idle > soft - 256:
+        print(f"note: --idle {args.idle} lowered to {soft - 256} (this process may open {soft} descriptors)")
+        args.idle = max(soft - 256, 0)
     dim = clipforge.get_model_config(args.model).embed_dim
+    out = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+           "environment": environment()}
+    server_errors = 0
     with tempfile.TemporaryDirectory() as tmp:
         idx = build_index(Path(tmp), args.n, dim, args.seed)
-        proc = subprocess.Popen([sys.executable, "-c", SERVER, str(idx), args.model, str(args.threads)],
-                                stdout=subprocess.PIPE, text=True)
-        try:
-            port = int(proc.stdout.readline())
-            base = f"http://127.0.0.1:{port}"
-            import httpx
-
-            for _ in range(600):
-                try:
-                    if httpx.get(base + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
-            asyncio.run(run_phase(base, 4, 2.0, False, args.n, args.seed + 99))  # warm-up
-            phases = {name: asyncio.run(run_phase(base, args.clients, args.duration, abusive, args.n, args.seed))
-                      for name, abusive in (("baseline", False), ("abuse", True))}
-        finally:
-            proc.terminate()
-            proc.wait(30)
-    rows = [{"phase": phase, "request": kind, **r, "codes": " ".join(f"{k}:{v}" for k, v in r["status"].items())}
-            for phase, res in phases.items() for kind, r in res.items()]
-    print_table(rows, [("phase", "phase", ""), ("request", "request", ""), ("count", "count", "d"),
-                       ("per_s", "req/s", ".1f"), ("p50_ms", "p50 ms", ".1f"), ("p99_ms", "p99 ms", ".1f"),
-                       ("max_ms", "max ms", ".1f"), ("codes", "status", "")])
-    server_errors = sum(v for res in phases.values() for r in res.values() for k, v in r["status"].items()
-                        if k.isdigit() and int(k) >= 500)
+        if args.suite in ("all", "batching"):
+            rows = batching_suite(idx, args)
+            out["batching"] = rows
+            print_table([r for r in rows if "skipped" not in r], [("precision", "precision", ""), ("max_batch", "max batch", "d"), ("kind", "kind", ""),
+                               ("clients", "clients", "d"), ("qps", "QPS", ".1f"), ("p50_ms", "p50 ms", ".1f"),
+                               ("p99_ms", "p99 ms", ".1f"), ("mean_batch", "mean batch", ".1f"),
+                               ("offline_text_per_s", "offline text/s", ".1f")])
+            server_errors += sum(v for r in rows for k, v in r["status"].items() if int(k) >= 500)
+        if args.suite in ("all", "hardening"):
+            phases = hardening_suite(idx, args)
+            out["hardening"] = phases
+            rows = [{"phase": phase, "request": kind, **r, "codes": " ".join(f"{k}:{v}" for k, v in r["status"].items())}
+                    for phase in ("baseline", "abuse") for kind, r in phases[phase].items()]
+            print_table(rows, [("phase", "phase", ""), ("request", "request", ""), ("count", "count", "d"),
+                               ("per_s", "req/s", ".1f"), ("p50_ms", "p50 ms", ".1f"), ("p99_ms", "p99 ms", ".1f"),
+                               ("max_ms", "max ms", ".1f"), ("codes", "status", "")])
+            rows = [{"phase": p, **phases[p]} for p in ("bomb", "idle_flood")]
+            print_table(rows, [("phase", "phase", ""), ("health_count", "/health n", "d"),
+                               ("health_p50_ms", "p50 ms", ".1f"), ("health_p99_ms", "p99 ms", ".1f"),
+                               ("health_max_ms", "max ms", ".1f"), ("health_status", "/health status", ""),
+                               ("rss_before_mib", "RSS before MiB", ".0f"), ("rss_mib", "RSS after MiB", ".0f"),
+                               ("peak_rss_mib", "peak MiB", ".0f")])
+            print(f"bomb uploads: {phases['bomb'].get('load_status')}; idle flood: "
+                  f"{phases['idle_flood'].get('idle_opened')} opened, {phases['idle_flood'].get('idle_failed')} failed")
+            server_errors += sum(v for p in ("baseline", "abuse") for r in phases[p].values()
+                                 for k, v in r["status"].items() if k.isdigit() and int(k) >= 500)
+            server_errors += sum(int(x.split(":")[1]) for p in ("bomb", "idle_flood")
+                                 for x in phases[p]["health_status"].split() if x.split(":")[0].isdigit()
+                                 and int(x.split(":")[0]) >= 500)
     print(f"5xx responses: {server_errors}")
-    out = {"config": vars(args) | {"out": str(args.out)}, "environment": environment(), "phases": phases,
-           "server_errors_5xx": server_errors}
+    out["server_errors_5xx"] = server_errors
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}")

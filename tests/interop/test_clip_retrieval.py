@@ -182,7 +182,8 @@ def server(photos):
     emb = d / "srv_emb"
     embed_collection(model, ImageFolderSource(d / "photos"), emb, shard_size=6, progress=False, rank=0, world_size=1)
     build_index(emb, d / "srv_idx", n_queries=5, progress=False)
-    srv = LiveServer(create_app(d / "srv_idx", model, max_k=50, index_name="photos"))
+    srv = LiveServer(create_app(d / "srv_idx", model, max_k=50, index_name="photos",
+                                cors_origins=("http://front.example",)))
     yield srv, model, load_index(d / "srv_idx")
     srv.close()
 
@@ -218,13 +219,13 @@ def test_clip_client_against_clipforge_serve(server, photos):
     assert_topk([r["id"] for r in res], [r["similarity"] for r in res], vecs @ q, 6)
     for r in res:
         assert set(r) == {"image_path", "caption", "image", "id", "similarity"}
-        assert r["image_path"] == idx.row(r["id"])["image_path"]
+        assert r["image_path"] == idx.row(r["id"])["key"]  # relative: the server's paths are not shown
         assert base64.b64decode(r["image"])[:2] == b"\xff\xd8"  # a JPEG, as clip_back sends
 
     res = client.query(image=str(paths[9]))  # a local file: ClipClient sends it base64
     q = embed_images(model, [load_image(paths[9])]).numpy()[0]
     assert_topk([r["id"] for r in res], [r["similarity"] for r in res], vecs @ q, 6)
-    assert res[0]["image_path"] == str(paths[9]) and res[0]["similarity"] == pytest.approx(1.0, abs=2e-3)
+    assert res[0]["image_path"] == paths[9].relative_to(d / "photos").as_posix() and res[0]["similarity"] == pytest.approx(1.0, abs=2e-3)
 
     res = client.query(embedding_input=q.tolist())
     assert_topk([r["id"] for r in res], [r["similarity"] for r in res], vecs @ q, 6)
@@ -270,10 +271,10 @@ def test_front_end_calls(server):
     meta = requests.post(f"{srv.url}/metadata", data=json.dumps({"ids": ids, "indice_name": "photos"}),
                          timeout=30).json()
     assert [m["id"] for m in meta] == ids
-    assert [m["metadata"]["image_path"] for m in meta] == [idx.row(i)["image_path"] for i in ids]
+    assert [m["metadata"]["image_path"] for m in meta] == [idx.row(i)["key"] for i in ids]  # relative
     cors = requests.post(f"{srv.url}/knn-service", data=json.dumps(body),
                          headers={"origin": "http://front.example"}, timeout=30)
-    assert cors.headers["access-control-allow-origin"] == "*"
+    assert cors.headers["access-control-allow-origin"] == "http://front.example"  # the origin allowed at start
     for bad, status in (({**body, "indice_name": "other"}, 404), ({**body, "modality": "text"}, 404),
                         ({**body, "text": None, "image_url": "http://example.com/x.jpg"}, 422),
                         ({**body, "num_images": 1000}, 422)):

@@ -122,20 +122,25 @@ def exact_topk(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
 
 
 class LiveServer:
-    """An app served by uvicorn on 127.0.0.1 (port 0) in a thread, for clients that need real HTTP."""
+    """An app served by uvicorn on 127.0.0.1 (port 0) in a thread, for clients that need real HTTP,
+    with the connection guard and limits of ``clipforge serve`` (``limits``: a ServerLimits)."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, limits=None, log_level: str = "error") -> None:
         import socket
         import threading
         import time
 
         import uvicorn
 
+        from clipforge.search.server import ServerLimits, uvicorn_config
+
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="off"))
+        config = uvicorn_config(app, limits or ServerLimits(), log_level=log_level, access_log=False)
+        config.lifespan = "off"
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         for _ in range(500):

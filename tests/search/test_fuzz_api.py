@@ -42,17 +42,32 @@ def api_schema(tmp_path_factory):
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
-def real_images(case) -> None:
-    """A schema-valid base64 ``image`` of /knn-service becomes a real PNG: any base64 is valid for
-    the schema, only images are accepted (invalid base64 is left alone, to be refused)."""
-    body = case.body
-    if case.operation.path != "/knn-service" or not isinstance(body, dict) or not isinstance(body.get("image"), str):
-        return
+def _png_if_base64(value):
+    if not isinstance(value, str):
+        return value
     try:
-        base64.b64decode(body["image"], validate=True)
+        base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
+        return value
+    return base64.b64encode(PNG).decode()
+
+
+def real_images(case) -> None:
+    """A schema-valid base64 image (``image`` of /knn-service, ``images`` of /embed and /rank, a
+    /rank ``query.image``) becomes a real PNG: any base64 is valid for the schema, only images are
+    accepted (invalid base64 is left alone, to be refused)."""
+    body = case.body
+    if not isinstance(body, dict):
         return
-    case.body = {**body, "image": base64.b64encode(PNG).decode()}
+    if case.operation.path == "/knn-service" and isinstance(body.get("image"), str):
+        case.body = {**body, "image": _png_if_base64(body["image"])}
+    elif case.operation.path in ("/embed", "/rank"):
+        body = dict(body)
+        if isinstance(body.get("images"), list):
+            body["images"] = [_png_if_base64(v) for v in body["images"]]
+        if isinstance(body.get("query"), dict) and "image" in body["query"]:
+            body["query"] = {**body["query"], "image": _png_if_base64(body["query"]["image"])}
+        case.body = body
 
 
 def check(case) -> None:
@@ -93,7 +108,7 @@ def fuzz(schema, max_examples: int) -> list[str]:
 
 def test_api_conforms(api_schema):
     labels = fuzz(api_schema, max_examples=25)
-    assert {"POST /knn-service", "GET /health"} <= set(labels), labels
+    assert {"POST /knn-service", "POST /embed", "POST /rank", "GET /health"} <= set(labels), labels
 
 
 @pytest.mark.slow

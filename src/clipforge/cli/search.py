@@ -8,7 +8,8 @@ from typing import Any
 
 from .options import (ListAction, add_inference_model_options, add_log_option, add_long_text_options,
                       add_progress_option, any_int,
-                      existing_dir, existing_file, load_model_arg, non_negative_int, nonempty_str, output_dir,
+                      existing_dir, existing_file, load_model_arg, non_negative_float, non_negative_int, nonempty_str,
+                      output_dir,
                       positive_float, positive_int, require_nonempty, unit_interval)
 
 
@@ -93,9 +94,41 @@ def register(sub: Any) -> None:
     p = sub.add_parser("serve", help="HTTP search API + web page (FastAPI on uvicorn)",
                        description="Needs the search extra: pip install 'clipforge[search]'.")
     add_inference_model_options(p, batch_size=None)
-    p.add_argument("--index", required=True, type=existing_dir, help="index directory")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind")
-    p.add_argument("--port", type=non_negative_int, default=8080, help="TCP port (0: any free port)")
+    p.add_argument("--index", required=True, action="append", type=index_spec, metavar="[NAME=]PATH",
+                   help="index directory, NAME=PATH, or clip-retrieval's indices_paths.json ({name: path}); repeat "
+                        "for several indexes (the first is the default; requests choose with 'index')")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (beyond loopback only with --auth-token-file or --insecure)")
+    p.add_argument("--port", type=port_number, default=8080, help="TCP port (0: any free port)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without authentication (anyone who reaches it may query)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="browser origin allowed to call the API, e.g. http://localhost:3000 (repeat; '*' for any; "
+                        "default: none)")
+    p.add_argument("--max-image-pixels", type=positive_int, default=40_000_000,
+                   help="largest image (width x height, read from its header before decoding) accepted in a "
+                        "query or thumbnailed; larger ones get 413")
+    p.add_argument("--max-connections", type=positive_int, default=1000,
+                   help="open connections; beyond it the oldest idle one is closed (capped by the descriptor limit)")
+    p.add_argument("--header-timeout", type=positive_float, default=10.0,
+                   help="seconds a connection may take to send a request head before it is closed")
+    p.add_argument("--keep-alive", type=positive_int, default=5, help="seconds an idle keep-alive connection stays open")
+    p.add_argument("--auth-token-file", type=existing_file, default=None, metavar="FILE",
+                   help="file holding a bearer token (>= 16 characters): every route but /health then needs "
+                        "'Authorization: Bearer <token>'")
+    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                   help="run the towers in torch, or export them to ONNX at start and run them in ONNX Runtime "
+                        "(fp32; needs the onnx extra)")
+    p.add_argument("--onnx-dir", type=output_dir, default=None,
+                   help="--runtime onnx: keep (or reuse) the exported towers here (default: a temporary folder)")
+    p.add_argument("--max-batch", type=positive_int, default=32,
+                   help="text or image queries encoded together across requests (1: each alone)")
+    p.add_argument("--batch-wait-ms", type=non_negative_float, default=5.0,
+                   help="longest wait for a batch to fill once its first query arrived")
+    p.add_argument("--max-embed-items", type=positive_int, default=64,
+                   help="texts (and images) per /embed or /rank request")
+    p.add_argument("--graceful-timeout", type=positive_int, default=30,
+                   help="seconds to finish in-flight requests on SIGTERM / Ctrl-C before closing")
     p.add_argument("--max-k", type=positive_int, default=100, help="largest k a request may ask for")
     p.add_argument("--max-upload", default="10M", type=memory_size, help="largest accepted image upload")
     p.add_argument("--thumb-size", type=positive_int, default=256, help="thumbnail size in pixels")
@@ -106,7 +139,7 @@ def register(sub: Any) -> None:
                    help="requests queued or running before new ones get 503")
     p.add_argument("--request-timeout", type=positive_float, default=30.0, help="seconds before a query gets 503")
     p.add_argument("--index-name", default=None, type=nonempty_str,
-                   help="name in clip-retrieval's /indices-list (default: the index folder's name)")
+                   help="name of a single unnamed --index (default: the index folder's name)")
     p.add_argument("--no-uploads", action="store_true",
                    help="disable image uploads (needed to start without python-multipart)")
     p.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=None,
@@ -122,6 +155,53 @@ def milvus_name(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,200}", text):
         raise argparse.ArgumentTypeError(f"expected letters, digits and _ (not starting with a digit), got {text!r}")
     return text
+
+
+def index_spec(text: str) -> list[tuple[str | None, str]]:
+    """``PATH``, ``NAME=PATH`` or an ``indices_paths.json`` ({name: path}) -> [(name or None, dir)]."""
+    import re
+    from pathlib import Path
+
+    name, eq, rest = text.partition("=")
+    if eq and re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", name) and not Path(text).is_dir():
+        return [(name, existing_dir(rest))]
+    if text.endswith(".json") and Path(text).is_file():
+        try:
+            mapping = json.loads(Path(text).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise argparse.ArgumentTypeError(f"{text}: not a JSON object of index names to paths ({e})") from None
+        if not isinstance(mapping, dict) or not mapping or not all(isinstance(v, str) for v in mapping.values()):
+            raise argparse.ArgumentTypeError(f"{text}: expected a JSON object of index names to paths")
+        base = Path(text).resolve().parent
+        out = []
+        for k, v in mapping.items():
+            p = Path(v) if Path(v).is_absolute() else base / v
+            if not p.is_dir():
+                raise argparse.ArgumentTypeError(f"{text}: index {k!r}: {v} is not a directory")
+            out.append((str(k), str(p)))
+        return out
+    return [(None, existing_dir(text))]
+
+
+def read_token(path: str) -> str:
+    """The bearer token in ``path`` (surrounding whitespace ignored), at least 16 characters."""
+    from pathlib import Path
+
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"--auth-token-file {path}: not UTF-8 text") from None
+    if len(token) < 16 or any(c.isspace() for c in token):
+        raise ValueError(f"--auth-token-file {path}: the token must be one word of at least 16 characters")
+    return token
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 0..65535."""
+    value = non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port between 0 and 65535, got {text!r}")
+    return value
 
 
 def memory_size(text: str) -> str:
@@ -268,24 +348,62 @@ def run_search(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from clipforge.search.http import multipart_available
     from clipforge.search.index import load_index, parse_memory
+    from clipforge.search.server import ServerLimits, bind_socket, connection_budget, is_loopback, uvicorn_config
     from clipforge.search.service import create_app
 
-    from clipforge.search.http import multipart_available
-
+    token = read_token(args.auth_token_file) if args.auth_token_file else None
+    if not is_loopback(args.host) and not args.insecure and token is None:
+        raise ValueError(f"--host {args.host} is reachable beyond this machine and the server has no authentication: "
+                         "give --auth-token-file FILE, or --insecure to serve it open on purpose")
     if not args.no_uploads and not multipart_available():
         raise ValueError("image uploads need python-multipart, which is not installed: "
                          "pip install 'clipforge[search]' (or start with --no-uploads)")
-    model, preprocess = load_model_arg(args)
-    index = load_index(args.index, mmap=args.mmap)
-    app = create_app(index, model, preprocess, max_k=args.max_k, max_upload_bytes=parse_memory(args.max_upload),
-                     max_json_bytes=parse_memory(args.max_json), workers=args.server_threads,
-                     max_pending=args.max_pending, request_timeout=args.request_timeout,
-                     index_name=args.index_name, uploads=not args.no_uploads, thumb_size=args.thumb_size)
-    print(f"serving {index.count()} items from {args.index} on http://{args.host}:{args.port}/ "
-          f"(API docs at /docs)", flush=True)
+    limits = connection_budget(ServerLimits(max_connections=args.max_connections, header_timeout=args.header_timeout,
+                                            keep_alive=args.keep_alive, graceful_timeout=args.graceful_timeout))
+    sock = bind_socket(args.host, args.port)  # a bad host or a busy port: one line, before any banner
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        specs = [x for group in args.index for x in group]
+        if len(specs) > 1 and any(n is None for n, _ in specs):
+            raise ValueError("several --index: name each one (NAME=PATH or an indices_paths.json)")
+        if len(specs) > 1 and args.index_name:
+            raise ValueError("--index-name names a single --index; use NAME=PATH for several")
+        dup = sorted({n for n, _ in specs if n is not None and [m for m, _ in specs].count(n) > 1})
+        if dup:
+            raise ValueError(f"--index: the name {dup[0]!r} is given twice")
+        if args.runtime == "onnx" and args.precision not in ("fp32", None):
+            raise ValueError("--runtime onnx serves the fp32 towers: use --precision fp32 with it")
+        if args.onnx_dir and args.runtime != "onnx":
+            raise ValueError("--onnx-dir is for --runtime onnx")
+        model, preprocess = load_model_arg(args)
+        if args.runtime == "onnx":
+            from clipforge.search.onnx_runtime import onnx_model
+
+            model = onnx_model(model, args.onnx_dir, threads=args.server_threads)
+        indexes: dict[Any, Any] = {}
+        try:
+            for n, path in specs:
+                indexes[n] = load_index(path, mmap=args.mmap)
+            index = next(iter(indexes.values()))
+            app = create_app(indexes if len(indexes) > 1 else index, model, preprocess, max_k=args.max_k, max_upload_bytes=parse_memory(args.max_upload),
+                             max_json_bytes=parse_memory(args.max_json), workers=args.server_threads,
+                             max_pending=args.max_pending, request_timeout=args.request_timeout,
+                             index_name=args.index_name, uploads=not args.no_uploads, thumb_size=args.thumb_size,
+                             max_image_pixels=args.max_image_pixels, cors_origins=tuple(args.cors_origin),
+                             max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                             max_embed_items=args.max_embed_items, auth_token=token)
+            host, port = sock.getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            open_note = " (bearer token required)" if token else "" if is_loopback(args.host) else \
+                " WITHOUT authentication (--insecure)"
+            what = ", ".join(f"{n}: {sv.searcher.index.count()} items" for n, sv in app.state.served.items()) \
+                if len(indexes) > 1 else f"{index.count()} items from {specs[0][1]}"
+            print(f"serving {what} on http://{shown}:{port}/{open_note} (API docs at /docs)", flush=True)
+            uvicorn.Server(uvicorn_config(app, limits, log_level=args.log_level)).run(sockets=[sock])
+        finally:
+            for ix in indexes.values():
+                ix.close()
     finally:
-        index.close()
+        sock.close()
     return 0

@@ -7,10 +7,11 @@ so its ``ClipClient`` and its front end (clip-front) work against ``clipforge se
   JPEG: our thumbnail, where clip_back re-encodes the full image), then ``id`` and ``similarity``;
   the rest up to ``num_result_ids`` with ``id`` and ``similarity`` only. ``deduplicate`` is
   clip_back's (cosine >= 0.94 components over the result embeddings).
-- ``GET /indices-list``: ``[name]``;  ``POST /metadata``: ``[{"id", "metadata"}]`` for ids.
+- ``GET /indices-list``: the index names;  ``POST /metadata``: ``[{"id", "metadata"}]`` for ids.
 
-Differences, each refused with a clear 4xx instead of clip_back's 500: one index per server (an
-unknown ``indice_name`` or a ``modality`` it does not hold is 404); ``image_url`` is refused (this
+Differences, each refused with a clear 4xx instead of clip_back's 500: an unknown
+``indice_name`` or a ``modality`` the chosen index does not hold is 404 (no ``indice_name``: the
+server's first index); ``image_url`` is refused (this
 server fetches no URLs); ``embedding_input`` must be ``dim`` numbers in [-1, 1]. Accepted and
 ignored (no such models here): ``use_mclip``, ``use_safety_model``, ``use_violence_detector``,
 ``aesthetic_score``/``aesthetic_weight``.
@@ -26,7 +27,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from .http import ERRORS, WorkerPool, check_unicode, decode_query_image, parse_json, whole
+from .http import ERRORS, WorkerPool, check_unicode, decode_query_image, parse_json, public_path, whole
 from .searcher import QueryError, Searcher
 from .thumbnails import ThumbnailError, Thumbnailer
 
@@ -54,19 +55,19 @@ class KnnRequest(BaseModel):
     aesthetic_weight: float | str | None = ""
 
 
-def knn_request_schema(kind: str, name: str, dim: int, max_images: int, max_ids: int) -> dict[str, Any]:
+def knn_request_schema(kinds: list[str], names: list[str], dim: int, max_images: int, max_ids: int) -> dict[str, Any]:
     """What ``/knn-service`` takes: exactly one of a text, a base64 image or an embedding
     (clip_back's precedence: a non-empty text, then the image, then the embedding)."""
     null = {"type": "null"}
     no_text = {"anyOf": [null, {"type": "string", "maxLength": 0}]}
     flag = {"anyOf": [{"type": "boolean"}, null]}
     common = {
-        "modality": {"type": "string", "enum": [kind], "description": "which index to search (this server: one)"},
+        "modality": {"type": "string", "enum": kinds, "description": "image or text embeddings (the index's kind)"},
         "num_images": {"type": "integer", "minimum": 0, "maximum": max_images,
                        "description": "results returned with their metadata"},
         "num_result_ids": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": max_ids}, null],
                            "description": "results returned (ids and similarities); default num_images"},
-        "indice_name": {"anyOf": [{"type": "string", "enum": [name]}, null]},
+        "indice_name": {"anyOf": [{"type": "string", "enum": names}, null]},
         "use_mclip": flag, "deduplicate": flag,
         "use_safety_model": {**flag, "description": "accepted, no safety model here"},
         "use_violence_detector": {**flag, "description": "accepted, no violence detector here"},
@@ -95,11 +96,11 @@ def knn_request_schema(kind: str, name: str, dim: int, max_images: int, max_ids:
     ]}
 
 
-def metadata_request_schema(name: str, ntotal: int, max_ids: int) -> dict[str, Any]:
+def metadata_request_schema(names: list[str], ntotal: int, max_ids: int) -> dict[str, Any]:
     return {"title": "MetadataRequest", "type": "object", "required": ["ids"], "properties": {
         "ids": {"type": "array", "maxItems": max_ids,
                 "items": {"type": "integer", "minimum": 0, "maximum": max(ntotal - 1, 0)}},
-        "indice_name": {"anyOf": [{"type": "string", "enum": [name]}, {"type": "null"}]}}}
+        "indice_name": {"anyOf": [{"type": "string", "enum": names}, {"type": "null"}]}}}
 
 
 class MetadataRequest(BaseModel):
@@ -108,28 +109,33 @@ class MetadataRequest(BaseModel):
     indice_name: str | None = None
 
 
-def add_clip_back_routes(app: FastAPI, searcher: Searcher, thumbs: Thumbnailer, pool: WorkerPool, *,
-                         name: str, max_upload_bytes: int, max_result_ids: int,
-                         knn_columns: tuple[str, ...] = KNN_COLUMNS) -> None:
-    """Register /knn-service, /indices-list and /metadata on ``app``."""
+def add_clip_back_routes(app: FastAPI, served: dict[str, Any], pool: WorkerPool, *,
+                         max_upload_bytes: int, max_result_ids: int,
+                         knn_columns: tuple[str, ...] = KNN_COLUMNS, decode_image: Any = decode_query_image) -> None:
+    """Register /knn-service, /indices-list and /metadata on ``app`` over ``served`` (name ->
+    an object with ``searcher`` and ``thumbs``; the first is the default); ``decode_image``:
+    bytes, name -> PIL image, with the server's pixel limit."""
+    names = list(served)
+    first = served[names[0]]
+    searcher: Searcher = first.searcher  # model-level work (embedding a query) goes through the first
     info = searcher.index.info
-    has_images = info["kind"] == "image"
     offload = pool.run
-    decode_image = decode_query_image
     max_k = searcher.max_k
 
-    def thumb_b64(item_id: int, row: dict[str, Any]) -> str | None:
+    def thumb_b64(sv: Any, item_id: int, row: dict[str, Any]) -> str | None:
         """clip_back sends the local image as base64 JPEG under ``image``; we send the thumbnail."""
-        if not has_images or not row.get("image_path"):
+        if sv.searcher.index.info["kind"] != "image" or not row.get("image_path"):
             return None
         try:
-            return base64.b64encode(thumbs.thumbnail(item_id, row)).decode("ascii")
+            return base64.b64encode(sv.thumbs.thumbnail(item_id, row)).decode("ascii")
         except ThumbnailError:
             return None
 
-    def knn_meta(item_id: int, row: dict[str, Any]) -> dict[str, Any]:
+    def knn_meta(sv: Any, item_id: int, row: dict[str, Any]) -> dict[str, Any]:
         out = {c: row[c] for c in knn_columns if c in row}
-        img = thumb_b64(item_id, row)
+        if "image_path" in out:  # never the server's absolute path: the item's key (relative) instead
+            out["image_path"] = public_path(row.get("key")) if out["image_path"] else None
+        img = thumb_b64(sv, item_id, row)
         if img is not None:
             out["image"] = img
         return out
@@ -156,15 +162,17 @@ def add_clip_back_routes(app: FastAPI, searcher: Searcher, thumbs: Thumbnailer, 
             req = model_cls.model_validate(data)
         except ValueError as e:
             raise QueryError(f"invalid {model_cls.__name__}: {e}".replace("\n", "; ")) from None
-        if req.indice_name is not None and req.indice_name != name:
-            raise QueryError(f"unknown indice_name {req.indice_name!r}; this server has {[name]}", status=404)
-        return req
+        if req.indice_name is not None and req.indice_name not in served:
+            raise QueryError(f"unknown indice_name {req.indice_name!r}; this server has {names}", status=404)
+        return req, served[req.indice_name] if req.indice_name is not None else first
 
     def knn_query(body: bytes) -> list[dict[str, Any]]:
-        req = clip_retrieval_request(body, KnnRequest, ("num_images", "num_result_ids", "aesthetic_score"))
-        if req.modality != info["kind"]:
-            raise QueryError(f"modality {req.modality!r} is not available: index {name!r} holds "
-                             f"{info['kind']} embeddings (use modality {info['kind']!r})", status=404)
+        req, sv = clip_retrieval_request(body, KnnRequest, ("num_images", "num_result_ids", "aesthetic_score"))
+        index = sv.searcher.index
+        kind = index.info["kind"]
+        if req.modality != kind:
+            raise QueryError(f"modality {req.modality!r} is not available: index {sv.name!r} holds "
+                             f"{kind} embeddings (use modality {kind!r})", status=404)
         num_images = req.num_images
         num_ids = req.num_result_ids if req.num_result_ids is not None else num_images
         if num_images > searcher.max_k:
@@ -194,17 +202,17 @@ def add_clip_back_routes(app: FastAPI, searcher: Searcher, thumbs: Thumbnailer, 
             raise QueryError("must fill one of text, image and embedding_input")
         if num_ids == 0:
             return []
-        scores, ids = searcher.index.search(query[None, :], num_ids)
+        scores, ids = index.search(query[None, :], num_ids)
         keep = ids[0] >= 0
         scores, ids = scores[0][keep], ids[0][keep]
         if req.deduplicate and len(ids):
-            drop = near_duplicates(np.stack([searcher.index.vector(int(i)) for i in ids]))
+            drop = near_duplicates(np.stack([index.vector(int(i)) for i in ids]))
             sel = np.array([j for j in range(len(ids)) if j not in drop], dtype=np.int64)
             scores, ids = scores[sel], ids[sel]
-        rows = searcher.index.rows(ids[:num_images].tolist())
+        rows = index.rows(ids[:num_images].tolist())
         out = []
         for j, (i, s) in enumerate(zip(ids.tolist(), scores.tolist())):
-            r = knn_meta(i, rows[j]) if j < len(rows) else {}
+            r = knn_meta(sv, i, rows[j]) if j < len(rows) else {}
             r["id"] = i
             r["similarity"] = s
             out.append(r)
@@ -213,30 +221,31 @@ def add_clip_back_routes(app: FastAPI, searcher: Searcher, thumbs: Thumbnailer, 
     @app.post("/knn-service", summary="clip-retrieval's nearest-neighbour query (ClipClient, clip-front)",
               response_model=list[dict[str, Any]], responses=ERRORS,
               openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": knn_request_schema(info["kind"], name, info["dim"], max_k,
-                                                                   max_result_ids)}}}})
+                  "application/json": {"schema": knn_request_schema(
+                      sorted({sv.searcher.index.info["kind"] for sv in served.values()}), names, info["dim"], max_k,
+                      max_result_ids)}}}})
     async def knn_service(request: Request) -> Any:
         return await offload(knn_query, await request.body())  # any content type, like clip_back's force=True
 
     @app.get("/indices-list", summary="clip-retrieval's list of index names", response_model=list[str])
     async def indices_list() -> list[str]:
-        return [name]
+        return names
 
     def metadata_query(body: bytes) -> list[dict[str, Any]]:
-        req = clip_retrieval_request(body, MetadataRequest, ("ids",))
+        req, sv = clip_retrieval_request(body, MetadataRequest, ("ids",))
         if not req.ids:
             return []
         if len(req.ids) > max_result_ids:
             raise QueryError(f"at most {max_result_ids} ids per request, got {len(req.ids)}")
-        ids = [searcher.check_id(i) for i in req.ids]
-        rows = searcher.index.rows(ids)
-        return [{"id": i, "metadata": knn_meta(i, r)} for i, r in zip(ids, rows)]
+        ids = [sv.searcher.check_id(i) for i in req.ids]
+        rows = sv.searcher.index.rows(ids)
+        return [{"id": i, "metadata": knn_meta(sv, i, r)} for i, r in zip(ids, rows)]
 
     @app.post("/metadata", summary="clip-retrieval's metadata of result ids (clip-front)",
               response_model=list[dict[str, Any]], responses=ERRORS,
               openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": metadata_request_schema(name, searcher.index.ntotal,
-                                                                         max_result_ids)}}}})
+                  "application/json": {"schema": metadata_request_schema(
+                      names, max(sv.searcher.index.ntotal for sv in served.values()), max_result_ids)}}}})
     async def metadata(request: Request) -> Any:
         return await offload(metadata_query, await request.body())
 

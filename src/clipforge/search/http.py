@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import io
 import json
+import logging
+import os
+import re
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -20,6 +25,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..preprocess import ImageLoadError, load_image
 from .searcher import QueryError
+
+log = logging.getLogger("clipforge.search.http")
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 
 
 def multipart_available() -> bool:
@@ -50,6 +58,7 @@ class ErrorResponse(BaseModel):
 
 ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in {
     400: "malformed body (not JSON, not UTF-8, nested too deeply, empty upload)",
+    401: "missing or wrong bearer token (servers started with a token)",
     404: "unknown item or index",
     413: "body or image too large",
     415: "unsupported content type (or uploads disabled)",
@@ -179,16 +188,64 @@ def check_unicode(text: str, field: str = "text") -> str:
 
 
 
-def decode_query_image(data: bytes, name: str) -> Image.Image:
-    """A query image from bytes: 415 when it is not an image, 413 when it has too many pixels."""
+def limit_image_pixels(max_pixels: int) -> None:
+    """Pillow's own decompression-bomb limit set to the served one, its warning made an error
+    (process-wide, as Pillow keeps both): the backstop behind :func:`check_pixels`."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+def check_pixels(data: bytes, name: str, max_pixels: int) -> tuple[int, int]:
+    """(width, height) from the image header alone (Pillow opens lazily: no pixel is decoded);
+    413 when it has more than ``max_pixels`` pixels, 415 when it is not an image."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # Pillow's check at open
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        n = m.group(1) if m else "too many"
+        raise QueryError(f"{name} has {n} pixels, over this server's limit of {max_pixels} pixels",
+                         status=413) from None
+    except Exception as e:  # noqa: BLE001 - Pillow's plugins raise many types for a non-image
+        raise QueryError(f"upload is not a readable image: cannot decode image {name}: {type(e).__name__}",
+                         status=415) from None
+    if w * h > max_pixels:
+        raise QueryError(f"{name} is {w}x{h} = {w * h} pixels, over this server's limit of {max_pixels} pixels",
+                         status=413)
+    return w, h
+
+
+def decode_query_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """A query image from bytes: 413 when its header declares too many pixels (checked before
+    decoding), 415 when it is not an image."""
+    check_pixels(data, name, max_pixels)
     try:
         img = load_image(data, name)
         img.load()
         return img
     except ImageLoadError as e:
+        if isinstance(e.__cause__, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+            raise QueryError(f"uploaded image has too many pixels: {e}", status=413) from None
         raise QueryError(f"upload is not a readable image: {e}", status=415) from None
-    except Image.DecompressionBombError as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise QueryError(f"uploaded image has too many pixels: {e}", status=413) from None
+
+
+def public_path(value: Any) -> Any:
+    """A path as the API shows it: relative paths as they are, absolute ones reduced to their
+    file name (a client never learns where the server keeps its files)."""
+    if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~") or ":\\" in value[:3]):
+        return os.path.basename(value.rstrip("/\\")) or None
+    return value
+
+
+def public_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Metadata for clients: ``image_path`` dropped (``key`` names the item), a shard member's
+    tar named by file name only."""
+    out = {k: v for k, v in row.items() if k not in ("image_path",)}
+    if "key" in out:
+        out["key"] = public_path(out["key"])
+    return out
 
 
 class WorkerPool:

@@ -198,12 +198,19 @@ class MilvusIndex:
         res = self.client.query(self.collection, filter="", output_fields=["count(*)"], consistency_level="Strong")
         return int(res[0]["count(*)"])
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def filter_columns(self) -> dict[str, str]:
+        """Metadata fields a search filter may name (pushed down as a Milvus filter expression)."""
+        return {"key": "string", "caption": "string", "width": "number", "height": "number"}
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None,
+               filter_expr: str = "") -> tuple[np.ndarray, np.ndarray]:
+        """``filter_expr``: a Milvus boolean expression over the metadata fields (search.filters.milvus_expr)."""
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if q.shape[1] != self.info["dim"]:
             raise ValueError(f"query dim {q.shape[1]} != index dim {self.info['dim']}")
         res = self.client.search(self.collection, data=q.tolist(), limit=int(k), output_fields=[],
-                                 search_params=_search_params(self.info, nprobe))
+                                 search_params=_search_params(self.info, nprobe), filter=filter_expr)
         scores = np.full((len(q), k), -np.inf, np.float32)
         ids = np.full((len(q), k), -1, np.int64)
         for i, hits in enumerate(res):

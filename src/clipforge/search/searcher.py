@@ -3,6 +3,7 @@ collection, item queries reuse a stored vector. Shared by the ``search`` CLI and
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from collections import OrderedDict
@@ -19,6 +20,7 @@ from ..longtext import encode_text_long
 from ..preprocess import image_transform
 from ..tokenizer import DEFAULT_OVERLAP, check_long_text, get_tokenizer
 from .backend import SearchBackend
+from .filters import FilterError, Predicate, filterable_columns, mask, milvus_expr, parse_filter
 from .index import load_index
 from ..embeddings import weights_sha256
 
@@ -79,7 +81,7 @@ class Searcher:
                  preprocess: Callable[[Image.Image], torch.Tensor] | None = None, *,
                  max_k: int = 100, query_cache: int = 1024, check_model: bool = True,
                  truncate_text: bool = False, long_text: str | None = None,
-                 long_text_overlap: int = DEFAULT_OVERLAP) -> None:
+                 long_text_overlap: int = DEFAULT_OVERLAP, model_lock: Any = None) -> None:
         self.index: SearchBackend = load_index(index) if isinstance(index, (str, Path)) else index
         self.model = model.eval()
         self.preprocess = preprocess or image_transform(model.config.preprocess)
@@ -92,8 +94,10 @@ class Searcher:
         self.long_text_overlap = long_text_overlap
         self.context_length = int(model.context_length)
         self.tokenizer = get_tokenizer(self.context_length)
-        self._lock = threading.Lock()
+        self._lock = model_lock or threading.Lock()  # Searchers over several indexes share their model's
         self._cache = _LRU(query_cache)
+        self._masks: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock_masks = threading.Lock()
         dim = int(model.config.embed_dim)
         if dim != self.index.info["dim"]:
             raise ValueError(f"model embeds into {dim} dims but the index at {self.index.path} holds "
@@ -134,25 +138,37 @@ class Searcher:
     def check_text(self, text: Any) -> str:
         return self.text_tokens(text)[0]
 
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """[B, D] L2-normalised float32 embeddings of checked texts, one model call (no cache)."""
+        with self._lock:
+            if self.long_text is not None:
+                return encode_text_long(self.model, texts, long_text=self.long_text,
+                                        overlap=self.long_text_overlap).numpy()
+            return embed_texts(self.model, texts, truncate=self.truncate_text, batch_size=max(len(texts), 1)).numpy()
+
+    def encode_images(self, images: list[torch.Tensor]) -> np.ndarray:
+        """[B, D] L2-normalised float32 embeddings of preprocessed ``[3, S, S]`` images, one model call."""
+        with self._lock:
+            return embed_images(self.model, images, batch_size=max(len(images), 1)).numpy()
+
+    def cached_text(self, text: str) -> np.ndarray | None:
+        return self._cache.get(text)
+
+    def remember_text(self, text: str, vec: np.ndarray) -> None:
+        self._cache.put(text, vec)
+
     def embed_text(self, text: str, checked: bool = False) -> np.ndarray:
         if not checked:
             text = self.check_text(text)
         hit = self._cache.get(text)
         if hit is not None:
             return hit
-        with self._lock:
-            if self.long_text is not None:
-                v = encode_text_long(self.model, [text], long_text=self.long_text,
-                                     overlap=self.long_text_overlap).numpy()[0]
-            else:
-                v = embed_texts(self.model, [text], truncate=self.truncate_text).numpy()[0]
+        v = self.encode_texts([text])[0]
         self._cache.put(text, v)
         return v
 
     def embed_image(self, image: Image.Image) -> np.ndarray:
-        x = self.preprocess(image)
-        with self._lock:
-            return embed_images(self.model, [x], batch_size=1).numpy()[0]
+        return self.encode_images([self.preprocess(image)])[0]
 
     # --- searching -------------------------------------------------------------------------------
     def search_vector(self, vec: np.ndarray, k: int, exclude: int | None = None) -> list[Hit]:
@@ -161,6 +177,92 @@ class Searcher:
         pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and i != exclude][:k]
         rows = self.index.rows([i for i, _ in pairs])
         return [Hit(i, s, r) for (i, s), r in zip(pairs, rows)]
+
+    @property
+    def filter_columns(self) -> dict[str, str]:
+        """Metadata columns a filter may name (FAISS indexes; none for backends without a table)."""
+        pushed = getattr(self.index, "filter_columns", None)  # Milvus: its own fields, filtered server-side
+        if pushed is not None:
+            return dict(pushed)
+        meta = getattr(self.index, "metadata", None)
+        return filterable_columns(meta.schema) if meta is not None and hasattr(meta, "schema") else {}
+
+    def parse_filter(self, spec: Any) -> list[Predicate]:
+        cols = self.filter_columns
+        if not cols:
+            raise QueryError("this index cannot be filtered here (filters need a FAISS index with metadata)")
+        try:
+            return parse_filter(spec, cols)
+        except FilterError as e:
+            raise QueryError(str(e)) from None
+
+    def _mask(self, preds: list[Predicate]) -> np.ndarray:
+        key = repr(preds)
+        with self._lock_masks:
+            hit = self._masks.get(key)
+            if hit is not None:
+                self._masks.move_to_end(key)
+                return hit
+        m = mask(self.index.metadata, preds)  # type: ignore[attr-defined]
+        with self._lock_masks:
+            self._masks[key] = m
+            while len(self._masks) > 16:
+                self._masks.popitem(last=False)
+        return m
+
+    def _search_deeper(self, q: np.ndarray, fetch: int, selectivity: float) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS IVF: nprobe scaled by 1 / selectivity (the filtered-out share of each probed list
+        is wasted), so filtered recall stays near the index's own; other indexes: a plain search."""
+        info = self.index.info
+        if info.get("type") != "ivf" or not hasattr(self.index, "index"):
+            return self.index.search(q, fetch)
+        import faiss  # heavy optional dependency: loaded when used
+
+        p = info["params"]
+        base = int(p.get("nprobe") or 1)
+        nprobe = min(int(p.get("nlist") or base), max(base, math.ceil(base / max(selectivity, 1e-6))))
+        if nprobe == base:
+            return self.index.search(q, fetch)
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        old = getattr(self.index, "_params", None)
+        if old is not None and old.sel is not None:
+            params.sel = old.sel  # deleted ids stay skipped
+        qz = faiss.downcast_index(faiss.extract_index_ivf(self.index.index).quantizer)
+        qp = None
+        if isinstance(qz, faiss.IndexHNSW):
+            qp = faiss.SearchParametersHNSW(efSearch=max(64, 2 * nprobe))
+            params.quantizer_params = qp
+        out = self.index.index.search(np.ascontiguousarray(q, dtype=np.float32), min(fetch, self.index.ntotal),
+                                      params=params)
+        del qp
+        return out
+
+    def search_filtered(self, vec: np.ndarray, k: int, preds: list[Predicate],
+                        exclude: int | None = None) -> tuple[list[Hit], dict[str, Any]]:
+        """The ``k`` best items passing ``preds``, by over-fetching: 4k candidates, then 4x more
+        until k pass or everything was fetched. Returns (hits, {"matching", "fetched"}). A Milvus
+        index gets the filter as its own expression ("pushed_down"; "matching" is not known)."""
+        k = self.check_k(k)
+        if getattr(self.index, "filter_columns", None) is not None:  # Milvus: the expression is pushed down
+            n = k + (exclude is not None)
+            scores, ids = self.index.search(vec[None, :], n, filter_expr=milvus_expr(preds))  # type: ignore[call-arg]
+            pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and i != exclude][:k]
+            rows = self.index.rows([i for i, _ in pairs])
+            return [Hit(i, s, r) for (i, s), r in zip(pairs, rows)], {"matching": None, "fetched": n,
+                                                                      "pushed_down": True}
+        allowed = self._mask(preds)
+        matching = int(allowed.sum())
+        total = self.index.ntotal
+        fetch = min(4 * k + (exclude is not None), total)
+        while True:
+            scores, ids = self._search_deeper(vec[None, :], fetch, matching / max(total, 1))
+            pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0])
+                     if i >= 0 and i != exclude and allowed[i]][:k]
+            if len(pairs) >= min(k, matching) or fetch >= total:
+                break
+            fetch = min(fetch * 4, total)
+        rows = self.index.rows([i for i, _ in pairs])
+        return [Hit(i, s, r) for (i, s), r in zip(pairs, rows)], {"matching": matching, "fetched": fetch}
 
     def search_text(self, text: str, k: int = 10, checked: bool = False) -> list[Hit]:
         self.check_k(k)

@@ -23,11 +23,19 @@ multipart requests get 415 saying why, and the schema does not offer them.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
+import hmac
 import logging
 import time
+import urllib.parse
+import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
+import numpy as np
 import torch
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
@@ -39,25 +47,62 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from . import http
 from .clip_back_api import KNN_COLUMNS, add_clip_back_routes
-from .http import (ERRORS, BodyLimit, Busy, Limits, SafeJSONResponse, WorkerPool, check_unicode, decode_query_image,
-                   error_response, find_too_large, parse_json, whole)
+from .http import (DEFAULT_MAX_IMAGE_PIXELS, ERRORS, BodyLimit, Busy, Limits, SafeJSONResponse, WorkerPool,
+                   check_unicode, decode_query_image, error_response, find_too_large, limit_image_pixels, parse_json,
+                   public_path, public_row, whole)
+from .batching import Batcher, ClientGone
+from .filters import filter_schema
+from .metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Metrics
 from .backend import SearchBackend
 from .searcher import Hit, QueryError, Searcher
 from .thumbnails import Thumbnailer, ThumbnailError
+from .vectors_api import add_vector_routes
 
 STATIC_DIR = Path(__file__).with_name("static")
 log = logging.getLogger("clipforge.search.service")
 
 
+def route_label(request: Request) -> str:
+    """The route template (``/items/{item_id}``), not the raw path: bounded metric labels."""
+    path = request.url.path
+    for r in request.app.router.routes:
+        match, _ = r.matches(request.scope) if hasattr(r, "matches") else (None, None)
+        if match is not None and match.name == "FULL":
+            return getattr(r, "path", path)
+    return "other"
+
+
+def observe_batch(metrics: Metrics, kind: str, n: int) -> None:
+    metrics.observe("clipforge_batch_size", n, kind=kind)
+
+
+def find_disconnect(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception it wraps, or a group it belongs to) is a client disconnect."""
+    seen: set[int] = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, ClientDisconnect):
+            return True
+        stack.extend([x.__cause__, x.__context__, *getattr(x, "exceptions", ())])  # type: ignore[list-item]
+    return False
+
+
 # --- schemas (what the OpenAPI document promises) -------------------------------------------------
 
 
-def search_request_schema(max_k: int, ntotal: int) -> dict[str, Any]:
+def search_request_schema(max_k: int, ntotal: int, filter_columns: dict[str, str] | None = None,
+                          names: list[str] | None = None) -> dict[str, Any]:
     """The JSON /search body exactly as the handler takes it: one of text / item_id (the other
-    absent or null), k within bounds; a text longer than the model's context is truncated."""
+    absent or null), k within bounds, an optional metadata filter; a text longer than the
+    model's context is truncated."""
     k = {"type": "integer", "minimum": 1, "maximum": max_k, "default": 10, "description": "number of results"}
     text = {"type": "string", "pattern": "\\S", "description": "text query (needs a non-space character; "
             "tokens beyond the model's context length are dropped, and the response says so)",
@@ -65,11 +110,14 @@ def search_request_schema(max_k: int, ntotal: int) -> dict[str, Any]:
     item = {"type": "integer", "minimum": 0, "maximum": max(ntotal - 1, 0),
             "description": "id of an indexed item: find similar items"}
     null = {"type": "null"}
+    extra: dict[str, Any] = {"filter": filter_schema(filter_columns)} if filter_columns else {}
+    if names:
+        extra["index"] = {"type": "string", "enum": names, "description": "which index (default: the first)"}
     return {"title": "SearchRequest", "oneOf": [
         {"type": "object", "additionalProperties": False, "required": ["text"],
-         "properties": {"text": text, "item_id": null, "k": k}},
+         "properties": {"text": text, "item_id": null, "k": k, **extra}},
         {"type": "object", "additionalProperties": False, "required": ["item_id"],
-         "properties": {"item_id": item, "text": null, "k": k}},
+         "properties": {"item_id": item, "text": null, "k": k, **extra}},
     ]}
 
 
@@ -83,27 +131,66 @@ class SearchResult(BaseModel):
     image_url: str | None = None
 
 
+class FilterReport(BaseModel):
+    matching: int | None = None   # items whose metadata passes the filter (FAISS)
+    fetched: int                  # nearest neighbours fetched to find k of them (over-fetch)
+    pushed_down: bool = False     # Milvus: the filter ran in Milvus as its expression
+
+
 class SearchResponse(BaseModel):
     query: dict[str, Any]
     k: int
     took_ms: float
     results: list[SearchResult]
+    filter: FilterReport | None = None
 
 
-def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
+@dataclass
+class Served:
+    """One of the server's indexes: its name, Searcher and thumbnails."""
+
+    name: str
+    searcher: Searcher
+    thumbs: Thumbnailer
+
+    @property
+    def has_images(self) -> bool:
+        return self.searcher.index.info["kind"] == "image"
+
+
+IndexArg = Union[str, Path, SearchBackend]
+
+
+def create_app(index: IndexArg | dict[str, IndexArg], model: torch.nn.Module,
                preprocess: Callable[[Image.Image], torch.Tensor] | None = None, *, max_k: int = 100,
                max_upload_bytes: int = 10 * 2**20, max_json_bytes: int = 256 * 2**10, workers: int = 4,
                max_pending: int = 256, request_timeout: float = 30.0, query_cache: int = 1024,
                thumb_size: int = 256, title: str = "clipforge search", index_name: str | None = None,
                uploads: bool | None = None, max_result_ids: int = 10_000,
-               knn_columns: tuple[str, ...] = KNN_COLUMNS) -> FastAPI:
-    """Build the service around ``model`` and the index at ``index`` (loaded here, once)."""
+               knn_columns: tuple[str, ...] = KNN_COLUMNS, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               cors_origins: tuple[str, ...] = (), max_batch: int = 32, batch_wait_ms: float = 5.0,
+               max_embed_items: int = 64, auth_token: str | None = None) -> FastAPI:
+    """Build the service around ``model`` and the index at ``index`` (loaded here, once), or
+several: ``{name: index}`` (the first is the default; requests choose with ``index`` /
+clip-retrieval's ``indice_name``).
+
+    ``max_image_pixels`` also becomes Pillow's process-wide limit (its bomb warning an error);
+    ``cors_origins`` are the browser origins allowed to call the API (none by default; ``"*"`` any).
+    Text and image queries are batched across requests (``max_batch`` items, waiting at most
+    ``batch_wait_ms`` for a batch to fill; ``max_batch=1``: each alone). With ``auth_token`` every
+    route but ``/health`` needs ``Authorization: Bearer <token>``."""
     for name, v in (("max_k", max_k), ("max_upload_bytes", max_upload_bytes), ("max_json_bytes", max_json_bytes),
-                    ("workers", workers), ("max_pending", max_pending), ("max_result_ids", max_result_ids)):
+                    ("workers", workers), ("max_pending", max_pending), ("max_result_ids", max_result_ids),
+                    ("max_image_pixels", max_image_pixels), ("max_batch", max_batch),
+                    ("max_embed_items", max_embed_items)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if not request_timeout > 0:
         raise ValueError(f"request_timeout must be > 0 seconds, got {request_timeout!r}")
+    if not batch_wait_ms >= 0:
+        raise ValueError(f"batch_wait_ms must be >= 0, got {batch_wait_ms!r}")
+    if auth_token is not None and (not auth_token.strip() or len(auth_token) < 16):
+        raise ValueError("the auth token must have at least 16 characters")
     has_multipart = http.multipart_available()
     if uploads is None:
         uploads = has_multipart
@@ -113,36 +200,138 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
     elif uploads and not has_multipart:
         raise RuntimeError("image uploads need python-multipart: pip install 'clipforge[search]' "
                            "(or pip install python-multipart), or disable uploads")
-    searcher = Searcher(index, model, preprocess, max_k=max_k, query_cache=query_cache, truncate_text=True)
-    thumbs = Thumbnailer(size=thumb_size)
+    limit_image_pixels(max_image_pixels)
+    decode_image = functools.partial(decode_query_image, max_pixels=max_image_pixels)
+    given = dict(index) if isinstance(index, dict) else {index_name: index}
+    if not given:
+        raise ValueError("no index to serve")
+    model_lock = threading.Lock()
+    served: dict[str, Served] = {}
+    for nm, ix in given.items():
+        s_ = Searcher(ix, model, preprocess, max_k=max_k, query_cache=query_cache, truncate_text=True,
+                      model_lock=model_lock)
+        nm = nm or s_.index.path.resolve().name or "index"
+        if nm in served:
+            raise ValueError(f"two indexes are named {nm!r}: give them distinct names (NAME=PATH)")
+        served[nm] = Served(nm, s_, Thumbnailer(size=thumb_size, max_pixels=max_image_pixels))
+    default = next(iter(served.values()))
+    searcher = default.searcher  # model-level work (encoding, the text cache) goes through the first
+
+    def pick(name: Any) -> Served:
+        if name is None:
+            return default
+        if not isinstance(name, str) or name not in served:
+            raise QueryError(f"unknown index {str(name)[:80]!r}; this server has {sorted(served)}", status=404)
+        return served[name]
+    metrics = Metrics()
+    metrics.counter("clipforge_requests_total", "HTTP requests answered, by route and status")
+    metrics.histogram("clipforge_request_seconds", "time to answer a request, by route", LATENCY_BUCKETS)
+    metrics.counter("clipforge_errors_total", "error responses and dropped requests, by kind")
+    metrics.counter("clipforge_client_disconnects_total", "clients that went away before their response")
     info = searcher.index.info
-    has_images = info["kind"] == "image"
-    name = index_name or searcher.index.path.resolve().name or "index"
+    name = default.name
     pool = WorkerPool(workers, max_pending, request_timeout)
     offload = pool.run
+    metrics.histogram("clipforge_batch_size", "items encoded together, by kind (text | image)", BATCH_BUCKETS)
+    batchers = {kind: Batcher(encode, max_batch=max_batch, wait_s=batch_wait_ms / 1000, max_pending=max_pending,
+                              name=kind, on_batch=functools.partial(observe_batch, metrics, kind))
+                for kind, encode in (("text", searcher.encode_texts), ("image", searcher.encode_images))}
+    for kind, b in batchers.items():
+        metrics.gauge("clipforge_queue_depth", "items waiting for a batch, by kind", lambda b=b: b.depth, kind=kind)
+    metrics.gauge("clipforge_pool_pending", "requests queued or running in the worker pool", lambda: pool.pending)
 
-    app = FastAPI(title=title, version="1", default_response_class=SafeJSONResponse, description=(
+    async def client_left(request: Request) -> None:
+        """Completes when the client goes away (its body has been read: the next message is the disconnect)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def encode_item(request: Request, kind: str, value: Any) -> np.ndarray:
+        """One text or preprocessed image through its batcher, within the request timeout."""
+        try:
+            return await asyncio.wait_for(batchers[kind].run(value, client_left(request)), request_timeout)
+        except asyncio.TimeoutError:
+            raise Busy(f"query took longer than {request_timeout:g} s") from None
+        except ClientGone:
+            raise ClientDisconnect() from None
+
+    async def text_vector(request: Request, text: str) -> np.ndarray:
+        v = searcher.cached_text(text)
+        if v is None:
+            v = await encode_item(request, "text", text)
+            searcher.remember_text(text, v)
+        return v
+
+    async def image_vector(request: Request, x: torch.Tensor) -> np.ndarray:
+        return await encode_item(request, "image", x)
+
+    def decode_and_preprocess(data: bytes, name: str) -> tuple[Image.Image, torch.Tensor]:
+        img = decode_image(data, name)
+        return img, searcher.preprocess(img)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+        yield
+        for b in batchers.values():  # uvicorn has drained in-flight requests; finish what is queued
+            b.close()
+        pool.shutdown()
+
+    app = FastAPI(title=title, version="1", default_response_class=SafeJSONResponse, lifespan=lifespan, description=(
         "Semantic search over an embedded collection with a CLIP model: text queries, image "
         "uploads and search-by-result. Also answers clip-retrieval's back-end API "
         "(/knn-service, /indices-list, /metadata)."))
     app.state.searcher = searcher
+    app.state.served = served
     app.state.max_upload_bytes = max_upload_bytes
     app.state.uploads = uploads
     app.state.pool = pool  # worker threads; shut down with the process (or by the embedding caller)
-    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST"],
-                       allow_headers=["*"])  # clip-retrieval's front end runs on another origin
+    app.state.metrics = metrics
+    app.state.batchers = batchers
+    if cors_origins:  # e.g. clip-retrieval's front end served from another origin: opt-in, per origin
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["content-type", "authorization"])
     app.add_middleware(BodyLimit, limits=Limits(max_json_bytes, max_upload_bytes,
                                                 max(max_json_bytes, max_upload_bytes * 4 // 3 + 65536)))
 
     @app.middleware("http")
     async def never_die(request: Request, call_next):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        route = route_label(request)
+        if auth_token is not None and request.url.path != "/health" and request.method != "OPTIONS" \
+                and not authorized(request.headers.get("authorization", "")):
+            metrics.inc("clipforge_requests_total", route=route, status="401")
+            metrics.inc("clipforge_errors_total", kind="401")
+            return error_response(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
+                                  headers={"WWW-Authenticate": "Bearer"})
         try:
-            return await call_next(request)
+            response = await call_next(request)
         except Exception as e:
             if find_too_large(e) is not None:
+                metrics.inc("clipforge_errors_total", kind="body_too_large")
                 raise  # BodyLimit answers 413
+            if find_disconnect(e):
+                return client_gone(request)
             log.exception("unhandled error on %s %s", request.method, request.url.path)
-            return error_response(500, f"internal error: {type(e).__name__}: {e}")
+            metrics.inc("clipforge_errors_total", kind="internal")
+            response = error_response(500, f"internal error: {type(e).__name__}: {e}")
+        metrics.inc("clipforge_requests_total", route=route, status=str(response.status_code))
+        metrics.observe("clipforge_request_seconds", time.perf_counter() - t0, route=route)
+        if response.status_code >= 400:
+            metrics.inc("clipforge_errors_total", kind=str(response.status_code))
+        return response
+
+    def authorized(header: str) -> bool:
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), auth_token.encode())  # type: ignore[union-attr]
+
+    def client_gone(request: Request) -> Response:
+        """A client that closed its connection mid-request: a normal event, counted, one debug line."""
+        log.debug("client went away during %s %s", request.method, request.url.path)
+        metrics.inc("clipforge_client_disconnects_total")
+        return Response(status_code=499)
+
+    @app.exception_handler(ClientDisconnect)
+    async def disconnected(request: Request, _: ClientDisconnect) -> Response:
+        return client_gone(request)
 
     @app.exception_handler(QueryError)
     async def queryerror_response(_: Request, e: QueryError) -> JSONResponse:
@@ -166,24 +355,33 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
         msg = "; ".join(f"{'.'.join(str(p) for p in er.get('loc', ()))}: {er.get('msg')}" for er in errs)
         return error_response(422, msg or "invalid request", errors=errs)
 
-    def result(h: Hit) -> dict[str, Any]:
+    def image_url(sv: Served, item_id: int, row: dict[str, Any]) -> str | None:
+        if not sv.has_images or not row.get("image_path"):
+            return None
+        return f"/items/{item_id}/image" + ("" if sv is default else f"?index={urllib.parse.quote(sv.name)}")
+
+    def result(sv: Served, h: Hit) -> dict[str, Any]:
         r = h.row
-        return {"id": h.id, "score": round(h.score, 6), "key": r.get("key"), "caption": r.get("caption"),
-                "width": r.get("width"), "height": r.get("height"),
-                "image_url": f"/items/{h.id}/image" if has_images and r.get("image_path") else None}
+        return {"id": h.id, "score": round(h.score, 6), "key": public_path(r.get("key")), "caption": r.get("caption"),
+                "width": r.get("width"), "height": r.get("height"), "image_url": image_url(sv, h.id, r)}
 
-    def respond(query: dict[str, Any], k: int, hits: list[Hit], t0: float) -> dict[str, Any]:
+    def respond(sv: Served, query: dict[str, Any], k: int, hits: list[Hit], t0: float) -> dict[str, Any]:
+        if len(served) > 1:
+            query = {**query, "index": sv.name}
         return {"query": query, "k": k, "took_ms": round(1000 * (time.perf_counter() - t0), 2),
-                "results": [result(h) for h in hits]}
+                "results": [result(sv, h) for h in hits]}
 
-    def json_query(body: bytes) -> tuple[dict[str, Any], list[Hit], int]:
-        """Parse, validate and run a JSON /search body (in the pool: parsing and tokenizing are CPU work)."""
+    def parse_search(body: bytes) -> tuple[Served, dict[str, Any], int, str | None, int | None, list | None]:
+        """Parse and validate a JSON /search body (in the pool: parsing and tokenizing are CPU work):
+        (query as echoed, k, text or None, item id or None, filter predicates or None)."""
         data = parse_json(body)
         if not isinstance(data, dict):
             raise QueryError("request body must be a JSON object like {\"text\": \"...\", \"k\": 10}")
-        unknown = set(data) - {"text", "item_id", "k"}
+        unknown = set(data) - {"text", "item_id", "k", "filter", "index"}
         if unknown:
-            raise QueryError(f"unknown field(s) {sorted(unknown)}; use text or item_id, and k")
+            raise QueryError(f"unknown field(s) {sorted(unknown)}; use text or item_id, k, filter and index")
+        sv = pick(data.get("index"))
+        preds = sv.searcher.parse_filter(data["filter"]) if "filter" in data else None
         k = searcher.check_k(whole(data.get("k", 10)))
         text, item_id = data.get("text"), whole(data.get("item_id"))
         if (text is None) == (item_id is None):
@@ -195,11 +393,15 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
             query = {"type": "text", "text": text}
             if n > searcher.context_length:
                 query["truncated_from_tokens"] = n
-            return query, searcher.search_text(text, k, checked=True), k
-        item_id = searcher.check_id(item_id)
-        return {"type": "item", "item_id": item_id}, searcher.search_item(item_id, k), k
+            return sv, query, k, text, None, preds
+        item_id = sv.searcher.check_id(item_id)
+        return sv, {"type": "item", "item_id": item_id}, k, None, item_id, preds
 
-    json_body = {"schema": search_request_schema(max_k, searcher.index.ntotal)}
+    columns: dict[str, str] = {}
+    for sv in served.values():
+        columns = {**sv.searcher.filter_columns, **columns}
+    json_body = {"schema": search_request_schema(max_k, max(sv.searcher.index.ntotal for sv in served.values()),
+                                                 columns, sorted(served) if len(served) > 1 else None)}
     content: dict[str, Any] = {"application/json": json_body}
     if uploads:
         content["multipart/form-data"] = {"schema": {
@@ -215,8 +417,17 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "application/json":
             body = await request.body()
-            query, hits, k = await offload(json_query, body)
-            return respond(query, k, hits, t0)
+            sv, query, k, text, item_id, preds = await offload(parse_search, body)
+            s_ = sv.searcher
+            if preds is not None:
+                vec = await text_vector(request, text) if text is not None else s_.index.vector(item_id)
+                hits, report = await offload(s_.search_filtered, vec, k, preds, item_id)
+                return {**respond(sv, query, k, hits, t0), "filter": report}
+            if text is not None:
+                hits = await offload(s_.search_vector, await text_vector(request, text), k)
+            else:
+                hits = await offload(s_.search_item, item_id, k)
+            return respond(sv, query, k, hits, t0)
         if ctype == "multipart/form-data":
             if not uploads:
                 return error_response(415, "image uploads are disabled on this server (python-multipart is not installed); "
@@ -229,16 +440,19 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
         limit = max_upload_bytes
         try:
             form = await request.form(max_files=2, max_fields=16)
-        except StarletteHTTPException:
+        except (StarletteHTTPException, ClientDisconnect):
             raise
         except Exception as e:
             if find_too_large(e) is not None:
                 raise
             return error_response(400, f"malformed multipart body: {type(e).__name__}: {e}")
         try:
-            unknown = sorted(set(form.keys()) - {"image", "file", "k"})
+            unknown = sorted(set(form.keys()) - {"image", "file", "k", "index"})
             if unknown:
-                return error_response(422, f"unknown form field(s) {unknown[:5]}; send 'image' (a file) and optionally 'k'")
+                return error_response(422, f"unknown form field(s) {unknown[:5]}; send 'image' (a file) and optionally "
+                                           "'k' and 'index'")
+            index_field = form.get("index")
+            sv = pick(index_field if isinstance(index_field, str) else None)
             upload = form.get("image") or form.get("file")
             if upload is None or isinstance(upload, str):
                 return error_response(422, "multipart request needs an 'image' file field")
@@ -256,27 +470,32 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
         if not data:
             return error_response(400, "uploaded file is empty")
         fname = upload.filename or "upload"
-        img = await offload(decode_query_image, data, fname)
-        hits = await offload(searcher.search_image, img, k)
-        return respond({"type": "image", "filename": check_unicode(fname, "filename"), "width": img.width,
+        img, x = await offload(decode_and_preprocess, data, fname)
+        hits = await offload(sv.searcher.search_vector, await image_vector(request, x), k)
+        return respond(sv, {"type": "image", "filename": check_unicode(fname, "filename"), "width": img.width,
                         "height": img.height}, k, hits, t0)
 
     item_id_param = PathParam(..., ge=0, description="id of an indexed item")
 
+    index_param = Query(None, description="which index (default: the first)",
+                        json_schema_extra={"enum": sorted(served)})
+
     @app.get("/items/{item_id}", summary="Metadata of one indexed item", responses=ERRORS)
-    async def item(item_id: int = item_id_param) -> dict[str, Any]:
-        meta = searcher.item(item_id)
-        meta["image_url"] = f"/items/{item_id}/image" if has_images and meta.get("image_path") else None
-        return meta
+    async def item(item_id: int = item_id_param, index: str | None = index_param) -> dict[str, Any]:
+        sv = pick(index)
+        meta = sv.searcher.item(item_id)
+        return {**public_row(meta), "image_url": image_url(sv, item_id, meta)}
 
     @app.get("/items/{item_id}/image", summary="JPEG thumbnail of an item, from its original file or shard",
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, **ERRORS})
     async def item_image(item_id: int = item_id_param,
-                         size: int | None = Query(None, ge=16, le=1024, description="longer side, pixels")) -> Response:
-        meta = searcher.item(item_id)
-        if not has_images:
+                         size: int | None = Query(None, ge=16, le=1024, description="longer side, pixels"),
+                         index: str | None = index_param) -> Response:
+        sv = pick(index)
+        meta = sv.searcher.item(item_id)
+        if not sv.has_images:
             raise ThumbnailError(f"item {item_id} is a text; this index holds no images")
-        data = await offload(thumbs.thumbnail, item_id, meta, size)
+        data = await offload(sv.thumbs.thumbnail, item_id, meta, size)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
 
     @app.get("/health", summary="Liveness and what is loaded")
@@ -288,10 +507,24 @@ def create_app(index: str | Path | SearchBackend, model: torch.nn.Module,
                 "model": model.config.name, "model_matches_index": searcher.model_matches,
                 "max_k": searcher.max_k, "max_upload_bytes": max_upload_bytes, "max_json_bytes": max_json_bytes,
                 "uploads": uploads, "workers": workers, "request_timeout_s": request_timeout,
-                "query_cache": searcher.cache_stats}
+                "query_cache": searcher.cache_stats, "max_image_pixels": max_image_pixels,
+                "batching": {"max_batch": max_batch, "wait_ms": batch_wait_ms,
+                             **{k: {"batches": b.batches, "items": b.items, "queued": b.depth}
+                                for k, b in batchers.items()}},
+                "auth": auth_token is not None,
+                "indices": [{"name": sv.name, "items": sv.searcher.index.count(), "kind": sv.searcher.index.info["kind"],
+                             "backend": sv.searcher.index.info.get("backend", "faiss")} for sv in served.values()]}
 
-    add_clip_back_routes(app, searcher, thumbs, pool, name=name, max_upload_bytes=max_upload_bytes,
-                         max_result_ids=max_result_ids, knn_columns=knn_columns)
+    add_clip_back_routes(app, served, pool, max_upload_bytes=max_upload_bytes,
+                         max_result_ids=max_result_ids, knn_columns=knn_columns, decode_image=decode_image)
+
+    add_vector_routes(app, searcher, pool, max_items=max_embed_items, max_upload_bytes=max_upload_bytes,
+                      decode_image=decode_image, encode=encode_item)
+
+    @app.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=Response,
+             responses={200: {"content": {"text/plain": {}}}})
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

@@ -1,9 +1,14 @@
 """Thumbnails of collection items, read from the original image file or from the tar shard that
-holds it. Each :class:`Thumbnailer` keeps its own caches (tar member offsets, recent JPEGs)."""
+holds it. Each :class:`Thumbnailer` keeps its own caches (tar member offsets, recent JPEGs).
+
+An original that was removed, truncated or replaced after indexing is a 404 naming the item's
+key, never the server's path (that goes to the log); one whose header declares more than
+``max_pixels`` pixels is a 413 before any pixel is decoded."""
 
 from __future__ import annotations
 
 import io
+import logging
 import tarfile
 import threading
 from collections import OrderedDict
@@ -13,6 +18,10 @@ from typing import Any
 from PIL import Image
 
 from ..preprocess import load_image
+from .http import DEFAULT_MAX_IMAGE_PIXELS, check_pixels, public_path
+from .searcher import QueryError
+
+log = logging.getLogger("clipforge.search.thumbnails")
 
 
 class ThumbnailError(ValueError):
@@ -24,8 +33,10 @@ class ThumbnailError(ValueError):
 
 
 class Thumbnailer:
-    def __init__(self, size: int = 256, cache_items: int = 512, quality: int = 85) -> None:
+    def __init__(self, size: int = 256, cache_items: int = 512, quality: int = 85,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.size = size
+        self.max_pixels = max_pixels
         self.quality = quality
         self._cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._cache_items = cache_items
@@ -49,22 +60,26 @@ class Thumbnailer:
 
     def original_bytes(self, row: dict[str, Any]) -> bytes:
         path, member = row.get("image_path"), row.get("member")
+        what = f"item {public_path(row.get('key'))!r}"
         if not path:
-            raise ThumbnailError(f"item {row.get('key')!r} has no image")
+            raise ThumbnailError(f"{what} has no image")
         try:
             if member:
                 idx = self._tar_index(path)
                 if member not in idx:
-                    raise ThumbnailError(f"member {member!r} not found in {path}")
+                    log.info("thumbnail of %s: member %r not found in %s", what, member, path)
+                    raise ThumbnailError(f"the original image of {what} is gone")
                 off, size = idx[member]
                 with open(path, "rb") as f:
                     f.seek(off)
                     return f.read(size)
             return Path(path).read_bytes()
         except FileNotFoundError:
-            raise ThumbnailError(f"original image of item {row.get('key')!r} is gone: {path}") from None
+            log.info("thumbnail of %s: %s is gone", what, path)
+            raise ThumbnailError(f"the original image of {what} is gone") from None
         except (OSError, tarfile.TarError) as e:
-            raise ThumbnailError(f"cannot read the original of item {row.get('key')!r}: {e}", status=500) from None
+            log.warning("thumbnail of %s: cannot read %s: %s", what, path, e)
+            raise ThumbnailError(f"the original image of {what} cannot be read") from None
 
     def thumbnail(self, item_id: int, row: dict[str, Any], size: int | None = None) -> bytes:
         """JPEG bytes, longer side <= ``size`` (never upscaled)."""
@@ -76,10 +91,18 @@ class Thumbnailer:
                 self._cache.move_to_end(key)
                 return hit
         data = self.original_bytes(row)
+        what = f"item {public_path(row.get('key'))!r}"
         try:
-            img = load_image(data, name=str(row.get("image_path")))
-        except ValueError as e:
-            raise ThumbnailError(str(e), status=500) from None
+            check_pixels(data, what, self.max_pixels)
+            img = load_image(data, name=what)
+        except QueryError as e:
+            if e.status == 413:
+                raise ThumbnailError(f"the original image of {e}", status=413) from None
+            log.warning("thumbnail of %s: %s is no longer a readable image", what, row.get("image_path"))
+            raise ThumbnailError(f"the original image of {what} is no longer readable") from None
+        except ValueError:
+            log.warning("thumbnail of %s: %s is no longer a readable image", what, row.get("image_path"))
+            raise ThumbnailError(f"the original image of {what} is no longer readable") from None
         img = img.convert("RGB")
         img.thumbnail((size, size), Image.Resampling.BICUBIC)
         buf = io.BytesIO()
