@@ -32,7 +32,7 @@ class ConfigError(ValueError):
     readers add the file the config came from, so a bad config is refused like a bad option."""
 
 
-def _int(key: str, value: Any, lo: int = 1) -> int:
+def check_int(key: str, value: Any, lo: int = 1) -> int:
     """``value`` as an int >= ``lo`` (bools, strings and floats refused), else :class:`ConfigError`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
         raise ConfigError(f"{key} must be an integer >= {lo}, got {value!r}")
@@ -70,13 +70,13 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         _choice("vision.kind", self.kind, ("vit", "resnet"))
-        self.image_size = _int("vision.image_size", self.image_size)
-        self.width = _int("vision.width", self.width)
-        self.heads = _int("vision.heads", self.heads)
+        self.image_size = check_int("vision.image_size", self.image_size)
+        self.width = check_int("vision.width", self.width)
+        self.heads = check_int("vision.heads", self.heads)
         if self.kind == "resnet":
             if not isinstance(self.layers, (list, tuple)) or len(self.layers) != 4:
                 raise ConfigError(f"vision.layers of a resnet tower must be 4 stage depths, got {self.layers!r}")
-            self.layers = [_int(f"vision.layers[{i}]", x) for i, x in enumerate(self.layers)]
+            self.layers = [check_int(f"vision.layers[{i}]", x) for i, x in enumerate(self.layers)]
             if self.heads != self.width * 32 // 64:
                 # The attention-pool head count is fixed by the width in OpenAI's and OpenCLIP's code;
                 # anything else could not be exported to (or re-read from) their formats.
@@ -87,8 +87,8 @@ class VisionConfig:
         else:
             if isinstance(self.layers, (list, tuple)):
                 raise ConfigError(f"vision.layers of a vit tower must be an integer depth, got {self.layers!r}")
-            self.layers = _int("vision.layers", self.layers)
-            self.patch_size = _int("vision.patch_size", self.patch_size)
+            self.layers = check_int("vision.layers", self.layers)
+            self.patch_size = check_int("vision.patch_size", self.patch_size)
             self.mlp_ratio = _float("vision.mlp_ratio", self.mlp_ratio, lo=0.0)
             if int(self.width * self.mlp_ratio) < 1:
                 raise ConfigError(f"vision.mlp_ratio {self.mlp_ratio} leaves no hidden units at width {self.width}")
@@ -116,11 +116,11 @@ class TextConfig:
 
     def __post_init__(self) -> None:
         # Two positions at least: every tokenized text holds start- and end-of-text.
-        self.context_length = _int("text.context_length", self.context_length, lo=2)
-        self.vocab_size = _int("text.vocab_size", self.vocab_size)
-        self.width = _int("text.width", self.width)
-        self.heads = _int("text.heads", self.heads)
-        self.layers = _int("text.layers", self.layers)
+        self.context_length = check_int("text.context_length", self.context_length, lo=2)
+        self.vocab_size = check_int("text.vocab_size", self.vocab_size)
+        self.width = check_int("text.width", self.width)
+        self.heads = check_int("text.heads", self.heads)
+        self.layers = check_int("text.layers", self.layers)
         self.mlp_ratio = _float("text.mlp_ratio", self.mlp_ratio, lo=0.0)
         if int(self.width * self.mlp_ratio) < 1:
             raise ConfigError(f"text.mlp_ratio {self.mlp_ratio} leaves no hidden units at width {self.width}")
@@ -139,7 +139,7 @@ class PreprocessConfig:
     resize_mode: Literal["shortest", "squash"] = "shortest"
 
     def __post_init__(self) -> None:
-        self.image_size = _int("preprocess.image_size", self.image_size)
+        self.image_size = check_int("preprocess.image_size", self.image_size)
         for key in ("mean", "std"):
             value = getattr(self, key)
             if not isinstance(value, (list, tuple)) or len(value) != 3:
@@ -159,7 +159,7 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         _choice("tokenizer.kind", self.kind, ("openai-bpe",))
-        self.context_length = _int("tokenizer.context_length", self.context_length, lo=2)
+        self.context_length = check_int("tokenizer.context_length", self.context_length, lo=2)
 
 
 @dataclass
@@ -187,7 +187,7 @@ class CLIPConfig:
                 setattr(self, key, sub(**_known_keys(key, sub, value)))
             elif not isinstance(value, sub):
                 raise ConfigError(f"{key} must be a mapping of {sub.__name__} fields, got {value!r}"[:200])
-        self.embed_dim = _int("embed_dim", self.embed_dim)
+        self.embed_dim = check_int("embed_dim", self.embed_dim)
         _choice("activation", self.activation, ("quick_gelu", "gelu"))
         _choice("objective", self.objective, OBJECTIVES)
         self.norm_eps = _float("norm_eps", self.norm_eps, lo=0.0)

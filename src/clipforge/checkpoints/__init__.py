@@ -87,7 +87,7 @@ def read_checkpoint(path: str | os.PathLike, *, config: CLIPConfig | dict | str 
         raise ValueError(f"{src.weights}: unrecognised checkpoint layout (first keys: {sample})")
     try:
         cfg = _match_zoo_name(_with_activation(fmt.read_config(src, activation), activation))
-    except ConfigError as e:
+    except (ConfigError, TypeError, ArithmeticError) as e:  # a value of the wrong type or size, anywhere
         where = src.declared_from or f"{src.weights} (architecture read from the tensor shapes)"
         raise ConfigError(f"{where}: invalid model config: {e}") from None
     sd = fmt.to_native(src.state_dict)

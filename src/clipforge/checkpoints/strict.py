@@ -54,9 +54,10 @@ def describe_suspect(nonfinite: list[str] | tuple[str, ...], integer: list[str] 
 
     parts = []
     if nonfinite:
-        parts.append(f"{len(nonfinite)} tensor{'s' if len(nonfinite) > 1 else ''} hold NaN or inf values "
-                     f"({names(nonfinite)})")
+        n = len(nonfinite)
+        parts.append(f"{n} tensor{'s hold' if n > 1 else ' holds'} NaN or inf values ({names(nonfinite)})")
     if integer:
-        parts.append(f"{len(integer)} weight tensor{'s' if len(integer) > 1 else ''} have an integer dtype "
-                     f"({names(integer)}; cast to float when loaded)")
+        n = len(integer)
+        parts.append(f"{n} weight tensor{'s have' if n > 1 else ' has'} an integer dtype ({names(integer)}; "
+                     f"cast to float when loaded)")
     return "; ".join(parts)
