@@ -231,9 +231,16 @@ class CLIPConfig:
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "CLIPConfig":
+        """From JSON text or a ``.json`` file (whose path then prefixes any error)."""
         p = Path(text_or_path)
-        text = p.read_text(encoding="utf-8") if p.suffix == ".json" and p.exists() else str(text_or_path)
-        return cls.from_dict(json.loads(text))
+        if not (p.suffix == ".json" and p.exists()):
+            return cls.from_dict(json.loads(str(text_or_path)))
+        try:
+            return cls.from_dict(json.loads(p.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(f"{p}: {e}") from None
 
 
 _SECTIONS: dict[str, type] = {"vision": VisionConfig, "text": TextConfig, "preprocess": PreprocessConfig,

@@ -156,3 +156,13 @@ def test_openai_layout_with_impossible_shapes_names_the_shapes(tmp_path):
     torch.save(sd, tmp_path / "odd.pt")
     with pytest.raises(ConfigError, match="architecture read from the tensor shapes.*vision.mlp_ratio"):
         clipforge.load_model(tmp_path / "odd.pt")
+
+
+def test_config_json_file_errors_name_the_file(tmp_path):
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps(_bad_config(("text", "layers"), 0)))
+    with pytest.raises(ConfigError, match=r"arch.json: text.layers must be an integer >= 1, got 0"):
+        CLIPConfig.from_json(path)
+    path.write_text("{")
+    with pytest.raises(ConfigError, match=r"arch.json: invalid JSON at line 1"):
+        CLIPConfig.from_json(path)

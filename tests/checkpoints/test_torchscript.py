@@ -186,3 +186,25 @@ def test_tampered_archives_are_refused_in_one_line(tmp_path, case, reason):
         read_checkpoint(bad)
     assert "\n" not in str(e.value) and "--trust-torchscript" in str(e.value) and reason in str(e.value)
     assert not marker.exists()
+
+
+def test_archive_without_buffer_declarations_still_loads(tmp_path):
+    """Source without ``__buffers__`` lines: every non-parameter tensor attribute is read (BatchNorm
+    statistics included), and the model loads with the same weights."""
+    model = clipforge.create_model(micro_config("resnet"), seed=0).eval()
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn_like(b))
+    traced = torch.jit.trace_module(model, {"encode_image": torch.randn(1, 3, 64, 64)}, check_trace=False)
+    traced.save(str(tmp_path / "rn.pt"))
+
+    def edit(name: str, data: bytes) -> bytes:
+        if "/code/" in name and name.endswith(".py"):
+            return b"\n".join(ln for ln in data.split(b"\n") if b"__buffers__" not in ln)
+        return data
+
+    _rewrite(tmp_path / "rn.pt", tmp_path / "old.pt", edit)
+    got = clipforge.load_model(tmp_path / "old.pt", config=model.config)
+    for k, v in model.state_dict().items():
+        assert torch.equal(got.state_dict()[k], v), k

@@ -9,7 +9,8 @@ released checkpoints are such archives, and all they hold that we need is tensor
 - ``<root>/data/<key>``: one raw storage per record (little-endian by ``<root>/byteorder``).
 - ``<root>/code/**.py``: the classes' TorchScript source. Read as text, never run: each class
   line is followed by ``__parameters__ = [...]`` and ``__buffers__ = [...]``, which say which
-  tensor attributes ``state_dict()`` holds.
+  tensor attributes ``state_dict()`` holds (a class without a ``__buffers__`` line: every other
+  tensor attribute counts as a buffer).
 
 :func:`read_torchscript` unpickles ``data.pkl`` with a whitelist (tensor rebuilding, storage
 types, ``OrderedDict``, TorchScript's type tags; every ``__torch__`` class becomes a plain
@@ -55,7 +56,7 @@ class _ClassDecl:
 
     base: str
     parameters: tuple[str, ...] = ()
-    buffers: tuple[str, ...] = ()
+    buffers: tuple[str, ...] | None = None  # None: no ``__buffers__`` line (older printers)
     setstate: bool = False
 
 
@@ -237,7 +238,10 @@ def _state_dict(archive: _Archive, root: Any) -> dict[str, torch.Tensor]:
             raise _Refused(f"its class {obj.qualname} defines __setstate__ (code that runs when it is loaded)")
         if not isinstance(obj.state, dict):
             raise _Refused(f"module {obj.qualname} is stored by its own __getstate__")
-        for kind in (decl.parameters, decl.buffers):
+        buffers = decl.buffers
+        if buffers is None:  # not declared: every other tensor attribute (converters drop non-weights)
+            buffers = tuple(k for k, v in obj.state.items() if isinstance(v, torch.Tensor) and k not in decl.parameters)
+        for kind in (decl.parameters, buffers):
             for name in kind:
                 if name not in obj.state:
                     raise _Refused(f"{prefix}{name} is declared but not stored")
