@@ -147,17 +147,20 @@ def test_fp16_archive_reads_and_loads(tmp_path):
     assert got["visual.conv1.weight"].dtype == torch.float16
 
 
-def _rewrite(src: Path, dst: Path, edit) -> None:
+def _rewrite(src: Path, dst: Path, edit, deflate=lambda name: False) -> None:
     """Copy a zip archive, passing each member's bytes through ``edit(name, data)``."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         for info in zin.infolist():
             data = edit(info.filename, zin.read(info.filename))
+            if deflate(info.filename):
+                info.compress_type = zipfile.ZIP_DEFLATED
             if data is not None:
                 zout.writestr(info, data)
 
 
 @pytest.mark.parametrize("case,reason", [
-    ("global", "refers to os.system"), ("missing_storage", "storage data/0 is missing"),
+    ("global", "refers to os.system"), ("missing_storage", "data/0 is missing"),
+    ("compressed_storage", "data/0 is compressed"),
     ("short_storage", "holds 32 bytes, its tensors need 36"), ("out_of_bounds", "reaches past its storage"),
     ("no_code", "has no source in the archive"), ("hidden_setstate", "stored by its own __getstate__")])
 def test_tampered_archives_are_refused_in_one_line(tmp_path, case, reason):
@@ -181,7 +184,7 @@ def test_tampered_archives_are_refused_in_one_line(tmp_path, case, reason):
             return data.replace(b"def __setstate__", b"def __unset_tate__")  # state is a tuple all the same
         return data
 
-    _rewrite(path, bad, edit)
+    _rewrite(path, bad, edit, deflate=lambda name: case == "compressed_storage" and name.endswith("/data/0"))
     with pytest.raises(UntrustedTorchScript) as e:
         read_checkpoint(bad)
     assert "\n" not in str(e.value) and "--trust-torchscript" in str(e.value) and reason in str(e.value)

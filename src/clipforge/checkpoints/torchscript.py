@@ -41,6 +41,9 @@ STORAGE_DTYPES = {
     "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
     "BoolStorage": torch.bool, "ComplexFloatStorage": torch.complex64, "ComplexDoubleStorage": torch.complex128,
 }
+# Source text read from one archive at most (OpenAI's ViT-L/14 holds well under 1 MB): a compressed
+# code member cannot make the reader inflate gigabytes.
+MAX_SOURCE_BYTES = 64 << 20
 _CLASS = re.compile(r"class\s+(\w+)\s*\(\s*([\w.]+)\s*\)\s*:")
 _SLOTS = re.compile(r"\s+(__parameters__|__buffers__)\s*=\s*(\[.*\])\s*$")
 _SETSTATE = re.compile(r"\s+def\s+__setstate__\s*\(")
@@ -158,6 +161,7 @@ class _Archive:
         names = set(zf.namelist())
         if f"{self.root}/data.pkl" not in names:
             raise _Refused("it has no data.pkl (an old TorchScript format)")
+        self.stored(f"{self.root}/data.pkl")
         order = f"{self.root}/byteorder"
         if order in names and zf.read(order).strip() != sys.byteorder.encode():
             raise _Refused(f"its byte order is {zf.read(order).strip().decode(errors='replace')!r}")
@@ -168,10 +172,16 @@ class _Archive:
     def _declarations(self, names: set[str]) -> dict[str, _ClassDecl]:
         code = f"{self.root}/code/"
         classes: dict[str, _ClassDecl] = {}
+        budget = MAX_SOURCE_BYTES
         for name in sorted(n for n in names if n.startswith(code) and n.endswith(".py")):
             module = name[len(code):-3].replace("/", ".")
             current: _ClassDecl | None = None
-            for line in self.zf.read(name).decode("utf-8", errors="replace").splitlines():
+            with self.zf.open(name) as f:
+                text = f.read(budget + 1)
+            budget -= len(text)
+            if budget < 0:
+                raise _Refused(f"its source is larger than {MAX_SOURCE_BYTES >> 20} MB")
+            for line in text.decode("utf-8", errors="replace").splitlines():
                 if m := _CLASS.match(line):
                     current = classes.setdefault(f"{module}.{m.group(1)}", _ClassDecl(m.group(2)))
                 elif current is not None and (m := _SLOTS.match(line)):
@@ -196,15 +206,25 @@ class _Archive:
             self.placeholders[qualname] = type("ScriptObject", (_ScriptObject,), {"qualname": qualname})
         return self.placeholders[qualname]
 
+    def stored(self, name: str) -> zipfile.ZipInfo:
+        """The member ``name``, which must be stored uncompressed (as torch writes tensors and
+        ``data.pkl``): its size is then bytes on disk, never a decompression bomb."""
+        try:
+            info = self.zf.getinfo(name)
+        except KeyError:
+            raise _Refused(f"{name.split('/', 1)[-1]} is missing") from None
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise _Refused(f"{name.split('/', 1)[-1]} is compressed (torch stores it uncompressed)")
+        return info
+
     def storage(self, key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
         if key in self.storages:
             if self.storages[key].dtype != dtype:
                 raise _Refused(f"storage data/{key} is read as two dtypes")
             return self.storages[key]
-        try:
-            info = self.zf.getinfo(f"{self.root}/data/{key}")
-        except KeyError:
-            raise _Refused(f"storage data/{key} is missing") from None
+        if "/" in key or key in ("", ".", ".."):
+            raise _Refused(f"storage key {key!r} is not a record name")
+        info = self.stored(f"{self.root}/data/{key}")
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
         if numel < 0 or info.file_size != nbytes:
             raise _Refused(f"storage data/{key} holds {info.file_size} bytes, its tensors need {nbytes}")
