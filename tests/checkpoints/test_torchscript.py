@@ -162,7 +162,8 @@ def _rewrite(src: Path, dst: Path, edit, deflate=lambda name: False) -> None:
     ("global", "refers to os.system"), ("missing_storage", "data/0 is missing"),
     ("compressed_storage", "data/0 is compressed"),
     ("short_storage", "holds 32 bytes, its tensors need 36"), ("out_of_bounds", "reaches past its storage"),
-    ("no_code", "has no source in the archive"), ("hidden_setstate", "stored by its own __getstate__")])
+    ("broadcast", "has more elements than its storage"), ("no_code", "has no source in the archive"),
+    ("hidden_setstate", "stored by its own __getstate__")])
 def test_tampered_archives_are_refused_in_one_line(tmp_path, case, reason):
     marker = tmp_path / "side_effect"
     path = tmp_path / "m.pt"
@@ -178,6 +179,8 @@ def test_tampered_archives_are_refused_in_one_line(tmp_path, case, reason):
             return data[:-4]
         if case == "out_of_bounds" and name.endswith("/data.pkl"):  # a tensor larger than its storage
             return data.replace(b"(K\x03K\x03t", b"(K\x09K\x03t", 1)
+        if case == "broadcast" and name.endswith("/data.pkl"):  # 2^30 x 3 elements over a 9-element storage
+            return data.replace(b"(K\x03K\x03t(K\x03K\x01t", b"(J\x00\x00\x00@K\x03t(K\x00K\x01t", 1)
         if case == "no_code" and "/code/" in name and name.endswith(".py"):
             return b"# nothing here\n"
         if case == "hidden_setstate" and "/code/" in name and name.endswith(".py"):

@@ -23,6 +23,7 @@ only an explicit ``trust_torchscript=True`` hands the file to ``torch.jit.load``
 from __future__ import annotations
 
 import ast
+import math
 import pickle
 import re
 import sys
@@ -146,6 +147,10 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_
         last = offset + sum((s - 1) * st for s, st in zip(size, stride))
         if last >= storage.numel():
             raise _Refused(f"a tensor of size {tuple(size)} reaches past its storage of {storage.numel()} elements")
+        # Weights never repeat their storage (stride 0): a tiny record must not become a huge tensor.
+        if math.prod(size) > storage.numel():
+            raise _Refused(f"a tensor of size {tuple(size)} has more elements than its storage "
+                           f"({storage.numel()})")
     return torch.as_strided(storage, size, stride, offset)
 
 
