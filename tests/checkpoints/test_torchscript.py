@@ -214,3 +214,26 @@ def test_archive_without_buffer_declarations_still_loads(tmp_path):
     got = clipforge.load_model(tmp_path / "old.pt", config=model.config)
     for k, v in model.state_dict().items():
         assert torch.equal(got.state_dict()[k], v), k
+
+
+def test_trust_torchscript_and_convert_are_the_way_out(tmp_path, capsys):
+    """An archive the restricted reader refuses (here: a storage stored compressed, which torch
+    itself reads) loads with the opt-in, and `convert --trust-torchscript` makes a file that then
+    needs no opt-in."""
+    model = clipforge.create_model(micro_config("vit"), seed=0).eval()
+    traced = torch.jit.trace_module(model, {"encode_text": clipforge.tokenize(["a dog"])}, check_trace=False)
+    traced.save(str(tmp_path / "plain.pt"))
+    path = tmp_path / "zipped.pt"
+    _rewrite(tmp_path / "plain.pt", path, lambda name, data: data, deflate=lambda name: name.endswith("/data/0"))
+    assert cli_main(["info", str(path)]) == 1
+    assert "--trust-torchscript" in capsys.readouterr().err
+    trusted = clipforge.load_model(path, config=model.config, trust_torchscript=True)
+    _assert_same(model.state_dict(), trusted.state_dict())
+    out = tmp_path / "converted.safetensors"
+    assert cli_main(["convert", str(path), str(out), "--to", "clipforge", "--trust-torchscript"]) == 1  # no config
+    capsys.readouterr()
+    (tmp_path / "config.json").write_text(model.config.to_json())  # the config beside it, as a release would have
+    assert cli_main(["convert", str(path), str(out), "--to", "clipforge", "--trust-torchscript"]) == 0
+    capsys.readouterr()
+    _assert_same(model.state_dict(), clipforge.load_model(out).state_dict())
+    assert cli_main(["info", str(out)]) == 0
