@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -22,6 +23,36 @@ OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 #: (CLIP), ``bow`` (predict the caption's bag of BPE tokens from the image), ``caption`` (predict
 #: the caption's tokens in order). See :mod:`clipforge.models.objectives`.
 OBJECTIVES = ("contrastive", "bow", "caption")
+# Ids of the OpenAI BPE tokenizer reach 49407: a text tower with fewer embeddings cannot read them.
+OPENAI_BPE_VOCAB = 49408
+
+
+class ConfigError(ValueError):
+    """An impossible config value, named by its key (``vision.image_size must be ...``). Checkpoint
+    readers add the file the config came from, so a bad config is refused like a bad option."""
+
+
+def check_int(key: str, value: Any, lo: int = 1) -> int:
+    """``value`` as an int >= ``lo`` (bools, strings and floats refused), else :class:`ConfigError`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
+        raise ConfigError(f"{key} must be an integer >= {lo}, got {value!r}")
+    return int(value)
+
+
+def _float(key: str, value: Any, *, lo: float | None = None, open_lo: bool = True) -> Any:
+    """``value`` unchanged (an int stays an int: config hashes do not move) when it is a finite
+    number (> ``lo`` when ``open_lo``, else >= ``lo``), else :class:`ConfigError`."""
+    bound = "" if lo is None else f" {'>' if open_lo else '>='} {lo:g}"
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (lo is not None and (value <= lo if open_lo else value < lo)):
+        raise ConfigError(f"{key} must be a finite number{bound}, got {value!r}")
+    return value
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 @dataclass
@@ -38,27 +69,34 @@ class VisionConfig:
     mlp_ratio: float = 4.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("vit", "resnet"):
-            raise ValueError(f"vision.kind must be 'vit' or 'resnet', got {self.kind!r}")
+        _choice("vision.kind", self.kind, ("vit", "resnet"))
+        self.image_size = check_int("vision.image_size", self.image_size)
+        self.width = check_int("vision.width", self.width)
+        self.heads = check_int("vision.heads", self.heads)
         if self.kind == "resnet":
-            if isinstance(self.layers, int) or len(self.layers) != 4:
-                raise ValueError(f"a resnet vision tower needs 4 stage depths, got layers={self.layers!r}")
-            self.layers = [int(x) for x in self.layers]
+            if not isinstance(self.layers, (list, tuple)) or len(self.layers) != 4:
+                raise ConfigError(f"vision.layers of a resnet tower must be 4 stage depths, got {self.layers!r}")
+            self.layers = [check_int(f"vision.layers[{i}]", x) for i, x in enumerate(self.layers)]
             if self.heads != self.width * 32 // 64:
                 # The attention-pool head count is fixed by the width in OpenAI's and OpenCLIP's code;
                 # anything else could not be exported to (or re-read from) their formats.
-                raise ValueError(f"resnet heads must be width*32//64 = {self.width * 32 // 64}, got {self.heads}")
+                raise ConfigError(f"vision.heads of a resnet tower must be width*32//64 = {self.width * 32 // 64}, "
+                                  f"got {self.heads}")
             if self.image_size % 32:
-                raise ValueError(f"resnet image_size must be a multiple of 32, got {self.image_size}")
+                raise ConfigError(f"vision.image_size of a resnet tower must be a multiple of 32, got {self.image_size}")
         else:
-            if not isinstance(self.layers, int):
-                raise ValueError(f"a vit vision tower needs an integer depth, got layers={self.layers!r}")
+            if isinstance(self.layers, (list, tuple)):
+                raise ConfigError(f"vision.layers of a vit tower must be an integer depth, got {self.layers!r}")
+            self.layers = check_int("vision.layers", self.layers)
+            self.patch_size = check_int("vision.patch_size", self.patch_size)
+            self.mlp_ratio = _float("vision.mlp_ratio", self.mlp_ratio, lo=0.0)
+            if int(self.width * self.mlp_ratio) < 1:
+                raise ConfigError(f"vision.mlp_ratio {self.mlp_ratio} leaves no hidden units at width {self.width}")
             if self.image_size % self.patch_size:
-                raise ValueError(
-                    f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
-                )
+                raise ConfigError(f"vision.image_size {self.image_size} is not a multiple of patch_size "
+                                  f"{self.patch_size} (vision.patch_size)")
             if self.width % self.heads:
-                raise ValueError(f"vision width {self.width} is not divisible by heads {self.heads}")
+                raise ConfigError(f"vision.width {self.width} is not divisible by vision.heads {self.heads}")
 
     @property
     def grid_size(self) -> int:
@@ -77,8 +115,17 @@ class TextConfig:
     mlp_ratio: float = 4.0
 
     def __post_init__(self) -> None:
+        # Two positions at least: every tokenized text holds start- and end-of-text.
+        self.context_length = check_int("text.context_length", self.context_length, lo=2)
+        self.vocab_size = check_int("text.vocab_size", self.vocab_size)
+        self.width = check_int("text.width", self.width)
+        self.heads = check_int("text.heads", self.heads)
+        self.layers = check_int("text.layers", self.layers)
+        self.mlp_ratio = _float("text.mlp_ratio", self.mlp_ratio, lo=0.0)
+        if int(self.width * self.mlp_ratio) < 1:
+            raise ConfigError(f"text.mlp_ratio {self.mlp_ratio} leaves no hidden units at width {self.width}")
         if self.width % self.heads:
-            raise ValueError(f"text width {self.width} is not divisible by heads {self.heads}")
+            raise ConfigError(f"text.width {self.width} is not divisible by text.heads {self.heads}")
 
 
 @dataclass
@@ -92,10 +139,15 @@ class PreprocessConfig:
     resize_mode: Literal["shortest", "squash"] = "shortest"
 
     def __post_init__(self) -> None:
-        self.mean = tuple(float(x) for x in self.mean)  # type: ignore[assignment]
-        self.std = tuple(float(x) for x in self.std)  # type: ignore[assignment]
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError("preprocess mean and std need 3 values each")
+        self.image_size = check_int("preprocess.image_size", self.image_size)
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if not isinstance(value, (list, tuple)) or len(value) != 3:
+                raise ConfigError(f"preprocess.{key} must be 3 numbers (one per RGB channel), got {value!r}")
+            lo = 0.0 if key == "std" else None  # normalisation divides by std
+            setattr(self, key, tuple(float(_float(f"preprocess.{key}[{i}]", x, lo=lo)) for i, x in enumerate(value)))
+        _choice("preprocess.interpolation", self.interpolation, ("bicubic", "bilinear"))
+        _choice("preprocess.resize_mode", self.resize_mode, ("shortest", "squash"))
 
 
 @dataclass
@@ -104,6 +156,10 @@ class TokenizerConfig:
 
     kind: Literal["openai-bpe"] = "openai-bpe"
     context_length: int = 77
+
+    def __post_init__(self) -> None:
+        _choice("tokenizer.kind", self.kind, ("openai-bpe",))
+        self.context_length = check_int("tokenizer.context_length", self.context_length, lo=2)
 
 
 @dataclass
@@ -125,28 +181,30 @@ class CLIPConfig:
     objective: Literal["contrastive", "bow", "caption"] = "contrastive"
 
     def __post_init__(self) -> None:
-        if isinstance(self.vision, dict):
-            self.vision = VisionConfig(**self.vision)
-        if isinstance(self.text, dict):
-            self.text = TextConfig(**self.text)
-        if isinstance(self.preprocess, dict):
-            self.preprocess = PreprocessConfig(**self.preprocess)
-        if isinstance(self.tokenizer, dict):
-            self.tokenizer = TokenizerConfig(**self.tokenizer)
-        if self.activation not in ("quick_gelu", "gelu"):
-            raise ValueError(f"activation must be 'quick_gelu' or 'gelu', got {self.activation!r}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        for key, sub in _SECTIONS.items():
+            value = getattr(self, key)
+            if isinstance(value, dict):
+                setattr(self, key, sub(**_known_keys(key, sub, value)))
+            elif not isinstance(value, sub):
+                raise ConfigError(f"{key} must be a mapping of {sub.__name__} fields, got {value!r}"[:200])
+        self.embed_dim = check_int("embed_dim", self.embed_dim)
+        _choice("activation", self.activation, ("quick_gelu", "gelu"))
+        _choice("objective", self.objective, OBJECTIVES)
+        self.norm_eps = _float("norm_eps", self.norm_eps, lo=0.0)
+        self.init_logit_scale = _float("init_logit_scale", self.init_logit_scale)
+        # Training clamps log(scale) to [0, log(max)]: a maximum below 1 leaves no valid scale.
+        self.max_logit_scale = _float("max_logit_scale", self.max_logit_scale, lo=1.0, open_lo=False)
+        if self.name is not None and not isinstance(self.name, str):
+            raise ConfigError(f"name must be a string, got {self.name!r}")
         if self.preprocess.image_size != self.vision.image_size:
-            raise ValueError(
-                f"preprocess.image_size {self.preprocess.image_size} != vision.image_size "
-                f"{self.vision.image_size}"
-            )
+            raise ConfigError(f"preprocess.image_size {self.preprocess.image_size} != vision.image_size "
+                              f"{self.vision.image_size}")
         if self.tokenizer.context_length != self.text.context_length:
-            raise ValueError(
-                f"tokenizer.context_length {self.tokenizer.context_length} != text.context_length "
-                f"{self.text.context_length}"
-            )
+            raise ConfigError(f"tokenizer.context_length {self.tokenizer.context_length} != text.context_length "
+                              f"{self.text.context_length}")
+        if self.tokenizer.kind == "openai-bpe" and self.text.vocab_size < OPENAI_BPE_VOCAB:
+            raise ConfigError(f"text.vocab_size {self.text.vocab_size} is smaller than the openai-bpe tokenizer's "
+                              f"{OPENAI_BPE_VOCAB} ids")
 
     # --- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -162,26 +220,38 @@ class CLIPConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
+        """A config from its dict form, every value checked (:class:`ConfigError` names the key)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a model config must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown CLIPConfig keys: {sorted(unknown)}")
-        d = dict(d)
-        for key, sub in (("vision", VisionConfig), ("text", TextConfig),
-                         ("preprocess", PreprocessConfig), ("tokenizer", TokenizerConfig)):
-            if key in d and isinstance(d[key], dict):
-                sub_known = {f.name for f in dataclasses.fields(sub)}
-                bad = set(d[key]) - sub_known
-                if bad:
-                    raise ValueError(f"unknown {key} config keys: {sorted(bad)}")
-                d[key] = sub(**d[key])
+            raise ConfigError(f"unknown CLIPConfig keys: {sorted(unknown)}")
         return cls(**d)
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "CLIPConfig":
+        """From JSON text or a ``.json`` file (whose path then prefixes any error)."""
         p = Path(text_or_path)
-        text = p.read_text(encoding="utf-8") if p.suffix == ".json" and p.exists() else str(text_or_path)
-        return cls.from_dict(json.loads(text))
+        if not (p.suffix == ".json" and p.exists()):
+            return cls.from_dict(json.loads(str(text_or_path)))
+        try:
+            return cls.from_dict(json.loads(p.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(f"{p}: {e}") from None
+
+
+_SECTIONS: dict[str, type] = {"vision": VisionConfig, "text": TextConfig, "preprocess": PreprocessConfig,
+                               "tokenizer": TokenizerConfig}
+
+
+def _known_keys(section: str, cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    bad = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if bad:
+        raise ConfigError(f"unknown {section} config keys: {sorted(bad)}")
+    return d
 
 
 # --- the named zoo ---------------------------------------------------------------------------

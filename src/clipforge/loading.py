@@ -31,7 +31,7 @@ def is_architecture_name(spec: str) -> bool:
 
 
 def load_for_inference(path_or_arch: str | Path, *, device: str = "cpu", precision: str = "fp32",
-                       random_init: bool = False, seed: int | None = None
+                       random_init: bool = False, seed: int | None = None, trust_torchscript: bool = False
                        ) -> tuple[CLIP, Callable[..., torch.Tensor]]:
     """``(model, preprocess)``: eval mode, no gradients, on ``device``, cast to ``precision``
     (``fp32`` | ``bf16`` | ``fp16`` | ``pure_bf16`` | ``pure_fp16`` | ``auto``) with the inference fast paths on.
@@ -57,7 +57,7 @@ def load_for_inference(path_or_arch: str | Path, *, device: str = "cpu", precisi
                                  "weights: pass a local checkpoint path, or random_init=True (--random-init) for an "
                                  "untrained model")
             raise FileNotFoundError(f"model checkpoint not found: {spec}")
-        model, preprocess = load(spec, device=dev)
+        model, preprocess = load(spec, device=dev, trust_torchscript=trust_torchscript)
     return optimize_for_inference(model, precision=cast), preprocess
 
 

@@ -71,7 +71,7 @@ def test_openai_state_dict_loads_with_identical_outputs(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["vit", "resnet"])
-def test_openai_torchscript_archive_loads(tmp_path, kind):
+def test_openai_torchscript_archive_loads(tmp_path, kind, monkeypatch):
     """OpenAI distributes TorchScript archives; we read their tensors without running the code."""
     ref = _openai_clip(kind)
     size = 32 if kind == "vit" else 64
@@ -80,6 +80,11 @@ def test_openai_torchscript_archive_loads(tmp_path, kind):
     traced = torch.jit.trace_module(ref, {"encode_image": images, "encode_text": ids, "forward": (images, ids)},
                                     check_trace=False)
     traced.save(str(tmp_path / "ViT.pt"))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch.jit.load runs the archive's code: the default path must not call it")
+
+    monkeypatch.setattr(torch.jit, "load", forbidden)
     ours, _ = clipforge.load(tmp_path / "ViT.pt")
     _check_same(ref, ours, size)
 

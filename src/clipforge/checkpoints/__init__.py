@@ -6,7 +6,8 @@ file as read once (:class:`.files.Source`):
 
 - :mod:`.native`: ours (safetensors with the config in its metadata, or a folder + ``config.json``;
   training checkpoints ``{"model": sd, "config": {...}}``).
-- :mod:`.openai`: OpenAI's state dicts and released TorchScript archives; architecture from shapes.
+- :mod:`.openai`: OpenAI's state dicts and released TorchScript archives (tensors read by
+  :mod:`.torchscript` without running the archive's code); architecture from shapes.
 - :mod:`.openclip`: OpenAI layout plus OpenCLIP's config JSON; writes open_clip's ``local-dir:`` folders.
 - :mod:`.hf`: Hugging Face ``CLIPModel`` folders.
 
@@ -16,6 +17,7 @@ Loading is strict (:mod:`.strict`): nothing is ever partially loaded.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +25,16 @@ from typing import Any, Literal, overload
 
 import torch
 
-from ..config import CLIPConfig, _load_zoo, get_model_config
+from ..config import CLIPConfig, ConfigError, _load_zoo, get_model_config
 from ..fast import enable as enable_fast
 from ..models import CLIP, model_class
 from ..preprocess import Preprocess, image_transform
 from . import hf, native, openai, openclip
 from .files import Source, read_source
-from .strict import CheckpointError, load_state_dict_strict
+from .strict import CheckpointError, describe_suspect, load_state_dict_strict, suspect_weights
+from .torchscript import UntrustedTorchScript
+
+log = logging.getLogger(__name__)
 
 # Detection order: the first format whose ``detect`` accepts the file reads it.
 FORMATS = {m.NAME: m for m in (hf, openclip, openai, native)}
@@ -46,17 +51,26 @@ class CheckpointInfo:
     weights: Path
     extras: dict[str, Any] = field(default_factory=dict)  # training-wrapper fields (step, epoch, metrics)
     assumed: tuple[str, ...] = ()  # config fields not recorded in the checkpoint, filled by a default
+    nonfinite: tuple[str, ...] = ()  # tensors holding NaN/inf (loading warns)
+    integer: tuple[str, ...] = ()  # weights stored with an integer dtype (loading warns, casts)
 
 
 def read_checkpoint(path: str | os.PathLike, *, config: CLIPConfig | dict | str | None = None,
-                    activation: str | None = None) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+                    activation: str | None = None, trust_torchscript: bool = False
+                    ) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
     """Read any supported checkpoint into (native state dict, :class:`CheckpointInfo`).
 
     An explicit ``config`` (a :class:`CLIPConfig`, dict, JSON file or zoo name) always wins; then a
     config embedded in the file; then a JSON file beside it (``config.json``, ``open_clip_config.json``,
-    ``clipforge_config.json``).
+    ``clipforge_config.json``). Whichever it is, it is checked like a user's config: an impossible
+    value is a ``ValueError`` naming the key and where the config came from. Tensors holding NaN/inf
+    and integer-typed weights are logged as one warning (and listed in the info).
+
+    TorchScript archives (OpenAI's releases) are read without running their code; one the restricted
+    reader cannot read is refused (:class:`UntrustedTorchScript`) unless ``trust_torchscript=True``,
+    which loads it with ``torch.jit.load`` (runs code from the file).
     """
-    src = read_source(Path(path))
+    src = read_source(Path(path), trust_torchscript=trust_torchscript)
     if config is not None:
         src.declared, src.declared_from = _explicit_config(config), f"config {config!r}"[:200]
     elif src.embedded is not None:
@@ -71,9 +85,17 @@ def read_checkpoint(path: str | os.PathLike, *, config: CLIPConfig | dict | str 
     if fmt is None:
         sample = ", ".join(list(src.state_dict)[:5])
         raise ValueError(f"{src.weights}: unrecognised checkpoint layout (first keys: {sample})")
-    cfg = _match_zoo_name(_with_activation(fmt.read_config(src, activation), activation))
-    return fmt.to_native(src.state_dict), CheckpointInfo(fmt.NAME, cfg, src.weights, src.extras,
-                                                           tuple(src.assumed))
+    try:
+        cfg = _match_zoo_name(_with_activation(fmt.read_config(src, activation), activation))
+    except (ConfigError, TypeError, ArithmeticError) as e:  # a value of the wrong type or size, anywhere
+        where = src.declared_from or f"{src.weights} (architecture read from the tensor shapes)"
+        raise ConfigError(f"{where}: invalid model config: {e}") from None
+    sd = fmt.to_native(src.state_dict)
+    nonfinite, integer = suspect_weights(sd)
+    if nonfinite or integer:
+        log.warning("%s: %s", src.weights, describe_suspect(nonfinite, integer))
+    return sd, CheckpointInfo(fmt.NAME, cfg, src.weights, src.extras, tuple(src.assumed), tuple(nonfinite),
+                              tuple(integer))
 
 
 def _explicit_config(config: CLIPConfig | dict | str | os.PathLike) -> CLIPConfig | dict:
@@ -106,19 +128,21 @@ def _match_zoo_name(cfg: CLIPConfig) -> CLIPConfig:
 @overload
 def load_model(path: str | os.PathLike, *, config: CLIPConfig | dict | str | None = ...,
                activation: str | None = ..., device: str | torch.device = ..., dtype: torch.dtype = ...,
-               return_info: Literal[False] = ...) -> CLIP: ...
+               return_info: Literal[False] = ..., trust_torchscript: bool = ...) -> CLIP: ...
 @overload
 def load_model(path: str | os.PathLike, *, config: CLIPConfig | dict | str | None = ...,
                activation: str | None = ..., device: str | torch.device = ..., dtype: torch.dtype = ...,
-               return_info: Literal[True]) -> tuple[CLIP, CheckpointInfo]: ...
+               return_info: Literal[True], trust_torchscript: bool = ...) -> tuple[CLIP, CheckpointInfo]: ...
 def load_model(path: str | os.PathLike, *, config: CLIPConfig | dict | str | None = None,
                activation: str | None = None, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32, return_info: bool = False) -> CLIP | tuple[CLIP, CheckpointInfo]:
+               dtype: torch.dtype = torch.float32, return_info: bool = False,
+               trust_torchscript: bool = False) -> CLIP | tuple[CLIP, CheckpointInfo]:
     """Load any supported checkpoint as a :class:`CLIP` model in eval mode
     (``return_info=True``: ``(model, CheckpointInfo)``, e.g. to learn the detected format). A
     checkpoint of a ``bow`` / ``caption`` run (``config.objective``) comes back as the CLIP
-    subclass carrying its head (:mod:`clipforge.models.objectives`)."""
-    sd, info = read_checkpoint(path, config=config, activation=activation)
+    subclass carrying its head (:mod:`clipforge.models.objectives`). ``trust_torchscript``: see
+    :func:`read_checkpoint` (default: TorchScript archives are read without running their code)."""
+    sd, info = read_checkpoint(path, config=config, activation=activation, trust_torchscript=trust_torchscript)
     with torch.device("meta"):
         model = model_class(info.config)(info.config)
     model = model.to_empty(device="cpu")
@@ -130,7 +154,7 @@ def load_model(path: str | os.PathLike, *, config: CLIPConfig | dict | str | Non
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          config: CLIPConfig | dict | str | None = None, activation: str | None = None,
-         fast: bool = True) -> tuple[CLIP, Preprocess]:
+         fast: bool = True, trust_torchscript: bool = False) -> tuple[CLIP, Preprocess]:
     """``model, preprocess = clipforge.load(path)`` for OpenAI, OpenCLIP, Hugging Face or our checkpoints.
 
     Weights are never downloaded: ``path`` is a local file or folder. For a random-init model of a
@@ -144,6 +168,11 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
     take the fast layer's training paths (gradients equal within float rounding, as ``clipforge
     train``); tracing for export records plain ops; ``forward_intermediates`` computes every token
     of every block. ``fast=False``: the plain reference model.
+
+    OpenAI's TorchScript archives are read without running any of their code. An archive the
+    restricted reader cannot read is refused with one line; ``trust_torchscript=True`` loads it with
+    ``torch.jit.load``, which runs the archive's code: only for files you trust (better: convert
+    it once with ``clipforge convert SRC DST --to clipforge --trust-torchscript``).
     """
     p = Path(path)
     if not p.exists():
@@ -154,7 +183,8 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
         raise FileNotFoundError(
             f"{path!r} is an architecture name, not a checkpoint; clipforge never downloads weights. "
             f"Pass a local checkpoint path, or use clipforge.create_model({str(path)!r}) for random init.")
-    model = load_model(p, config=config, activation=activation, device=device, dtype=dtype)
+    model = load_model(p, config=config, activation=activation, device=device, dtype=dtype,
+                       trust_torchscript=trust_torchscript)
     if fast:
         enable_fast(model, pack=True)
     return model, image_transform(model.config.preprocess)
@@ -167,11 +197,13 @@ def save_model(model: CLIP, path: str | os.PathLike) -> Path:
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
-            activation: str | None = None, config: CLIPConfig | dict | str | None = None) -> Path:
-    """Convert a checkpoint between formats: ``to`` in clipforge | openai | openclip | hf."""
+            activation: str | None = None, config: CLIPConfig | dict | str | None = None,
+            trust_torchscript: bool = False) -> Path:
+    """Convert a checkpoint between formats: ``to`` in clipforge | openai | openclip | hf
+    (``trust_torchscript=True``: the one-time way out for an archive only ``torch.jit.load`` reads)."""
     if to not in FORMATS:
         raise ValueError(f"unknown target format {to!r} (expected {', '.join(sorted(FORMATS))})")
-    model = load_model(src, activation=activation, config=config)
+    model = load_model(src, activation=activation, config=config, trust_torchscript=trust_torchscript)
     return FORMATS[to].write(model, dst)
 
 
@@ -181,4 +213,4 @@ save_hf = hf.write
 openclip_model_cfg = openclip.model_cfg
 
 __all__ = ["load", "load_model", "save_model", "convert", "read_checkpoint", "CheckpointInfo", "FORMATS",
-           "load_state_dict_strict", "CheckpointError", "Source", "save_openai", "save_hf", "openclip_model_cfg"]
+           "load_state_dict_strict", "CheckpointError", "Source", "UntrustedTorchScript", "save_openai", "save_hf", "openclip_model_cfg"]

@@ -19,6 +19,7 @@ import torch
 from ..config import CLIPConfig
 from ..models import CLIP
 from ..utils.io import atomic_open
+from .torchscript import load_trusted, read_torchscript
 
 # Weight files looked for, in this order, when a checkpoint path is a folder.
 WEIGHT_NAMES = ("model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
@@ -59,8 +60,11 @@ def find_json(folder: Path, names: tuple[str, ...]) -> dict[str, Any] | None:
     return None
 
 
-def read_source(path: Path) -> Source:
-    """Read a checkpoint file (or the weights file inside a folder) into a :class:`Source`."""
+def read_source(path: Path, *, trust_torchscript: bool = False) -> Source:
+    """Read a checkpoint file (or the weights file inside a folder) into a :class:`Source`.
+
+    TorchScript archives are read by the restricted reader (:mod:`.torchscript`), which never runs
+    their code; ``trust_torchscript=True`` hands them to ``torch.jit.load`` instead (runs it)."""
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     weights = path
@@ -72,7 +76,7 @@ def read_source(path: Path) -> Source:
         sd, meta = read_safetensors(weights)
         embedded = json.loads(meta["clipforge_config"]) if "clipforge_config" in meta else None
         return Source(path, weights, sd, embedded)
-    sd, embedded, extras = _unwrap(_read_torch(weights), weights)
+    sd, embedded, extras = _unwrap(_read_torch(weights, trust_torchscript), weights)
     return Source(path, weights, sd, embedded, extras)
 
 
@@ -96,13 +100,10 @@ def is_torchscript(path: Path) -> bool:
         return False
 
 
-def _read_torch(path: Path) -> Any:
+def _read_torch(path: Path, trust_torchscript: bool = False) -> Any:
     if is_torchscript(path):
-        # OpenAI's released .pt files are TorchScript archives: load the module's tensors only.
-        try:
-            return torch.jit.load(str(path), map_location="cpu").state_dict()
-        except Exception as e:
-            raise ValueError(f"cannot read TorchScript archive {path}: {e}") from None
+        # OpenAI's released .pt files are TorchScript archives: their tensors, none of their code.
+        return load_trusted(path) if trust_torchscript else read_torchscript(path)
     with open(path, "rb") as f:
         head = f.read(4)
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch zip archive / legacy pickle

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..config import CLIPConfig, PreprocessConfig, TextConfig, TokenizerConfig, VisionConfig
+from ..config import CLIPConfig, PreprocessConfig, TextConfig, TokenizerConfig, VisionConfig, check_int
 from ..models import CLIP
 from ..tokenizer import get_tokenizer
 from ..utils.io import atomic_write_text
@@ -168,7 +168,8 @@ def config_from_hf(cfg: dict[str, Any], preprocessor: dict[str, Any] | None = No
     t_eps, v_eps = t.get("layer_norm_eps", 1e-5), v.get("layer_norm_eps", 1e-5)
     if not math.isclose(t_eps, v_eps):
         raise ValueError(f"text and vision layer_norm_eps differ ({t_eps} vs {v_eps})")
-    tw, vw = t.get("hidden_size", 512), v.get("hidden_size", 768)
+    tw = check_int("text_config.hidden_size", t.get("hidden_size", 512))  # divides below
+    vw = check_int("vision_config.hidden_size", v.get("hidden_size", 768))
     image_size = v.get("image_size", 224)
     ctx = t.get("max_position_embeddings", 77)
     pre = PreprocessConfig(image_size=image_size)

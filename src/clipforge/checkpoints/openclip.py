@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..config import OPENAI_MEAN, OPENAI_STD, CLIPConfig, PreprocessConfig
+from ..config import OPENAI_MEAN, OPENAI_STD, CLIPConfig, PreprocessConfig, check_int
 from ..models import CLIP
 from ..utils.io import atomic_open, atomic_write_text
 from . import openai
@@ -94,8 +94,9 @@ def read_config(src: Source, activation: str | None = None) -> CLIPConfig:
     # Head counts are invisible in tensor shapes; OpenCLIP configs state them.
     d = cfg.to_dict()
     if d["vision"]["kind"] == "vit":
-        d["vision"]["heads"] = d["vision"]["width"] // int(model_cfg.get("vision_cfg", {}).get("head_width", 64))
-    d["text"]["heads"] = int(model_cfg.get("text_cfg", {}).get("heads", d["text"]["heads"]))
+        head_width = check_int("vision_cfg.head_width", model_cfg.get("vision_cfg", {}).get("head_width", 64))
+        d["vision"]["heads"] = d["vision"]["width"] // head_width
+    d["text"]["heads"] = check_int("text_cfg.heads", model_cfg.get("text_cfg", {}).get("heads", d["text"]["heads"]))
     return CLIPConfig.from_dict(d)
 
 

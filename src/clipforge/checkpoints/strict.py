@@ -30,3 +30,34 @@ def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], 
         if k.endswith("num_batches_tracked") and k not in full:
             full[k] = torch.zeros((), dtype=torch.long)
     model.load_state_dict({k: full[k] for k in own}, strict=True)
+
+
+def suspect_weights(sd: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """``(non-finite, integer)``: names of tensors holding NaN/inf, and of weights stored with an
+    integer dtype (BatchNorm's step counter excepted). Both load without error (integers are cast),
+    and both make a model whose outputs are wrong, so loading warns and ``clipforge info`` shows them."""
+    nonfinite, integer = [], []
+    for k, v in sd.items():
+        if v.is_floating_point() or v.is_complex():
+            if not bool(torch.isfinite(v).all()):
+                nonfinite.append(k)
+        elif not k.endswith("num_batches_tracked"):
+            integer.append(k)
+    return nonfinite, integer
+
+
+def describe_suspect(nonfinite: list[str] | tuple[str, ...], integer: list[str] | tuple[str, ...],
+                     first: int = 3) -> str:
+    """One line for :func:`suspect_weights`'s findings ('' when there are none)."""
+    def names(keys: list[str] | tuple[str, ...]) -> str:
+        return ", ".join(keys[:first]) + (", ..." if len(keys) > first else "")
+
+    parts = []
+    if nonfinite:
+        n = len(nonfinite)
+        parts.append(f"{n} tensor{'s hold' if n > 1 else ' holds'} NaN or inf values ({names(nonfinite)})")
+    if integer:
+        n = len(integer)
+        parts.append(f"{n} weight tensor{'s have' if n > 1 else ' has'} an integer dtype ({names(integer)}; "
+                     f"cast to float when loaded)")
+    return "; ".join(parts)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import existing_path, output_path
+from .options import add_trust_torchscript_option, existing_path, output_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,13 +23,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--activation", choices=["quick_gelu", "gelu"], default=None,
                    help="override/declare the activation when SRC does not record it (bare state dicts)")
     p.add_argument("--config", default=None, help="config for SRC: a JSON file or a zoo name")
+    add_trust_torchscript_option(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoints import convert, load_model
 
-    out = convert(args.src, args.dst, args.to, activation=args.activation, config=args.config)
+    out = convert(args.src, args.dst, args.to, activation=args.activation, config=args.config,
+                  trust_torchscript=args.trust_torchscript)
     model = load_model(out)
     name = model.config.name
     print(f"wrote {args.to} checkpoint: {out}" + (f" ({name}, {model.config.activation})" if name else ""))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import existing_path, output_dir, positive_int
+from .options import add_trust_torchscript_option, existing_path, output_dir, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,6 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
     p.add_argument("--opset", type=positive_int, default=17, help="ONNX opset version")
     p.add_argument("--check", action="store_true", help="run ONNX Runtime on random inputs and compare with torch")
+    add_trust_torchscript_option(p)
     p.set_defaults(func=run)
 
 
@@ -24,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoints import load_model
     from ..export import export_onnx
 
-    model = load_model(args.model)
+    model = load_model(args.model, trust_torchscript=args.trust_torchscript)
     paths = export_onnx(model, args.out, opset=args.opset)
     for tower, path in paths.items():
         print(f"{tower}: {path} ({path.stat().st_size / 2**20:.1f} MiB)")

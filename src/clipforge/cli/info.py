@@ -3,7 +3,8 @@
 Format, architecture (zoo name when the shapes and activation equal one), parameter counts, the
 preprocessing and tokenizer its weights expect, the activation (and whether the file records it
 or it is assumed), and a training summary when the checkpoint or its run folder records one
-(clipforge training checkpoints and run folders, open_clip's ``epoch_N.pt``).
+(clipforge training checkpoints and run folders, open_clip's ``epoch_N.pt``), and the tensors
+that would make the model's outputs wrong (NaN/inf values, integer-typed weights).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .options import existing_path
+from .options import add_trust_torchscript_option, existing_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,16 +27,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "TorchScript, OpenCLIP, Hugging Face) and describes it.")
     p.add_argument("checkpoint", type=existing_path, help="checkpoint file or folder")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_trust_torchscript_option(p)
     p.set_defaults(func=run)
 
 
-def describe(path: str | Path) -> dict[str, Any]:
+def describe(path: str | Path, *, trust_torchscript: bool = False) -> dict[str, Any]:
     """The record ``clipforge info`` prints."""
     from ..checkpoints import read_checkpoint
     from ..config import available_models
     from ..models import model_class
 
-    sd, info = read_checkpoint(path)
+    sd, info = read_checkpoint(path, trust_torchscript=trust_torchscript)
     cfg = info.config
     with torch.device("meta"):  # parameter counts from the architecture (BatchNorm buffers are not parameters)
         n = model_class(cfg)(cfg).num_parameters()
@@ -55,6 +57,8 @@ def describe(path: str | Path) -> dict[str, Any]:
         "preprocess": c["preprocess"],
         "tokenizer": {**c["tokenizer"], "vocab_size": cfg.text.vocab_size},
         "training": training_summary(info.weights, info.extras),
+        "nonfinite_tensors": list(info.nonfinite),  # names of tensors holding NaN/inf
+        "integer_tensors": list(info.integer),  # weights stored with an integer dtype
     }
 
 
@@ -83,7 +87,9 @@ def training_summary(weights: Path, extras: dict[str, Any]) -> dict[str, Any] | 
 
 
 def run(args: argparse.Namespace) -> int:
-    rec = describe(args.checkpoint)
+    from ..checkpoints.strict import describe_suspect
+
+    rec = describe(args.checkpoint, trust_torchscript=args.trust_torchscript)
     if args.json:
         print(json.dumps(rec, indent=2))
         return 0
@@ -108,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         lines.append(("not recorded", ", ".join(rec["assumed"]) + " (defaults assumed; pass a config to be sure)"))
     if rec["training"]:
         lines.append(("training", ", ".join(f"{k} {val}" for k, val in rec["training"].items())))
+    if rec["nonfinite_tensors"] or rec["integer_tensors"]:
+        lines.append(("WARNING", describe_suspect(rec["nonfinite_tensors"], rec["integer_tensors"])))
     width = max(len(k) for k, _ in lines)
     for k, val in lines:
         print(f"{k:<{width}}  {val}")

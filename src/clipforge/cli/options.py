@@ -19,6 +19,8 @@ Shared options of commands that run a model (``train``, ``demo``, ``eval *``, ``
 ``--device``       auto | cpu | cuda | cuda:N | mps (auto: CUDA, then MPS, else CPU; under torchrun
                    each rank takes cuda:LOCAL_RANK)
 ``--precision``    open_clip's names (see :mod:`clipforge.device`); inference casts the weights
+``--trust-torchscript``  load a TorchScript archive the restricted reader refuses with
+                   ``torch.jit.load`` (runs the archive's code; only for files you trust)
 ``--batch-size``   items per forward pass
 ``--workers``      data-loading worker *processes* (only where a loader has them: train, demo)
 ``--progress/--no-progress``, ``--log-level``
@@ -320,6 +322,15 @@ def add_log_option(p: argparse.ArgumentParser, default: str | None = None) -> No
         p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
+def add_trust_torchscript_option(p: argparse.ArgumentParser) -> None:
+    """``--trust-torchscript``: the explicit opt-in to ``torch.jit.load`` (which runs archive code)."""
+    p.add_argument("--trust-torchscript", action="store_true",
+                   help="a TorchScript .pt the restricted reader cannot read is loaded with torch.jit.load, which "
+                        "RUNS CODE FROM THE FILE: only for files you trust (better: convert it once with "
+                        "clipforge convert SRC DST --to clipforge --trust-torchscript). OpenAI's released "
+                        "archives need no opt-in: their tensors are read without running anything")
+
+
 def add_inference_model_options(p: argparse.ArgumentParser, *, required: bool = True,
                                 batch_size: int | None = 64) -> None:
     """The options of a command that loads a model for inference (checkpoint or ``--random-init``)."""
@@ -328,6 +339,7 @@ def add_inference_model_options(p: argparse.ArgumentParser, *, required: bool = 
     p.add_argument("--random-init", action="store_true",
                    help="--model is an architecture name: use untrained weights (smoke tests; results meaningless)")
     p.add_argument("--seed-init", type=any_int, default=0, help="seed of the --random-init weights")
+    add_trust_torchscript_option(p)
     add_device_option(p)
     add_precision_option(p, "inference")
     if batch_size is not None:
@@ -391,7 +403,8 @@ def load_model_arg(args: argparse.Namespace) -> tuple[Any, Any]:
     from ..loading import load_for_inference
 
     model, preprocess = load_for_inference(args.model, device=args.device, precision=args.precision,
-                                           random_init=args.random_init, seed=args.seed_init)
+                                           random_init=args.random_init, seed=args.seed_init,
+                                           trust_torchscript=getattr(args, "trust_torchscript", False))
     if args.random_init:
         print(f"note: {args.model} with random weights (seed {args.seed_init}): results are meaningless",
               file=sys.stderr)
@@ -409,5 +422,5 @@ __all__ = [
     "non_negative_float", "any_int", "any_float", "fraction", "unit_interval", "comma_list", "device_spec",
     "nonempty_str", "shift_list", "ListAction", "existing_file", "existing_dir", "existing_path", "output_dir", "output_file", "output_path",
     "require_nonempty", "add_device_option", "add_precision_option", "add_progress_option", "add_log_option",
-    "add_inference_model_options", "add_long_text_options", "configure_logging", "missing_extra", "load_model_arg",
+    "add_inference_model_options", "add_trust_torchscript_option", "add_long_text_options", "configure_logging", "missing_extra", "load_model_arg",
 ]
