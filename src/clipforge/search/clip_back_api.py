@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .http import ERRORS, WorkerPool, check_unicode, decode_query_image, parse_json, public_path, whole
 from .searcher import QueryError, Searcher
-from .thumbnails import ThumbnailError, Thumbnailer
+from .thumbnails import ThumbnailError
 
 KNN_COLUMNS = ("url", "image_path", "caption", "NSFW")  # clip_back's default columns_to_return
 
