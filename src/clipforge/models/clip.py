@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -83,6 +84,15 @@ class CLIP(nn.Module):
         return out
 
     # --- training helpers -----------------------------------------------------------------------
+    def add_logit_bias(self, init: float) -> None:
+        """Give a bias-free model a learned logit bias (to train it with the sigmoid loss); the
+        config records it, so checkpoints written afterwards carry and describe it."""
+        if self.logit_bias is not None:
+            raise ValueError("this model already has a logit_bias")
+        self.config = dataclasses.replace(self.config, init_logit_bias=float(init))
+        self.logit_bias = nn.Parameter(torch.tensor(float(init), device=self.logit_scale.device,
+                                                    dtype=self.logit_scale.dtype))
+
     def clamp_logit_scale(self) -> None:
         """Clip the learned temperature so exp(logit_scale) <= max_logit_scale (100 in the paper)."""
         with torch.no_grad():
