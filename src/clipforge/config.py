@@ -27,9 +27,10 @@ OBJECTIVES = ("contrastive", "bow", "caption")
 @dataclass
 class VisionConfig:
     """Image tower. ``kind='vit'`` uses ``layers: int`` and ``patch_size``; ``kind='resnet'``
-    uses ``layers`` as four stage depths and ``width`` as the stem width (64 for RN50)."""
+    uses ``layers`` as four stage depths and ``width`` as the stem width (64 for RN50);
+    ``kind='siglip'``: SigLIP's ViT (no class token, attention-pool head; :mod:`clipforge.models.siglip`)."""
 
-    kind: Literal["vit", "resnet"] = "vit"
+    kind: Literal["vit", "resnet", "siglip"] = "vit"
     image_size: int = 224
     width: int = 768
     layers: int | list[int] = 12
@@ -38,8 +39,8 @@ class VisionConfig:
     mlp_ratio: float = 4.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("vit", "resnet"):
-            raise ValueError(f"vision.kind must be 'vit' or 'resnet', got {self.kind!r}")
+        if self.kind not in ("vit", "resnet", "siglip"):
+            raise ValueError(f"vision.kind must be 'vit', 'resnet' or 'siglip', got {self.kind!r}")
         if self.kind == "resnet":
             if isinstance(self.layers, int) or len(self.layers) != 4:
                 raise ValueError(f"a resnet vision tower needs 4 stage depths, got layers={self.layers!r}")
@@ -62,12 +63,14 @@ class VisionConfig:
 
     @property
     def grid_size(self) -> int:
-        return self.image_size // (self.patch_size if self.kind == "vit" else 32)
+        return self.image_size // (32 if self.kind == "resnet" else self.patch_size)
 
 
 @dataclass
 class TextConfig:
-    """Causal text Transformer over BPE tokens; features are taken at the end-of-text token."""
+    """Causal text Transformer over BPE tokens; features are taken at the end-of-text token.
+    ``kind='siglip'``: SigLIP's bidirectional tower pooled at the last position, projection with a
+    bias (:mod:`clipforge.models.siglip`); absent from a config's dict when ``clip``."""
 
     context_length: int = 77
     vocab_size: int = 49408
@@ -75,8 +78,11 @@ class TextConfig:
     heads: int = 8
     layers: int = 12
     mlp_ratio: float = 4.0
+    kind: Literal["clip", "siglip"] = "clip"
 
     def __post_init__(self) -> None:
+        if self.kind not in ("clip", "siglip"):
+            raise ValueError(f"text.kind must be 'clip' or 'siglip', got {self.kind!r}")
         if self.width % self.heads:
             raise ValueError(f"text width {self.width} is not divisible by heads {self.heads}")
 
@@ -158,6 +164,8 @@ class CLIPConfig:
         d["preprocess"]["std"] = list(d["preprocess"]["std"])
         if d["objective"] == "contrastive":
             del d["objective"]  # the default: contrastive configs (and their hashes, files) unchanged
+        if d["text"]["kind"] == "clip":
+            del d["text"]["kind"]  # CLIP's text tower: configs written before SigLIP's read the same
         if d["init_logit_bias"] is None:
             del d["init_logit_bias"]  # the same for models without a logit bias
         return d

@@ -21,7 +21,7 @@ import torch
 from ..config import CLIPConfig, PreprocessConfig, TextConfig, TokenizerConfig, VisionConfig
 from ..models import CLIP
 from ..utils.io import atomic_open, atomic_write_text
-from .files import Source, contrastive_only, native_state_dict, without_logit_bias
+from .files import Source, clip_towers_only, contrastive_only, native_state_dict, without_logit_bias
 
 log = logging.getLogger(__name__)
 NAME = "openai"
@@ -61,6 +61,7 @@ def write(model: CLIP, path: str | os.PathLike) -> Path:
     """A plain OpenAI-layout state dict (``torch.save``) that OpenAI's ``build_model`` and OpenCLIP
     (``pretrained=FILE``) load, with ``clipforge_config.json`` beside it for what shapes cannot tell."""
     contrastive_only(model, "openai")
+    clip_towers_only(model, "openai")
     without_logit_bias(model, "openai")
     path = Path(path)
     if path.is_dir() or not path.suffix:

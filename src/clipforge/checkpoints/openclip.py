@@ -23,7 +23,7 @@ from ..config import OPENAI_MEAN, OPENAI_STD, CLIPConfig, PreprocessConfig
 from ..models import CLIP
 from ..utils.io import atomic_open, atomic_write_text
 from . import openai
-from .files import Source, contrastive_only, native_state_dict, write_safetensors
+from .files import Source, clip_towers_only, contrastive_only, native_state_dict, write_safetensors
 
 NAME = "openclip"
 CONFIG_NAME = "open_clip_config.json"
@@ -131,6 +131,7 @@ def write(model: CLIP, path: str | os.PathLike) -> Path:
     (``.safetensors`` with our config in its metadata, ``.pt``/``.bin``/``.pth`` as
     ``{"state_dict": ..., "config": ...}``) for open_clip's ``pretrained=FILE``."""
     contrastive_only(model, "OpenCLIP")
+    clip_towers_only(model, "OpenCLIP")
     path = Path(path)
     cfg = model.config
     oc = config_json(cfg)  # validates before anything is written

@@ -92,14 +92,16 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(rec, indent=2))
         return 0
     v, t, p, n = rec["vision"], rec["text"], rec["preprocess"], rec["parameters"]
-    tower = (f"ViT {v['layers']} layers x {v['width']} wide, {v['heads']} heads, patch {v['patch_size']}"
-             if v["kind"] == "vit" else f"ResNet stages {v['layers']}, width {v['width']}")
+    tower = (f"{'SigLIP ViT (attention-pool head)' if v['kind'] == 'siglip' else 'ViT'} {v['layers']} layers x "
+             f"{v['width']} wide, {v['heads']} heads, patch {v['patch_size']}"
+             if v["kind"] in ("vit", "siglip") else f"ResNet stages {v['layers']}, width {v['width']}")
     lines = [
         ("format", rec["format"]), ("weights", rec["weights"]), ("architecture", rec["architecture"]),
         ("parameters", f"{n['total'] / 1e6:.2f} M (image {n['image'] / 1e6:.2f} M, text {n['text'] / 1e6:.2f} M), "
                        f"{rec['dtype']}"),
         ("embed dim", rec["embed_dim"]), ("image tower", tower),
-        ("text tower", f"{t['layers']} layers x {t['width']} wide, {t['heads']} heads"),
+        ("text tower", f"{t['layers']} layers x {t['width']} wide, {t['heads']} heads"
+                       + (", bidirectional, last-token pooling (SigLIP)" if t.get("kind") == "siglip" else "")),
         ("activation", rec["activation"] + ("" if rec["activation_recorded"] else " (not recorded: assumed)")),
         ("image size", p["image_size"]),
         ("preprocess", f"{p['resize_mode']} resize, {p['interpolation']}, mean {tuple(p['mean'])}, "

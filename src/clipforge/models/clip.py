@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import CLIPConfig
+from .siglip import SigLIPTextTransformer, SigLIPVisionTransformer
 from .text import TextTransformer
 from .vision_resnet import ModifiedResNet
 from .vision_vit import VisionTransformer
@@ -27,10 +28,9 @@ class CLIP(nn.Module):
     def __init__(self, config: CLIPConfig) -> None:
         super().__init__()
         self.config = config
-        self.visual: nn.Module = (
-            VisionTransformer(config) if config.vision.kind == "vit" else ModifiedResNet(config)
-        )
-        self.text = TextTransformer(config)
+        towers = {"vit": VisionTransformer, "resnet": ModifiedResNet, "siglip": SigLIPVisionTransformer}
+        self.visual: nn.Module = towers[config.vision.kind](config)
+        self.text: nn.Module = TextTransformer(config) if config.text.kind == "clip" else SigLIPTextTransformer(config)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
         self.logit_bias: nn.Parameter | None = (
             None if config.init_logit_bias is None else nn.Parameter(torch.tensor(float(config.init_logit_bias))))
@@ -38,11 +38,11 @@ class CLIP(nn.Module):
     # --- properties ---------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        return self.text.text_projection.dtype
+        return self.text.token_embedding.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.text.text_projection.device
+        return self.text.token_embedding.weight.device
 
     @property
     def image_size(self) -> int:
@@ -100,7 +100,7 @@ class CLIP(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.text.transformer.grad_checkpointing = enable
-        if isinstance(self.visual, VisionTransformer):
+        if isinstance(self.visual, (VisionTransformer, SigLIPVisionTransformer)):
             self.visual.transformer.grad_checkpointing = enable
         else:
             self.visual.grad_checkpointing = enable  # type: ignore[assignment]
