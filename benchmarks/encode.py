@@ -13,6 +13,12 @@ as ``clipforge.load(path)`` returns it, called as a user calls it (``model.encod
 
     python benchmarks/encode.py                 # full
     python benchmarks/encode.py --quick         # 1 rep, small batches (smoke)
+    python benchmarks/encode.py --models ViT-B-16-SigLIP --merge   # the native SigLIP towers
+
+``ViT-B-16-SigLIP`` (native towers, clipforge.models.siglip): fp32 and bf16 rows
+(``optimize_for_inference``), against open_clip's ``ViT-B-16-SigLIP`` (timm image tower) holding
+the same weights where open_clip is importable (the interop environment); text rows are 64-token
+rows (SigLIP pads every text to its context, so the cost does not depend on the words).
 """
 
 from __future__ import annotations
@@ -176,6 +182,9 @@ def main() -> None:
     print(f"matmul probe (GFLOP/s): {matmul_speed_by_precision()}; reduced precision chosen: {fastest_precision()}")
     tmp = tempfile.mkdtemp(prefix="clipforge-bench-")
     for name in args.models.split(","):
+        if name == SIGLIP:
+            rows += siglip_rows(args, peaks)
+            continue
         model = clipforge.create_model(name, seed=0).eval()
         fast = optimize_for_inference(clipforge.create_model(name, seed=0).eval())
         saved = clipforge.save_model(model, Path(tmp) / f"{name.replace('/', '-')}.safetensors")
@@ -221,7 +230,8 @@ def main() -> None:
     if agreement:
         print("\nreduced precision vs fp32, min cosine of embeddings (random images; real photos below): "
               + ", ".join(f"{k} {v:.4f}" for k, v in agreement.items()))
-    real = real_photo_agreement(args.models.split(",")[0])
+    first = args.models.split(",")[0]
+    real = real_photo_agreement(first) if first != SIGLIP else {}
     if real:
         print("on Flickr8k photos and captions: " + ", ".join(f"{k} {v:.5f}" for k, v in real.items()))
     print("\n'% peak': fp32 rows of the fp32 GEMM peak, bf16 rows of the bf16 GEMM peak; 'load x': the model "
@@ -260,6 +270,72 @@ def _rows(work: str, batch: int, timings, gflops_per_item: float, peaks: dict[st
                     "gflops_per_item": gflops_per_item, "peak_gflops": peak,
                     "pct_peak": 100 * s["items_per_s"] * gflops_per_item / peak})
     return out
+
+
+SIGLIP = "ViT-B-16-SigLIP"
+
+
+def siglip_config() -> "clipforge.CLIPConfig":
+    """open_clip's ViT-B-16-SigLIP as native towers (what checkpoints.siglip.config_from_openclip gives)."""
+    from clipforge.config import CLIPConfig, PreprocessConfig, TextConfig, TokenizerConfig, VisionConfig
+
+    return CLIPConfig(embed_dim=768, vision=VisionConfig(kind="siglip", image_size=224, width=768, layers=12, heads=12,
+                                                         patch_size=16),
+                      text=TextConfig(kind="siglip", context_length=64, vocab_size=32000, width=768, heads=12, layers=12),
+                      activation="gelu", norm_eps=1e-6, init_logit_bias=-10.0,
+                      preprocess=PreprocessConfig(image_size=224, mean=(0.5,) * 3, std=(0.5,) * 3),
+                      tokenizer=TokenizerConfig(context_length=64), name=SIGLIP)
+
+
+def siglip_rows(args: argparse.Namespace, peaks: dict[str, float]) -> list[dict[str, object]]:
+    """Image rows at ``--batches`` and a text row at ``--text-batch``: clipforge fp32 and bf16
+    (``optimize_for_inference``) and open_clip on the same weights (when importable)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clipforge.checkpoints import siglip as siglip_format
+
+    cfg = siglip_config()
+    model = clipforge.create_model(cfg, seed=0).eval().requires_grad_(False)  # (the flop counter's hooks need it)
+    impls: dict[str, torch.nn.Module] = {"clipforge": optimize_for_inference(clipforge.create_model(cfg, seed=0).eval())}
+    try:
+        low = optimize_for_inference(clipforge.create_model(cfg, seed=0).eval(), precision="bf16")
+        with torch.inference_mode():  # this CPU may lack bf16 products (oneDNN refuses at the first call)
+            low.encode_image(torch.zeros(1, 3, 224, 224, dtype=torch.bfloat16))
+        impls["clipforge-bf16"] = low
+    except (RuntimeError, ValueError) as e:
+        print(f"note: {SIGLIP} bf16 row skipped ({e})")
+    try:
+        import open_clip
+
+        oc = open_clip.create_model(SIGLIP, pretrained=None)
+        oc.load_state_dict(siglip_format.from_native(model.state_dict()), strict=True)
+        impls["openclip"] = oc.eval()
+    except ImportError:
+        print(f"note: open_clip not importable here; {SIGLIP} open_clip rows skipped")
+    gf = image_gflops(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.ones(args.text_batch, 64, dtype=torch.long)  # SigLIP's pad id, caption-length content
+    for i in range(args.text_batch):
+        n = int(torch.randint(8, 20, (1,), generator=g))
+        ids[i, :n] = torch.randint(2, 32000, (n,), generator=g)
+    with FlopCounterMode(display=False) as fc, torch.inference_mode():
+        model.encode_text(ids[:1])
+    gft = fc.get_total_flops() / 1e9
+    rows: list[dict[str, object]] = []
+    with torch.inference_mode():
+        for b in [int(x) for x in args.batches.split(",")]:
+            x = torch.randn(b, 3, 224, 224)
+            fns = {k: (lambda m=m, k=k: m.encode_image(x.to(torch.bfloat16) if k.endswith("bf16") else x))
+                   for k, m in impls.items()}
+            rows += _rows(f"{SIGLIP} image", b, alternate(fns, reps=args.reps, warmup=1), gf, peaks)
+        fns = {k: (lambda m=m: m.encode_text(ids)) for k, m in impls.items()}
+        rows += _rows(f"{SIGLIP} text (64 tokens)", args.text_batch, alternate(fns, reps=args.reps, warmup=1), gft, peaks)
+        if "openclip" in impls:  # the rows compare equal work: features agree
+            x = torch.randn(2, 3, 224, 224)
+            print(f"{SIGLIP} clipforge vs open_clip, min cosine: image "
+                  f"{cosine_agreement(impls['clipforge'].encode_image(x), impls['openclip'].encode_image(x)):.6f}, text "
+                  f"{cosine_agreement(impls['clipforge'].encode_text(ids[:4]), impls['openclip'].encode_text(ids[:4])):.6f}")
+    return rows
 
 
 def real_photo_agreement(name: str, n: int = 32) -> dict[str, float]:

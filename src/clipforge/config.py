@@ -58,9 +58,10 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
 @dataclass
 class VisionConfig:
     """Image tower. ``kind='vit'`` uses ``layers: int`` and ``patch_size``; ``kind='resnet'``
-    uses ``layers`` as four stage depths and ``width`` as the stem width (64 for RN50)."""
+    uses ``layers`` as four stage depths and ``width`` as the stem width (64 for RN50);
+    ``kind='siglip'``: SigLIP's ViT (no class token, attention-pool head; :mod:`clipforge.models.siglip`)."""
 
-    kind: Literal["vit", "resnet"] = "vit"
+    kind: Literal["vit", "resnet", "siglip"] = "vit"
     image_size: int = 224
     width: int = 768
     layers: int | list[int] = 12
@@ -69,7 +70,7 @@ class VisionConfig:
     mlp_ratio: float = 4.0
 
     def __post_init__(self) -> None:
-        _choice("vision.kind", self.kind, ("vit", "resnet"))
+        _choice("vision.kind", self.kind, ("vit", "resnet", "siglip"))
         self.image_size = check_int("vision.image_size", self.image_size)
         self.width = check_int("vision.width", self.width)
         self.heads = check_int("vision.heads", self.heads)
@@ -100,12 +101,14 @@ class VisionConfig:
 
     @property
     def grid_size(self) -> int:
-        return self.image_size // (self.patch_size if self.kind == "vit" else 32)
+        return self.image_size // (32 if self.kind == "resnet" else self.patch_size)
 
 
 @dataclass
 class TextConfig:
-    """Causal text Transformer over BPE tokens; features are taken at the end-of-text token."""
+    """Causal text Transformer over BPE tokens; features are taken at the end-of-text token.
+    ``kind='siglip'``: SigLIP's bidirectional tower pooled at the last position, projection with a
+    bias (:mod:`clipforge.models.siglip`); absent from a config's dict when ``clip``."""
 
     context_length: int = 77
     vocab_size: int = 49408
@@ -113,8 +116,10 @@ class TextConfig:
     heads: int = 8
     layers: int = 12
     mlp_ratio: float = 4.0
+    kind: Literal["clip", "siglip"] = "clip"
 
     def __post_init__(self) -> None:
+        _choice("text.kind", self.kind, ("clip", "siglip"))
         # Two positions at least: every tokenized text holds start- and end-of-text.
         self.context_length = check_int("text.context_length", self.context_length, lo=2)
         self.vocab_size = check_int("text.vocab_size", self.vocab_size)
@@ -173,6 +178,9 @@ class CLIPConfig:
     norm_eps: float = 1e-5
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = 100.0
+    # SigLIP's learned logit bias (added to every logit; -10 at init in the paper). ``None``: no bias,
+    # and the key is absent from ``to_dict()``, so every bias-free config and file reads as before.
+    init_logit_bias: float | None = None
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     name: str | None = None
@@ -213,6 +221,10 @@ class CLIPConfig:
         d["preprocess"]["std"] = list(d["preprocess"]["std"])
         if d["objective"] == "contrastive":
             del d["objective"]  # the default: contrastive configs (and their hashes, files) unchanged
+        if d["text"]["kind"] == "clip":
+            del d["text"]["kind"]  # CLIP's text tower: configs written before SigLIP's read the same
+        if d["init_logit_bias"] is None:
+            del d["init_logit_bias"]  # the same for models without a logit bias
         return d
 
     def to_json(self, indent: int | None = 2) -> str:

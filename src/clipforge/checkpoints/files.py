@@ -150,6 +150,21 @@ def contrastive_only(model: CLIP, fmt: str) -> None:
                          f"cannot hold; save it in clipforge's format (save_model / convert --to clipforge)")
 
 
+def clip_towers_only(model: CLIP, fmt: str) -> None:
+    """OpenAI-layout formats hold CLIP's towers; the native SigLIP towers have other modules."""
+    kinds = (model.config.vision.kind, model.config.text.kind)
+    if "siglip" in kinds:
+        raise ValueError(f"this model has SigLIP towers (vision {kinds[0]!r}, text {kinds[1]!r}), which the {fmt} "
+                         f"format's CLIP layout cannot hold; save it in clipforge's format (convert --to clipforge)")
+
+
+def without_logit_bias(model: CLIP, fmt: str) -> None:
+    """Formats whose model has no learned logit bias (OpenAI's CLIP, HF ``CLIPModel``) refuse one."""
+    if getattr(model, "logit_bias", None) is not None:
+        raise ValueError(f"this model has a learned logit_bias (sigmoid-loss training), which the {fmt} "
+                         f"format cannot hold; convert --to openclip or clipforge")
+
+
 def native_state_dict(model: CLIP) -> dict[str, torch.Tensor]:
     """The model's weights as contiguous CPU tensors, refusing models whose parameters were folded."""
     if any(getattr(m, "inference_only", False) for m in model.modules()):

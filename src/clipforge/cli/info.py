@@ -42,7 +42,7 @@ def describe(path: str | Path, *, trust_torchscript: bool = False) -> dict[str, 
     with torch.device("meta"):  # parameter counts from the architecture (BatchNorm buffers are not parameters)
         n = model_class(cfg)(cfg).num_parameters()
     dtypes = Counter(str(v.dtype).removeprefix("torch.") for v in sd.values() if v.is_floating_point())
-    scale = sd.get("logit_scale")
+    scale, bias = sd.get("logit_scale"), sd.get("logit_bias")
     c = cfg.to_dict()
     return {
         "path": str(path), "weights": str(info.weights), "format": info.format,
@@ -54,6 +54,10 @@ def describe(path: str | Path, *, trust_torchscript: bool = False) -> dict[str, 
         "activation": cfg.activation, "activation_recorded": "activation" not in info.assumed,
         "assumed": list(info.assumed),  # config fields the file does not record (defaults filled in)
         "logit_scale_exp": round(float(scale.float().exp()), 4) if scale is not None else None,
+        # SigLIP-style models: the learned bias added to every logit (the sigmoid loss's); None: none.
+        "logit_bias": round(float(bias.float()), 4) if bias is not None else None,
+        # What the logits mean: a softmax over the batch (CLIP) or one sigmoid per pair (with a bias).
+        "loss": "siglip" if bias is not None else "clip",
         "preprocess": c["preprocess"],
         "tokenizer": {**c["tokenizer"], "vocab_size": cfg.text.vocab_size},
         "training": training_summary(info.weights, info.extras),
@@ -70,7 +74,7 @@ def training_summary(weights: Path, extras: dict[str, Any]) -> dict[str, Any] | 
             out[key] = extras[key]
     tc = extras.get("train_config")
     if isinstance(tc, dict):
-        out.update({k: tc[k] for k in ("model", "data", "steps", "batch_size", "lr") if k in tc})
+        out.update({k: tc[k] for k in ("model", "data", "steps", "batch_size", "lr", "loss") if k in tc})
     losses = [r for r in extras.get("metrics", []) if isinstance(r, dict) and "loss" in r]
     if losses:
         out["last_logged"] = {k: losses[-1][k] for k in ("step", "loss") if k in losses[-1]}
@@ -94,14 +98,16 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(rec, indent=2))
         return 0
     v, t, p, n = rec["vision"], rec["text"], rec["preprocess"], rec["parameters"]
-    tower = (f"ViT {v['layers']} layers x {v['width']} wide, {v['heads']} heads, patch {v['patch_size']}"
-             if v["kind"] == "vit" else f"ResNet stages {v['layers']}, width {v['width']}")
+    tower = (f"{'SigLIP ViT (attention-pool head)' if v['kind'] == 'siglip' else 'ViT'} {v['layers']} layers x "
+             f"{v['width']} wide, {v['heads']} heads, patch {v['patch_size']}"
+             if v["kind"] in ("vit", "siglip") else f"ResNet stages {v['layers']}, width {v['width']}")
     lines = [
         ("format", rec["format"]), ("weights", rec["weights"]), ("architecture", rec["architecture"]),
         ("parameters", f"{n['total'] / 1e6:.2f} M (image {n['image'] / 1e6:.2f} M, text {n['text'] / 1e6:.2f} M), "
                        f"{rec['dtype']}"),
         ("embed dim", rec["embed_dim"]), ("image tower", tower),
-        ("text tower", f"{t['layers']} layers x {t['width']} wide, {t['heads']} heads"),
+        ("text tower", f"{t['layers']} layers x {t['width']} wide, {t['heads']} heads"
+                       + (", bidirectional, last-token pooling (SigLIP)" if t.get("kind") == "siglip" else "")),
         ("activation", rec["activation"] + ("" if rec["activation_recorded"] else " (not recorded: assumed)")),
         ("image size", p["image_size"]),
         ("preprocess", f"{p['resize_mode']} resize, {p['interpolation']}, mean {tuple(p['mean'])}, "
@@ -109,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         ("tokenizer", f"{rec['tokenizer']['kind']}, context length {rec['tokenizer']['context_length']}, "
                       f"vocabulary {rec['tokenizer']['vocab_size']}"),
         ("logit scale", f"exp = {rec['logit_scale_exp']}"),
+        ("logit bias", "none (softmax/CLIP loss)" if rec["logit_bias"] is None
+         else f"{rec['logit_bias']} (sigmoid/SigLIP loss)"),
     ]
     if rec["assumed"]:
         lines.append(("not recorded", ", ".join(rec["assumed"]) + " (defaults assumed; pass a config to be sure)"))

@@ -10,11 +10,13 @@ from torch import nn
 
 from ..models import CLIP
 from ..models.layers import MLP, Attention, ResidualAttentionBlock, Transformer
+from ..models.siglip import SigLIPTextTransformer, SigLIPVisionTransformer
 from ..models.text import TextTransformer
 from ..models.vision_resnet import ModifiedResNet
 from ..models.vision_vit import VisionTransformer
 from .backend import FastLinear, fastest_precision
 from .linear import int8_available
+from .siglip import FastSigLIPText, FastSigLIPVision
 from .resnet import FastResNet, FoldedResNet, conv_bn_pairs, fold_batchnorm, fused_conv_available
 from .swap import swap_class
 from .text import FastTextTransformer
@@ -24,7 +26,7 @@ from .vit import FastVisionTransformer
 FAST: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: FastLinear, MLP: FastMLP, Attention: FastAttention, ResidualAttentionBlock: FastBlock,
     Transformer: FastTransformer, TextTransformer: FastTextTransformer, VisionTransformer: FastVisionTransformer,
-    ModifiedResNet: FastResNet,
+    ModifiedResNet: FastResNet, SigLIPTextTransformer: FastSigLIPText, SigLIPVisionTransformer: FastSigLIPVision,
 }
 PLAIN = {fast: plain for plain, fast in FAST.items()}
 
