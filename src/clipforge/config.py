@@ -210,7 +210,9 @@ class CLIPConfig:
         if self.tokenizer.context_length != self.text.context_length:
             raise ConfigError(f"tokenizer.context_length {self.tokenizer.context_length} != text.context_length "
                               f"{self.text.context_length}")
-        if self.tokenizer.kind == "openai-bpe" and self.text.vocab_size < OPENAI_BPE_VOCAB:
+        # OpenAI's text tower reads OpenAI's BPE ids; a SigLIP text tower's ids come from its own
+        # SentencePiece vocabulary (the checkpoint folder's tokenizer), so any size fits it.
+        if self.text.kind == "clip" and self.tokenizer.kind == "openai-bpe" and self.text.vocab_size < OPENAI_BPE_VOCAB:
             raise ConfigError(f"text.vocab_size {self.text.vocab_size} is smaller than the openai-bpe tokenizer's "
                               f"{OPENAI_BPE_VOCAB} ids")
 

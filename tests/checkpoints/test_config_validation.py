@@ -30,7 +30,7 @@ BAD = [
     (("vision", "patch_size"), 7, "vision.image_size 32 is not a multiple of patch_size 7"),
     (("vision", "patch_size"), 0, "vision.patch_size must be an integer >= 1, got 0"),
     (("vision", "mlp_ratio"), -1.0, "vision.mlp_ratio must be a finite number > 0, got -1.0"),
-    (("vision", "kind"), "swin", "vision.kind must be one of vit, resnet, got 'swin'"),
+    (("vision", "kind"), "swin", "vision.kind must be one of vit, resnet, siglip, got 'swin'"),
     (("text", "context_length"), 0, "text.context_length must be an integer >= 2, got 0"),
     (("text", "width"), -8, "text.width must be an integer >= 1, got -8"),
     (("text", "heads"), 5, "text.width 64 is not divisible by text.heads 5"),
