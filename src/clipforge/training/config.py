@@ -17,6 +17,7 @@ from ..data.tables import parse_separator
 from ..utils import read_json
 from ..utils.typed import coerce_fields
 from .hard_negatives import MODES as HARD_NEGATIVES
+from .recipes import check_recipes
 
 LINEAR_BACKENDS = ("auto", "torch", "onednn")
 
@@ -94,6 +95,8 @@ class TrainConfig:
     time_limit_minutes: float | None = None
     progress: bool = True
     resume: str | None = None
+    # --- training recipes (docs/recipes.md; checked in .recipes) ---
+    patch_dropout: float = 0.0  # open_clip's --force-patch-dropout: fraction of patch tokens dropped (FLIP)
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -143,6 +146,7 @@ class TrainConfig:
             self.csv_separator = parse_separator(self.csv_separator)
         except ValueError as e:
             need(False, "csv_separator", str(e))
+        check_recipes(self, need)
 
     def data_options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`clipforge.data.open_pairs` for this run's data specs."""

@@ -45,6 +45,7 @@ from .hard_negatives import SwapNegatives, TokenizeWithNegatives
 from .metrics import MetricsLog, peak_rss_mb, plot_curves
 from .objectives import freeze_unused
 from .optim import CosineWarmup, build_optimizer
+from .recipes import apply_recipes
 from .signals import StopRequest, exit_code, signals_blocked
 from .step import TrainStep, make_grad_scaler, make_train_step, objective_module
 
@@ -169,6 +170,7 @@ class _Run:
             model.set_grad_checkpointing(True)
         if cfg.lock_image:
             model.lock_image_tower()
+        apply_recipes(model, cfg)  # patch dropout, ... (docs/recipes.md)
         freeze_unused(model)  # bow/caption: what the objective never reads (text tower parts, temperature)
         module: torch.nn.Module = objective_module(model)
         if env.distributed:

@@ -34,6 +34,7 @@ from .distributed import DistEnv, sum_over_ranks
 from .hard_negatives import CaptionTokens
 from .loss import ClipLoss, scale_grad
 from .objectives import ObjectiveModule, loss_count
+from .replay import replaying, rng_state
 
 #: The text side of a batch: token ids, or ids with hard negatives (``--hard-negatives``).
 Text = torch.Tensor | CaptionTokens
@@ -142,13 +143,17 @@ class TrainStep:
             self._backward(loss)
             return float(loss.detach())
         inner = getattr(self.module, "module", self.module)  # skip DDP hooks for the no-grad pass
+        cached, states = [], []
         with torch.no_grad():
-            cached = [self._features(inner, images, text) for images, text in batches]
+            for images, text in batches:
+                states.append(rng_state(self.device))  # a re-run draws what its first pass drew
+                cached.append(self._features(inner, images, text))
         with_neg = cached[0][3] is not None
         value = 0.0
         for j, (images, text) in enumerate(batches):
             with self._no_sync(last=j == k - 1):
-                fresh = self._features(self.module, images, text)
+                with replaying(states[j], self.device):
+                    fresh = self._features(self.module, images, text)
                 parts = cached[:j] + [fresh] + cached[j + 1:]
                 img, txt = (torch.cat([f[slot] for f in parts]) for slot in (0, 1))
                 neg, mask = (torch.cat([f[slot] for f in parts]) for slot in (3, 4)) if with_neg else (None, None)
