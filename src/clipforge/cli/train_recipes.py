@@ -6,7 +6,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .options import non_negative_float
+from .options import non_negative_float, non_negative_int
+
+
+def unit_interval(text: str) -> float:
+    """A float in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
@@ -14,6 +22,19 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--force-patch-dropout", "--patch-dropout", dest="patch_dropout", type=non_negative_float,
                    metavar="P", help="drop this fraction of each training image's patch tokens (FLIP; ViT only; "
                                      "off at eval; default 0)")
+    g.add_argument("--lock-image-unlocked-groups", type=non_negative_int, metavar="N",
+                   help="with --lock-image: leave the last N layer groups of the image tower trainable (default 0)")
+    _bool_flag(g, "--lock-image-freeze-bn-stats", "with --lock-image: keep the image tower's BatchNorm "
+                                                  "statistics fixed (ResNet; default off)")
+    _bool_flag(g, "--lock-text", "freeze the text tower (default off)")
+    g.add_argument("--lock-text-unlocked-layers", type=non_negative_int, metavar="N",
+                   help="with --lock-text: leave the last N layer groups of the text tower trainable (default 0)")
+    _bool_flag(g, "--lock-text-freeze-layer-norm", "with --lock-text: freeze the LayerNorms of the locked part "
+                                                   "too (default: they train)")
+    g.add_argument("--layer-decay-image", type=unit_interval, metavar="D",
+                   help="layer-wise LR decay of the image tower: group g of G trains at lr * D^(G-1-g) (default 1: off)")
+    g.add_argument("--layer-decay-text", type=unit_interval, metavar="D",
+                   help="layer-wise LR decay of the text tower (default 1: off)")
 
 
 def _bool_flag(g: Any, name: str, help: str, dest: str | None = None) -> None:

@@ -97,6 +97,13 @@ class TrainConfig:
     resume: str | None = None
     # --- training recipes (docs/recipes.md; checked in .recipes) ---
     patch_dropout: float = 0.0  # open_clip's --force-patch-dropout: fraction of patch tokens dropped (FLIP)
+    lock_image_unlocked_groups: int = 0  # with lock_image: the last N image-tower groups train (.lock)
+    lock_image_freeze_bn_stats: bool = False  # with lock_image: BatchNorm running statistics fixed
+    lock_text: bool = False  # freeze the text tower (but its last lock_text_unlocked_layers groups)
+    lock_text_unlocked_layers: int = 0
+    lock_text_freeze_layer_norm: bool = False  # also freeze the LayerNorms of the locked text part
+    layer_decay_image: float = 1.0  # layer-wise LR decay per tower group (1: off)
+    layer_decay_text: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):

@@ -45,7 +45,7 @@ from .hard_negatives import SwapNegatives, TokenizeWithNegatives
 from .metrics import MetricsLog, peak_rss_mb, plot_curves
 from .objectives import freeze_unused
 from .optim import CosineWarmup, build_optimizer
-from .recipes import apply_recipes
+from .recipes import apply_recipes, lr_scales
 from .signals import StopRequest, exit_code, signals_blocked
 from .step import TrainStep, make_grad_scaler, make_train_step, objective_module
 
@@ -168,15 +168,13 @@ class _Run:
                           "full-batch one (exact for ViT towers)", stacklevel=2)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
-        if cfg.lock_image:
-            model.lock_image_tower()
-        apply_recipes(model, cfg)  # patch dropout, ... (docs/recipes.md)
+        apply_recipes(model, cfg)  # patch dropout, locking (docs/recipes.md)
         freeze_unused(model)  # bow/caption: what the objective never reads (text tower parts, temperature)
         module: torch.nn.Module = objective_module(model)
         if env.distributed:
             module = torch.nn.parallel.DistributedDataParallel(
                 module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-        optimizer = build_optimizer(model, cfg.lr, cfg.wd, cfg.betas, cfg.eps)
+        optimizer = build_optimizer(model, cfg.lr, cfg.wd, cfg.betas, cfg.eps, lr_scales(model, cfg))
         schedule = CosineWarmup(optimizer, cfg.lr, cfg.warmup, cfg.steps)
         scaler = make_grad_scaler(cfg.precision, env.device)
         step_fn = make_train_step(model, module, optimizer, precision=cfg.precision, grad_clip=cfg.grad_clip,

@@ -5,6 +5,7 @@ config checks and the one place they act on the model before the optimiser is bu
   image keeps ``round((1 - p) * grid^2)`` of its patch tokens (and the class token), drawn from
   torch's generator (checkpointed, so resumption is exact; replayed under accumulation, see
   :mod:`.replay`); the fast ViT never computes the dropped ones. Off in eval mode.
+- Partial locking and layer-wise learning-rate decay of either tower: :mod:`.lock`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..models import CLIP
+from .lock import layer_decay_scales, lock_image, lock_text
 
 Need = Callable[[bool, str, str], None]
 
@@ -20,6 +22,16 @@ def check_recipes(cfg: Any, need: Need) -> None:
     """Validate the recipe fields of a ``TrainConfig`` (``need(cond, key, message)`` raises)."""
     need(isinstance(cfg.patch_dropout, (int, float)) and 0.0 <= cfg.patch_dropout < 1.0, "patch_dropout",
          "must be in [0, 1) (the fraction of patch tokens dropped per training image)")
+    for key in ("lock_image_unlocked_groups", "lock_text_unlocked_layers"):
+        need(isinstance(getattr(cfg, key), int) and getattr(cfg, key) >= 0, key, "must be an integer >= 0")
+    for key, lock in (("lock_image_unlocked_groups", "lock_image"), ("lock_image_freeze_bn_stats", "lock_image"),
+                      ("lock_text_unlocked_layers", "lock_text"), ("lock_text_freeze_layer_norm", "lock_text")):
+        need(not getattr(cfg, key) or getattr(cfg, lock), key, f"acts on a locked tower: set {lock} too")
+    need(not (cfg.patch_dropout and cfg.lock_image and not cfg.lock_image_unlocked_groups), "patch_dropout",
+         "a fully locked image tower runs in eval mode, where patch dropout is off; unlock some groups "
+         "(lock_image_unlocked_groups) or drop one of the two")
+    for key in ("layer_decay_image", "layer_decay_text"):
+        need(isinstance(getattr(cfg, key), (int, float)) and 0 < getattr(cfg, key) <= 1, key, "must be in (0, 1]")
 
 
 def set_patch_dropout(model: CLIP, p: float) -> None:
@@ -32,6 +44,17 @@ def set_patch_dropout(model: CLIP, p: float) -> None:
 def apply_recipes(model: CLIP, cfg: Any) -> None:
     """Everything the recipes of ``cfg`` change on the model before its optimiser is built."""
     set_patch_dropout(model, cfg.patch_dropout)
+    if cfg.lock_image:
+        lock_image(model, cfg.lock_image_unlocked_groups, cfg.lock_image_freeze_bn_stats)
+    if cfg.lock_text:
+        lock_text(model, cfg.lock_text_unlocked_layers, cfg.lock_text_freeze_layer_norm)
 
 
-__all__ = ["check_recipes", "set_patch_dropout", "apply_recipes"]
+def lr_scales(model: CLIP, cfg: Any) -> dict[str, float] | None:
+    """The optimiser's per-parameter learning-rate factors (layer decay), or None when off."""
+    if cfg.layer_decay_image == 1.0 and cfg.layer_decay_text == 1.0:
+        return None
+    return layer_decay_scales(model, cfg.layer_decay_image, cfg.layer_decay_text)
+
+
+__all__ = ["check_recipes", "set_patch_dropout", "apply_recipes", "lr_scales"]

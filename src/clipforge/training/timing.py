@@ -19,6 +19,7 @@ from .. import fast
 from .loop import build_model, caption_tokenizer, run_precision
 from .objectives import freeze_unused
 from .optim import build_optimizer
+from .recipes import apply_recipes
 from .step import make_train_step, objective_module
 
 
@@ -37,6 +38,7 @@ def measure_step_time(config: TrainConfig, threads: Sequence[int], n: int = 3, w
         loader = make_pair_loader(source, transform=image_transform(model.config.preprocess, train=True),
                                   tokenize=caption_tokenizer(config, model.context_length), batch_size=config.batch_size,
                                   seed=config.seed + 99, rank=0, world_size=1, num_workers=config.num_workers)
+        apply_recipes(model, config)  # patch dropout, locking: they change the step's cost
         freeze_unused(model)
         step = make_train_step(model, objective_module(model), build_optimizer(model, 1e-5, 0.0, config.betas, config.eps),
                                precision=precision)

@@ -1,0 +1,44 @@
+"""The recipe flags of ``clipforge train`` reach TrainConfig (open_clip's names), and bad values
+are one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from clipforge.cli.main import main
+from clipforge.cli.train import add_train_arguments, config_from_args
+
+
+def _config(argv: list[str]):
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    return config_from_args(p.parse_args(argv))
+
+
+def test_flags_set_the_fields():
+    cfg = _config(["--force-patch-dropout", "0.5", "--lock-image", "--lock-image-unlocked-groups", "2",
+                   "--lock-text", "--lock-text-unlocked-layers", "1", "--lock-text-freeze-layer-norm",
+                   "--layer-decay-image", "0.7", "--layer-decay-text", "0.9"])
+    assert (cfg.patch_dropout, cfg.lock_image_unlocked_groups, cfg.lock_text_unlocked_layers) == (0.5, 2, 1)
+    assert cfg.lock_text and cfg.lock_text_freeze_layer_norm and (cfg.layer_decay_image, cfg.layer_decay_text) == (0.7, 0.9)
+    assert _config(["--patch-dropout", "0.25"]).patch_dropout == 0.25
+
+
+def test_bad_values_are_one_line_errors(tmp_path, capsys):
+    assert main(["train", "--force-patch-dropout", "1.5", "--out", str(tmp_path / "r"), "--no-progress"]) == 1
+    assert "patch_dropout" in capsys.readouterr().err
+    assert main(["train", "--lock-text-unlocked-layers", "1", "--out", str(tmp_path / "r"), "--no-progress"]) == 1
+    assert "lock_text" in capsys.readouterr().err
+    assert main(["train", "--layer-decay-image", "2", "--out", str(tmp_path / "r")]) != 0
+    assert "--layer-decay-image: must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_cli_run_records_the_recipe(tmp_path, capsys, model_json):
+    out = tmp_path / "run"
+    code = main(["train", "--model", model_json, "--data", "builtin:scenes?n=16&size=32", "--steps", "2",
+                 "--batch-size", "8", "--workers", "0", "--out", str(out), "--no-progress",
+                 "--force-patch-dropout", "0.5", "--lock-text", "--lock-text-unlocked-layers", "1"])
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["patch_dropout"] == 0.5 and saved["lock_text"] and saved["lock_text_unlocked_layers"] == 1
