@@ -23,6 +23,10 @@ def test_flags_set_the_fields():
     assert (cfg.patch_dropout, cfg.lock_image_unlocked_groups, cfg.lock_text_unlocked_layers) == (0.5, 2, 1)
     assert cfg.lock_text and cfg.lock_text_freeze_layer_norm and (cfg.layer_decay_image, cfg.layer_decay_text) == (0.7, 0.9)
     assert _config(["--patch-dropout", "0.25"]).patch_dropout == 0.25
+    cfg = _config(["--imagenet-val", "builtin:scenes-counting", "--zeroshot-frequency", "5", "--zeroshot-n", "50",
+                   "--zeroshot-classnames", "cifar10", "--zeroshot-templates", "photo"])
+    assert (cfg.zeroshot_data, cfg.zeroshot_frequency, cfg.zeroshot_n) == ("builtin:scenes-counting", 5, 50)
+    assert (cfg.zeroshot_classnames, cfg.zeroshot_templates) == ("cifar10", "photo")
 
 
 def test_bad_values_are_one_line_errors(tmp_path, capsys):

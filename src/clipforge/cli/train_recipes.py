@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .options import non_negative_float, non_negative_int
+from .options import non_negative_float, non_negative_int, positive_int
 
 
 def unit_interval(text: str) -> float:
@@ -35,6 +35,17 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
                    help="layer-wise LR decay of the image tower: group g of G trains at lr * D^(G-1-g) (default 1: off)")
     g.add_argument("--layer-decay-text", type=unit_interval, metavar="D",
                    help="layer-wise LR decay of the text tower (default 1: off)")
+    g.add_argument("--zeroshot-data", "--imagenet-val", dest="zeroshot_data", metavar="DATASET",
+                   help="labelled dataset (any spec clipforge eval reads: folder, manifest, shards, .npz, "
+                        "builtin:scenes-<task>) scored zero-shot while training, as eval/zeroshot_acc")
+    g.add_argument("--zeroshot-frequency", type=non_negative_int, metavar="N",
+                   help="zero-shot every N steps (default 0: at --eval-every)")
+    g.add_argument("--zeroshot-classnames", metavar="NAMES",
+                   help="class names: built-in set (imagenet, cifar10, ...) or file (default: the dataset's)")
+    g.add_argument("--zeroshot-templates", metavar="TEMPLATES",
+                   help="prompt templates: built-in set or file (default 'a photo of a {}.')")
+    g.add_argument("--zeroshot-n", type=positive_int, metavar="N",
+                   help="images scored, a fixed class-stratified sample (default 500)")
 
 
 def _bool_flag(g: Any, name: str, help: str, dest: str | None = None) -> None:

@@ -23,7 +23,7 @@ LINEAR_BACKENDS = ("auto", "torch", "onednn")
 
 # Fields that may differ between a run and its resumption (they do not change the optimisation).
 RESUMABLE_OVERRIDES = frozenset({
-    "save_every", "keep_last", "log_every", "eval_every", "tensorboard", "num_workers",
+    "save_every", "keep_last", "log_every", "eval_every", "tensorboard", "num_workers", "zeroshot_frequency",
     "time_limit_minutes", "progress", "device", "threads",
 })
 
@@ -104,6 +104,11 @@ class TrainConfig:
     lock_text_freeze_layer_norm: bool = False  # also freeze the LayerNorms of the locked text part
     layer_decay_image: float = 1.0  # layer-wise LR decay per tower group (1: off)
     layer_decay_text: float = 1.0
+    zeroshot_data: str | None = None  # a labelled dataset (clipforge eval's specs): zero-shot while training
+    zeroshot_frequency: int = 0  # every N steps (0: at eval_every)
+    zeroshot_classnames: str | None = None  # built-in set name or file (default: the dataset's own)
+    zeroshot_templates: str | None = None  # built-in set name or file (default: "a photo of a {}.")
+    zeroshot_n: int = 500  # images scored (a fixed class-stratified sample)
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):

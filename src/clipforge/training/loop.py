@@ -40,7 +40,7 @@ from ..utils import read_json, torch_threads, write_json
 from . import checkpoint as ckpt
 from .config import TrainConfig, merge_for_resume
 from .distributed import DistEnv, all_gather_object, any_rank, barrier, init_distributed, shutdown_distributed
-from .evaluation import Evaluator, default_evaluator
+from .evaluation import Evaluator, default_evaluator, with_zeroshot
 from .hard_negatives import SwapNegatives, TokenizeWithNegatives
 from .metrics import MetricsLog, peak_rss_mb, plot_curves
 from .objectives import freeze_unused
@@ -264,7 +264,7 @@ class _Run:
                         bar.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{rate:.0f}",
                                         T=f"{record['temperature']:.1f}")
                         window_t, window_steps, window_loss = now, 0, 0.0
-                    if cfg.eval_every and self.evaluator is not None and step % cfg.eval_every == 0:
+                    if self.evaluator is not None and self._eval_due(step):
                         self._evaluate(model, step, log)
                     reason = "interrupted" if stop.requested else (
                         "stopped" if self.should_stop is not None and self.should_stop(step) else (
@@ -284,6 +284,11 @@ class _Run:
             self._save(model, step_fn, schedule, loader, log, step)
         self.step = step
         return status, signum
+
+    def _eval_due(self, step: int) -> bool:
+        """At ``eval_every``, or as a :class:`~.evaluation.Scheduled` evaluator says (zero-shot cadence)."""
+        due = getattr(self.evaluator, "due", None)
+        return due(step) if due is not None else bool(self.config.eval_every and step % self.config.eval_every == 0)
 
     def _evaluate(self, model: CLIP, step: int, log: MetricsLog | None) -> None:
         if self.main and self.evaluator is not None:
@@ -472,6 +477,7 @@ def train(config: TrainConfig, *, should_stop: Callable[[int], bool] | None = No
             config = config.replace(precision=precision)  # the concrete name, recorded in config.json
             if evaluator is None and config.eval_every:
                 evaluator = default_evaluator(config)
+            evaluator = with_zeroshot(config, evaluator)  # --zeroshot-data at --zeroshot-frequency
             return _Run(config, env, should_stop, evaluator, precision_why=why).run()
     finally:
         if env.distributed and not had_group:

@@ -6,6 +6,8 @@ config checks and the one place they act on the model before the optimiser is bu
   torch's generator (checkpointed, so resumption is exact; replayed under accumulation, see
   :mod:`.replay`); the fast ViT never computes the dropped ones. Off in eval mode.
 - Partial locking and layer-wise learning-rate decay of either tower: :mod:`.lock`.
+- Zero-shot on a labelled dataset while training (open_clip's ``--imagenet-val`` and
+  ``--zeroshot-frequency``, here in steps): :class:`.evaluation.LabelledZeroShot` at its own cadence.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ def check_recipes(cfg: Any, need: Need) -> None:
     need(not (cfg.patch_dropout and cfg.lock_image and not cfg.lock_image_unlocked_groups), "patch_dropout",
          "a fully locked image tower runs in eval mode, where patch dropout is off; unlock some groups "
          "(lock_image_unlocked_groups) or drop one of the two")
+    need(isinstance(cfg.zeroshot_frequency, int) and cfg.zeroshot_frequency >= 0, "zeroshot_frequency",
+         "must be an integer >= 0 (0: at eval_every)")
+    need(not cfg.zeroshot_data or cfg.zeroshot_frequency or cfg.eval_every, "zeroshot_frequency",
+         "zeroshot_data needs a cadence: zeroshot_frequency N (steps) or eval_every N")
+    need(isinstance(cfg.zeroshot_n, int) and cfg.zeroshot_n >= 1, "zeroshot_n", "must be an integer >= 1")
     for key in ("layer_decay_image", "layer_decay_text"):
         need(isinstance(getattr(cfg, key), (int, float)) and 0 < getattr(cfg, key) <= 1, key, "must be in (0, 1]")
 
