@@ -27,6 +27,8 @@ def test_flags_set_the_fields():
                    "--zeroshot-classnames", "cifar10", "--zeroshot-templates", "photo"])
     assert (cfg.zeroshot_data, cfg.zeroshot_frequency, cfg.zeroshot_n) == ("builtin:scenes-counting", 5, 50)
     assert (cfg.zeroshot_classnames, cfg.zeroshot_templates) == ("cifar10", "photo")
+    cfg = _config(["--aug-cfg", "scale=(0.5,1)", "color_jitter=0.4", "re_prob=0.25"])
+    assert cfg.aug_cfg == {"scale": [0.5, 1.0], "color_jitter": [0.4, 0.4, 0.4, 0.0], "re_prob": 0.25}
 
 
 def test_bad_values_are_one_line_errors(tmp_path, capsys):
@@ -36,13 +38,17 @@ def test_bad_values_are_one_line_errors(tmp_path, capsys):
     assert "lock_text" in capsys.readouterr().err
     assert main(["train", "--layer-decay-image", "2", "--out", str(tmp_path / "r")]) != 0
     assert "--layer-decay-image: must be in (0, 1]" in capsys.readouterr().err
+    assert main(["train", "--aug-cfg", "scale=(0.5,3)", "--out", str(tmp_path / "r")]) == 1
+    assert "aug_cfg: scale" in capsys.readouterr().err
 
 
 def test_cli_run_records_the_recipe(tmp_path, capsys, model_json):
     out = tmp_path / "run"
     code = main(["train", "--model", model_json, "--data", "builtin:scenes?n=16&size=32", "--steps", "2",
                  "--batch-size", "8", "--workers", "0", "--out", str(out), "--no-progress",
-                 "--force-patch-dropout", "0.5", "--lock-text", "--lock-text-unlocked-layers", "1"])
+                 "--force-patch-dropout", "0.5", "--lock-text", "--lock-text-unlocked-layers", "1",
+                 "--aug-cfg", "gray_scale_prob=0.5", "scale=(0.4,1)"])
     assert code == 0, capsys.readouterr().err
     saved = json.loads((out / "config.json").read_text())
     assert saved["patch_dropout"] == 0.5 and saved["lock_text"] and saved["lock_text_unlocked_layers"] == 1
+    assert saved["aug_cfg"] == {"scale": [0.4, 1.0], "gray_scale_prob": 0.5}

@@ -44,8 +44,28 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
                    help="class names: built-in set (imagenet, cifar10, ...) or file (default: the dataset's)")
     g.add_argument("--zeroshot-templates", metavar="TEMPLATES",
                    help="prompt templates: built-in set or file (default 'a photo of a {}.')")
+    g.add_argument("--aug-cfg", nargs="+", metavar="KEY=VALUE", type=_key_value, action=_KeyValues,
+                   help="training augmentation, open_clip's AugmentationCfg names: scale=(0.5,1) ratio=(0.75,1.33) "
+                        "color_jitter=0.4 or (b,c,s,h) color_jitter_prob=0.8 gray_scale_prob=0.2 re_prob=0.25 "
+                        "re_count=1 interpolation=bicubic|bilinear|nearest (default: crop scale 0.9-1 only)")
     g.add_argument("--zeroshot-n", type=positive_int, metavar="N",
                    help="images scored, a fixed class-stratified sample (default 500)")
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    from ..augment import parse_key_values  # small, but the CLI imports capabilities when a command runs
+
+    try:
+        return next(iter(parse_key_values([text]).items()))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+class _KeyValues(argparse.Action):
+    """``KEY=VALUE ...`` -> a dict (what TrainConfig.aug_cfg holds)."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+        setattr(namespace, self.dest, dict(values))
 
 
 def _bool_flag(g: Any, name: str, help: str, dest: str | None = None) -> None:

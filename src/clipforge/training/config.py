@@ -109,6 +109,7 @@ class TrainConfig:
     zeroshot_classnames: str | None = None  # built-in set name or file (default: the dataset's own)
     zeroshot_templates: str | None = None  # built-in set name or file (default: "a photo of a {}.")
     zeroshot_n: int = 500  # images scored (a fixed class-stratified sample)
+    aug_cfg: dict[str, Any] = dataclasses.field(default_factory=dict)  # open_clip's AugmentationCfg names
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):

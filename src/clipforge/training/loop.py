@@ -34,7 +34,6 @@ from ..config import CLIPConfig, get_model_config
 from ..data import SkipStats, make_pair_loader, open_pairs
 from ..device import cast_weights
 from ..models import CLIP, create_model, with_objective
-from ..preprocess import image_transform
 from ..tokenizer import get_tokenizer
 from ..utils import read_json, torch_threads, write_json
 from . import checkpoint as ckpt
@@ -45,7 +44,7 @@ from .hard_negatives import SwapNegatives, TokenizeWithNegatives
 from .metrics import MetricsLog, peak_rss_mb, plot_curves
 from .objectives import freeze_unused
 from .optim import CosineWarmup, build_optimizer
-from .recipes import apply_recipes, lr_scales
+from .recipes import apply_recipes, lr_scales, train_transform
 from .signals import StopRequest, exit_code, signals_blocked
 from .step import TrainStep, make_grad_scaler, make_train_step, objective_module
 
@@ -183,7 +182,7 @@ class _Run:
         if self.precision_why != "as requested":
             self._say(f"precision {cfg.precision} ({self.precision_why})")
 
-        loader = make_pair_loader(train_source, transform=image_transform(model.config.preprocess, train=True),
+        loader = make_pair_loader(train_source, transform=train_transform(model.config.preprocess, cfg),
                                   tokenize=caption_tokenizer(cfg, model.context_length), batch_size=cfg.batch_size,
                                   seed=cfg.seed, rank=env.rank, world_size=env.world_size,
                                   num_workers=cfg.num_workers, resampled=cfg.resampled)

@@ -8,13 +8,17 @@ config checks and the one place they act on the model before the optimiser is bu
 - Partial locking and layer-wise learning-rate decay of either tower: :mod:`.lock`.
 - Zero-shot on a labelled dataset while training (open_clip's ``--imagenet-val`` and
   ``--zeroshot-frequency``, here in steps): :class:`.evaluation.LabelledZeroShot` at its own cadence.
+- Augmentation (``--aug-cfg``, open_clip's ``AugmentationCfg`` names): :mod:`clipforge.augment`.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from ..augment import AugmentationConfig
+from ..config import PreprocessConfig
 from ..models import CLIP
+from ..preprocess import Preprocess, image_transform
 from .lock import layer_decay_scales, lock_image, lock_text
 
 Need = Callable[[bool, str, str], None]
@@ -37,6 +41,11 @@ def check_recipes(cfg: Any, need: Need) -> None:
     need(not cfg.zeroshot_data or cfg.zeroshot_frequency or cfg.eval_every, "zeroshot_frequency",
          "zeroshot_data needs a cadence: zeroshot_frequency N (steps) or eval_every N")
     need(isinstance(cfg.zeroshot_n, int) and cfg.zeroshot_n >= 1, "zeroshot_n", "must be an integer >= 1")
+    need(isinstance(cfg.aug_cfg, dict), "aug_cfg", "must be a mapping of AugmentationCfg names to values")
+    try:
+        cfg.aug_cfg = AugmentationConfig.from_dict(cfg.aug_cfg).to_dict()  # canonical: only non-defaults
+    except (ValueError, TypeError) as e:
+        need(False, "aug_cfg", str(e))
     for key in ("layer_decay_image", "layer_decay_text"):
         need(isinstance(getattr(cfg, key), (int, float)) and 0 < getattr(cfg, key) <= 1, key, "must be in (0, 1]")
 
@@ -57,6 +66,11 @@ def apply_recipes(model: CLIP, cfg: Any) -> None:
         lock_text(model, cfg.lock_text_unlocked_layers, cfg.lock_text_freeze_layer_norm)
 
 
+def train_transform(preprocess: PreprocessConfig, cfg: Any) -> Preprocess:
+    """The training images' transform: the model's preprocessing with ``cfg.aug_cfg``."""
+    return image_transform(preprocess, train=True, aug=AugmentationConfig.from_dict(cfg.aug_cfg))
+
+
 def lr_scales(model: CLIP, cfg: Any) -> dict[str, float] | None:
     """The optimiser's per-parameter learning-rate factors (layer decay), or None when off."""
     if cfg.layer_decay_image == 1.0 and cfg.layer_decay_text == 1.0:
@@ -64,4 +78,4 @@ def lr_scales(model: CLIP, cfg: Any) -> dict[str, float] | None:
     return layer_decay_scales(model, cfg.layer_decay_image, cfg.layer_decay_text)
 
 
-__all__ = ["check_recipes", "set_patch_dropout", "apply_recipes", "lr_scales"]
+__all__ = ["check_recipes", "set_patch_dropout", "apply_recipes", "lr_scales", "train_transform"]
