@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .options import non_negative_float, non_negative_int, positive_int
+from .options import ListAction, non_negative_float, non_negative_int, positive_float, positive_int
 
 
 def unit_interval(text: str) -> float:
@@ -48,6 +48,14 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
                    help="training augmentation, open_clip's AugmentationCfg names: scale=(0.5,1) ratio=(0.75,1.33) "
                         "color_jitter=0.4 or (b,c,s,h) color_jitter_prob=0.8 gray_scale_prob=0.2 re_prob=0.25 "
                         "re_count=1 interpolation=bicubic|bilinear|nearest (default: crop scale 0.9-1 only)")
+    g.add_argument("--lora-rank", type=non_negative_int, metavar="R",
+                   help="train LoRA adapters of rank R alone (base weights and temperature frozen); the run leaves "
+                        "lora.safetensors (adapters only) and final.safetensors (merged) (default 0: off)")
+    g.add_argument("--lora-alpha", type=positive_float, metavar="A", help="LoRA scale alpha / rank (default 16)")
+    g.add_argument("--lora-targets", action=ListAction, metavar="T,...",
+                   help="adapted products: attn, mlp, or in_proj, out_proj, c_fc, c_proj (default attn,mlp)")
+    g.add_argument("--lora-towers", action=ListAction, metavar="image,text",
+                   help="towers with adapters (default image,text; a ResNet image tower takes none)")
     g.add_argument("--zeroshot-n", type=positive_int, metavar="N",
                    help="images scored, a fixed class-stratified sample (default 500)")
 

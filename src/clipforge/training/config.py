@@ -110,6 +110,10 @@ class TrainConfig:
     zeroshot_templates: str | None = None  # built-in set name or file (default: "a photo of a {}.")
     zeroshot_n: int = 500  # images scored (a fixed class-stratified sample)
     aug_cfg: dict[str, Any] = dataclasses.field(default_factory=dict)  # open_clip's AugmentationCfg names
+    lora_rank: int = 0  # LoRA adapters of this rank (0: off); only they train (.lora)
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["attn", "mlp"])
+    lora_towers: list[str] = dataclasses.field(default_factory=lambda: ["image", "text"])
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):

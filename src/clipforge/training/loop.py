@@ -44,7 +44,7 @@ from .hard_negatives import SwapNegatives, TokenizeWithNegatives
 from .metrics import MetricsLog, peak_rss_mb, plot_curves
 from .objectives import freeze_unused
 from .optim import CosineWarmup, build_optimizer
-from .recipes import apply_recipes, lr_scales, train_transform
+from .recipes import apply_recipes, finish_recipes, lr_scales, train_transform
 from .signals import StopRequest, exit_code, signals_blocked
 from .step import TrainStep, make_grad_scaler, make_train_step, objective_module
 
@@ -152,7 +152,8 @@ class _Run:
         state = ckpt.load_checkpoint(resume_from) if resume_from else None
         if state is not None:  # the checkpoint carries architecture and weights (--init may be gone)
             model = create_model(CLIPConfig.from_dict(state["config"]))
-            model.load_state_dict(state["model"])
+            if not cfg.lora_rank:  # with LoRA the state has the adapters: loaded once they exist
+                model.load_state_dict(state["model"])
         else:
             model = build_model(cfg)
         if model.config.objective != cfg.objective:  # only reachable with a hand-edited run folder
@@ -167,7 +168,9 @@ class _Run:
                           "full-batch one (exact for ViT towers)", stacklevel=2)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
-        apply_recipes(model, cfg)  # patch dropout, locking (docs/recipes.md)
+        apply_recipes(model, cfg)  # patch dropout, locking, LoRA (docs/recipes.md)
+        if state is not None and cfg.lora_rank:
+            model.load_state_dict(state["model"])
         freeze_unused(model)  # bow/caption: what the objective never reads (text tower parts, temperature)
         module: torch.nn.Module = objective_module(model)
         if env.distributed:
@@ -331,7 +334,7 @@ class _Run:
         evals = [r for r in records if any(k.startswith("eval/") for k in r)]
         final_model = None
         if status != "interrupted":  # a signal means "resume later"; anything else ends the run
-            final_model = str(save_model(model, self.run_dir / "final.safetensors"))
+            final_model = str(save_model(finish_recipes(model, cfg, self.run_dir), self.run_dir / "final.safetensors"))
         curves = plot_curves(records, self.run_dir / "curves.png", title=f"{model.config.name or cfg.model}")
         rates = [r["samples_per_s"] for r in train_records]
         summary = {

@@ -9,10 +9,13 @@ config checks and the one place they act on the model before the optimiser is bu
 - Zero-shot on a labelled dataset while training (open_clip's ``--imagenet-val`` and
   ``--zeroshot-frequency``, here in steps): :class:`.evaluation.LabelledZeroShot` at its own cadence.
 - Augmentation (``--aug-cfg``, open_clip's ``AugmentationCfg`` names): :mod:`clipforge.augment`.
+- LoRA adapters (:mod:`.lora`): only they train; at the end ``lora.safetensors`` (adapters
+  alone) and ``final.safetensors`` (merged).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 from ..augment import AugmentationConfig
@@ -20,6 +23,7 @@ from ..config import PreprocessConfig
 from ..models import CLIP
 from ..preprocess import Preprocess, image_transform
 from .lock import layer_decay_scales, lock_image, lock_text
+from .lora import TOWERS, add_lora, expand_targets, merge_lora, save_lora
 
 Need = Callable[[bool, str, str], None]
 
@@ -46,6 +50,14 @@ def check_recipes(cfg: Any, need: Need) -> None:
         cfg.aug_cfg = AugmentationConfig.from_dict(cfg.aug_cfg).to_dict()  # canonical: only non-defaults
     except (ValueError, TypeError) as e:
         need(False, "aug_cfg", str(e))
+    need(isinstance(cfg.lora_rank, int) and cfg.lora_rank >= 0, "lora_rank", "must be an integer >= 0 (0: off)")
+    need(cfg.lora_alpha > 0, "lora_alpha", "must be > 0")
+    try:
+        expand_targets(cfg.lora_targets)
+    except ValueError as e:
+        need(False, "lora_targets", str(e))
+    need(bool(cfg.lora_towers) and all(t in TOWERS for t in cfg.lora_towers), "lora_towers",
+         f"must name towers among {', '.join(TOWERS)}")
     for key in ("layer_decay_image", "layer_decay_text"):
         need(isinstance(getattr(cfg, key), (int, float)) and 0 < getattr(cfg, key) <= 1, key, "must be in (0, 1]")
 
@@ -64,6 +76,18 @@ def apply_recipes(model: CLIP, cfg: Any) -> None:
         lock_image(model, cfg.lock_image_unlocked_groups, cfg.lock_image_freeze_bn_stats)
     if cfg.lock_text:
         lock_text(model, cfg.lock_text_unlocked_layers, cfg.lock_text_freeze_layer_norm)
+    if cfg.lora_rank:  # after fast.enable (the parametrization subclasses the fast classes)
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_towers, seed=cfg.seed)
+
+
+def finish_recipes(model: CLIP, cfg: Any, run_dir: Any) -> CLIP:
+    """The model to save as the run's final weights: with LoRA, the adapters are first written
+    alone to ``run_dir/lora.safetensors``, then merged into the weights."""
+    if cfg.lora_rank:
+        save_lora(model, Path(run_dir) / "lora.safetensors", cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
+                  cfg.lora_towers)
+        merge_lora(model)
+    return model
 
 
 def train_transform(preprocess: PreprocessConfig, cfg: Any) -> Preprocess:
@@ -78,4 +102,4 @@ def lr_scales(model: CLIP, cfg: Any) -> dict[str, float] | None:
     return layer_decay_scales(model, cfg.layer_decay_image, cfg.layer_decay_text)
 
 
-__all__ = ["check_recipes", "set_patch_dropout", "apply_recipes", "lr_scales", "train_transform"]
+__all__ = ["check_recipes", "set_patch_dropout", "apply_recipes", "finish_recipes", "lr_scales", "train_transform"]
