@@ -29,6 +29,8 @@ def test_flags_set_the_fields():
     assert (cfg.zeroshot_classnames, cfg.zeroshot_templates) == ("cifar10", "photo")
     cfg = _config(["--lora-rank", "8", "--lora-alpha", "4", "--lora-targets", "attn,c_fc", "--lora-towers", "text"])
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_towers) == (8, 4.0, ["attn", "c_fc"], ["text"])
+    cfg = _config(["--distill-model", "t.safetensors", "--distill-weight", "0.5", "--distill-precision", "bf16"])
+    assert (cfg.distill_model, cfg.distill_weight, cfg.distill_precision) == ("t.safetensors", 0.5, "bf16")
     cfg = _config(["--aug-cfg", "scale=(0.5,1)", "color_jitter=0.4", "re_prob=0.25"])
     assert cfg.aug_cfg == {"scale": [0.5, 1.0], "color_jitter": [0.4, 0.4, 0.4, 0.0], "re_prob": 0.25}
 

@@ -56,6 +56,12 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
                    help="adapted products: attn, mlp, or in_proj, out_proj, c_fc, c_proj (default attn,mlp)")
     g.add_argument("--lora-towers", action=ListAction, metavar="image,text",
                    help="towers with adapters (default image,text; a ResNet image tower takes none)")
+    g.add_argument("--distill-model", metavar="CKPT",
+                   help="teacher checkpoint (any format clipforge.load reads): loss = contrastive + "
+                        "--distill-weight x CE(teacher logits, student logits), both directions (default off)")
+    g.add_argument("--distill-weight", type=positive_float, metavar="W", help="distillation weight (default 1)")
+    g.add_argument("--distill-precision", metavar="P",
+                   help="the teacher's inference precision: fp32, bf16, auto, ... (default fp32)")
     g.add_argument("--zeroshot-n", type=positive_int, metavar="N",
                    help="images scored, a fixed class-stratified sample (default 500)")
 

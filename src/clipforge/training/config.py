@@ -114,6 +114,9 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["attn", "mlp"])
     lora_towers: list[str] = dataclasses.field(default_factory=lambda: ["image", "text"])
+    distill_model: str | None = None  # teacher checkpoint (any format clipforge.load reads) (.distill)
+    distill_weight: float = 1.0  # weight of the distillation term beside the contrastive loss
+    distill_precision: str = "fp32"  # the teacher's inference precision (fp32, bf16, auto, ...)
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):

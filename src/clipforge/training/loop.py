@@ -44,7 +44,7 @@ from .hard_negatives import SwapNegatives, TokenizeWithNegatives
 from .metrics import MetricsLog, peak_rss_mb, plot_curves
 from .objectives import freeze_unused
 from .optim import CosineWarmup, build_optimizer
-from .recipes import apply_recipes, finish_recipes, lr_scales, train_transform
+from .recipes import apply_recipes, attach_distillation, finish_recipes, lr_scales, train_transform
 from .signals import StopRequest, exit_code, signals_blocked
 from .step import TrainStep, make_grad_scaler, make_train_step, objective_module
 
@@ -182,6 +182,7 @@ class _Run:
         step_fn = make_train_step(model, module, optimizer, precision=cfg.precision, grad_clip=cfg.grad_clip,
                                   scaler=scaler, env=env, local_loss=cfg.local_loss,
                                   gather_with_grad=cfg.gather_with_grad)
+        attach_distillation(step_fn, model, cfg, env)  # --distill-model: the teacher, loaded once
         if self.precision_why != "as requested":
             self._say(f"precision {cfg.precision} ({self.precision_why})")
 

@@ -11,6 +11,7 @@ config checks and the one place they act on the model before the optimiser is bu
 - Augmentation (``--aug-cfg``, open_clip's ``AugmentationCfg`` names): :mod:`clipforge.augment`.
 - LoRA adapters (:mod:`.lora`): only they train; at the end ``lora.safetensors`` (adapters
   alone) and ``final.safetensors`` (merged).
+- Distillation from a teacher checkpoint (open_clip's ``--distill-model``): :mod:`.distill`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from ..config import PreprocessConfig
 from ..models import CLIP
 from ..preprocess import Preprocess, image_transform
 from .lock import layer_decay_scales, lock_image, lock_text
+from .distill import DistillLoss, Teacher
+from .distributed import DistEnv
 from .lora import TOWERS, add_lora, expand_targets, merge_lora, save_lora
 
 Need = Callable[[bool, str, str], None]
@@ -58,6 +61,11 @@ def check_recipes(cfg: Any, need: Need) -> None:
         need(False, "lora_targets", str(e))
     need(bool(cfg.lora_towers) and all(t in TOWERS for t in cfg.lora_towers), "lora_towers",
          f"must name towers among {', '.join(TOWERS)}")
+    if cfg.distill_model is not None:
+        need(cfg.objective == "contrastive", "distill_model", "distils contrastive logits: objective contrastive only")
+        need(not cfg.local_loss, "distill_model", "is not combined with local_loss (the distillation term "
+             "needs the full logits)")
+        need(cfg.distill_weight > 0, "distill_weight", "must be > 0")
     for key in ("layer_decay_image", "layer_decay_text"):
         need(isinstance(getattr(cfg, key), (int, float)) and 0 < getattr(cfg, key) <= 1, key, "must be in (0, 1]")
 
@@ -78,6 +86,14 @@ def apply_recipes(model: CLIP, cfg: Any) -> None:
         lock_text(model, cfg.lock_text_unlocked_layers, cfg.lock_text_freeze_layer_norm)
     if cfg.lora_rank:  # after fast.enable (the parametrization subclasses the fast classes)
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_towers, seed=cfg.seed)
+
+
+def attach_distillation(step_fn: Any, model: CLIP, cfg: Any, env: DistEnv) -> None:
+    """With ``cfg.distill_model``: the step's loss becomes contrastive + weight x distillation."""
+    if cfg.distill_model is None:
+        return
+    teacher = Teacher(cfg.distill_model, model, env.device, cfg.distill_precision)
+    step_fn.loss_fn = DistillLoss(step_fn.loss_fn, teacher, cfg.distill_weight, env, cfg.gather_with_grad)
 
 
 def finish_recipes(model: CLIP, cfg: Any, run_dir: Any) -> CLIP:
@@ -102,4 +118,4 @@ def lr_scales(model: CLIP, cfg: Any) -> dict[str, float] | None:
     return layer_decay_scales(model, cfg.layer_decay_image, cfg.layer_decay_text)
 
 
-__all__ = ["check_recipes", "set_patch_dropout", "apply_recipes", "finish_recipes", "lr_scales", "train_transform"]
+__all__ = ["check_recipes", "set_patch_dropout", "apply_recipes", "attach_distillation", "finish_recipes", "lr_scales", "train_transform"]

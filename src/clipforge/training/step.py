@@ -137,6 +137,9 @@ class TrainStep:
         micro-batch like the other features)."""
         batches = [(_device.to_device(im, self.device), self._to_device(text)) for im, text in batches]
         k = len(batches)
+        prepare = getattr(self.loss_fn, "prepare", None)  # distillation: the teacher's features of the step
+        if prepare is not None:
+            prepare(batches)
         if k == 1:
             images, text = batches[0]
             loss = self._loss(*self._features(self.module, images, text))
