@@ -31,6 +31,13 @@ def test_flags_set_the_fields():
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_towers) == (8, 4.0, ["attn", "c_fc"], ["text"])
     cfg = _config(["--distill-model", "t.safetensors", "--distill-weight", "0.5", "--distill-precision", "bf16"])
     assert (cfg.distill_model, cfg.distill_weight, cfg.distill_precision) == ("t.safetensors", 0.5, "bf16")
+    cfg = _config(["--lr-scheduler", "const-cooldown", "--lr-cooldown-steps", "5", "--lr-cooldown-end", "1e-5",
+                   "--lr-cooldown-power", "2", "--image-mean", "0.5,0.5,0.5", "--image-std", "0.2", "0.2", "0.2",
+                   "--image-interpolation", "bilinear", "--image-resize-mode", "squash"])
+    assert (cfg.lr_scheduler, cfg.lr_cooldown_steps, cfg.lr_cooldown_end, cfg.lr_cooldown_power) == (
+        "const-cooldown", 5, 1e-5, 2.0)
+    assert cfg.image_mean == (0.5, 0.5, 0.5) and cfg.image_std == (0.2, 0.2, 0.2)
+    assert (cfg.image_interpolation, cfg.image_resize_mode) == ("bilinear", "squash")
     cfg = _config(["--aug-cfg", "scale=(0.5,1)", "color_jitter=0.4", "re_prob=0.25"])
     assert cfg.aug_cfg == {"scale": [0.5, 1.0], "color_jitter": [0.4, 0.4, 0.4, 0.0], "re_prob": 0.25}
 

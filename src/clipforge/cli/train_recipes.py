@@ -62,6 +62,20 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distill-weight", type=positive_float, metavar="W", help="distillation weight (default 1)")
     g.add_argument("--distill-precision", metavar="P",
                    help="the teacher's inference precision: fp32, bf16, auto, ... (default fp32)")
+    g.add_argument("--lr-scheduler", choices=("cosine", "const", "const-cooldown"),
+                   help="learning-rate schedule after the warm-up (default cosine)")
+    g.add_argument("--lr-cooldown-steps", type=non_negative_int, metavar="N",
+                   help="const-cooldown: the last N steps decay to --lr-cooldown-end (open_clip: --epochs-cooldown)")
+    g.add_argument("--lr-cooldown-end", type=non_negative_float, metavar="LR", help="rate at the end of the cooldown (default 0)")
+    g.add_argument("--lr-cooldown-power", type=positive_float, metavar="P",
+                   help="cooldown shape (1 - e/E)^P (default 1: linear)")
+    g.add_argument("--image-mean", action=ListAction, item=float, count=3, metavar="R,G,B",
+                   help="override the model's normalisation mean (recorded in the saved model's config)")
+    g.add_argument("--image-std", action=ListAction, item=positive_float, count=3, metavar="R,G,B",
+                   help="override the model's normalisation std")
+    g.add_argument("--image-interpolation", choices=("bicubic", "bilinear"),
+                   help="override the model's resize interpolation (eval transform)")
+    g.add_argument("--image-resize-mode", choices=("shortest", "squash"), help="override the model's resize mode")
     g.add_argument("--zeroshot-n", type=positive_int, metavar="N",
                    help="images scored, a fixed class-stratified sample (default 500)")
 

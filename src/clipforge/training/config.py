@@ -117,10 +117,21 @@ class TrainConfig:
     distill_model: str | None = None  # teacher checkpoint (any format clipforge.load reads) (.distill)
     distill_weight: float = 1.0  # weight of the distillation term beside the contrastive loss
     distill_precision: str = "fp32"  # the teacher's inference precision (fp32, bf16, auto, ...)
+    lr_scheduler: Literal["cosine", "const", "const-cooldown"] = "cosine"  # (.schedule)
+    lr_cooldown_steps: int = 0  # const-cooldown: the last N steps decay to lr_cooldown_end
+    lr_cooldown_end: float = 0.0
+    lr_cooldown_power: float = 1.0  # 1: linear
+    image_mean: tuple[float, float, float] | None = None  # preprocessing overrides (None: the model's)
+    image_std: tuple[float, float, float] | None = None
+    image_interpolation: Literal["bicubic", "bilinear"] | None = None
+    image_resize_mode: Literal["shortest", "squash"] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)  # type: ignore[assignment]
+        for key in ("image_mean", "image_std"):  # JSON gives lists
+            if isinstance(getattr(self, key), list):
+                setattr(self, key, tuple(getattr(self, key)))
         self.validate()
 
     def validate(self) -> None:
@@ -177,6 +188,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
+        for key in ("image_mean", "image_std"):
+            d[key] = list(d[key]) if d[key] is not None else None
         return d
 
     @classmethod

@@ -45,6 +45,7 @@ from .metrics import MetricsLog, peak_rss_mb, plot_curves
 from .objectives import freeze_unused
 from .optim import CosineWarmup, build_optimizer
 from .recipes import apply_recipes, attach_distillation, finish_recipes, lr_scales, train_transform
+from .schedule import make_schedule
 from .signals import StopRequest, exit_code, signals_blocked
 from .step import TrainStep, make_grad_scaler, make_train_step, objective_module
 
@@ -177,7 +178,7 @@ class _Run:
             module = torch.nn.parallel.DistributedDataParallel(
                 module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         optimizer = build_optimizer(model, cfg.lr, cfg.wd, cfg.betas, cfg.eps, lr_scales(model, cfg))
-        schedule = CosineWarmup(optimizer, cfg.lr, cfg.warmup, cfg.steps)
+        schedule = make_schedule(optimizer, cfg)  # --lr-scheduler cosine | const | const-cooldown
         scaler = make_grad_scaler(cfg.precision, env.device)
         step_fn = make_train_step(model, module, optimizer, precision=cfg.precision, grad_clip=cfg.grad_clip,
                                   scaler=scaler, env=env, local_loss=cfg.local_loss,

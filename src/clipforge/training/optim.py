@@ -74,8 +74,11 @@ class CosineWarmup:
         self.base_lr, self.warmup, self.total = base_lr, warmup, total
         self.last_step = -1
 
+    def lr(self, step: int) -> float:
+        return cosine_lr(step, self.base_lr, self.warmup, self.total)
+
     def __call__(self, step: int) -> float:
-        lr = cosine_lr(step, self.base_lr, self.warmup, self.total)
+        lr = self.lr(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # layer decay (training.lock)
         self.last_step = step

@@ -12,10 +12,15 @@ config checks and the one place they act on the model before the optimiser is bu
 - LoRA adapters (:mod:`.lora`): only they train; at the end ``lora.safetensors`` (adapters
   alone) and ``final.safetensors`` (merged).
 - Distillation from a teacher checkpoint (open_clip's ``--distill-model``): :mod:`.distill`.
+- Learning-rate schedules ``cosine | const | const-cooldown``: :mod:`.schedule`.
+- Preprocessing overrides (open_clip's ``--image-mean/--image-std/--image-interpolation/
+  --image-resize-mode``): written into the model's ``PreprocessConfig``, so the saved model
+  carries them and evaluation prepares images as training did.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +32,7 @@ from .lock import layer_decay_scales, lock_image, lock_text
 from .distill import DistillLoss, Teacher
 from .distributed import DistEnv
 from .lora import TOWERS, add_lora, expand_targets, merge_lora, save_lora
+from .schedule import SCHEDULERS
 
 Need = Callable[[bool, str, str], None]
 
@@ -66,6 +72,19 @@ def check_recipes(cfg: Any, need: Need) -> None:
         need(not cfg.local_loss, "distill_model", "is not combined with local_loss (the distillation term "
              "needs the full logits)")
         need(cfg.distill_weight > 0, "distill_weight", "must be > 0")
+    need(cfg.lr_scheduler in SCHEDULERS, "lr_scheduler", f"must be one of {', '.join(SCHEDULERS)}")
+    need(isinstance(cfg.lr_cooldown_steps, int) and 0 <= cfg.lr_cooldown_steps <= cfg.steps, "lr_cooldown_steps",
+         "must be an integer in [0, steps]")
+    need(cfg.lr_scheduler != "const-cooldown" or cfg.lr_cooldown_steps > 0, "lr_cooldown_steps",
+         "const-cooldown needs the number of cooldown steps (> 0)")
+    need(0 <= cfg.lr_cooldown_end < cfg.lr, "lr_cooldown_end", "must be in [0, lr)")
+    need(cfg.lr_cooldown_power > 0, "lr_cooldown_power", "must be > 0")
+    for key in ("image_mean", "image_std"):
+        v = getattr(cfg, key)
+        need(v is None or (len(v) == 3 and all(isinstance(x, (int, float)) for x in v)), key, "needs 3 numbers")
+    need(cfg.image_std is None or all(x > 0 for x in cfg.image_std), "image_std", "values must be > 0")
+    need(cfg.image_interpolation in (None, "bicubic", "bilinear"), "image_interpolation", "must be bicubic or bilinear")
+    need(cfg.image_resize_mode in (None, "shortest", "squash"), "image_resize_mode", "must be shortest or squash")
     for key in ("layer_decay_image", "layer_decay_text"):
         need(isinstance(getattr(cfg, key), (int, float)) and 0 < getattr(cfg, key) <= 1, key, "must be in (0, 1]")
 
@@ -77,8 +96,19 @@ def set_patch_dropout(model: CLIP, p: float) -> None:
     model.visual.patch_dropout = float(p)
 
 
+def override_preprocess(model: CLIP, cfg: Any) -> None:
+    """``image_mean`` / ``image_std`` / ``image_interpolation`` / ``image_resize_mode`` into the
+    model's preprocessing config (recorded with the model)."""
+    changes = {k: v for k, v in (("mean", cfg.image_mean), ("std", cfg.image_std),
+                                 ("interpolation", cfg.image_interpolation), ("resize_mode", cfg.image_resize_mode))
+               if v is not None}
+    if changes:
+        model.config.preprocess = dataclasses.replace(model.config.preprocess, **changes)
+
+
 def apply_recipes(model: CLIP, cfg: Any) -> None:
     """Everything the recipes of ``cfg`` change on the model before its optimiser is built."""
+    override_preprocess(model, cfg)
     set_patch_dropout(model, cfg.patch_dropout)
     if cfg.lock_image:
         lock_image(model, cfg.lock_image_unlocked_groups, cfg.lock_image_freeze_bn_stats)
