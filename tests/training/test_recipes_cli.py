@@ -38,6 +38,7 @@ def test_flags_set_the_fields():
         "const-cooldown", 5, 1e-5, 2.0)
     assert cfg.image_mean == (0.5, 0.5, 0.5) and cfg.image_std == (0.2, 0.2, 0.2)
     assert (cfg.image_interpolation, cfg.image_resize_mode) == ("bilinear", "squash")
+    assert _config(["--report-to", "tensorboard"]).tensorboard is True
     cfg = _config(["--aug-cfg", "scale=(0.5,1)", "color_jitter=0.4", "re_prob=0.25"])
     assert cfg.aug_cfg == {"scale": [0.5, 1.0], "color_jitter": [0.4, 0.4, 0.4, 0.0], "re_prob": 0.25}
 
@@ -51,6 +52,8 @@ def test_bad_values_are_one_line_errors(tmp_path, capsys):
     assert "--layer-decay-image: must be in (0, 1]" in capsys.readouterr().err
     assert main(["train", "--aug-cfg", "scale=(0.5,3)", "--out", str(tmp_path / "r")]) == 1
     assert "aug_cfg: scale" in capsys.readouterr().err
+    assert main(["train", "--report-to", "wandb", "--out", str(tmp_path / "r")]) != 0
+    assert "wandb is not" in capsys.readouterr().err
 
 
 def test_cli_run_records_the_recipe(tmp_path, capsys, model_json):

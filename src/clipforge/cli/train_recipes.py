@@ -76,6 +76,8 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-interpolation", choices=("bicubic", "bilinear"),
                    help="override the model's resize interpolation (eval transform)")
     g.add_argument("--image-resize-mode", choices=("shortest", "squash"), help="override the model's resize mode")
+    g.add_argument("--report-to", dest="tensorboard", type=_report_to, metavar="tensorboard",
+                   help="open_clip's name for --tensorboard (wandb is not supported)")
     g.add_argument("--zeroshot-n", type=positive_int, metavar="N",
                    help="images scored, a fixed class-stratified sample (default 500)")
 
@@ -87,6 +89,13 @@ def _key_value(text: str) -> tuple[str, Any]:
         return next(iter(parse_key_values([text]).items()))
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _report_to(text: str) -> bool:
+    names = {t.strip() for t in text.split(",") if t.strip()}
+    if names - {"tensorboard"}:
+        raise argparse.ArgumentTypeError(f"only tensorboard is supported (got {text}); wandb is not")
+    return True
 
 
 class _KeyValues(argparse.Action):
