@@ -16,6 +16,14 @@ equally), after warm-up steps; the median of ``--reps`` is reported with samples
 RSS (VmHWM) of the worker.
 
     python benchmarks/train_step.py [--rows tiny-vit:64,tiny-vit:128,ViT-B-32:64] [--reps 5] [--quick]
+        [--patch-dropout 0,0.5,0.75]
+
+``--patch-dropout P,...`` (FLIP, ``clipforge train --force-patch-dropout``): every implementation
+that has it (clipforge, OpenCLIP) is also run with that fraction of patch tokens dropped, as
+``<impl>@pd<P>`` in the same alternation; clipforge keeps ``round((1-P) * N)`` patches per image,
+OpenCLIP ``int((1-P) * N)`` (equal for the rows' N = 49 and 64 at P = 0.5 / 0.75 up to one token).
+A model may also be a CLIPConfig ``.json`` (e.g. benchmarks/configs/flickr8k-ref.json: ViT width
+256, 6+6 layers, patch 8, 64 px, the Flickr8k reference run).
 
 Writes benchmarks/results/train_step.json (``--out``).
 """
@@ -76,16 +84,25 @@ def hf_config(cfg: Any) -> Any:
 # --- worker side -----------------------------------------------------------------------------------
 
 
-def worker(impl: str, model_name: str, batch: int, n_batches: int, threads: int, data: Path) -> None:
+def model_config(name: str) -> Any:
+    """A zoo name or a CLIPConfig ``.json`` path."""
+    from clipforge import get_model_config
+    from clipforge.config import CLIPConfig
+
+    return CLIPConfig.from_json(name) if name.endswith(".json") else get_model_config(name)
+
+
+def worker(impl: str, model_name: str, batch: int, n_batches: int, threads: int, data: Path,
+           patch_dropout: float = 0.0) -> None:
     import torch
 
-    from clipforge import create_model, get_model_config
+    from clipforge import create_model
     from clipforge.tokenizer import tokenize
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    cfg = get_model_config(model_name)
+    cfg = model_config(model_name)
     caps = load_captions(data, batch * n_batches)
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g),
@@ -97,8 +114,11 @@ def worker(impl: str, model_name: str, batch: int, n_batches: int, threads: int,
 
         from clipforge import fast
 
+        from clipforge.training.recipes import set_patch_dropout
+
         model = create_model(cfg, seed=0).train()
         fast.enable(model)  # what `clipforge train` does (TrainConfig.fast_paths, on by default)
+        set_patch_dropout(model, patch_dropout)  # --force-patch-dropout
         opt = build_optimizer(model, 1e-4, 0.1, (0.9, 0.98), 1e-6)
         # clipforge-bf16: `clipforge train --precision amp_bf16` (or auto where bf16 pays): bf16 products
         # under autocast through the fast layer, fp32 master weights, attention softmax, LayerNorm, loss.
@@ -114,7 +134,10 @@ def worker(impl: str, model_name: str, batch: int, n_batches: int, threads: int,
 
         from clipforge.checkpoints import openclip_model_cfg
 
-        model = open_clip.CLIP(**openclip_model_cfg(cfg)).train()
+        oc_cfg = openclip_model_cfg(cfg)
+        if patch_dropout:  # open_clip's vision_cfg.patch_dropout (what --force-patch-dropout sets)
+            oc_cfg["vision_cfg"] = {**oc_cfg["vision_cfg"], "patch_dropout": patch_dropout}
+        model = open_clip.CLIP(**oc_cfg).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
         loss_fn = open_clip.ClipLoss()
         # openclip-bf16: open_clip_train --precision amp_bf16 (torch autocast to bfloat16).
@@ -133,6 +156,8 @@ def worker(impl: str, model_name: str, batch: int, n_batches: int, threads: int,
                 model.logit_scale.clamp_(0, 4.6052)
             return loss.item()
     else:
+        if patch_dropout:
+            raise ValueError(f"{impl} has no patch dropout")
         from transformers import CLIPModel
 
         model = CLIPModel(hf_config(cfg)).train()
@@ -174,10 +199,11 @@ def worker(impl: str, model_name: str, batch: int, n_batches: int, threads: int,
 
 
 class Worker:
-    def __init__(self, impl: str, model: str, batch: int, args: argparse.Namespace) -> None:
-        self.impl = impl
+    def __init__(self, impl: str, model: str, batch: int, args: argparse.Namespace, patch_dropout: float = 0.0) -> None:
+        self.impl = f"{impl}@pd{patch_dropout:g}" if patch_dropout else impl
         cmd = [sys.executable, __file__, "--worker", impl, "--model", model, "--batch", str(batch),
-               "--n-batches", str(args.n_batches), "--threads", str(args.threads), "--data", str(args.data)]
+               "--n-batches", str(args.n_batches), "--threads", str(args.threads), "--data", str(args.data),
+               "--worker-patch-dropout", str(patch_dropout)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.info = self._read()
 
@@ -202,7 +228,8 @@ class Worker:
 
 
 def bench_row(model: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
-    workers = [Worker(impl, model, batch, args) for impl in args.impls]
+    workers = [Worker(impl, model, batch, args, pd) for impl in args.impls for pd in args.patch_dropout
+               if pd == 0 or not impl.startswith("hf")]
     times: dict[str, list[float]] = {w.impl: [] for w in workers}
     peaks: dict[str, float] = {w.impl: 0.0 for w in workers}
     losses: dict[str, float] = {}
@@ -226,7 +253,7 @@ def bench_row(model: str, batch: int, args: argparse.Namespace) -> dict[str, Any
     finally:
         for w in workers:
             w.close()
-    out = {"model": model, "batch": batch, "threads": args.threads, "reps": args.reps, "warmup": args.warmup,
+    out = {"model": model, "batch": batch, "threads": args.threads, "patch_dropout": args.patch_dropout, "reps": args.reps, "warmup": args.warmup,
            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "results": {}}
     for w in workers:
         med = statistics.median(times[w.impl])
@@ -264,17 +291,23 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "train_step.json")
     p.add_argument("--merge", action="store_true",
                    help="keep the other rows already in --out (rows of the same model and batch are replaced)")
+    p.add_argument("--patch-dropout", default="0",
+                   help="patch-dropout fractions, comma-separated; 0 = none (default 0; e.g. 0,0.5,0.75)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-patch-dropout", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        worker(args.worker, args.model, args.batch, args.n_batches, args.threads, args.data)
+        worker(args.worker, args.model, args.batch, args.n_batches, args.threads, args.data, args.worker_patch_dropout)
         return 0
     if args.quick:
         args.rows, args.reps, args.warmup = "tiny-vit:16", 2, 1
         if args.out == p.get_default("out"):
             args.out = args.out.with_name("train_step_quick.json")
+    args.patch_dropout = sorted({float(x) for x in args.patch_dropout.split(",") if x.strip()} | {0.0})
+    if any(not 0 <= x < 1 for x in args.patch_dropout):
+        p.error(f"--patch-dropout values must be in [0, 1), got {args.patch_dropout}")
     args.impls = [s.strip() for s in args.impls.split(",") if s.strip()]
     bad = [i for i in args.impls if i not in IMPLS]
     if bad:
@@ -301,16 +334,23 @@ def main() -> int:
         record["rows"] = rows = kept + rows
 
     write_json(args.out, record)
-    print(f"\n{'model':<10} {'batch':>5} {'impl':<15} {'s/step':>8} {'samples/s':>10} {'peak RSS MB':>12} {'vs clipforge':>13}")
+    print(f"\n{'model':<10} {'batch':>5} {'impl':<20} {'s/step':>8} {'samples/s':>10} {'peak RSS MB':>12} {'vs clipforge':>13}")
     for row in rows:
         for impl, r in row["results"].items():
-            print(f"{row['model']:<10} {row['batch']:>5} {impl:<15} {r['median_step_s']:>8.3f} {r['samples_per_s']:>10.1f} "
+            print(f"{row['model']:<10} {row['batch']:>5} {impl:<20} {r['median_step_s']:>8.3f} {r['samples_per_s']:>10.1f} "
                   f"{r['peak_rss_mb']:>12.0f} {r.get('clipforge_speedup', float('nan')):>12.2f}x")
     for row in rows:
         res = row["results"]
         for a, b in (("clipforge-bf16", "clipforge"), ("openclip-bf16", "openclip"), ("clipforge-bf16", "openclip-bf16")):
             if a in res and b in res:
                 print(f"{row['model']} b{row['batch']}: {a} / {b} = {res[a]['samples_per_s'] / res[b]['samples_per_s']:.2f}x")
+    for row in rows:  # patch dropout: samples/s against the same implementation without it
+        res = row["results"]
+        for impl, r in res.items():
+            plain = impl.split("@pd")[0]
+            if "@pd" in impl and plain in res:
+                print(f"{row['model']} b{row['batch']}: {impl} / {plain} = "
+                      f"{r['samples_per_s'] / res[plain]['samples_per_s']:.2f}x samples/s")
     print(f"\nwrote {args.out}")
     return 0
 

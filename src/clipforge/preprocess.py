@@ -39,10 +39,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .augment import AugmentationConfig, color_jitter, grayscale, random_erase
 from .config import PreprocessConfig
 from .utils import text_name
 
-_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+             "nearest": Image.Resampling.NEAREST}
 
 
 class ImageLoadError(ValueError):
@@ -203,13 +205,16 @@ class Preprocess:
     """Callable PIL image -> ``[3, S, S]`` tensor for a model's :class:`PreprocessConfig`.
 
     ``train=True`` gives the training augmentation: a random resized crop covering 90-100% of
-    the image (OpenCLIP's default scale) instead of the centre crop. Pass ``rng`` (a seeded
-    ``random.Random``) for reproducible crops; without it the ``random`` module is used.
+    the image (OpenCLIP's default scale) instead of the centre crop, or what ``aug`` says (crop
+    scale/ratio/interpolation, colour jitter, grayscale, random erasing: :mod:`clipforge.augment`).
+    Pass ``rng`` (a seeded ``random.Random``) for reproducible draws; without it the ``random``
+    module is used.
     """
 
     config: PreprocessConfig
     train: bool = False
     train_scale: tuple[float, float] = (0.9, 1.0)
+    aug: AugmentationConfig | None = None
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         if not isinstance(img, Image.Image):
@@ -217,9 +222,9 @@ class Preprocess:
         cfg = self.config
         size, resample = cfg.image_size, _RESAMPLE[cfg.interpolation]
         img = _to_8bit(img)
-        if self.train:  # bicubic whatever cfg.interpolation says, as OpenCLIP's train transform does
-            img = self._random_resized_crop(img, size, Image.Resampling.BICUBIC, rng or random)
-        elif cfg.resize_mode == "squash":
+        if self.train:
+            return self._train(img, rng or random)  # type: ignore[arg-type]
+        if cfg.resize_mode == "squash":
             img = img.resize((size, size), resample)
         else:
             img = center_crop(resize_shorter(img, size, resample), size)
@@ -227,10 +232,23 @@ class Preprocess:
             img = img.convert("RGB")
         return to_tensor(img, cfg.mean, cfg.std)
 
-    def _random_resized_crop(self, img: Image.Image, size: int, resample: int,
-                             rng: random.Random | ModuleType) -> Image.Image:
-        top, left, h, w = random_resized_crop_params(img.width, img.height, rng, self.train_scale)  # type: ignore[arg-type]
-        return resized_crop(img, top, left, h, w, size, resample)
+    def _train(self, img: Image.Image, rng: random.Random | ModuleType) -> torch.Tensor:
+        """The training transform; an option that is off draws nothing (so the default's draws,
+        and the crops of earlier runs, are unchanged). The crop is bicubic whatever
+        ``config.interpolation`` says, as OpenCLIP's train transform, unless ``aug`` names one."""
+        cfg, aug = self.config, self.aug or AugmentationConfig(scale=self.train_scale)
+        top, left, h, w = random_resized_crop_params(img.width, img.height, rng, aug.scale, aug.ratio)  # type: ignore[arg-type]
+        img = resized_crop(img, top, left, h, w, cfg.image_size, _RESAMPLE[aug.interpolation])
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        if aug.color_jitter is not None and rng.random() < aug.color_jitter_prob:
+            img = color_jitter(img, aug.color_jitter, rng)  # type: ignore[arg-type]
+        if aug.gray_scale_prob > 0 and rng.random() < aug.gray_scale_prob:
+            img = grayscale(img)
+        x = to_tensor(img, cfg.mean, cfg.std)
+        if aug.re_prob > 0 and rng.random() < aug.re_prob:
+            x = random_erase(x, rng, aug.re_count)  # type: ignore[arg-type]
+        return x
 
     def __repr__(self) -> str:
         c = self.config
@@ -239,6 +257,7 @@ class Preprocess:
                 f"mean={c.mean}, std={c.std})")
 
 
-def image_transform(config: PreprocessConfig, train: bool = False) -> Preprocess:
-    """The preprocessing callable for a model config's ``preprocess`` section."""
-    return Preprocess(config, train=train)
+def image_transform(config: PreprocessConfig, train: bool = False, aug: AugmentationConfig | None = None) -> Preprocess:
+    """The preprocessing callable for a model config's ``preprocess`` section (``aug``: the
+    training augmentation, default OpenCLIP's crop scale 0.9-1)."""
+    return Preprocess(config, train=train, aug=aug)

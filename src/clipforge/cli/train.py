@@ -18,6 +18,7 @@ from typing import Any
 from .options import (ListAction, add_device_option, add_precision_option, any_int, existing_dir, existing_file,
                       existing_path, non_negative_float, non_negative_int, nonempty_str, output_dir, positive_float,
                       positive_int)
+from .train_recipes import add_recipe_arguments
 
 
 def _bool_flag(p: Any, name: str, help: str) -> None:
@@ -104,6 +105,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--time-limit", dest="time_limit_minutes", type=positive_float, metavar="MIN",
                    help="stop (with a checkpoint) after this many minutes (default: no limit)")
     _bool_flag(g, "--progress", "show the progress bar (default on)")
+    add_recipe_arguments(p)
 
 
 _NOT_OPTIONS = {"config", "command", "func", "debug", "log_level"}

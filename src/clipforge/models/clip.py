@@ -116,6 +116,10 @@ class CLIP(nn.Module):
         super().train(mode)
         if getattr(self, "_image_locked", False):
             self.visual.eval()
+        elif getattr(self, "_image_bn_frozen", False):  # training.lock: BatchNorm statistics fixed
+            for m in self.visual.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
     def num_parameters(self) -> dict[str, int]:

@@ -17,13 +17,14 @@ from ..data.tables import parse_separator
 from ..utils import read_json
 from ..utils.typed import coerce_fields
 from .hard_negatives import MODES as HARD_NEGATIVES
+from .recipes import check_recipes
 
 LINEAR_BACKENDS = ("auto", "torch", "onednn")
 LOSSES = ("clip", "siglip")  # the contrastive objective's loss: softmax (CLIP) or sigmoid (SigLIP)
 
 # Fields that may differ between a run and its resumption (they do not change the optimisation).
 RESUMABLE_OVERRIDES = frozenset({
-    "save_every", "keep_last", "log_every", "eval_every", "tensorboard", "num_workers",
+    "save_every", "keep_last", "log_every", "eval_every", "tensorboard", "num_workers", "zeroshot_frequency",
     "time_limit_minutes", "progress", "device", "threads",
 })
 
@@ -102,10 +103,43 @@ class TrainConfig:
     time_limit_minutes: float | None = None
     progress: bool = True
     resume: str | None = None
+    # --- training recipes (docs/recipes.md; checked in .recipes) ---
+    patch_dropout: float = 0.0  # open_clip's --force-patch-dropout: fraction of patch tokens dropped (FLIP)
+    lock_image_unlocked_groups: int = 0  # with lock_image: the last N image-tower groups train (.lock)
+    lock_image_freeze_bn_stats: bool = False  # with lock_image: BatchNorm running statistics fixed
+    lock_text: bool = False  # freeze the text tower (but its last lock_text_unlocked_layers groups)
+    lock_text_unlocked_layers: int = 0
+    lock_text_freeze_layer_norm: bool = False  # also freeze the LayerNorms of the locked text part
+    layer_decay_image: float = 1.0  # layer-wise LR decay per tower group (1: off)
+    layer_decay_text: float = 1.0
+    zeroshot_data: str | None = None  # a labelled dataset (clipforge eval's specs): zero-shot while training
+    zeroshot_frequency: int = 0  # every N steps (0: at eval_every)
+    zeroshot_classnames: str | None = None  # built-in set name or file (default: the dataset's own)
+    zeroshot_templates: str | None = None  # built-in set name or file (default: "a photo of a {}.")
+    zeroshot_n: int = 500  # images scored (a fixed class-stratified sample)
+    aug_cfg: dict[str, Any] = dataclasses.field(default_factory=dict)  # open_clip's AugmentationCfg names
+    lora_rank: int = 0  # LoRA adapters of this rank (0: off); only they train (.lora)
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["attn", "mlp"])
+    lora_towers: list[str] = dataclasses.field(default_factory=lambda: ["image", "text"])
+    distill_model: str | None = None  # teacher checkpoint (any format clipforge.load reads) (.distill)
+    distill_weight: float = 1.0  # weight of the distillation term beside the contrastive loss
+    distill_precision: str = "fp32"  # the teacher's inference precision (fp32, bf16, auto, ...)
+    lr_scheduler: Literal["cosine", "const", "const-cooldown"] = "cosine"  # (.schedule)
+    lr_cooldown_steps: int = 0  # const-cooldown: the last N steps decay to lr_cooldown_end
+    lr_cooldown_end: float = 0.0
+    lr_cooldown_power: float = 1.0  # 1: linear
+    image_mean: tuple[float, float, float] | None = None  # preprocessing overrides (None: the model's)
+    image_std: tuple[float, float, float] | None = None
+    image_interpolation: Literal["bicubic", "bilinear"] | None = None
+    image_resize_mode: Literal["shortest", "squash"] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)  # type: ignore[assignment]
+        for key in ("image_mean", "image_std"):  # JSON gives lists
+            if isinstance(getattr(self, key), list):
+                setattr(self, key, tuple(getattr(self, key)))
         self.validate()
 
     def validate(self) -> None:
@@ -157,6 +191,7 @@ class TrainConfig:
             self.csv_separator = parse_separator(self.csv_separator)
         except ValueError as e:
             need(False, "csv_separator", str(e))
+        check_recipes(self, need)
 
     def data_options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`clipforge.data.open_pairs` for this run's data specs."""
@@ -167,6 +202,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
+        for key in ("image_mean", "image_std"):
+            d[key] = list(d[key]) if d[key] is not None else None
         return d
 
     @classmethod

@@ -144,6 +144,42 @@ class ValRetrieval:
                 "val_i2t_R@1": m["text_retrieval_recall@1"], "val_i2t_R@5": m["text_retrieval_recall@5"]}
 
 
+class Scheduled:
+    """Evaluators each at its own step cadence (``(every, evaluator)`` pairs): ``due(step)`` says
+    whether any runs at ``step``, calling it runs and merges those that are due."""
+
+    def __init__(self, parts: list[tuple[int, Evaluator]]) -> None:
+        self.parts = [(every, part) for every, part in parts if every > 0]
+
+    def due(self, step: int) -> bool:
+        return any(step % every == 0 for every, _ in self.parts)
+
+    def __call__(self, model: CLIP, step: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for every, part in self.parts:
+            if step % every == 0:
+                out.update(part(model, step))
+        return out
+
+
+def with_zeroshot(config: TrainConfig, evaluator: Evaluator | None) -> Evaluator | None:
+    """``evaluator`` (every ``eval_every`` steps) plus zero-shot accuracy on ``config.zeroshot_data``
+    (:class:`LabelledZeroShot`, metric ``zeroshot_acc``) every ``zeroshot_frequency`` steps (0: at
+    ``eval_every``); ``evaluator`` alone when there is no ``zeroshot_data``."""
+    if not config.zeroshot_data:
+        return evaluator
+    ds = open_labelled(config.zeroshot_data)  # a bad spec, class-name or template file fails now, not at step N
+    resolve_classnames(ds, config.zeroshot_classnames)
+    if config.zeroshot_templates is not None:
+        load_templates(config.zeroshot_templates)
+    zeroshot = LabelledZeroShot(config.zeroshot_data, n=config.zeroshot_n, seed=config.seed,
+                                classnames=config.zeroshot_classnames, templates=config.zeroshot_templates)
+    parts = [(config.zeroshot_frequency or config.eval_every, zeroshot)]
+    if evaluator is not None:
+        parts.insert(0, (config.eval_every, evaluator))
+    return Scheduled(parts)
+
+
 def default_evaluator(config: TrainConfig) -> Evaluator | None:
     """The periodic evaluation that fits the run's data, or None when there is nothing to run."""
     parts: list[Evaluator] = []
@@ -163,5 +199,5 @@ def default_evaluator(config: TrainConfig) -> Evaluator | None:
     return evaluate
 
 
-__all__ = ["default_evaluator", "SceneZeroShot", "LabelledZeroShot", "ValRetrieval", "task_accuracy",
+__all__ = ["default_evaluator", "Scheduled", "with_zeroshot", "SceneZeroShot", "LabelledZeroShot", "ValRetrieval", "task_accuracy",
            "is_builtin_scenes"]

@@ -34,17 +34,18 @@ from ..config import CLIPConfig, get_model_config
 from ..data import SkipStats, make_pair_loader, open_pairs
 from ..device import cast_weights
 from ..models import CLIP, create_model, with_objective
-from ..preprocess import image_transform
 from ..tokenizer import get_tokenizer
 from ..utils import read_json, torch_threads, write_json
 from . import checkpoint as ckpt
 from .config import TrainConfig, merge_for_resume
 from .distributed import DistEnv, all_gather_object, any_rank, barrier, init_distributed, shutdown_distributed
-from .evaluation import Evaluator, default_evaluator
+from .evaluation import Evaluator, default_evaluator, with_zeroshot
 from .hard_negatives import SwapNegatives, TokenizeWithNegatives
 from .metrics import MetricsLog, peak_rss_mb, plot_curves
 from .objectives import freeze_unused
 from .optim import CosineWarmup, build_optimizer
+from .recipes import apply_recipes, attach_distillation, finish_recipes, lr_scales, train_transform
+from .schedule import make_schedule
 from .signals import StopRequest, exit_code, signals_blocked
 from .sigmoid_loss import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
 from .step import TrainStep, make_grad_scaler, make_train_step, objective_module
@@ -167,7 +168,8 @@ class _Run:
         state = ckpt.load_checkpoint(resume_from) if resume_from else None
         if state is not None:  # the checkpoint carries architecture and weights (--init may be gone)
             model = create_model(CLIPConfig.from_dict(state["config"]))
-            model.load_state_dict(state["model"])
+            if not cfg.lora_rank:  # with LoRA the state has the adapters: loaded once they exist
+                model.load_state_dict(state["model"])
         else:
             model = build_model(cfg)
         if model.config.objective != cfg.objective:  # only reachable with a hand-edited run folder
@@ -183,23 +185,25 @@ class _Run:
                           "full-batch one (exact for ViT towers)", stacklevel=2)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
-        if cfg.lock_image:
-            model.lock_image_tower()
+        apply_recipes(model, cfg)  # patch dropout, locking, LoRA (docs/recipes.md)
+        if state is not None and cfg.lora_rank:
+            model.load_state_dict(state["model"])
         freeze_unused(model)  # bow/caption: what the objective never reads (text tower parts, temperature)
         module: torch.nn.Module = objective_module(model)
         if env.distributed:
             module = torch.nn.parallel.DistributedDataParallel(
                 module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-        optimizer = build_optimizer(model, cfg.lr, cfg.wd, cfg.betas, cfg.eps)
-        schedule = CosineWarmup(optimizer, cfg.lr, cfg.warmup, cfg.steps)
+        optimizer = build_optimizer(model, cfg.lr, cfg.wd, cfg.betas, cfg.eps, lr_scales(model, cfg))
+        schedule = make_schedule(optimizer, cfg)  # --lr-scheduler cosine | const | const-cooldown
         scaler = make_grad_scaler(cfg.precision, env.device)
         step_fn = make_train_step(model, module, optimizer, precision=cfg.precision, grad_clip=cfg.grad_clip,
                                   scaler=scaler, env=env, local_loss=cfg.local_loss,
                                   gather_with_grad=cfg.gather_with_grad, loss=cfg.loss)
+        attach_distillation(step_fn, model, cfg, env)  # --distill-model: the teacher, loaded once
         if self.precision_why != "as requested":
             self._say(f"precision {cfg.precision} ({self.precision_why})")
 
-        loader = make_pair_loader(train_source, transform=image_transform(model.config.preprocess, train=True),
+        loader = make_pair_loader(train_source, transform=train_transform(model.config.preprocess, cfg),
                                   tokenize=caption_tokenizer(cfg, model.context_length), batch_size=cfg.batch_size,
                                   seed=cfg.seed, rank=env.rank, world_size=env.world_size,
                                   num_workers=cfg.num_workers, resampled=cfg.resampled)
@@ -282,7 +286,7 @@ class _Run:
                         bar.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{rate:.0f}",
                                         T=f"{record['temperature']:.1f}")
                         window_t, window_steps, window_loss = now, 0, 0.0
-                    if cfg.eval_every and self.evaluator is not None and step % cfg.eval_every == 0:
+                    if self.evaluator is not None and self._eval_due(step):
                         self._evaluate(model, step, log)
                     reason = "interrupted" if stop.requested else (
                         "stopped" if self.should_stop is not None and self.should_stop(step) else (
@@ -302,6 +306,11 @@ class _Run:
             self._save(model, step_fn, schedule, loader, log, step)
         self.step = step
         return status, signum
+
+    def _eval_due(self, step: int) -> bool:
+        """At ``eval_every``, or as a :class:`~.evaluation.Scheduled` evaluator says (zero-shot cadence)."""
+        due = getattr(self.evaluator, "due", None)
+        return due(step) if due is not None else bool(self.config.eval_every and step % self.config.eval_every == 0)
 
     def _evaluate(self, model: CLIP, step: int, log: MetricsLog | None) -> None:
         if self.main and self.evaluator is not None:
@@ -345,7 +354,7 @@ class _Run:
         evals = [r for r in records if any(k.startswith("eval/") for k in r)]
         final_model = None
         if status != "interrupted":  # a signal means "resume later"; anything else ends the run
-            final_model = str(save_model(model, self.run_dir / "final.safetensors"))
+            final_model = str(save_model(finish_recipes(model, cfg, self.run_dir), self.run_dir / "final.safetensors"))
         curves = plot_curves(records, self.run_dir / "curves.png", title=f"{model.config.name or cfg.model}")
         rates = [r["samples_per_s"] for r in train_records]
         summary = {
@@ -492,6 +501,7 @@ def train(config: TrainConfig, *, should_stop: Callable[[int], bool] | None = No
             config = config.replace(precision=precision)  # the concrete name, recorded in config.json
             if evaluator is None and config.eval_every:
                 evaluator = default_evaluator(config)
+            evaluator = with_zeroshot(config, evaluator)  # --zeroshot-data at --zeroshot-frequency
             return _Run(config, env, should_stop, evaluator, precision_why=why).run()
     finally:
         if env.distributed and not had_group:

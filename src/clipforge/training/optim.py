@@ -17,33 +17,38 @@ def no_decay(name: str, param: torch.Tensor) -> bool:
     return param.dim() < 2 or any("embedding" in part for part in parts) or parts[-1] == "logit_scale"
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups over the trainable parameters; frozen ones (e.g. a locked tower) are left
-    out so the optimiser holds no state for them."""
-    decay, other = [], []
-    decay_names, other_names = [], []
+def param_groups(model: nn.Module, weight_decay: float,
+                 lr_scales: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """AdamW groups over the trainable parameters: decayed and not decayed (two groups), split
+    further by learning-rate scale (``lr_scales``: name -> factor, layer decay; a group's
+    ``lr_scale`` is what the schedule multiplies). Frozen parameters (e.g. a locked tower) are
+    left out so the optimiser holds no state for them."""
+    groups: dict[tuple[bool, float], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if no_decay(name, p):
-            other.append(p)
-            other_names.append(name)
-        else:
-            decay.append(p)
-            decay_names.append(name)
-    if not decay and not other:
+        decayed = not no_decay(name, p)
+        scale = (lr_scales or {}).get(name, 1.0)
+        g = groups.setdefault((decayed, scale), {"params": [], "weight_decay": weight_decay if decayed else 0.0,
+                                                 "names": [], "lr_scale": scale})
+        g["params"].append(p)
+        g["names"].append(name)
+    if not groups:
         raise ValueError("the model has no trainable parameters (is every tower locked?)")
-    return [
-        {"params": decay, "weight_decay": weight_decay, "names": decay_names},
-        {"params": other, "weight_decay": 0.0, "names": other_names},
-    ]
+    if lr_scales is None:  # the two plain groups, always both (as checkpoints of earlier runs hold)
+        plain = {"params": [], "names": [], "lr_scale": 1.0}
+        return [groups.get((True, 1.0), {**plain, "weight_decay": weight_decay}),
+                groups.get((False, 1.0), {**plain, "weight_decay": 0.0})]
+    return [groups[k] for k in sorted(groups, key=lambda k: (not k[0], -k[1]))]
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                    eps: float) -> torch.optim.AdamW:
-    groups = param_groups(model, weight_decay)
+                    eps: float, lr_scales: dict[str, float] | None = None) -> torch.optim.AdamW:
+    groups = param_groups(model, weight_decay, lr_scales)
     for g in groups:
         g.pop("names")
+        if lr_scales is None:
+            g.pop("lr_scale")
     fused = all(p.is_cuda for g in groups for p in g["params"]) or None
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
@@ -69,10 +74,13 @@ class CosineWarmup:
         self.base_lr, self.warmup, self.total = base_lr, warmup, total
         self.last_step = -1
 
+    def lr(self, step: int) -> float:
+        return cosine_lr(step, self.base_lr, self.warmup, self.total)
+
     def __call__(self, step: int) -> float:
-        lr = cosine_lr(step, self.base_lr, self.warmup, self.total)
+        lr = self.lr(step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # layer decay (training.lock)
         self.last_step = step
         return lr
 

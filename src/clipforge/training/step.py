@@ -39,6 +39,7 @@ from .hard_negatives import CaptionTokens
 from .loss import ClipLoss, scale_grad
 from .sigmoid_loss import SigLipLoss
 from .objectives import ObjectiveModule, loss_count
+from .replay import replaying, rng_state
 
 #: The text side of a batch: token ids, or ids with hard negatives (``--hard-negatives``).
 Text = torch.Tensor | CaptionTokens
@@ -147,19 +148,26 @@ class TrainStep:
         micro-batch like the other features)."""
         batches = [(_device.to_device(im, self.device), self._to_device(text)) for im, text in batches]
         k = len(batches)
+        prepare = getattr(self.loss_fn, "prepare", None)  # distillation: the teacher's features of the step
+        if prepare is not None:
+            prepare(batches)
         if k == 1:
             images, text = batches[0]
             loss = self._loss(*self._features(self.module, images, text))
             self._backward(loss)
             return float(loss.detach())
         inner = getattr(self.module, "module", self.module)  # skip DDP hooks for the no-grad pass
+        cached, states = [], []
         with torch.no_grad():
-            cached = [self._features(inner, images, text) for images, text in batches]
+            for images, text in batches:
+                states.append(rng_state(self.device))  # a re-run draws what its first pass drew
+                cached.append(self._features(inner, images, text))
         with_neg = cached[0][4] is not None
         value = 0.0
         for j, (images, text) in enumerate(batches):
             with self._no_sync(last=j == k - 1):
-                fresh = self._features(self.module, images, text)
+                with replaying(states[j], self.device):
+                    fresh = self._features(self.module, images, text)
                 parts = cached[:j] + [fresh] + cached[j + 1:]
                 img, txt = (torch.cat([f[slot] for f in parts]) for slot in (0, 1))
                 neg, mask = (torch.cat([f[slot] for f in parts]) for slot in (4, 5)) if with_neg else (None, None)

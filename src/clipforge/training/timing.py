@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from ..data import make_pair_loader, open_pairs
-from ..preprocess import image_transform
 from ..device import cast_weights
 from ..utils import torch_threads
 from .config import TrainConfig
@@ -19,6 +18,7 @@ from .. import fast
 from .loop import build_model, caption_tokenizer, run_precision
 from .objectives import freeze_unused
 from .optim import build_optimizer
+from .recipes import apply_recipes, train_transform
 from .step import make_train_step, objective_module
 
 
@@ -34,9 +34,10 @@ def measure_step_time(config: TrainConfig, threads: Sequence[int], n: int = 3, w
         if config.fast_paths:  # time the step the run will take
             fast.enable(model)
         source = open_pairs(config.data, split="train", seed=config.seed + 99, **config.data_options())
-        loader = make_pair_loader(source, transform=image_transform(model.config.preprocess, train=True),
+        loader = make_pair_loader(source, transform=train_transform(model.config.preprocess, config),
                                   tokenize=caption_tokenizer(config, model.context_length), batch_size=config.batch_size,
                                   seed=config.seed + 99, rank=0, world_size=1, num_workers=config.num_workers)
+        apply_recipes(model, config)  # patch dropout, locking: they change the step's cost
         freeze_unused(model)
         step = make_train_step(model, objective_module(model), build_optimizer(model, 1e-5, 0.0, config.betas, config.eps),
                                precision=precision, loss=config.loss)
