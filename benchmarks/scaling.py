@@ -11,7 +11,8 @@ largest size used to predict the largest.
                                  [--lr-rule fixed|width] [--lr-multipliers 0.5,1,2] [--selection-per-type 50]
                                  [--name scaling]
 
-``--lr-rule width`` scales the peak rate as 1/width (muP-style, base width 64 at --lr 1e-3);
+``--lr-rule width`` scales the peak rate as 1/width (muP-style: s128, the demo model, keeps
+--lr 1e-3; s256 gets 5e-4, the rate that restored the size order in the previous measurement);
 ``--lr-multipliers`` sweeps multiples of each size's rate, keeping the lowest validation loss;
 ``--selection-per-type`` adds the built-in caption-selection errors as targets (they do not
 saturate at the smallest size as three of the five scene tasks do).

@@ -130,8 +130,8 @@ def register(subparsers: Any) -> None:
     s.add_argument("--lr-rule", choices=("fixed", "width"), default="fixed",
                    help="learning rate per size: fixed (--lr for all) or width (--lr x base width / width, the "
                         "muP-style 1/width rule for Adam applied to the whole model) (default fixed)")
-    s.add_argument("--lr-base-width", type=positive_int, default=64,
-                   help="the width at which --lr-rule width gives --lr (default 64, the demo model's)")
+    s.add_argument("--lr-base-width", type=positive_int, default=128,
+                   help="the width at which --lr-rule width gives --lr (default 128, the demo model tiny-vit-p16 = s128)")
     s.add_argument("--lr-multipliers", action=ListAction, item=positive_float, metavar="M,M",
                    help="sweep these multiples of each size's rate; the run with the lowest validation loss is "
                         "kept (default 1: no sweep)")

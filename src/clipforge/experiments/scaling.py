@@ -78,7 +78,7 @@ class ScalingConfig(Recipe):
     eval_per_class: int = 100
     val_pairs: int = 1000
     lr_rule: str = "fixed"
-    lr_base_width: int = 64
+    lr_base_width: int = 128
     lr_multipliers: tuple[float, ...] = (1.0,)
     selection_per_type: int = 0
 
