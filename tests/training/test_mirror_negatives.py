@@ -108,6 +108,12 @@ def test_loader_lays_companions_out_as_masked_rows():
     for j in range(16):
         if present[16 + j]:
             assert not torch.equal(text.text[16 + j], ids0[j])
+    # a worker process makes the same batch (the companion function is picklable, its draws seeded)
+    worker = make_pair_loader(ds, transform=transform, tokenize=TokenizeCaptions(77), batch_size=16, seed=3,
+                              companion=MirrorCompanions(), num_workers=1)
+    wi, wt = next(iter(worker))
+    worker.close()
+    assert torch.equal(wi, images) and torch.equal(wt.text, text.text) and torch.equal(wt.present, present)
     # swap and mirror together: the companions' captions get their own rule-built negatives
     both = make_pair_loader(ds, transform=transform, batch_size=16, seed=3, companion=MirrorCompanions(),
                             tokenize=TokenizeWithNegatives(tok, SwapNegatives(2, 0)))

@@ -10,8 +10,9 @@ exactly the gradient of the full-batch loss (the temperature's share is divided 
 enters every one of the k losses). This needs the re-run to reproduce the cached features, which
 holds for the ViT/text towers (no dropout) but not for BatchNorm in train mode (ResNet towers):
 there each re-run sees statistics of one micro-batch and updates the running statistics again.
-Hard negatives (and mirror companions, rows with a ``present`` mask) are features like the others: cached with their micro-batch, recomputed with it,
-and concatenated in batch order, so each stays attached to its own image's row.
+Hard negatives (and mirror companions, rows with a ``present`` mask) are features like the
+others: cached with their micro-batch, recomputed with it, and concatenated in batch order, so
+each stays attached to its own image's row.
 
 The ``bow`` / ``caption`` objectives (:mod:`.objectives`) need none of this: their losses are
 means of per-caption / per-token terms, so :class:`ObjectiveStep` runs each micro-batch once and
