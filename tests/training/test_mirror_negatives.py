@@ -228,3 +228,29 @@ def test_config_and_cli_train_with_swap_and_mirror(tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["hard_negatives"] == "swap,mirror"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and math.isfinite(summary["final_loss"])
+
+
+def test_flip_captions_on_flickr8k_change_only_left_right_words(shared_data):
+    """On real captions: a caption changes exactly when it has a left/right word, and only there
+    ("right" as in "right now" is swapped too: a word rule, as the swap negatives are)."""
+    import csv
+    import re
+
+    with open(shared_data / "flickr8k" / "captions.tsv", encoding="utf-8") as f:
+        captions = [r["caption"] for r in csv.DictReader(f, delimiter="\t")]
+    partner = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
+    changed = 0
+    for cap in captions:
+        new = swap_left_right(cap)
+        words, new_words = re.findall(r"\w+|\W+", cap), re.findall(r"\w+|\W+", new)
+        assert len(words) == len(new_words), cap
+        spatial = False
+        for a, b in zip(words, new_words):
+            if a.lower() in partner:
+                spatial = True
+                assert b.lower() == partner[a.lower()] and b[:1].isupper() == a[:1].isupper(), (cap, new)
+            else:
+                assert a == b, (cap, new)
+        assert (new != cap) == spatial
+        changed += spatial
+    assert 100 < changed < len(captions) // 100  # a few hundred of 40k captions get a companion
