@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..data.scenes import SELECTION_TYPES, parse_scenes_query, render_scene, selection_groups
 from ..inference import embed_images
@@ -242,24 +243,42 @@ def selection_similarities(model: Any, instances: Sequence[SelectionInstance], *
     the skipped ones (``key: reason``: an unreadable image skips its instance). Every distinct
     image path and caption is embedded once."""
     bad = skippable_errors()
-    tensors: dict[Any, torch.Tensor] = {}
-    kept, skipped = [], []
     pre = preprocess or image_transform(model.config.preprocess)
-    for k, inst in enumerate(instances):
-        try:
-            for im in inst.images:
-                ref = im if isinstance(im, str) else id(im)
-                if ref not in tensors:
-                    pil = load_image(im, name=im) if isinstance(im, str) else im
-                    tensors[ref] = pre(pil)
-        except bad as e:
-            skipped.append(f"{inst.key or k}: {e}")
+    row: dict[Any, int] = {}         # image ref -> row of its feature
+    failed: dict[Any, str] = {}
+    pending: list[tuple[Any, torch.Tensor]] = []
+    feats: list[torch.Tensor] = []
+    kept, skipped = [], []
+
+    def flush() -> None:  # embedded as they are read: a large set never holds all its pixels at once
+        if pending:
+            feats.append(embed_images(model, [t for _, t in pending], batch_size=batch_size))
+            for ref, _ in pending:
+                row[ref] = len(row)
+            pending.clear()
+
+    waiting: set[Any] = set()
+    for k, inst in enumerate(tqdm(instances, desc="images", disable=not progress)):
+        problem = None
+        for im in inst.images:
+            ref = im if isinstance(im, str) else id(im)
+            if ref in failed:
+                problem = failed[ref]
+            elif ref not in row and ref not in waiting:
+                try:
+                    pending.append((ref, pre(load_image(im, name=im) if isinstance(im, str) else im)))
+                    waiting.add(ref)
+                except bad as e:
+                    failed[ref] = problem = str(e)
+        if problem is not None:
+            skipped.append(f"{inst.key or k}: {problem}")
             continue
         kept.append(k)
-    refs = list(tensors)
-    img = embed_images(model, [tensors[r] for r in refs], batch_size=batch_size, progress=progress)
-    img = F.normalize(img.float(), dim=-1)
-    row = {r: i for i, r in enumerate(refs)}
+        if len(pending) >= batch_size:
+            flush()
+            waiting.clear()
+    flush()
+    img = F.normalize(torch.cat(feats).float(), dim=-1) if feats else torch.empty(0, 1)
     texts = list(dict.fromkeys(c for k in kept for c in instances[k].captions))
     kw = {} if long_text_overlap is None else {"overlap": long_text_overlap}
     txt = embed_texts_length_sorted(model, texts, batch_size=text_batch_size, progress=progress,
