@@ -8,6 +8,14 @@ loss). Fits: error = a * compute^b (log-log least squares, 95% CI of b), and the
 largest size used to predict the largest.
 
     python benchmarks/scaling.py [--sizes s32,s48,s64,s96,s128,s192,s256] [--steps 600] [--workdir /tmp/cf-exp]
+                                 [--lr-rule fixed|width] [--lr-multipliers 0.5,1,2] [--selection-per-type 50]
+                                 [--name scaling]
+
+``--lr-rule width`` scales the peak rate as 1/width (muP-style: s128, the demo model, keeps
+--lr 1e-3; s256 gets 5e-4, the rate that restored the size order in the previous measurement);
+``--lr-multipliers`` sweeps multiples of each size's rate, keeping the lowest validation loss;
+``--selection-per-type`` adds the built-in caption-selection errors as targets (they do not
+saturate at the smallest size as three of the five scene tasks do).
 
 Runs live in ``--workdir/scaling`` and are reused / resumed; results go to
 benchmarks/results/scaling.{json,png}.
@@ -33,17 +41,23 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--minutes", type=float, help="budget; re-run to continue")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/cf-exp"))
+    p.add_argument("--lr-rule", choices=("fixed", "width"), default="fixed")
+    p.add_argument("--lr-multipliers", default="1", help="comma-separated multiples of each size's rate")
+    p.add_argument("--selection-per-type", type=int, default=0)
+    p.add_argument("--name", default="scaling", help="results file name (benchmarks/results/NAME.json/.png)")
     args = p.parse_args()
 
     from clipforge.experiments import ScalingConfig, format_scaling, run_scaling
 
     config = ScalingConfig(out=str(args.workdir / "scaling"), sizes=tuple(args.sizes.split(",")), steps=args.steps,
-                           seed=args.seed, threads=args.threads, minutes=args.minutes, progress=False)
+                           seed=args.seed, threads=args.threads, minutes=args.minutes, progress=False,
+                           lr_rule=args.lr_rule, lr_multipliers=tuple(float(m) for m in args.lr_multipliers.split(",")),
+                           selection_per_type=args.selection_per_type)
     result = run_scaling(config)
-    png = REPO / "benchmarks" / "results" / "scaling.png"
+    png = REPO / "benchmarks" / "results" / f"{args.name}.png"
     shutil.copyfile(result["plot"], png)
     result = {**result, "env": environment(), "plot": str(png.relative_to(REPO))}
-    path = write_results("scaling", result)
+    path = write_results(args.name, result)
     print(format_scaling(result))
     print(f"\nwrote {path} and {png}")
     return 0 if result["status"] == "complete" else 3

@@ -44,7 +44,15 @@ def test_tiny_demo_writes_report_and_reuses_finished_run(tmp_path):
         assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] == 4 * r["classes"]
     ret = saved["retrieval"]
     assert ret["n_images"] == 20 and ret["chance_t2i_R@1"] == pytest.approx(1 / 20)
-    assert {rec["task"] for rec in saved["records"]} == {"zeroshot_classification", "zeroshot_retrieval"}
+    assert {rec["task"] for rec in saved["records"]} == {"zeroshot_classification", "zeroshot_retrieval",
+                                                         "image_caption_selection"}
+    sel = saved["selection"]  # quick: 10 minimal pairs per negative type
+    from clipforge.data.scenes import SELECTION_TYPES
+
+    assert sel["n"] == 10 * len(SELECTION_TYPES) and list(sel["per_type"]) == list(SELECTION_TYPES)
+    for m in [sel["metrics"], *sel["per_type"].values()]:
+        assert 0.0 <= m["acc"] <= min(m["text_acc"], m["image_acc"]) <= 1.0
+    assert "caption selection" in res["table"] and "Image-caption selection" in (out / "report.html").read_text()
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4 * 5 + 4 + 1  # text queries x top-5, image queries, curves
     assert "heldout_colour_shape" in html and "text -&gt; image" in html

@@ -277,3 +277,32 @@ def test_cli_scaling_runs_and_prints_the_fits(tmp_path, capsys):
     assert "val_loss: exponent" in out and "s64" in out
     saved = json.loads((tmp_path / "s" / "results.json").read_text())
     assert saved["config"]["sizes"] == ["s32", "s48", "s64"] and saved["config"]["steps"] == 2
+
+
+@pytest.mark.slow  # six short runs, each measured
+def test_scaling_width_rule_sweep_and_selection_target(tmp_path):
+    cfg = ScalingConfig(out=str(tmp_path / "sc"), sizes=("s32", "s48", "s64"), steps=2, batch_size=4, warmup=1,
+                        eval_per_class=1, val_pairs=8, threads=1, num_workers=0, device="cpu", progress=False,
+                        lr=1e-3, lr_rule="width", lr_base_width=64, lr_multipliers=(0.5, 2.0), selection_per_type=2)
+    assert cfg.size_lr("s32") == pytest.approx(2e-3) and cfg.size_lr("s64") == pytest.approx(1e-3)
+    result = run_scaling(cfg)
+    assert result["status"] == "complete"
+    for r in result["rows"]:
+        width = family_config(r["size"]).vision.width
+        rates = [e["lr"] for e in r["lr_sweep"]]
+        assert rates == pytest.approx([1e-3 * 64 / width * m for m in (0.5, 2.0)])
+        for m, e in zip((0.5, 2.0), r["lr_sweep"]):  # each sweep run trained at its own rate
+            saved = json.loads((tmp_path / "sc" / f"{r['size']}-x{m:g}" / "config.json").read_text())
+            assert saved["lr"] == pytest.approx(e["lr"])
+        best = min(r["lr_sweep"], key=lambda e: e["val_loss"])
+        assert r["lr"] == best["lr"] and r["measured"]["val_loss"] == best["val_loss"]
+        sel = r["measured"]["selection"]
+        assert sel["n"] == 10 and 0.0 <= sel["group_error"] <= 1.0
+    assert "selection_group_error" in result["fits"] and "selection_text_error" in result["fits"]
+    from clipforge.experiments.scaling import format_scaling
+
+    assert "lr" in format_scaling(result).splitlines()[0]
+    with pytest.raises(ValueError, match="lr_rule"):
+        ScalingConfig(out=str(tmp_path), sizes=("s32", "s48", "s64"), lr_rule="sqrt")
+    with pytest.raises(ValueError, match="lr_multipliers"):
+        ScalingConfig(out=str(tmp_path), sizes=("s32", "s48", "s64"), lr_multipliers=(1.0, 1.0))

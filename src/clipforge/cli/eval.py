@@ -1,4 +1,4 @@
-"""``clipforge eval zeroshot|retrieval|linear-probe|fewshot|robustness|suite``: thin wrappers
+"""``clipforge eval zeroshot|retrieval|linear-probe|fewshot|robustness|image_caption_selection|suite``: thin wrappers
 over :mod:`clipforge.eval.tasks` that write one JSON record per run and print a table."""
 
 from __future__ import annotations
@@ -110,6 +110,16 @@ def register(subparsers: Any) -> None:
                    help="fix the linear probe's inverse L2 strength (default: searched)")
     p.set_defaults(func=_cmd_robustness)
 
+    p = sub.add_parser("image_caption_selection", aliases=["image-caption-selection"],
+                       help="choose each image's caption among hard negatives (SugarCREPE, Winoground-style groups)",
+                       description="Text / image / group scores (CLIP_benchmark's text_acc / image_acc / acc) and "
+                                   "accuracy per negative type.")
+    _common(p, dataset_required=False)
+    p.set_defaults(func=_cmd_selection, dataset="builtin:scenes-selection")
+    p.epilog = ("--dataset: builtin:scenes-selection[?n_per_type=50&seed=0&size=64] (default) | a JSONL file "
+                "(image, caption, negatives, optional group, type) | a SugarCREPE <task>.json (images in "
+                "val2017/ beside it) | a folder of either")
+
     p = sub.add_parser("suite", help="run many tasks from a YAML file; writes records + an HTML report")
     _common(p, dataset_required=None, model_required=False)
     p.add_argument("--suite", required=True, type=existing_file, help="YAML file listing tasks")
@@ -216,6 +226,20 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
     cols = ["shift", "zeroshot_acc1", "zeroshot_drop"] + ([] if args.no_linear_probe else ["linear_probe_acc1", "linear_probe_drop"])
     print(format_table(rec["shifts"], cols))
     return _finish(args, [rec])
+
+
+def _cmd_selection(args: argparse.Namespace) -> int:
+    from ..eval.records import format_table
+    from ..eval.selection import run_image_caption_selection
+
+    if args.split:
+        raise ValueError("image_caption_selection: --split does not apply (a set is one file or the built-in pairs)")
+    records = run_image_caption_selection(_context(args), args.dataset)
+    for r in records:
+        if r["per_type"]:
+            rows = [{"type": t, **m} for t, m in r["per_type"].items()]
+            print(f"{r['dataset']} per negative type:\n{format_table(rows, ['type', 'n', 'text_acc', 'image_acc', 'acc'])}\n")
+    return _finish(args, records)
 
 
 def _cmd_suite(args: argparse.Namespace) -> int:

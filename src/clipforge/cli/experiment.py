@@ -127,4 +127,15 @@ def register(subparsers: Any) -> None:
     s.add_argument("--seed", type=any_int, default=0, help="seed of every run")
     s.add_argument("--eval-per-class", type=positive_int, default=100, help="held-out scenes per class of each task")
     s.add_argument("--val-pairs", type=positive_int, default=1000, help="held-out pairs for the validation loss")
+    s.add_argument("--lr-rule", choices=("fixed", "width"), default="fixed",
+                   help="learning rate per size: fixed (--lr for all) or width (--lr x base width / width, the "
+                        "muP-style 1/width rule for Adam applied to the whole model) (default fixed)")
+    s.add_argument("--lr-base-width", type=positive_int, default=128,
+                   help="the width at which --lr-rule width gives --lr (default 128, the demo model tiny-vit-p16 = s128)")
+    s.add_argument("--lr-multipliers", action=ListAction, item=positive_float, metavar="M,M",
+                   help="sweep these multiples of each size's rate; the run with the lowest validation loss is "
+                        "kept (default 1: no sweep)")
+    s.add_argument("--selection-per-type", type=non_negative_int, default=0,
+                   help="also fit the built-in caption-selection errors (group and text), with this many minimal "
+                        "pairs per negative type (default 0: off)")
     s.set_defaults(func=scaling_cmd)

@@ -76,10 +76,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="linear warm-up steps before the cosine decay (default 100)")
     g.add_argument("--grad-clip", type=positive_float, help="clip the gradient norm to this value (default off)")
     add_precision_option(g, "train", default=None)
-    g.add_argument("--hard-negatives", choices=("none", "swap"),
+    g.add_argument("--hard-negatives", choices=("none", "swap", "mirror", "swap,mirror"),
                    help="swap: add rule-built negative captions per caption (left<->right, above<->below, "
                         "colours, objects swapped, counts changed) as extra columns of their own image's row "
-                        "of the loss, NegCLIP-style (default none)")
+                        "of the loss, NegCLIP-style; mirror: add each sample's re-arranged scene / flipped photo "
+                        "with its left/right-swapped caption as one more pair of the batch; swap,mirror: both "
+                        "(default none)")
+    g.add_argument("--hard-negatives-other", choices=("skip", "flip"),
+                   help="mirror, photos whose caption has no left/right word: skip (no companion) or flip "
+                        "(flip their own image half the time, caption unchanged) (default skip)")
     g.add_argument("--hard-negatives-per-caption", type=positive_int, metavar="N",
                    help="at most N hard negatives per caption, drawn with --seed when more rules apply (default 3)")
     _bool_flag(g, "--grad-checkpointing", "recompute activations in backward (less memory; default off)")

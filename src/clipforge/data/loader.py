@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import PairSource, stable_rng, stable_seed
+from .base import PairSource, Sample, stable_rng, stable_seed
+from .mirror import Companion, MirroredText
 from .skip import BadSample, SkipStats
 
 logger = logging.getLogger("clipforge.data")
@@ -56,10 +57,10 @@ class _Producer(torch.utils.data.IterableDataset):
     """Makes batches from a start state; runs in-process or once per DataLoader worker."""
 
     def __init__(self, source: PairSource, cfg: dict[str, Any], start: dict[str, Any],
-                 transform: Callable, tokenize: Callable) -> None:
+                 transform: Callable, tokenize: Callable, companion: Callable | None = None) -> None:
         super().__init__()
         self.source, self.cfg, self.start = source, cfg, start
-        self.transform, self.tokenize = transform, tokenize
+        self.transform, self.tokenize, self.companion = transform, tokenize, companion
         self.rng_transform = _accepts_rng(transform)
         self._log = SkipStats()  # per process: logs the first few skips
         self._orders: dict[int, np.ndarray] = {}
@@ -82,25 +83,40 @@ class _Producer(torch.utils.data.IterableDataset):
         stats.add(reason, key, detail)
         self._log.add(reason, key, detail)
 
+    def _apply_transform(self, image: Image.Image, tag: tuple) -> torch.Tensor:
+        if self.rng_transform:  # a companion gets its sample's draw: the same crop of the other arrangement
+            return self.transform(image, rng=stable_rng("augment", self.cfg["seed"], *tag))
+        return self.transform(image)
+
     def _prepare(self, image: Image.Image, captions: list[str], key: str, tag: tuple,
-                 stats: SkipStats) -> tuple[torch.Tensor, str] | None:
+                 stats: SkipStats, sample: Sample | None = None) -> tuple[torch.Tensor, str, Any] | None:
         seed = self.cfg["seed"]
         caption = captions[0] if len(captions) == 1 else \
             captions[stable_rng("caption", seed, *tag).randrange(len(captions))]
+        extra = None
         try:
-            if self.rng_transform:
-                x = self.transform(image, rng=stable_rng("augment", seed, *tag))
-            else:
-                x = self.transform(image)
+            if self.companion is not None and sample is not None:
+                found = self.companion(self.source, sample, caption, stable_rng("companion", seed, *tag))
+                if found == "flip":
+                    image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                elif isinstance(found, Companion):
+                    extra = (self._apply_transform(found.image, tag), found.caption)
+            x = self._apply_transform(image, tag)
         except Exception as e:  # one odd image must not kill a long run; systematic failure still surfaces
             self._skip(stats, "transform_error", key, f"{type(e).__name__}: {e}")
             return None
-        return x, caption
+        return x, caption, extra
 
-    def _collate(self, items: list[tuple[torch.Tensor, str]], info: dict[str, Any]):
-        images = torch.stack([x for x, _ in items])
-        ids = self.tokenize([c for _, c in items])
-        return images, ids, info
+    def _collate(self, items: list[tuple[torch.Tensor, str, Any]], info: dict[str, Any]):
+        images = torch.stack([x for x, _, _ in items])
+        captions = [c for _, c, _ in items]
+        if self.companion is None:
+            return images, self.tokenize(captions), info
+        # companions: rows B..2B-1, one per sample (a zero image and "" where it has none)
+        extra = torch.stack([e[0] if e is not None else torch.zeros_like(x) for x, _, e in items])
+        present = torch.tensor([True] * len(items) + [e is not None for _, _, e in items])
+        text = self.tokenize(captions + [e[1] if e is not None else "" for _, _, e in items])
+        return torch.cat([images, extra]), MirroredText(text, present), info
 
     # -- map-style --------------------------------------------------------------------------
     def _rank_order(self, epoch: int) -> np.ndarray:
@@ -118,7 +134,7 @@ class _Producer(torch.utils.data.IterableDataset):
         except BadSample as e:
             self._skip(stats, e.reason, e.key, e.detail)
             return None
-        return self._prepare(s.image, s.captions, s.key, (epoch, idx), stats)
+        return self._prepare(s.image, s.captions, s.key, (epoch, idx), stats, s)
 
     def _map_batch(self, g: int):
         c = self.cfg
@@ -136,7 +152,7 @@ class _Producer(torch.utils.data.IterableDataset):
         return self._collate(items, {"g": g, "epoch": epoch, "stats": stats.to_dict()})
 
     def _substitute(self, order: np.ndarray, p: int, lo: int, hi: int, epoch: int, stats: SkipStats,
-                    used: set[int]) -> tuple[torch.Tensor, str]:
+                    used: set[int]) -> tuple[torch.Tensor, str, Any]:
         """A deterministic replacement for the bad sample at position p: another sample of the
         epoch, outside this batch when possible (a duplicate in a batch is a false negative)."""
         rng = stable_rng("substitute", self.cfg["seed"], epoch, self.cfg["rank"], p)
@@ -162,7 +178,7 @@ class _Producer(torch.utils.data.IterableDataset):
         fails = 0
         stats = SkipStats(log_first=0)
         while True:
-            items: list[tuple[torch.Tensor, str]] = []
+            items: list[tuple[torch.Tensor, str, Any]] = []
             pos = 0
             for rec in self.source.epoch_records(rank=c["rank"], world_size=c["world_size"], worker_id=lw,
                                                  num_workers=c["n_logical"], epoch=epoch, seed=c["seed"],
@@ -176,7 +192,7 @@ class _Producer(torch.utils.data.IterableDataset):
                 except BadSample as e:
                     self._skip(stats, e.reason, e.key, e.detail)
                 else:
-                    item = self._prepare(s.image, s.captions, s.key, (epoch, c["rank"], lw, pos), stats)
+                    item = self._prepare(s.image, s.captions, s.key, (epoch, c["rank"], lw, pos), stats, s)
                 if item is None:
                     fails += 1
                     if fails > max_fails:
@@ -205,14 +221,14 @@ class PairLoader:
     def __init__(self, source: PairSource, *, transform: Callable[..., torch.Tensor],
                  tokenize: Callable[[list[str]], torch.Tensor], batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, resampled: bool = False, drop_last: bool = True,
-                 shuffle_buffer: int = 1000, prefetch_factor: int = 2) -> None:
+                 shuffle_buffer: int = 1000, prefetch_factor: int = 2, companion: Callable | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.source, self.transform, self.tokenize = source, transform, tokenize
+        self.source, self.transform, self.tokenize, self.companion = source, transform, tokenize, companion
         self.batch_size, self.seed, self.rank, self.world_size = int(batch_size), int(seed), int(rank), int(world_size)
         self.num_workers, self.resampled, self.drop_last = int(num_workers), bool(resampled), bool(drop_last)
         self.shuffle_buffer, self.prefetch_factor = int(shuffle_buffer), int(prefetch_factor)
@@ -275,7 +291,8 @@ class PairLoader:
         return {"workers": [dict(w) for w in self._workers], "next_worker": self._next_worker}
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        producer = _Producer(self.source, dict(self._cfg), self._start_state(), self.transform, self.tokenize)
+        producer = _Producer(self.source, dict(self._cfg), self._start_state(), self.transform, self.tokenize,
+                             self.companion)
         if self.num_workers == 0:
             it: Iterator = iter(producer)
         else:
@@ -354,14 +371,18 @@ class PairLoader:
 def make_pair_loader(source: PairSource, *, transform: Callable[..., torch.Tensor],
                      tokenize: Callable[[list[str]], torch.Tensor], batch_size: int, seed: int = 0, rank: int = 0,
                      world_size: int = 1, num_workers: int = 0, resampled: bool = False, drop_last: bool = True,
-                     shuffle_buffer: int = 1000, prefetch_factor: int = 2) -> PairLoader:
+                     shuffle_buffer: int = 1000, prefetch_factor: int = 2, companion: Callable | None = None
+                     ) -> PairLoader:
     """The training loader for any :class:`PairSource` (see :class:`PairLoader`).
 
     ``transform`` may take ``rng=`` (as :class:`clipforge.preprocess.Preprocess` does): it gets
     a per-sample seeded ``random.Random`` so augmentation is reproducible. ``shuffle_buffer``
     (streams only) shuffles records within a worker's stream; ``resampled`` (streams only)
-    draws shards with replacement.
+    draws shards with replacement. ``companion`` (``--hard-negatives mirror``,
+    :class:`clipforge.data.mirror.MirrorCompanions`): each batch becomes ``2B`` rows, the samples
+    then their companions, with text :class:`~clipforge.data.mirror.MirroredText` (``present`` marks
+    the real rows).
     """
     return PairLoader(source, transform=transform, tokenize=tokenize, batch_size=batch_size, seed=seed, rank=rank,
                       world_size=world_size, num_workers=num_workers, resampled=resampled, drop_last=drop_last,
-                      shuffle_buffer=shuffle_buffer, prefetch_factor=prefetch_factor)
+                      shuffle_buffer=shuffle_buffer, prefetch_factor=prefetch_factor, companion=companion)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .budget import plan_steps, thread_candidates
 from .run import (EVAL_SEED, DemoSettings, chance_recall, format_table, retrieval_results, run_demo, scenes_spec,
-                  train_config, zeroshot_results)
+                  selection_results, train_config, zeroshot_results)
 
-__all__ = ["DemoSettings", "run_demo", "train_config", "scenes_spec", "EVAL_SEED", "zeroshot_results", "retrieval_results", "format_table", "chance_recall",
+__all__ = ["selection_results", "DemoSettings", "run_demo", "train_config", "scenes_spec", "EVAL_SEED", "zeroshot_results", "retrieval_results", "format_table", "chance_recall",
            "plan_steps", "thread_candidates"]

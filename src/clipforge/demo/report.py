@@ -54,7 +54,7 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
 def write_report(path: str | Path, *, title: str, summary_lines: Sequence[str],
                  zeroshot_rows: Sequence[Sequence[Any]], retrieval_rows: Sequence[Sequence[Any]],
                  text_queries: Sequence[dict[str, Any]], image_queries: Sequence[dict[str, Any]],
-                 curves_png: str | Path | None = None) -> Path:
+                 curves_png: str | Path | None = None, selection_rows: Sequence[Sequence[Any]] = ()) -> Path:
     """``text_queries``: ``{"text", "images": [PIL...], "hits": [bool...]}`` (top-k retrieved);
     ``image_queries``: ``{"image": PIL, "captions": [str...], "hits": [bool...], "truth": [str...]}``."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -64,6 +64,11 @@ def write_report(path: str | Path, *, title: str, summary_lines: Sequence[str],
     parts.append(_table(zeroshot_rows, ["task", "classes", "accuracy", "chance", "x chance"]))
     parts.append("<h2>Retrieval (held-out scenes)</h2>")
     parts.append(_table(retrieval_rows, ["direction", "R@1", "R@5", "chance R@1", "chance R@5"]))
+    if selection_rows:
+        parts.append("<h2>Image-caption selection (minimal pairs of held-out scenes)</h2>"
+                     "<p class='muted'>Winoground-style groups of 2 scenes x 2 captions; chance: text and image "
+                     "1/4, group 1/6</p>")
+        parts.append(_table(selection_rows, ["negative type", "pairs", "text", "image", "group"]))
     if curves_png and Path(curves_png).is_file():
         uri = png_data_uri(Image.open(curves_png), scale=1)
         parts.append(f"<h2>Training curves</h2><img src='{uri}' style='max-width:100%'>")

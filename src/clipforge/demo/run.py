@@ -4,6 +4,8 @@ on a CPU, then measure what it learned on scenes it never saw:
 * zero-shot accuracy on held-out colour-shape combinations (never drawn or named in training),
   the seen-combination control, counting and relative position, each beside its chance level;
 * text->image and image->text Recall@1/5 on held-out scenes, beside chance;
+* image-caption selection on minimal pairs of held-out scenes (swapped attributes / objects,
+  replaced relation / position, changed count): text, image and group scores per negative type;
 
 and write a report folder: ``results.json`` (CLIP_benchmark-shaped records), ``curves.png``,
 ``report.html`` (example retrievals with the scenes inline) and the training run under ``run/``.
@@ -25,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import load_model
 from ..data import scene_retrieval_set
-from ..eval import retrieval_metrics
+from ..eval import open_selection, retrieval_metrics, selection_metrics, selection_similarities
 from ..inference import embed_images, embed_texts
 from ..models import CLIP
 from ..training import (SceneZeroShot, TrainConfig, list_checkpoints, measure_step_time, resolve_model_config,
@@ -58,6 +60,7 @@ class DemoSettings:
     seed: int = 0
     eval_per_class: int = 50
     retrieval_n: int = 500
+    selection_per_type: int = 50
     progress: bool = True
 
     def resolved(self) -> "DemoSettings":
@@ -67,7 +70,8 @@ class DemoSettings:
         return DemoSettings(**{**asdict(self), "minutes": min(self.minutes, 1.0),
                                "steps": self.steps or 60, "batch_size": min(self.batch_size, 64),
                                "warmup": min(self.warmup, 10), "eval_per_class": min(self.eval_per_class, 10),
-                               "retrieval_n": min(self.retrieval_n, 100)})
+                               "retrieval_n": min(self.retrieval_n, 100),
+                               "selection_per_type": min(self.selection_per_type, 10)})
 
 
 def _say(settings: DemoSettings, msg: str) -> None:
@@ -160,7 +164,22 @@ def retrieval_results(model: CLIP, images: Sequence[Any], captions: Sequence[Any
     return metrics, {"text_queries": text_q, "image_queries": image_q}
 
 
-def _records(model_name: str, zs: list[dict[str, Any]], ret: dict[str, Any]) -> list[dict[str, Any]]:
+#: Scores of random similarities on 2 x 2 groups (Winoground's chance levels).
+SELECTION_CHANCE = {"text_acc": 1 / 4, "image_acc": 1 / 4, "acc": 1 / 6}
+
+
+@torch.inference_mode()
+def selection_results(model: CLIP, n_per_type: int, seed: int = EVAL_SEED) -> dict[str, Any]:
+    """Image-caption selection on the built-in minimal pairs (``clipforge eval
+    image_caption_selection``'s default set) drawn with ``seed``: overall and per negative type."""
+    (sset,) = open_selection(f"builtin:scenes-selection?n_per_type={n_per_type}&seed={seed}&size={model.image_size}")
+    sims, kept, _ = selection_similarities(model, sset.instances)
+    overall, per_type = selection_metrics(sims, [sset.instances[k].type for k in kept])
+    return {"metrics": overall, "per_type": per_type, "n": len(sims), "chance": SELECTION_CHANCE}
+
+
+def _records(model_name: str, zs: list[dict[str, Any]], ret: dict[str, Any],
+             sel: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     out = [{"dataset": f"scenes/{r['task']}", "model": model_name, "task": "zeroshot_classification",
             "metrics": {"acc1": r["accuracy"], "chance": r["chance"], "x_chance": r["x_chance"],
                         "classes": r["classes"], "n": r["n"]}} for r in zs]
@@ -168,10 +187,13 @@ def _records(model_name: str, zs: list[dict[str, Any]], ret: dict[str, Any]) -> 
                 "metrics": {"image_retrieval_recall@1": ret["t2i_R@1"], "image_retrieval_recall@5": ret["t2i_R@5"],
                             "text_retrieval_recall@1": ret["i2t_R@1"], "text_retrieval_recall@5": ret["i2t_R@5"],
                             **{k: v for k, v in ret.items() if k.startswith(("chance", "n_"))}}})
+    if sel is not None:
+        out.append({"dataset": "scenes-selection", "model": model_name, "task": "image_caption_selection",
+                    "metrics": sel["metrics"], "per_type": sel["per_type"], "n": sel["n"], "chance": sel["chance"]})
     return out
 
 
-def format_table(zs: list[dict[str, Any]], ret: dict[str, Any]) -> str:
+def format_table(zs: list[dict[str, Any]], ret: dict[str, Any], sel: dict[str, Any] | None = None) -> str:
     lines = [f"{'zero-shot task':<24}{'classes':>8}{'accuracy':>10}{'chance':>8}{'x chance':>10}"]
     for r in zs:
         lines.append(f"{r['task']:<24}{r['classes']:>8}{r['accuracy']:>10.3f}{r['chance']:>8.3f}{r['x_chance']:>9.1f}x")
@@ -181,6 +203,12 @@ def format_table(zs: list[dict[str, Any]], ret: dict[str, Any]) -> str:
                  f"{ret['chance_t2i_R@1']:>10.3f}{ret['chance_t2i_R@5']:>10.3f}")
     lines.append(f"{'image -> text':<24}{ret['i2t_R@1']:>8.3f}{ret['i2t_R@5']:>8.3f}"
                  f"{ret['chance_i2t_R@1']:>10.3f}{ret['chance_i2t_R@5']:>10.3f}")
+    if sel is not None:
+        lines.append("")
+        lines.append(f"{'caption selection':<24}{'pairs':>8}{'text':>8}{'image':>8}{'group':>8}")
+        for name, m in [*sel["per_type"].items(), ("all", {**sel["metrics"], "n": sel["n"]}),
+                        ("chance", {**sel["chance"], "n": ""})]:
+            lines.append(f"{name:<24}{m['n']:>8}{m['text_acc']:>8.3f}{m['image_acc']:>8.3f}{m['acc']:>8.3f}")
     return "\n".join(lines)
 
 
@@ -253,11 +281,12 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         zs = zeroshot_results(model, settings.eval_per_class)
         images, captions = scene_retrieval_set(n=settings.retrieval_n, seed=EVAL_SEED, image_size=size)
         ret, examples = retrieval_results(model, images, captions)
+        sel = selection_results(model, settings.selection_per_type)
     eval_done = time.time()
 
     if (run_dir / "curves.png").is_file():
         shutil.copyfile(run_dir / "curves.png", out / "curves.png")
-    table = format_table(zs, ret)
+    table = format_table(zs, ret, sel)
     wall = time.time() - started
     results = {
         "model": model.config.name, "parameters": model.num_parameters(), "settings": asdict(settings),
@@ -266,7 +295,8 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         "samples_seen": summary.get("samples_seen"),
         "train_time_s": summary.get("wall_time_s"), "eval_time_s": eval_done - train_done, "wall_time_s": wall,
         "peak_rss_mb": summary.get("peak_rss_mb"),
-        "zeroshot": zs, "retrieval": ret, "records": _records(model.config.name or settings.model, zs, ret),
+        "zeroshot": zs, "retrieval": ret, "selection": sel,
+        "records": _records(model.config.name or settings.model, zs, ret, sel),
         "note": "CPU times on a shared 2-core machine; other jobs may have been running",
     }
     write_json(out / "results.json", results)
@@ -283,11 +313,14 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                  retrieval_rows=[("text -> image", ret["t2i_R@1"], ret["t2i_R@5"], ret["chance_t2i_R@1"], ret["chance_t2i_R@5"]),
                                  ("image -> text", ret["i2t_R@1"], ret["i2t_R@5"], ret["chance_i2t_R@1"], ret["chance_i2t_R@5"])],
                  text_queries=examples["text_queries"], image_queries=examples["image_queries"],
-                 curves_png=out / "curves.png")
+                 curves_png=out / "curves.png",
+                 selection_rows=[(t, m["n"], m["text_acc"], m["image_acc"], m["acc"])
+                                 for t, m in [*sel["per_type"].items(), ("all", {**sel["metrics"], "n": sel["n"]})]])
     results["table"] = table
     results["status"] = "completed"
     results["exit_code"] = 0
     return results
 
 
-__all__ = ["DemoSettings", "run_demo", "zeroshot_results", "retrieval_results", "format_table", "chance_recall"]
+__all__ = ["DemoSettings", "run_demo", "zeroshot_results", "retrieval_results", "selection_results", "format_table",
+           "chance_recall", "SELECTION_CHANCE"]

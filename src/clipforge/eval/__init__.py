@@ -5,7 +5,8 @@ Building blocks (plain tensors/arrays in, numbers out):
   (chunked Recall@K), :func:`fit_logistic_regression` / :func:`linear_probe` (torch L-BFGS),
   :func:`fewshot_curve`, image :mod:`shifts`, :func:`extract_features` (cached fp16 features).
 Tasks (dataset spec in, CLIP_benchmark record out): :func:`run_zeroshot`, :func:`run_retrieval`,
-  :func:`run_linear_probe`, :func:`run_fewshot`, :func:`run_robustness`, :func:`run_suite`.
+  :func:`run_linear_probe`, :func:`run_fewshot`, :func:`run_robustness`, :func:`run_suite`,
+  :func:`run_image_caption_selection` (hard-negative captions, Winoground-style groups).
 """
 
 from .cache import default_cache_dir, image_tower_fingerprint, text_tower_fingerprint
@@ -18,6 +19,8 @@ from .prompts import available_prompt_sets, load_classnames, load_templates
 from .records import format_table, make_record, records_table
 from .retrieval import (PairFeatures, embed_pairs, pair_logits, pair_probabilities, recall_from_similarity,
                         retrieval_metrics, retrieval_ranks)
+from .selection import (SelectionInstance, SelectionSet, open_selection, run_image_caption_selection,
+                        selection_correct, selection_metrics, selection_similarities)
 from .shifts import Shift, available_shifts, parse_shifts
 from .suite import run_suite
 from .tasks import EvalContext, run_fewshot, run_linear_probe, run_retrieval, run_robustness, run_zeroshot
@@ -34,5 +37,7 @@ __all__ = [
     "make_record", "format_table", "records_table", "EvalContext",
     "run_zeroshot", "run_retrieval", "run_linear_probe", "run_fewshot", "run_robustness", "run_suite",
     "default_cache_dir", "text_tower_fingerprint", "image_tower_fingerprint",
+    "SelectionInstance", "SelectionSet", "open_selection", "run_image_caption_selection", "selection_correct",
+    "selection_metrics", "selection_similarities",
 ]
 

@@ -16,7 +16,8 @@ from typing import Any, Iterable, Sequence
 
 from ..utils import jsonable, write_json
 
-TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe", "fewshot", "robustness")
+TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe", "fewshot", "robustness",
+         "image_caption_selection")
 
 
 CLIP_BENCHMARK_KEYS = ("dataset", "model", "pretrained", "task", "metrics", "language")

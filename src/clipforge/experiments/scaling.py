@@ -11,6 +11,14 @@ scene task, their mean (the paper averages its datasets), and the contrastive va
 fits: error (and loss) = a * compute^b by least squares in log-log space, the exponent's 95%
 confidence interval, and the test that matters: fitted on all but the largest model, how well does
 the line predict the largest?
+
+Learning rate per size (one rate for every size made the larger models worse than smaller ones,
+so no fit could predict them): ``lr_rule="width"`` scales the peak rate as ``lr * lr_base_width /
+width`` (the 1/width rule muP gives Adam's hidden-layer rate, applied here to the whole model: a
+simplification), and ``lr_multipliers`` sweeps a few multiples of each size's rate, keeping the
+run with the lowest validation loss (never the zero-shot test scenes). A harder target that does
+not saturate at the smallest size: the built-in image-caption selection pairs
+(``clipforge eval image_caption_selection``'s default set), group and text error.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import load_model
 from ..config import CLIPConfig, get_model_config
-from ..demo import EVAL_SEED
+from ..demo import EVAL_SEED, selection_results
 from ..plan import count_loss_flops, count_model_flops
 from ..training import SceneZeroShot, TrainConfig, ValRetrieval
 from ..utils import atomic_write_text, read_json, write_json
@@ -40,6 +48,7 @@ SCALING_FAMILY: dict[str, tuple[int, int, int]] = {
     "s192": (192, 4, 3), "s256": (256, 4, 4), "s384": (384, 6, 6),
 }
 DEFAULT_SIZES = ("s32", "s48", "s64", "s96", "s128", "s192")
+LR_RULES = ("fixed", "width")
 
 
 def family_config(name: str) -> CLIPConfig:
@@ -58,7 +67,9 @@ def family_config(name: str) -> CLIPConfig:
 class ScalingConfig(Recipe):
     """One scaling experiment: ``sizes`` of the family trained for ``steps`` x ``batch_size``
     images each with the same recipe and ``seed``; measured on ``eval_per_class`` fresh scenes
-    per class and ``val_pairs`` held-out pairs."""
+    per class, ``val_pairs`` held-out pairs and ``selection_per_type`` caption-selection pairs per
+    negative type (0: not measured). ``lr_rule`` / ``lr_base_width`` / ``lr_multipliers``: the
+    learning rate per size (module docstring)."""
 
     out: str = "runs/scaling"
     steps: int = 600
@@ -66,10 +77,23 @@ class ScalingConfig(Recipe):
     seed: int = 0
     eval_per_class: int = 100
     val_pairs: int = 1000
+    lr_rule: str = "fixed"
+    lr_base_width: int = 128
+    lr_multipliers: tuple[float, ...] = (1.0,)
+    selection_per_type: int = 0
 
     def __post_init__(self) -> None:
         self.check_recipe()
         self.sizes = tuple(self.sizes)
+        self.lr_multipliers = tuple(float(m) for m in self.lr_multipliers)
+        if self.lr_rule not in LR_RULES:
+            raise ValueError(f"lr_rule: must be one of {', '.join(LR_RULES)} (got {self.lr_rule!r})")
+        if self.lr_base_width < 1:
+            raise ValueError(f"lr_base_width: must be >= 1 (got {self.lr_base_width})")
+        if not self.lr_multipliers or min(self.lr_multipliers) <= 0 or len(set(self.lr_multipliers)) < len(self.lr_multipliers):
+            raise ValueError(f"lr_multipliers: distinct values > 0 are needed (got {list(self.lr_multipliers)})")
+        if self.selection_per_type < 0:
+            raise ValueError(f"selection_per_type: must be >= 0 (got {self.selection_per_type})")
         for s in self.sizes:
             family_config(s)
         if len(set(self.sizes)) != len(self.sizes) or len(self.sizes) < 3:
@@ -79,8 +103,18 @@ class ScalingConfig(Recipe):
     def model_file(self, size: str) -> Path:
         return Path(self.out) / "configs" / f"{size}.json"
 
-    def run_config(self, size: str) -> TrainConfig:
-        return self.train_config(str(self.model_file(size)), self.seed, Path(self.out) / size)
+    def size_lr(self, size: str) -> float:
+        """The peak learning rate the rule gives ``size`` (before any sweep multiplier)."""
+        if self.lr_rule == "fixed":
+            return self.lr
+        return self.lr * self.lr_base_width / family_config(size).vision.width
+
+    def run_config(self, size: str, multiplier: float = 1.0) -> TrainConfig:
+        """The run of ``size`` at ``multiplier`` x its rule rate (folder ``<size>``; with a sweep
+        ``<size>-x<multiplier>``)."""
+        sweep = self.lr_multipliers != (1.0,)
+        run_dir = Path(self.out) / (f"{size}-x{multiplier:g}" if sweep else size)
+        return self.train_config(str(self.model_file(size)), self.seed, run_dir, lr=self.size_lr(size) * multiplier)
 
 
 def training_flops(arch: CLIPConfig, steps: int, batch_size: int) -> dict[str, float]:
@@ -95,7 +129,8 @@ def measure(config: ScalingConfig, run_dir: Path, data: str) -> dict[str, Any]:
     """The finished model's held-out measurements (cached in ``run_dir/scaling_eval.json``):
     zero-shot on fresh scenes of the demo's evaluation seed, loss on ``data``'s validation split."""
     cached = run_dir / "scaling_eval.json"
-    key = {"eval_per_class": config.eval_per_class, "val_pairs": config.val_pairs, "seed": EVAL_SEED}
+    key = {"eval_per_class": config.eval_per_class, "val_pairs": config.val_pairs, "seed": EVAL_SEED,
+           **({"selection_per_type": config.selection_per_type} if config.selection_per_type else {})}
     if cached.is_file():
         saved = read_json(cached)
         if saved.get("key") == key:
@@ -106,6 +141,10 @@ def measure(config: ScalingConfig, run_dir: Path, data: str) -> dict[str, Any]:
     val = ValRetrieval(data, seed=EVAL_SEED, n=config.val_pairs)(model, 0)
     result = {"key": key, "zeroshot_error": errors, "mean_zeroshot_error": float(np.mean(list(errors.values()))),
               "val_loss": val["val_loss"], "val_t2i_R@1": val["val_t2i_R@1"], "val_i2t_R@1": val["val_i2t_R@1"]}
+    if config.selection_per_type:
+        sel = selection_results(model, config.selection_per_type)
+        result["selection"] = {"group_error": 1.0 - sel["metrics"]["acc"], "text_error": 1.0 - sel["metrics"]["text_acc"],
+                               "per_type": sel["per_type"], "n": sel["n"]}
     write_json(cached, result)
     return result
 
@@ -113,8 +152,12 @@ def measure(config: ScalingConfig, run_dir: Path, data: str) -> dict[str, Any]:
 def targets(measured: dict[str, Any]) -> dict[str, float]:
     """What is fitted against compute: the mean zero-shot error, each scene task's error
     (``<task>_error``) and the validation loss."""
-    return {"mean_zeroshot_error": measured["mean_zeroshot_error"], "val_loss": measured["val_loss"],
-            **{f"{task}_error": e for task, e in measured["zeroshot_error"].items()}}
+    out = {"mean_zeroshot_error": measured["mean_zeroshot_error"], "val_loss": measured["val_loss"],
+           **{f"{task}_error": e for task, e in measured["zeroshot_error"].items()}}
+    if "selection" in measured:
+        out["selection_group_error"] = measured["selection"]["group_error"]
+        out["selection_text_error"] = measured["selection"]["text_error"]
+    return out
 
 
 def fits(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -207,26 +250,48 @@ def run_scaling(config: ScalingConfig) -> dict[str, Any]:
         path = config.model_file(size)
         if not path.is_file():
             atomic_write_text(path, arch.to_json())
-        run = config.run_config(size)
         flops = training_flops(arch, config.steps, config.batch_size)
-        if config.progress:
-            tqdm.write(f"[{i}/{len(config.sizes)}] {size} (width {arch.vision.width}, {arch.vision.layers} layers): "
-                       f"{config.steps} steps x {config.batch_size}, {flops['total']:.3g} FLOPs -> {run.out}")
         t = time.time()
-        summary = train_or_resume(run, budget)
+        sweep: list[dict[str, Any]] = []
+        for m in config.lr_multipliers:
+            run = config.run_config(size, m)
+            if config.progress:
+                tqdm.write(f"[{i}/{len(config.sizes)}] {size} (width {arch.vision.width}, {arch.vision.layers} layers) "
+                           f"lr {run.lr:.3g}: {config.steps} steps x {config.batch_size}, {flops['total']:.3g} FLOPs "
+                           f"-> {run.out}")
+            summary = train_or_resume(run, budget)
+            entry = {"lr": run.lr, "multiplier": m, "status": summary.get("status"), "run_dir": run.out,
+                     "reused": bool(summary.get("reused")),
+                     "parameters": (summary.get("parameters") or {}).get("total")}
+            if is_complete(run.out):
+                entry["measured"] = measure(config, Path(run.out), run.data)
+            sweep.append(entry)
+            if entry["status"] == "interrupted":
+                break
+        done = [e for e in sweep if e.get("measured")]
+        complete = len(done) == len(config.lr_multipliers)
+        best = min(done, key=lambda e: e["measured"]["val_loss"]) if complete else None
+        shown = best or sweep[-1]
         row: dict[str, Any] = {"size": size, "width": arch.vision.width, "layers": arch.vision.layers,
-                               "heads": arch.vision.heads, "flops": flops,
-                               "parameters": (summary.get("parameters") or {}).get("total"),
-                               "status": summary.get("status"), "reused": bool(summary.get("reused")),
-                               "train_wall_s": time.time() - t, "run_dir": run.out}
-        if is_complete(run.out):
-            row["measured"] = measure(config, Path(run.out), run.data)
+                               "heads": arch.vision.heads, "flops": flops, "lr": shown["lr"],
+                               "parameters": shown["parameters"],
+                               "status": "completed" if complete else next(e["status"] for e in sweep if not e.get("measured")),
+                               "reused": all(e["reused"] for e in sweep),
+                               "train_wall_s": time.time() - t, "run_dir": shown["run_dir"]}
+        if len(config.lr_multipliers) > 1:
+            row["lr_sweep"] = [{"lr": e["lr"], "status": e["status"],
+                                "val_loss": (e.get("measured") or {}).get("val_loss")} for e in sweep]
+        if best is not None:
+            row["measured"] = best["measured"]
         rows.append(row)
         if row["status"] == "interrupted":
             break  # a signal: stop here (the run resumes on the next call)
     fitted = fits(rows)
+    lr_note = "one lr" if config.lr_rule == "fixed" else f"lr x {config.lr_base_width}/width"
+    if len(config.lr_multipliers) > 1:
+        lr_note += f", best of x{'/'.join(f'{m:g}' for m in config.lr_multipliers)} by val loss"
     png = plot(rows, fitted, out / "scaling.png",
-               f"built-in scenes, {config.steps} x {config.batch_size} images per size, seed {config.seed}")
+               f"built-in scenes, {config.steps} x {config.batch_size} images per size, seed {config.seed}, {lr_note}")
     complete = len(rows) == len(config.sizes) and all(r.get("measured") for r in rows)
     result = {"experiment": "scaling", "status": "complete" if complete else "partial", "config": asdict(config),
               "interrupted": any(r["status"] == "interrupted" for r in rows),
@@ -237,16 +302,17 @@ def run_scaling(config: ScalingConfig) -> dict[str, Any]:
 
 def format_scaling(result: dict[str, Any]) -> str:
     """The table ``clipforge experiment scaling`` prints."""
-    lines = [f"{'size':<6}{'width':>6}{'layers':>7}{'params':>10}{'FLOPs':>11}{'mean err':>10}{'held-out err':>13}"
-             f"{'val loss':>10}{'status':>11}"]
+    lines = [f"{'size':<6}{'width':>6}{'layers':>7}{'params':>10}{'FLOPs':>11}{'lr':>9}{'mean err':>10}"
+             f"{'held-out err':>13}{'val loss':>10}{'status':>11}"]
     for r in result["rows"]:
         m = r.get("measured") or {}
         err = f"{m['mean_zeroshot_error']:.3f}" if m else "-"
         held = f"{m['zeroshot_error']['heldout_colour_shape']:.3f}" if m else "-"
         loss = f"{m['val_loss']:.3f}" if m else "-"
         params = f"{r['parameters'] / 1e6:.2f}M" if r.get("parameters") else "-"
-        lines.append(f"{r['size']:<6}{r['width']:>6}{r['layers']:>7}{params:>10}{r['flops']['total']:>11.3g}{err:>10}"
-                     f"{held:>13}{loss:>10}{r['status']:>11}")
+        lr = f"{r['lr']:.3g}" if r.get("lr") else "-"
+        lines.append(f"{r['size']:<6}{r['width']:>6}{r['layers']:>7}{params:>10}{r['flops']['total']:>11.3g}{lr:>9}"
+                     f"{err:>10}{held:>13}{loss:>10}{r['status']:>11}")
     for target, f in result.get("fits", {}).items():
         if "all" not in f:
             lines.append(f"{target}: {f.get('error')}")
@@ -261,4 +327,4 @@ def format_scaling(result: dict[str, Any]) -> str:
 
 
 __all__ = ["ScalingConfig", "run_scaling", "format_scaling", "family_config", "training_flops", "SCALING_FAMILY",
-           "DEFAULT_SIZES", "targets", "fits"]
+           "DEFAULT_SIZES", "targets", "fits", "LR_RULES"]

@@ -45,7 +45,11 @@ class TrainConfig:
     pins it to ``torch`` and turns on torch's deterministic algorithms. ``hard_negatives="swap"``
     adds up to ``hard_negatives_per_caption`` rule-built negative captions per caption (swapped
     spatial words, colours, objects, changed counts; :mod:`clipforge.training.hard_negatives`) as
-    extra columns of that image's row of the loss (NegCLIP).
+    extra columns of that image's row of the loss (NegCLIP). ``"mirror"`` (alone or ``"swap,mirror"``)
+    adds image-side negatives: each sample's re-arranged scene / flipped photo with its truthfully
+    changed caption as one more pair of the batch (:mod:`clipforge.data.mirror`);
+    ``hard_negatives_other`` says what a photo whose caption has no left/right word gets
+    (``skip``: nothing; ``flip``: its own image flipped half the time, caption unchanged).
 
     ``objective`` (the paper's Figure 2 comparison, :mod:`clipforge.training.objectives`):
     ``contrastive`` (CLIP), ``bow`` (predict the caption's bag of BPE tokens from the image) or
@@ -80,7 +84,8 @@ class TrainConfig:
     grad_clip: float | None = None
     accum_steps: int = 1
     precision: str = "fp32"  # open_clip's names and meaning, or auto: see clipforge.device
-    hard_negatives: Literal["none", "swap"] = "none"
+    hard_negatives: Literal["none", "swap", "mirror", "swap,mirror"] = "none"
+    hard_negatives_other: Literal["skip", "flip"] = "skip"
     hard_negatives_per_caption: int = 3
     grad_checkpointing: bool = False
     lock_image: bool = False
@@ -158,7 +163,12 @@ class TrainConfig:
         need(isinstance(self.warmup, int) and self.warmup >= 0, "warmup", "must be an integer >= 0")
         need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0 or null")
         need(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
+        if self.hard_negatives == "mirror,swap":
+            self.hard_negatives = "swap,mirror"
         need(self.hard_negatives in HARD_NEGATIVES, "hard_negatives", f"must be one of {', '.join(HARD_NEGATIVES)}")
+        need(self.hard_negatives_other in ("skip", "flip"), "hard_negatives_other", "must be skip or flip")
+        need(not (self.local_loss and "mirror" in self.hard_negatives), "hard_negatives",
+             "mirror negatives need the global loss (companion rows are gathered with their mask); drop --local-loss")
         need(isinstance(self.hard_negatives_per_caption, int) and not isinstance(self.hard_negatives_per_caption, bool)
              and self.hard_negatives_per_caption >= 1, "hard_negatives_per_caption", "must be an integer >= 1")
         need(self.objective in OBJECTIVES, "objective", f"must be one of {', '.join(OBJECTIVES)}")

@@ -35,7 +35,14 @@ from ..data.base import stable_rng
 from ..data.scenes import COLOURS, SHAPES, plural
 
 RULES: tuple[str, ...] = ("spatial", "colour", "object", "count")
-MODES: tuple[str, ...] = ("none", "swap")
+#: ``--hard-negatives``: text-side ``swap`` (here), image-side ``mirror``
+#: (:mod:`clipforge.data.mirror`: the re-arranged scene or flipped photo as one more pair), or both.
+MODES: tuple[str, ...] = ("none", "swap", "mirror", "swap,mirror")
+
+
+def hard_negative_modes(value: str) -> frozenset[str]:
+    """``"swap,mirror"`` -> {"swap", "mirror"}; ``"none"`` -> {}."""
+    return frozenset(v for v in value.split(",") if v and v != "none")
 
 # --- vocabularies ---------------------------------------------------------------------------------
 SPATIAL_PAIRS: tuple[tuple[str, str], ...] = (
@@ -311,5 +318,5 @@ class TokenizeWithNegatives:
         return CaptionTokens(ids, neg_ids, mask)
 
 
-__all__ = ["SwapNegatives", "TokenizeWithNegatives", "CaptionTokens", "swap_spatial", "swap_colours",
+__all__ = ["hard_negative_modes", "SwapNegatives", "TokenizeWithNegatives", "CaptionTokens", "swap_spatial", "swap_colours",
            "swap_objects", "change_count", "match_case", "RULES", "MODES", "SPATIAL_PAIRS", "COLOUR_PALETTE"]

@@ -39,8 +39,9 @@ from ..utils import read_json, torch_threads, write_json
 from . import checkpoint as ckpt
 from .config import TrainConfig, merge_for_resume
 from .distributed import DistEnv, all_gather_object, any_rank, barrier, init_distributed, shutdown_distributed
+from ..data.mirror import MirrorCompanions
 from .evaluation import Evaluator, default_evaluator, with_zeroshot
-from .hard_negatives import SwapNegatives, TokenizeWithNegatives
+from .hard_negatives import SwapNegatives, TokenizeWithNegatives, hard_negative_modes
 from .metrics import MetricsLog, peak_rss_mb, plot_curves
 from .objectives import freeze_unused
 from .optim import CosineWarmup, build_optimizer
@@ -65,7 +66,7 @@ def caption_tokenizer(config: TrainConfig, context_length: int) -> Callable[[lis
     """The loader's captions -> text batch function: ids, or ids with the rule-built hard
     negatives of ``config.hard_negatives`` (drawn with the run's seed)."""
     tokenize = TokenizeCaptions(context_length)
-    if config.hard_negatives == "none":
+    if "swap" not in hard_negative_modes(config.hard_negatives):
         return tokenize
     return TokenizeWithNegatives(tokenize, SwapNegatives(config.hard_negatives_per_caption, config.seed))
 
@@ -206,7 +207,9 @@ class _Run:
         loader = make_pair_loader(train_source, transform=train_transform(model.config.preprocess, cfg),
                                   tokenize=caption_tokenizer(cfg, model.context_length), batch_size=cfg.batch_size,
                                   seed=cfg.seed, rank=env.rank, world_size=env.world_size,
-                                  num_workers=cfg.num_workers, resampled=cfg.resampled)
+                                  num_workers=cfg.num_workers, resampled=cfg.resampled,
+                                  companion=MirrorCompanions(cfg.hard_negatives_other)
+                                  if "mirror" in hard_negative_modes(cfg.hard_negatives) else None)
         step, records = 0, []
         if state is not None:
             step, records = self._restore(state, optimizer, schedule, scaler, loader)

@@ -10,6 +10,10 @@ Hard negatives (``--hard-negatives swap``, :mod:`.hard_negatives`): each image's
 image->text logits gains ``C`` columns, its own negative captions (absent ones at -inf), so the
 softmax of image ``i`` runs over all batch texts plus its own negatives (NegCLIP); the
 text->image direction is unchanged.
+
+Image-side negatives (``--hard-negatives mirror``): companion pairs are rows like the others; a
+batch has a fixed ``2B`` rows with ``present [2B]`` marking the real ones, so shapes match across
+micro-batches and ranks, and the loss is the plain (or NegCLIP) loss of the present rows only.
 """
 
 from __future__ import annotations
@@ -71,17 +75,30 @@ def _image_to_text_logits(image_features: torch.Tensor, text_features: torch.Ten
     return logits, torch.cat([logits, neg], dim=1)
 
 
+def _present_rows(present: torch.Tensor | None, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The rows ``present`` marks of each tensor (all of them when ``present`` is None)."""
+    if present is None:
+        return tensors
+    if present.dim() != 1 or (tensors[0] is not None and present.shape[0] != tensors[0].shape[0]):
+        raise ValueError(f"present must be a [N] mask of the feature rows; got {tuple(present.shape)}")
+    keep = present.bool()
+    return tuple(None if t is None else t[keep] for t in tensors)
+
+
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
                      logit_scale: torch.Tensor, negatives: torch.Tensor | None = None,
-                     neg_mask: torch.Tensor | None = None) -> torch.Tensor:
+                     neg_mask: torch.Tensor | None = None, present: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of the image->text and text->image cross-entropies; pair ``i`` is row/column ``i``.
 
     Features are expected L2-normalised; ``logit_scale`` is the multiplier ``exp(t)``.
     ``negatives [N, C, D]`` with ``neg_mask [N, C]``: rule-built hard negative captions of each
     image (NegCLIP): extra columns of image ``i``'s softmax only (its row sees all ``N`` batch
     texts plus its own present negatives, never another image's); the text->image direction is
-    the plain one."""
+    the plain one. ``present [N]`` (bool): only those rows are pairs (the others are absent
+    mirror companions: neither rows nor columns)."""
     _check_features(image_features, text_features, negatives, neg_mask)
+    image_features, text_features, negatives, neg_mask = _present_rows(  # type: ignore[assignment]
+        present, image_features, text_features, negatives, neg_mask)
     logits, with_neg = _image_to_text_logits(image_features, text_features, logit_scale, negatives, neg_mask)
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(with_neg, labels) + F.cross_entropy(logits.t(), labels)) / 2
@@ -118,14 +135,16 @@ class ClipLoss:
 
     def __call__(self, image_features: torch.Tensor, text_features: torch.Tensor,
                  logit_scale: torch.Tensor, negatives: torch.Tensor | None = None,
-                 neg_mask: torch.Tensor | None = None) -> torch.Tensor:
+                 neg_mask: torch.Tensor | None = None, present: torch.Tensor | None = None) -> torch.Tensor:
         """``negatives [B, C, D]`` / ``neg_mask [B, C]``: this rank's images' hard negatives (see
         :func:`contrastive_loss`). With the global loss they are gathered with their images (``C``
         is the same on every rank), so each rank computes exactly the single-process loss of the
-        global batch; with ``local_loss`` they stay local, since only their own image's row uses them."""
+        global batch; with ``local_loss`` they stay local, since only their own image's row uses them.
+        ``present [B]``: this rank's real rows (mirror companions), gathered like the negatives'
+        mask; the global loss only."""
         env = self.env
         if not env.distributed:
-            return contrastive_loss(image_features, text_features, logit_scale, negatives, neg_mask)
+            return contrastive_loss(image_features, text_features, logit_scale, negatives, neg_mask, present)
         _check_features(image_features, text_features, negatives, neg_mask)
         if not self.gather_with_grad:
             image_features = scale_grad(image_features, float(env.world_size))
@@ -138,7 +157,11 @@ class ClipLoss:
             if negatives is not None and neg_mask is not None:
                 negatives = gather_features(negatives, env, self.gather_with_grad)
                 neg_mask = gather_features(neg_mask.to(torch.uint8), env, with_grad=False).bool()
-            return contrastive_loss(all_img, all_txt, logit_scale, negatives, neg_mask)
+            if present is not None:
+                present = gather_features(present.to(torch.uint8), env, with_grad=False).bool()
+            return contrastive_loss(all_img, all_txt, logit_scale, negatives, neg_mask, present)
+        if present is not None:
+            raise ValueError("mirror companions (present rows) need the global loss, not local_loss")
         b = image_features.shape[0]
         labels = torch.arange(b, device=image_features.device) + env.rank * b
         _, logits_per_image = _image_to_text_logits(image_features, all_txt, logit_scale, negatives, neg_mask)

@@ -72,6 +72,8 @@ def check_recipes(cfg: Any, need: Need) -> None:
         need(not cfg.local_loss, "distill_model", "is not combined with local_loss (the distillation term "
              "needs the full logits)")
         need(cfg.distill_weight > 0, "distill_weight", "must be > 0")
+        need("mirror" not in cfg.hard_negatives, "distill_model", "is not combined with mirror companions "
+             "(the teacher scores the batch as it was drawn)")
         need(getattr(cfg, "loss", "clip") == "clip", "distill_model", "distils softmax (clip) logits; with the "
              "sigmoid loss (siglip) it is not offered")
     need(cfg.lr_scheduler in SCHEDULERS, "lr_scheduler", f"must be one of {', '.join(SCHEDULERS)}")

@@ -10,8 +10,9 @@ exactly the gradient of the full-batch loss (the temperature's share is divided 
 enters every one of the k losses). This needs the re-run to reproduce the cached features, which
 holds for the ViT/text towers (no dropout) but not for BatchNorm in train mode (ResNet towers):
 there each re-run sees statistics of one micro-batch and updates the running statistics again.
-Hard negatives are features like the others: cached with their micro-batch, recomputed with it,
-and concatenated in batch order, so each stays attached to its own image's row.
+Hard negatives (and mirror companions, rows with a ``present`` mask) are features like the
+others: cached with their micro-batch, recomputed with it, and concatenated in batch order, so
+each stays attached to its own image's row.
 
 The sigmoid loss (``--loss siglip``, :mod:`.sigmoid_loss`) couples the batch the same way and takes
 the same path: the learned bias is a fifth cached feature slot and, like the temperature, its
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import device as _device
+from ..data.mirror import MirroredText
 from ..models import CLIP
 from .distributed import DistEnv, sum_over_ranks
 from .hard_negatives import CaptionTokens
@@ -41,8 +43,9 @@ from .sigmoid_loss import SigLipLoss
 from .objectives import ObjectiveModule, loss_count
 from .replay import replaying, rng_state
 
-#: The text side of a batch: token ids, or ids with hard negatives (``--hard-negatives``).
-Text = torch.Tensor | CaptionTokens
+#: The text side of a batch: token ids, or ids with hard negatives (``--hard-negatives swap``),
+#: either of them for ``2B`` rows with a ``present`` mask (``--hard-negatives mirror``).
+Text = torch.Tensor | CaptionTokens | MirroredText
 
 
 class FeatureModel(nn.Module):
@@ -117,26 +120,43 @@ class TrainStep:
         return no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
 
     def _features(self, module: nn.Module, images: torch.Tensor, text: Text) -> tuple[Any, ...]:
-        """(image features, text features, temperature, bias or None, negatives or None, their mask or None)."""
+        """(image features, text features, temperature, bias or None, negatives or None, their mask
+        or None, present rows or None). With mirror companions only the present rows are encoded; the
+        absent ones are zero features, which the loss leaves out."""
+        if isinstance(text, MirroredText):
+            keep = text.present.bool()
+            inner = text.text
+            sub = CaptionTokens(*(t[keep] for t in inner)) if isinstance(inner, CaptionTokens) else inner[keep]
+            img, txt, scale, bias, neg, mask, _ = self._features(module, images[keep], sub)
+            n = keep.shape[0]
+            img, txt = (_scatter_rows(f, keep, n) for f in (img, txt))
+            if neg is not None:
+                neg, mask = _scatter_rows(neg, keep, n), inner.neg_mask  # absent rows' "" has no negatives
+            return img, txt, scale, bias, neg, mask, keep
         if isinstance(text, CaptionTokens):
             with self._autocast():
                 img, txt, scale, neg = module(images, text.ids, text.neg_ids, text.neg_mask)
-            return img, txt, scale, None, neg, text.neg_mask
+            return img, txt, scale, None, neg, text.neg_mask, None
         with self._autocast():
             out = module(images, text)
-        return (*out, None, None, None) if len(out) == 3 else (*out, None, None)
+        return (*out, None, None, None, None) if len(out) == 3 else (*out, None, None, None)
 
     def _loss(self, img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-              neg: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+              neg: torch.Tensor | None, mask: torch.Tensor | None, present: torch.Tensor | None = None
+              ) -> torch.Tensor:
         assert self.loss_fn is not None
         if isinstance(self.loss_fn, SigLipLoss):
-            assert bias is not None and neg is None
+            assert bias is not None and neg is None and present is None
             return self.loss_fn(img, txt, scale, bias)
+        if present is not None:
+            return self.loss_fn(img, txt, scale, neg, mask, present=present)
         if neg is None:
             return self.loss_fn(img, txt, scale)
         return self.loss_fn(img, txt, scale, neg, mask)
 
     def _to_device(self, text: Text) -> Text:
+        if isinstance(text, MirroredText):
+            return MirroredText(self._to_device(text.text), _device.to_device(text.present, self.device))
         if isinstance(text, CaptionTokens):
             return CaptionTokens(*(_device.to_device(t, self.device) for t in text))
         return _device.to_device(text, self.device)
@@ -163,6 +183,7 @@ class TrainStep:
                 states.append(rng_state(self.device))  # a re-run draws what its first pass drew
                 cached.append(self._features(inner, images, text))
         with_neg = cached[0][4] is not None
+        with_present = cached[0][6] is not None
         value = 0.0
         for j, (images, text) in enumerate(batches):
             with self._no_sync(last=j == k - 1):
@@ -171,9 +192,10 @@ class TrainStep:
                 parts = cached[:j] + [fresh] + cached[j + 1:]
                 img, txt = (torch.cat([f[slot] for f in parts]) for slot in (0, 1))
                 neg, mask = (torch.cat([f[slot] for f in parts]) for slot in (4, 5)) if with_neg else (None, None)
+                present = torch.cat([f[6] for f in parts]) if with_present else None
                 # The temperature (and bias) enter each of the k losses in full: 1/k of each gradient.
                 scale, bias = (None if fresh[slot] is None else scale_grad(fresh[slot], 1.0 / k) for slot in (2, 3))
-                loss = self._loss(img, txt, scale, bias, neg, mask)
+                loss = self._loss(img, txt, scale, bias, neg, mask, present)
                 self._backward(loss)
             value = float(loss.detach())
         return value
@@ -213,7 +235,7 @@ class ObjectiveStep(TrainStep):
         self.objective = model.config.objective
 
     def compute_gradients(self, batches: Sequence[tuple[torch.Tensor, Text]]) -> float:
-        if any(isinstance(text, CaptionTokens) for _, text in batches):
+        if any(isinstance(text, (CaptionTokens, MirroredText)) for _, text in batches):
             raise ValueError(f"hard negatives are a contrastive option; objective {self.objective!r} takes plain ids")
         count = sum_over_ranks(sum(loss_count(self.objective, ids) for _, ids in batches), self.env)
         weight = self.env.world_size / max(count, 1)
@@ -227,6 +249,12 @@ class ObjectiveStep(TrainStep):
                 self._backward(loss)
             value += float(loss.detach())
         return value
+
+
+def _scatter_rows(features: torch.Tensor, keep: torch.Tensor, n: int) -> torch.Tensor:
+    """``features`` of the kept rows placed into ``n`` rows of zeros (differentiable)."""
+    out = features.new_zeros(n, *features.shape[1:])
+    return out.index_put((keep.nonzero().squeeze(1),), features)
 
 
 def objective_module(model: CLIP) -> nn.Module:
