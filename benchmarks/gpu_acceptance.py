@@ -80,7 +80,7 @@ class Profile:
 PROFILES = {
     "full": Profile("full", "ViT-B/32", "RN50", 8, 64, 4096, 10, 100, 1.5, 30, (1, 64, 256), 3000, None, True, True,
                     {"correctness": 60, "training": 220, "inference": 150, "plan": 30}),
-    "quick": Profile("quick", "tiny-vit", "tiny-rn", 4, 8, 32, 3, 20, 1.0, 8, (1, 16, 64), 300, 1000, False, True,
+    "quick": Profile("quick", "tiny-vit", "tiny-rn", 4, 8, 32, 3, 20, 1.0, 8, (1, 16), 300, 1000, False, True,
                      {"correctness": 30, "training": 85, "inference": 45, "plan": 15}),
     "smoke": Profile("smoke", "tiny-vit-s", "tiny-rn", 2, 4, 8, 1, 3, 1.0, 3, (1, 4), 24, 64, False, False,
                      {"correctness": 30, "training": 60, "inference": 40, "plan": 15}),
@@ -429,7 +429,10 @@ def section_training(ctx: "Ctx", rows: Rows) -> None:
     from clipforge.config import get_model_config
     from clipforge.plan import count_loss_flops, count_model_flops
 
-    p, dev, arch, prec = ctx.profile, ctx.dev, ctx.profile.vit, "amp_bf16"
+    p, dev, arch = ctx.profile, ctx.dev, ctx.profile.vit
+    # amp_bf16 on the GPU; on CPU fp32, what `--precision auto` picks on CPUs without fast bf16
+    # (emulated bf16 products make a tiny-vit step 10x slower there)
+    prec = "amp_bf16" if dev.type == "cuda" else "fp32"
     names = ["max_batch", "grad_checkpointing", "local_loss", "torch_compile", "patch_dropout", "open_clip_step",
              "clipforge_train_cli", "torchrun_sigterm", "torchrun_resume"]
     rows.plan(names)
@@ -446,6 +449,7 @@ def section_training(ctx: "Ctx", rows: Rows) -> None:
                 sync(dev)
                 best = b
                 tried.append((b, "fits"))
+                del fn
             except Exception as e:
                 if not is_oom(e):
                     raise
@@ -461,6 +465,7 @@ def section_training(ctx: "Ctx", rows: Rows) -> None:
         fl = count_model_flops(cfg, prec, fast=True)
         loss = count_loss_flops(best, best, cfg.embed_dim) / best
         out["model_flops_per_sample"] = fl.train + loss
+        out["precision"] = prec
         out["tried"] = tried
         peak = peak_tflops(dev, "bf16", ctx.peak_tflops)
         out["mfu"] = out["model_flops_per_sample"] * out["samples_per_s"] / (peak * 1e12) if peak else None
@@ -470,7 +475,7 @@ def section_training(ctx: "Ctx", rows: Rows) -> None:
         mem = f", peak {out['peak_memory_bytes'] / 2**30:.1f} GiB" if "peak_memory_bytes" in out else ""
         mfu = f", MFU {out['mfu']:.1%}" if out["mfu"] else ", MFU n/a (no peak FLOP/s for this device)"
         capped = "" if tried[-1][1] == "OOM" else f" (search stopped at {tried[-1][0]}, not by OOM)"
-        out["detail"] = f"batch {best}{capped}: {out['samples_per_s']:.0f} samples/s{mem}{mfu}"
+        out["detail"] = f"{prec} batch {best}{capped}: {out['samples_per_s']:.0f} samples/s{mem}{mfu}"
         return out
 
     rows.run("max_batch", max_batch, needs_s=20)
@@ -558,7 +563,7 @@ def section_training(ctx: "Ctx", rows: Rows) -> None:
         def step() -> None:
             opt.zero_grad(set_to_none=True)
             with torch.autocast(dev.type, dtype=torch.bfloat16):
-                img, txt, scale = model(images, ids)
+                img, txt, scale = model(images, ids)[:3]  # (+ logit_bias when the config has one)
                 loss = loss_fn(img, txt, scale)
             loss.backward()
             opt.step()
@@ -707,8 +712,8 @@ def section_inference(ctx: "Ctx", rows: Rows) -> None:
     def throughput(enc_img: Callable[[Any], Any], enc_txt: Callable[[Any], Any], b: int, size: int) -> dict[str, Any]:
         images, ids = inputs(b, size)
         with torch.inference_mode():
-            ti = timed(lambda: enc_img(images), dev, max(3, p.time_steps), warmup=1, max_s=3)
-            tt = timed(lambda: enc_txt(ids), dev, max(3, p.time_steps), warmup=1, max_s=3)
+            ti = timed(lambda: enc_img(images), dev, max(2, p.time_steps), warmup=1, max_s=3)
+            tt = timed(lambda: enc_txt(ids), dev, max(2, p.time_steps), warmup=1, max_s=3)
             img = torch.nn.functional.normalize(enc_img(images).float(), dim=-1).cpu()
             txt = torch.nn.functional.normalize(enc_txt(ids).float(), dim=-1).cpu()
         return {"batch": b, "images_per_s": b / ti, "texts_per_s": b / tt, "_img": img, "_txt": txt}
@@ -909,9 +914,9 @@ def section_plan(ctx: "Ctx", rows: Rows) -> None:
     def flops() -> dict[str, Any]:
         from clipforge.plan import PlanConfig, make_plan
 
-        # `clipforge plan ARCH --precision amp_bf16 --devices 1 --global-batch B --reserve-gb 0`
+        # `clipforge plan ARCH --precision <training's> --devices 1 --global-batch B --reserve-gb 0`
         # (+ --accelerator custom --memory-gb <this GPU> --peak-tflops <its bf16 peak> on CUDA)
-        cfg = PlanConfig(model=arch, precision="amp_bf16", devices=1, global_batch=batch, reserve_gb=0.0,
+        cfg = PlanConfig(model=arch, precision=measured.get("precision", "amp_bf16"), devices=1, global_batch=batch, reserve_gb=0.0,
                          accelerator="custom" if capacity else "A100", memory_gb=capacity / 1e9 if capacity else None,
                          peak_tflops=(peak_tflops(dev, "bf16", ctx.peak_tflops) or 1.0) if capacity else None)
         plan.update(make_plan(cfg))
