@@ -614,7 +614,7 @@ def section_training(ctx: "Ctx", rows: Rows) -> None:
         wall = time.monotonic() - start
         summary = json.loads((out_dir / "summary.json").read_text())
         peak = json.loads(proc.stdout.rsplit("PEAK_MEMORY", 1)[1].split("\n")[0]) if "PEAK_MEMORY" in proc.stdout else None
-        if summary["status"] not in ("finished", "time_limit"):
+        if summary["status"] not in ("completed", "time_limit"):
             raise CheckFailed(f"summary status {summary['status']!r}")
         out = {"batch": b, "steps_done": summary["steps_done"], "status": summary["status"],
                "samples_per_s": summary["samples_per_s_median"], "final_loss": summary["final_loss"],
@@ -683,7 +683,7 @@ def section_training(ctx: "Ctx", rows: Rows) -> None:
         args = ["train", "--resume", str(run_dir), "--no-progress", "--workers", "1"]
         run_cmd(launcher + args, min(rows.remaining() - 2, 150))
         summary = json.loads((run_dir / "summary.json").read_text())
-        if summary["status"] != "finished" or summary["steps_done"] != p.torchrun_steps:
+        if summary["status"] != "completed" or summary["steps_done"] != p.torchrun_steps:
             raise CheckFailed(f"resumed run: status {summary['status']!r}, steps {summary['steps_done']}/{p.torchrun_steps}")
         return {"steps_done": summary["steps_done"], "resumed_from": first["metrics"]["steps_done"],
                 "detail": f"resumed at step {first['metrics']['steps_done']}, finished {summary['steps_done']} steps"}
