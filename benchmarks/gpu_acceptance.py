@@ -551,6 +551,7 @@ def section_training(ctx: "Ctx", rows: Rows) -> None:
             raise Skip("open_clip not importable in this environment")
         import open_clip
         from clipforge.checkpoints import convert
+        from clipforge.device import autocast
 
         ckpt = random_checkpoint(arch, ctx.work / "train_model.safetensors")
         dst = ctx.work / "openclip_train"
@@ -568,7 +569,7 @@ def section_training(ctx: "Ctx", rows: Rows) -> None:
 
         def step() -> None:
             opt.zero_grad(set_to_none=True)
-            with torch.autocast(dev.type, dtype=torch.bfloat16):
+            with autocast(prec, dev):  # the precision clipforge's rows ran in
                 img, txt, scale = model(images, ids)[:3]  # (+ logit_bias when the config has one)
                 loss = loss_fn(img, txt, scale)
             loss.backward()
@@ -579,7 +580,7 @@ def section_training(ctx: "Ctx", rows: Rows) -> None:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         s = timed(step, dev, p.time_steps, warmup=2, max_s=20)
-        out = {"batch": b, "samples_per_s": b / s}
+        out = {"batch": b, "precision": prec, "samples_per_s": b / s}
         if dev.type == "cuda":
             out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(dev)
         ours = found.get("samples_per_s")
