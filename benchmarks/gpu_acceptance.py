@@ -81,7 +81,7 @@ class Profile:
 PROFILES = {
     "full": Profile("full", "ViT-B/32", "RN50", 8, 64, 4096, 10, 100, 1.5, 30, (1, 64, 256), 3000, None, True, True,
                     {"correctness": 60, "training": 220, "inference": 150, "plan": 30}),
-    "quick": Profile("quick", "tiny-vit", "tiny-rn", 4, 8, 16, 2, 20, 1.0, 8, (1, 16), 300, 1000, False, True,
+    "quick": Profile("quick", "tiny-vit", "tiny-rn", 4, 8, 16, 2, 20, 0.5, 8, (1, 16), 300, 1000, False, True,
                      {"correctness": 30, "training": 85, "inference": 45, "plan": 15}),
     "smoke": Profile("smoke", "tiny-vit-s", "tiny-rn", 2, 4, 8, 1, 3, 1.0, 3, (1, 4), 24, 64, False, False,
                      {"correctness": 30, "training": 60, "inference": 40, "plan": 15}),
