@@ -113,7 +113,18 @@ def packs(weight: torch.Tensor) -> bool:
     is oneDNN, CPU bf16 wherever oneDNN runs (torch's own bf16 CPU products are oneDNN's)."""
     if weight.device.type != "cpu" or not onednn_available():
         return False
-    return weight.dtype == torch.bfloat16 or (weight.dtype == torch.float32 and linear_backend() == "onednn")
+    return ((weight.dtype == torch.bfloat16 and onednn_bf16_available())
+            or (weight.dtype == torch.float32 and linear_backend() == "onednn"))
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_bf16_available() -> bool:
+    """Whether this CPU runs oneDNN's bf16 products (AVX-512 BF16 / AVX-NE-CONVERT): without them
+    torch's bf16 weight reorder raises, and bf16 inference takes the unpacked products."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

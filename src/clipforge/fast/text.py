@@ -40,16 +40,19 @@ class FastTextTransformer(TextTransformer):
         eot = ids.argmax(dim=-1)
         order = torch.argsort(eot, stable=True)
         lengths = (eot[order] + 1).tolist()
-        out = torch.empty(ids.shape[0], self.text_projection.shape[1], dtype=self.text_projection.dtype,
-                          device=self.text_projection.device)
+        out: torch.Tensor | None = None
         start, n = 0, len(lengths)
         while start < n:
             end = start + 1  # rows are sorted by length, so a chunk's longest row is its last
             while end < n and (end + 1 - start) * lengths[end] <= self.bucket_tokens:
                 end += 1
             idx = order[start:end]
-            out[idx] = self._forward_chunk(ids[idx][:, : lengths[end - 1]])
+            chunk = self._forward_chunk(ids[idx][:, : lengths[end - 1]])
+            if out is None:  # the chunks' dtype: under autocast not the weights' (bf16/fp16)
+                out = chunk.new_empty(ids.shape[0], chunk.shape[1])
+            out[idx] = chunk
             start = end
+        assert out is not None  # forward sends only batches of more than one row here
         return out
 
     def _forward_chunk(self, ids: torch.Tensor) -> torch.Tensor:
