@@ -27,12 +27,13 @@ from ..config import CLIPConfig, _load_zoo, get_model_config
 from ..fast import enable as enable_fast
 from ..models import CLIP, model_class
 from ..preprocess import Preprocess, image_transform
-from . import hf, native, openai, openclip
+from ..families import FamilyCLIP, FamilyConfig, FolderTokenizer
+from . import family, hf, native, openai, openclip
 from .files import Source, read_source
 from .strict import CheckpointError, load_state_dict_strict
 
 # Detection order: the first format whose ``detect`` accepts the file reads it.
-FORMATS = {m.NAME: m for m in (hf, openclip, openai, native)}
+FORMATS = {m.NAME: m for m in (hf, family, openclip, openai, native)}
 # Sidecar JSON looked for beside the weights when neither the caller nor the file gives a config.
 SIDE_CONFIGS = ("config.json", openclip.CONFIG_NAME, openai.SIDECAR)
 
@@ -71,7 +72,9 @@ def read_checkpoint(path: str | os.PathLike, *, config: CLIPConfig | dict | str 
     if fmt is None:
         sample = ", ".join(list(src.state_dict)[:5])
         raise ValueError(f"{src.weights}: unrecognised checkpoint layout (first keys: {sample})")
-    cfg = _match_zoo_name(_with_activation(fmt.read_config(src, activation), activation))
+    cfg = fmt.read_config(src, activation)
+    if not isinstance(cfg, FamilyConfig):
+        cfg = _match_zoo_name(_with_activation(cfg, activation))
     return fmt.to_native(src.state_dict), CheckpointInfo(fmt.NAME, cfg, src.weights, src.extras,
                                                            tuple(src.assumed))
 
@@ -119,13 +122,26 @@ def load_model(path: str | os.PathLike, *, config: CLIPConfig | dict | str | Non
     checkpoint of a ``bow`` / ``caption`` run (``config.objective``) comes back as the CLIP
     subclass carrying its head (:mod:`clipforge.models.objectives`)."""
     sd, info = read_checkpoint(path, config=config, activation=activation)
-    with torch.device("meta"):
-        model = model_class(info.config)(info.config)
-    model = model.to_empty(device="cpu")
+    if isinstance(info.config, FamilyConfig):
+        # Built on the CPU, not on "meta": timm towers compute buffers (RoPE tables...) at construction.
+        model = FamilyCLIP(info.config)
+        attach_tokenizer(model, info.weights.parent)
+    else:
+        with torch.device("meta"):
+            model = model_class(info.config)(info.config)
+        model = model.to_empty(device="cpu")
     load_state_dict_strict(model, {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in sd.items()},
                            f"{path} ({info.format} format)")
     model = model.to(device=device, dtype=dtype).eval()
     return (model, info) if return_info else model
+
+
+def attach_tokenizer(model: FamilyCLIP, folder: Path) -> None:
+    """A family model's tokenizer comes from the files beside its weights (``model.tokenizer``)."""
+    t = model.config.tokenizer
+    if t.get("kind") == "hf":
+        model.tokenizer = FolderTokenizer(folder, t["context_length"], t.get("clean", "whitespace"),
+                                          bool(t.get("strip_sep_token", False)))
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -172,6 +188,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
     if to not in FORMATS:
         raise ValueError(f"unknown target format {to!r} (expected {', '.join(sorted(FORMATS))})")
     model = load_model(src, activation=activation, config=config)
+    if isinstance(model, FamilyCLIP):
+        if to in ("openclip", family.NAME):
+            return family.write(model, dst)
+        if to != native.NAME:
+            raise ValueError(f"{src}: an open_clip family model converts to openclip or clipforge, not {to!r}")
     return FORMATS[to].write(model, dst)
 
 
