@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import OPENAI_MEAN, OPENAI_STD, PreprocessConfig
-from ..families import FamilyCLIP, FamilyConfig, tokenizer_files
+from ..families import FamilyCLIP, FamilyConfig, is_family_dict, tokenizer_files
 from ..utils.io import atomic_write_text
 from . import openclip
 from .files import Source, native_state_dict, write_safetensors
@@ -46,7 +46,8 @@ def needs_family(model_cfg: dict[str, Any]) -> bool:
 
 def detect(src: Source) -> bool:
     d = src.declared
-    return isinstance(d, dict) and openclip.is_openclip_config(d) and needs_family(d.get("model_cfg", d))
+    return isinstance(d, dict) and not is_family_dict(d) and openclip.is_openclip_config(d) \
+        and needs_family(d.get("model_cfg", d))
 
 
 def hf_text_config(name: str, folder: Path) -> dict[str, Any]:

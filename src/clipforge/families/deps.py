@@ -9,8 +9,13 @@ from types import ModuleType
 EXTRA = "pip install 'clipforge[families]'"
 
 
-class MissingDependency(ImportError):
-    """A family model needs a library this environment lacks; the message says which extra."""
+class MissingDependency(ModuleNotFoundError):
+    """A family model needs a library this environment lacks; the message says which extra
+    (``install_hint``: what the CLI prints as its one line)."""
+
+    def __init__(self, message: str, name: str) -> None:
+        super().__init__(message, name=name)
+        self.install_hint = message
 
 
 def require(module: str, why: str) -> ModuleType:
@@ -20,5 +25,5 @@ def require(module: str, why: str) -> ModuleType:
     except ImportError as e:
         # timm imports torchvision at import time: name the missing piece, not only timm.
         missing = getattr(e, "name", None) or module
-        raise MissingDependency(f"{why} needs {module!r} ({missing!r} is not importable: {e}); "
-                                f"install the families extra: {EXTRA}") from None
+        raise MissingDependency(f"{why} needs {module!r} ({missing!r} is not importable); "
+                                f"install the families extra: {EXTRA}", module) from None
