@@ -112,7 +112,7 @@ def open_clip_folder(name: str, tmp_path, seed: int = 0):
         write_tokenizer(folder, style)
     torch.manual_seed(seed)
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
-    model = open_clip.create_model(f"local-dir:{folder}", pretrained=None).eval()
+    model = open_clip.create_model(f"local-dir:{folder}", pretrained=None, pretrained_text=False).eval()
     with torch.no_grad():  # random but non-trivial: logit bias and scale away from their init
         if getattr(model, "logit_bias", None) is not None:
             model.logit_bias.fill_(-7.25)
@@ -219,3 +219,44 @@ def test_unknown_hf_model_name_is_named(tmp_path):
     save_file({"logit_scale": torch.zeros(())}, str(folder / "open_clip_model.safetensors"))
     with pytest.raises(FileNotFoundError, match="hf_model_name='xlm-roberta-base'"):
         clipforge.load(folder)
+
+
+def _hf_features(out):
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+@pytest.mark.slow
+def test_siglip_to_and_from_hugging_face_siglipmodel(tmp_path, shared_data):
+    """open_clip ViT-B-16-SigLIP -> clipforge -> HF SiglipModel folder: transformers gives open_clip's
+    features; and a SiglipModel transformers writes loads in clipforge with transformers' features."""
+    folder, oc = open_clip_folder("ViT-B-16-SigLIP", tmp_path)
+    model, preprocess = clipforge.load(folder)
+    images = torch.stack([preprocess(im) for im in flickr_photos(shared_data)])
+    ids = tokenizer_for(model)(TEXTS[:2])
+    oi, ot = features(oc, images, ids)
+    hf_dir = convert(folder, tmp_path / "hf", to="hf")
+    hf = transformers.SiglipModel.from_pretrained(str(hf_dir)).eval()
+    with torch.no_grad():
+        hi = _hf_features(hf.get_image_features(pixel_values=images))
+        ht = _hf_features(hf.get_text_features(input_ids=ids))
+    print(f"open_clip -> HF SiglipModel: image rel {rel(hi, oi):.1e}, text rel {rel(ht, ot):.1e}")
+    assert rel(hi, oi) < RTOL and rel(ht, ot) < RTOL
+    assert hf.logit_scale.item() == oc.logit_scale.item() and hf.logit_bias.item() == oc.logit_bias.item()
+    assert torch.equal(transformers.AutoTokenizer.from_pretrained(str(hf_dir))(
+        [clipforge.families.clean(t, "canonicalize") for t in TEXTS[:2]], padding="max_length", max_length=64,
+        truncation=True, return_tensors="pt").input_ids, ids)
+
+    # transformers' own SiglipModel (random weights, exact-GELU vision as timm's) -> clipforge
+    hf.config.vision_config.hidden_act = "gelu"
+    torch.manual_seed(1)
+    theirs = transformers.SiglipModel(hf.config).eval()
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        (tmp_path / "theirs" / name).write_bytes((hf_dir / name).read_bytes())
+    ours, _ = clipforge.load(tmp_path / "theirs")
+    with torch.no_grad():
+        ti = _hf_features(theirs.get_image_features(pixel_values=images))
+        tt = _hf_features(theirs.get_text_features(input_ids=ids))
+    ci, ct = features(ours, images, ids)
+    print(f"HF SiglipModel -> clipforge: image rel {rel(ci, ti):.1e}, text rel {rel(ct, tt):.1e}")
+    assert rel(ci, ti) < RTOL and rel(ct, tt) < RTOL

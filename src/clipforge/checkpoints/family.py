@@ -129,8 +129,9 @@ def to_native(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def from_native(sd: dict[str, torch.Tensor], config: FamilyConfig) -> dict[str, torch.Tensor]:
-    if config.custom_text:
+def from_native(sd: dict[str, torch.Tensor], config: FamilyConfig | None = None) -> dict[str, torch.Tensor]:
+    """Ours -> open_clip's keys: ``CustomTextCLIP``'s (the same) unless ``config`` is a plain ``CLIP``."""
+    if config is None or config.custom_text:
         return sd
     return {k[len("text."):] if k.startswith("text.") else k: v for k, v in sd.items()}
 
