@@ -117,6 +117,9 @@ class CLIPConfig:
     norm_eps: float = 1e-5
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = 100.0
+    # SigLIP's learned logit bias (added to every logit; -10 at init in the paper). ``None``: no bias,
+    # and the key is absent from ``to_dict()``, so every bias-free config and file reads as before.
+    init_logit_bias: float | None = None
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     name: str | None = None
@@ -155,6 +158,8 @@ class CLIPConfig:
         d["preprocess"]["std"] = list(d["preprocess"]["std"])
         if d["objective"] == "contrastive":
             del d["objective"]  # the default: contrastive configs (and their hashes, files) unchanged
+        if d["init_logit_bias"] is None:
+            del d["init_logit_bias"]  # the same for models without a logit bias
         return d
 
     def to_json(self, indent: int | None = 2) -> str:

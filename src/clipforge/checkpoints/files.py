@@ -149,6 +149,13 @@ def contrastive_only(model: CLIP, fmt: str) -> None:
                          f"cannot hold; save it in clipforge's format (save_model / convert --to clipforge)")
 
 
+def without_logit_bias(model: CLIP, fmt: str) -> None:
+    """Formats whose model has no learned logit bias (OpenAI's CLIP, HF ``CLIPModel``) refuse one."""
+    if getattr(model, "logit_bias", None) is not None:
+        raise ValueError(f"this model has a learned logit_bias (sigmoid-loss training), which the {fmt} "
+                         f"format cannot hold; convert --to openclip or clipforge")
+
+
 def native_state_dict(model: CLIP) -> dict[str, torch.Tensor]:
     """The model's weights as contiguous CPU tensors, refusing models whose parameters were folded."""
     if any(getattr(m, "inference_only", False) for m in model.modules()):

@@ -21,7 +21,7 @@ from ..config import CLIPConfig, PreprocessConfig, TextConfig, TokenizerConfig, 
 from ..models import CLIP
 from ..tokenizer import get_tokenizer
 from ..utils.io import atomic_write_text
-from .files import Source, contrastive_only, native_state_dict, write_safetensors
+from .files import Source, contrastive_only, native_state_dict, without_logit_bias, write_safetensors
 
 NAME = "hf"
 
@@ -225,6 +225,7 @@ def write(model: CLIP, folder: str | os.PathLike) -> Path:
     """A Hugging Face ``CLIPModel`` folder: ``config.json``, ``model.safetensors``,
     ``preprocessor_config.json`` and the tokenizer files (``vocab.json``, ``merges.txt``)."""
     contrastive_only(model, "Hugging Face")
+    without_logit_bias(model, "Hugging Face CLIPModel")
     folder = Path(folder)
     cfg_json, pre_json = config_to_hf(model.config)
     sd = from_native(native_state_dict(model))

@@ -21,7 +21,7 @@ import torch
 from ..config import CLIPConfig, PreprocessConfig, TextConfig, TokenizerConfig, VisionConfig
 from ..models import CLIP
 from ..utils.io import atomic_open, atomic_write_text
-from .files import Source, contrastive_only, native_state_dict
+from .files import Source, contrastive_only, native_state_dict, without_logit_bias
 
 log = logging.getLogger(__name__)
 NAME = "openai"
@@ -61,6 +61,7 @@ def write(model: CLIP, path: str | os.PathLike) -> Path:
     """A plain OpenAI-layout state dict (``torch.save``) that OpenAI's ``build_model`` and OpenCLIP
     (``pretrained=FILE``) load, with ``clipforge_config.json`` beside it for what shapes cannot tell."""
     contrastive_only(model, "openai")
+    without_logit_bias(model, "openai")
     path = Path(path)
     if path.is_dir() or not path.suffix:
         raise ValueError(f"{path}: the openai format is a single file (e.g. model.pt); "
@@ -123,5 +124,7 @@ def infer_config(sd: dict[str, torch.Tensor], activation: str = "quick_gelu",
     pre = preprocess or PreprocessConfig()
     pre = PreprocessConfig(image_size=vision.image_size, mean=pre.mean, std=pre.std,
                            interpolation=pre.interpolation, resize_mode=pre.resize_mode)
+    # OpenCLIP's sigmoid-loss models carry a learned ``logit_bias`` scalar beside ``logit_scale``.
+    bias = float(sd["logit_bias"]) if "logit_bias" in sd else None
     return CLIPConfig(embed_dim=embed_dim, vision=vision, text=text, activation=activation,  # type: ignore[arg-type]
-                      preprocess=pre, tokenizer=TokenizerConfig(context_length=ctx))
+                      preprocess=pre, tokenizer=TokenizerConfig(context_length=ctx), init_logit_bias=bias)

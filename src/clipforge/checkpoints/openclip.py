@@ -65,8 +65,6 @@ def parse_openclip_config(d: dict[str, Any], source: str = "OpenCLIP config"
     vpool = model_cfg.get("vision_cfg", {}).get("pool_type", "tok")
     if vpool != "tok":
         raise ValueError(f"{source}: vision_cfg.pool_type={vpool!r} is not supported (only 'tok')")
-    if model_cfg.get("init_logit_bias") is not None:
-        raise ValueError(f"{source}: SigLIP-style logit_bias models are not supported")
     activation = "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"
     pre = None
     p = d.get("preprocess_cfg")
@@ -96,6 +94,8 @@ def read_config(src: Source, activation: str | None = None) -> CLIPConfig:
     if d["vision"]["kind"] == "vit":
         d["vision"]["heads"] = d["vision"]["width"] // int(model_cfg.get("vision_cfg", {}).get("head_width", 64))
     d["text"]["heads"] = int(model_cfg.get("text_cfg", {}).get("heads", d["text"]["heads"]))
+    if model_cfg.get("init_logit_bias") is not None:  # the init the config states (the learned value is in the weights)
+        d["init_logit_bias"] = float(model_cfg["init_logit_bias"])
     return CLIPConfig.from_dict(d)
 
 
@@ -110,9 +110,12 @@ def model_cfg(cfg: CLIPConfig) -> dict[str, Any]:
         vision = {"image_size": v.image_size, "layers": v.layers, "width": v.width, "patch_size": v.patch_size,
                   "head_width": v.width // v.heads, "mlp_ratio": v.mlp_ratio}
     t = cfg.text
-    return {"embed_dim": cfg.embed_dim, "quick_gelu": cfg.activation == "quick_gelu", "vision_cfg": vision,
-            "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
-                         "heads": t.heads, "layers": t.layers, "mlp_ratio": t.mlp_ratio}}
+    out = {"embed_dim": cfg.embed_dim, "quick_gelu": cfg.activation == "quick_gelu", "vision_cfg": vision,
+           "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
+                        "heads": t.heads, "layers": t.layers, "mlp_ratio": t.mlp_ratio}}
+    if cfg.init_logit_bias is not None:  # open_clip's CLIP then has a ``logit_bias`` parameter
+        out["init_logit_bias"] = cfg.init_logit_bias
+    return out
 
 
 def config_json(cfg: CLIPConfig) -> dict[str, Any]:

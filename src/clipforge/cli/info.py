@@ -33,9 +33,8 @@ def describe(path: str | Path) -> dict[str, Any]:
     """The record ``clipforge info`` prints."""
     from ..checkpoints import read_checkpoint
     from ..config import available_models
-    from ..models import model_class
-
     from ..families import FamilyConfig
+    from ..models import model_class
 
     sd, info = read_checkpoint(path)
     cfg = info.config
@@ -48,13 +47,12 @@ def describe(path: str | Path) -> dict[str, Any]:
         with torch.device("meta"):  # parameter counts from the architecture (BatchNorm buffers are not parameters)
             n = model_class(cfg)(cfg).num_parameters()
     dtypes = Counter(str(v.dtype).removeprefix("torch.") for v in sd.values() if v.is_floating_point())
-    scale = sd.get("logit_scale")
+    scale, bias = sd.get("logit_scale"), sd.get("logit_bias")
     c = cfg.to_dict()
     if family:
         m = c["model_cfg"]
         c["vision"] = {"kind": cfg.vision.kind, **m.get("vision_cfg", {})}
         c["text"] = {"kind": cfg.text.kind, **m.get("text_cfg", {})}
-    bias = sd.get("logit_bias")
     return {
         "path": str(path), "weights": str(info.weights), "format": info.format,
         "architecture": cfg.name if cfg.name in available_models() else (cfg.name or "custom"),
@@ -65,7 +63,10 @@ def describe(path: str | Path) -> dict[str, Any]:
         "activation": cfg.activation, "activation_recorded": "activation" not in info.assumed,
         "assumed": list(info.assumed),  # config fields the file does not record (defaults filled in)
         "logit_scale_exp": round(float(scale.float().exp()), 4) if scale is not None else None,
+        # SigLIP-style models: the learned bias added to every logit (the sigmoid loss's); None: none.
         "logit_bias": round(float(bias.float()), 4) if bias is not None else None,
+        # What the logits mean: a softmax over the batch (CLIP) or one sigmoid per pair (with a bias).
+        "loss": "siglip" if bias is not None else "clip",
         "preprocess": c["preprocess"],
         "tokenizer": {**c["tokenizer"], "vocab_size": cfg.text.vocab_size},
         "training": training_summary(info.weights, info.extras),
@@ -80,7 +81,7 @@ def training_summary(weights: Path, extras: dict[str, Any]) -> dict[str, Any] | 
             out[key] = extras[key]
     tc = extras.get("train_config")
     if isinstance(tc, dict):
-        out.update({k: tc[k] for k in ("model", "data", "steps", "batch_size", "lr") if k in tc})
+        out.update({k: tc[k] for k in ("model", "data", "steps", "batch_size", "lr", "loss") if k in tc})
     losses = [r for r in extras.get("metrics", []) if isinstance(r, dict) and "loss" in r]
     if losses:
         out["last_logged"] = {k: losses[-1][k] for k in ("step", "loss") if k in losses[-1]}
@@ -123,8 +124,9 @@ def run(args: argparse.Namespace) -> int:
                        f"std {tuple(p['std'])}"),
         ("tokenizer", f"{rec['tokenizer']['kind']}, context length {rec['tokenizer']['context_length']}, "
                       f"vocabulary {rec['tokenizer']['vocab_size']}"),
-        ("logit scale", f"exp = {rec['logit_scale_exp']}"
-                        + (f", bias {rec['logit_bias']}" if rec["logit_bias"] is not None else "")),
+        ("logit scale", f"exp = {rec['logit_scale_exp']}"),
+        ("logit bias", "none (softmax/CLIP loss)" if rec["logit_bias"] is None
+         else f"{rec['logit_bias']} (sigmoid/SigLIP loss)"),
     ]
     if rec["assumed"]:
         lines.append(("not recorded", ", ".join(rec["assumed"]) + " (defaults assumed; pass a config to be sure)"))

@@ -38,6 +38,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="what the image tower learns from the captions (the paper's Figure 2): contrastive "
                         "(CLIP), bow (predict the caption's bag of BPE tokens), caption (predict its tokens "
                         "in order with CLIP's text Transformer as decoder) (default contrastive)")
+    g.add_argument("--loss", choices=("clip", "siglip"),
+                   help="contrastive loss: clip (softmax over the batch) or siglip (a sigmoid per image-text "
+                        "pair with a learned logit bias; the model gets bias -10 and temperature 10 at init "
+                        "unless it has a bias already) (default clip)")
+    g.add_argument("--siglip", dest="loss", action="store_const", const="siglip",
+                   help="= --loss siglip (open_clip_train's flag)")
     g.add_argument("--data", type=nonempty_str,
                    help="builtin:scenes | manifest .csv/.tsv/.jsonl | shards: path, brace pattern (shards/{00000..00099}.tar), "
                         "glob or folder, also as http(s)://, s3://, gs:// URL or 'pipe:CMD' (default builtin:scenes)")

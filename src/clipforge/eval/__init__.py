@@ -16,7 +16,8 @@ from .linear_probe import LogisticRegression, fit_logistic_regression, linear_pr
 from .metrics import classification_metrics, confusion_matrix, mean_per_class_recall, topk_accuracy
 from .prompts import available_prompt_sets, load_classnames, load_templates
 from .records import format_table, make_record, records_table
-from .retrieval import PairFeatures, embed_pairs, recall_from_similarity, retrieval_metrics, retrieval_ranks
+from .retrieval import (PairFeatures, embed_pairs, pair_logits, pair_probabilities, recall_from_similarity,
+                        retrieval_metrics, retrieval_ranks)
 from .shifts import Shift, available_shifts, parse_shifts
 from .suite import run_suite
 from .tasks import EvalContext, run_fewshot, run_linear_probe, run_retrieval, run_robustness, run_zeroshot
@@ -25,6 +26,7 @@ from .zeroshot import ZeroShotClassifier, build_zeroshot_weights
 __all__ = [
     "ZeroShotClassifier", "build_zeroshot_weights", "load_templates", "load_classnames", "available_prompt_sets",
     "retrieval_metrics", "retrieval_ranks", "recall_from_similarity", "embed_pairs", "PairFeatures",
+    "pair_logits", "pair_probabilities",
     "fit_logistic_regression", "linear_probe", "search_C", "LogisticRegression", "stratified_split",
     "fewshot_curve", "matching_shots", "sample_kshot", "Shift", "parse_shifts", "available_shifts",
     "extract_features", "FeatureSet", "InMemoryLabelled", "resolve_classnames",

@@ -61,9 +61,11 @@ def classification_metrics(scores: Any, labels: Any, num_classes: int | None = N
 
 @torch.no_grad()
 def chunked_topk(features: Any, weights: torch.Tensor, k: int = 5, chunk: int = 16384,
-                 scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+                 scale: float = 1.0, bias: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` class indices ``[N, k]`` and the softmax probability of the top class, scoring
-    ``features @ weights.T`` in row chunks (a 1M x 1000 score matrix is never materialised)."""
+    ``features @ weights.T`` in row chunks (a 1M x 1000 score matrix is never materialised).
+    ``bias`` (a sigmoid-loss model's ``logit_bias``): the top class's probability is the sigmoid of
+    its logit (bias included) instead; the ranking is the same."""
     feats = features if isinstance(features, (torch.Tensor, np.ndarray)) else np.asarray(features)
     n = feats.shape[0]
     k = min(k, weights.shape[0])
@@ -77,7 +79,10 @@ def chunked_topk(features: Any, weights: torch.Tensor, k: int = 5, chunk: int = 
         logits = scale * x @ w.t()
         top = logits.topk(k, dim=1)
         idx[s:s + chunk] = top.indices.numpy()
-        conf[s:s + chunk] = (top.values[:, 0] - logits.logsumexp(dim=1)).exp().numpy()
+        if bias is None:
+            conf[s:s + chunk] = (top.values[:, 0] - logits.logsumexp(dim=1)).exp().numpy()
+        else:
+            conf[s:s + chunk] = (top.values[:, 0] + bias).sigmoid().numpy()
     return idx, conf
 
 

@@ -20,6 +20,13 @@ Tie rule (``ties``):
       strictly higher score (the optimistic bound; deterministic).
 Median ranks always use the ``"query"`` rule (1 + candidates scoring strictly higher), and the
 record counts the queries whose best positive is tied with a negative, i.e. where the rule matters.
+
+Ranks are computed on cosine similarities: the model's logits ``exp(t) * cos (+ b)`` order every
+query's candidates the same way (a positive scale and one constant bias), so Recall@K of a
+sigmoid-loss (SigLIP) model needs no special case. What does depend on the bias is the score
+itself: :func:`pair_logits` / :func:`pair_probabilities` give the model's logits and, for a model
+with a ``logit_bias``, the sigmoid match probability of each pair (its training objective),
+otherwise the softmax over the texts.
 """
 
 from __future__ import annotations
@@ -144,6 +151,22 @@ def retrieval_ranks(image_features: Any, text_features: Any, text_to_image: Any,
     r = rank_queries(image_features, text_features, text_to_image, ks=(1,), block_elems=block_elems,
                      progress=progress)
     return r.i2t_rank, r.t2i_rank
+
+
+def pair_logits(model: Any, image_features: Any, text_features: Any) -> torch.Tensor:
+    """``[Ni, Nt]`` logits of the model for unit-norm features: ``exp(logit_scale) * cos``, plus
+    ``logit_bias`` for a sigmoid-loss model (as its ``forward`` computes them)."""
+    img, txt = _as_float(image_features), _as_float(text_features)
+    logits = float(model.logit_scale.detach().float().exp()) * img @ txt.t()
+    bias = getattr(model, "logit_bias", None)
+    return logits if bias is None else logits + float(bias.detach())
+
+
+def pair_probabilities(model: Any, image_features: Any, text_features: Any) -> torch.Tensor:
+    """``[Ni, Nt]``: each pair's match probability, ``sigmoid(logit)`` for a sigmoid-loss model
+    (independent per pair, as trained), else each image's softmax over the texts."""
+    logits = pair_logits(model, image_features, text_features)
+    return logits.sigmoid() if getattr(model, "logit_bias", None) is not None else logits.softmax(dim=-1)
 
 
 def recall_from_ranks(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[int, float]:

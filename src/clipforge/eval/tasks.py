@@ -230,7 +230,7 @@ def _maybe_classnames(ds: Any, override: Any, log: Callable[[str], None] | None 
 def _zeroshot_scores(ctx: EvalContext, clf: ZeroShotClassifier, fs: FeatureSet) -> tuple[dict[str, float], np.ndarray, float]:
     t0 = time.perf_counter()
     if clf.objective == "contrastive":
-        top, _ = chunked_topk(fs.features, clf.weights, k=5, scale=clf.logit_scale)
+        top, _ = chunked_topk(fs.features, clf.weights, k=5, scale=clf.logit_scale, bias=clf.logit_bias)
     else:  # bow / caption: scores from the model's head, not one product with the class matrix
         feats = torch.as_tensor(np.asarray(fs.features, dtype=np.float32)) \
             if not isinstance(fs.features, torch.Tensor) else fs.features.float()

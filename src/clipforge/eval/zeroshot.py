@@ -19,6 +19,10 @@ Models trained with the paper's other two objectives (``config.objective``, see
   image (:meth:`~clipforge.models.CaptioningCLIP.prompt_log_likelihood`), averaged over the
   templates. No image-independent head exists: every image x prompt pair is a decoder pass.
 
+Sigmoid-loss (SigLIP) models carry a learned ``logit_bias``: their logits are ``exp(t) * cos + b`` and
+each class probability is a sigmoid of its own logit (an independent yes/no per image-class pair,
+as the model was trained), not a softmax over the classes; the ranking of classes is the same.
+
 Both are log-probabilities (no temperature); ``predict_proba`` is their softmax. A bow score as
 specified is dominated by the token prior (frequent tokens score high for every image, so one class
 can win for all of them); ``bow_prior="scored"`` subtracts the log of the model's mean predicted
@@ -166,7 +170,8 @@ class ZeroShotClassifier:
     (cosine head, ``weights [C, D]``), ``bow`` (``weights [C, V]``, class bags; scores are mean
     token log-probabilities) or ``caption`` (``weights`` None; scores are mean per-token
     log-likelihoods of the prompts). ``logits`` / ``scores`` return ``[N, C]`` scores for each;
-    ``predict_proba`` is their softmax. Image features are the unit-norm image embeddings in
+    ``predict_proba`` is their softmax, or for a model with a ``logit_bias`` (sigmoid loss) the
+    sigmoid of each logit (bias included). Image features are the unit-norm image embeddings in
     every case.
     """
 
@@ -287,6 +292,12 @@ class ZeroShotClassifier:
         return float(ls.detach().exp()) if isinstance(ls, torch.Tensor) else 100.0
 
     @property
+    def logit_bias(self) -> float | None:
+        """The learned bias of a sigmoid-loss model (added to every logit), else ``None``."""
+        b = getattr(self.model, "logit_bias", None) if self.objective == "contrastive" else None
+        return float(b.detach()) if isinstance(b, torch.Tensor) else None
+
+    @property
     def feature_dim(self) -> int:
         """The dimension of the image features the scores read."""
         if self.objective == "contrastive":
@@ -321,7 +332,9 @@ class ZeroShotClassifier:
         (contrastive), mean token log-probabilities of the class bags (bow), mean per-token
         log-likelihoods of the prompts (caption); templates averaged."""
         if self.objective == "contrastive":
-            return self.logit_scale * features @ self.weights.t()  # type: ignore[union-attr]
+            logits = self.logit_scale * features @ self.weights.t()  # type: ignore[union-attr]
+            bias = self.logit_bias
+            return logits if bias is None else logits + bias
         model = self.model
         was_training = model.training
         model.eval()
@@ -359,7 +372,10 @@ class ZeroShotClassifier:
         return per_class / torch.bincount(self.prompt_owner, minlength=self.num_classes).float()
 
     def predict_proba(self, images: Any) -> torch.Tensor:
-        return self.logits(images).softmax(dim=-1)
+        """``[N, C]``: a softmax over the classes, or per-class sigmoids for a sigmoid-loss model
+        (rows then need not sum to 1: each is that class's own match probability)."""
+        logits = self.logits(images)
+        return logits.sigmoid() if self.logit_bias is not None else logits.softmax(dim=-1)
 
     def predict(self, images: Any) -> torch.Tensor:
         return self.logits(images).argmax(dim=-1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -19,7 +20,8 @@ class CLIP(nn.Module):
 
     ``encode_image`` / ``encode_text`` return projected (unnormalised, as in OpenAI's code)
     features; pass ``normalize=True`` for unit vectors. ``forward`` returns
-    ``(logits_per_image, logits_per_text)``: cosine similarities scaled by ``exp(logit_scale)``.
+    ``(logits_per_image, logits_per_text)``: cosine similarities scaled by ``exp(logit_scale)``,
+    plus ``logit_bias`` for models that carry one (SigLIP's sigmoid loss; ``None`` otherwise).
     """
 
     def __init__(self, config: CLIPConfig) -> None:
@@ -30,6 +32,8 @@ class CLIP(nn.Module):
         )
         self.text = TextTransformer(config)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+        self.logit_bias: nn.Parameter | None = (
+            None if config.init_logit_bias is None else nn.Parameter(torch.tensor(float(config.init_logit_bias))))
 
     # --- properties ---------------------------------------------------------------------------
     @property
@@ -62,7 +66,9 @@ class CLIP(nn.Module):
     def forward(self, images: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         img = self.encode_image(images, normalize=True)
         txt = self.encode_text(ids, normalize=True)
-        logits_per_image = self.logit_scale.exp() * img @ txt.t()
+        logits_per_image = self.logit_scale.exp() * img @ txt.t()  # [B_img, B_txt]
+        if self.logit_bias is not None:
+            logits_per_image = logits_per_image + self.logit_bias
         return logits_per_image, logits_per_image.t()
 
     def forward_intermediates(self, images: torch.Tensor | None = None, ids: torch.Tensor | None = None,
@@ -78,6 +84,15 @@ class CLIP(nn.Module):
         return out
 
     # --- training helpers -----------------------------------------------------------------------
+    def add_logit_bias(self, init: float) -> None:
+        """Give a bias-free model a learned logit bias (to train it with the sigmoid loss); the
+        config records it, so checkpoints written afterwards carry and describe it."""
+        if self.logit_bias is not None:
+            raise ValueError("this model already has a logit_bias")
+        self.config = dataclasses.replace(self.config, init_logit_bias=float(init))
+        self.logit_bias = nn.Parameter(torch.tensor(float(init), device=self.logit_scale.device,
+                                                    dtype=self.logit_scale.dtype))
+
     def clamp_logit_scale(self) -> None:
         """Clip the learned temperature so exp(logit_scale) <= max_logit_scale (100 in the paper)."""
         with torch.no_grad():
@@ -106,4 +121,5 @@ class CLIP(nn.Module):
     def num_parameters(self) -> dict[str, int]:
         vis = sum(p.numel() for p in self.visual.parameters())
         txt = sum(p.numel() for p in self.text.parameters())
-        return {"image": vis, "text": txt, "total": vis + txt + 1}
+        scalars = 1 if self.logit_bias is None else 2
+        return {"image": vis, "text": txt, "total": vis + txt + scalars}

@@ -19,6 +19,7 @@ from ..utils.typed import coerce_fields
 from .hard_negatives import MODES as HARD_NEGATIVES
 
 LINEAR_BACKENDS = ("auto", "torch", "onednn")
+LOSSES = ("clip", "siglip")  # the contrastive objective's loss: softmax (CLIP) or sigmoid (SigLIP)
 
 # Fields that may differ between a run and its resumption (they do not change the optimisation).
 RESUMABLE_OVERRIDES = frozenset({
@@ -51,11 +52,18 @@ class TrainConfig:
     optimiser and schedule. It is part of the model (``CLIPConfig.objective``), so a resumed run
     cannot change it. ``hard_negatives``, ``local_loss``, ``gather_with_grad`` and ``val_data``
     (retrieval) are contrastive options and refused for the other two.
+
+    ``loss`` (contrastive objective): ``clip``, the softmax over the batch, or ``siglip``, the
+    sigmoid loss (:mod:`clipforge.training.sigmoid_loss`; the model gets a learned ``logit_bias``).
+    With ``siglip`` each process always scores its images against all processes' texts gathered
+    with gradients, so ``local_loss`` / ``gather_with_grad`` change nothing (accepted, as open_clip
+    does); hard negatives are a softmax-loss option.
     """
 
     model: str = "tiny-vit"
     init: str | None = None
     objective: Literal["contrastive", "bow", "caption"] = "contrastive"
+    loss: Literal["clip", "siglip"] = "clip"
     data: str = "builtin:scenes"
     val_data: str | None = None
     csv_separator: str | None = None  # open_clip's --csv-separator; None: .tsv tab, .csv sniffed
@@ -126,6 +134,12 @@ class TrainConfig:
                 need(getattr(self, key) == off, key, f"is a contrastive-training option (negative captions, "
                      f"the contrastive loss across processes, retrieval validation); objective "
                      f"{self.objective!r} takes {off!r}")
+        need(self.loss in LOSSES, "loss", f"must be one of {', '.join(LOSSES)}")
+        if self.loss == "siglip":
+            need(self.objective == "contrastive", "loss", f"siglip is a contrastive loss; objective "
+                 f"{self.objective!r} has its own")
+            need(self.hard_negatives == "none", "hard_negatives", "hard negatives are extra softmax columns; "
+                 "the sigmoid loss (loss=siglip) takes 'none'")
         need(self.linear_backend in LINEAR_BACKENDS, "linear_backend", f"must be one of {', '.join(LINEAR_BACKENDS)}")
         need(self.num_workers >= 0, "num_workers", "must be >= 0")
         need(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null (torch's default)")
@@ -243,5 +257,5 @@ def merge_for_resume(saved: TrainConfig, overrides: dict[str, Any], run_dir: str
     return saved.replace(out=run_dir, resume=run_dir, **changes)
 
 
-__all__ = ["TrainConfig", "load_config_file", "merge_for_resume", "PRECISIONS", "LINEAR_BACKENDS", "HARD_NEGATIVES",
+__all__ = ["TrainConfig", "load_config_file", "merge_for_resume", "PRECISIONS", "LINEAR_BACKENDS", "LOSSES", "HARD_NEGATIVES",
            "OBJECTIVES"]

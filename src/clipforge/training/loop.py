@@ -46,6 +46,7 @@ from .metrics import MetricsLog, peak_rss_mb, plot_curves
 from .objectives import freeze_unused
 from .optim import CosineWarmup, build_optimizer
 from .signals import StopRequest, exit_code, signals_blocked
+from .sigmoid_loss import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
 from .step import TrainStep, make_grad_scaler, make_train_step, objective_module
 
 
@@ -86,9 +87,23 @@ def build_model(config: TrainConfig) -> CLIP:
     of ``config.objective``: for bow / caption the CLIP subclass with that head (a fresh, seeded
     head when the ``init`` weights have none or another objective's)."""
     if config.init:
-        return with_objective(load_model(config.init), config.objective, seed=config.seed)
+        model = with_objective(load_model(config.init), config.objective, seed=config.seed)
+        if config.loss == "siglip" and model.logit_bias is None:  # the weights keep their learned temperature
+            model.add_logit_bias(SIGLIP_INIT_LOGIT_BIAS)
+        return model
     arch = dataclasses.replace(resolve_model_config(config.model), objective=config.objective)
+    if config.loss == "siglip" and arch.init_logit_bias is None:  # the paper's init: t = 10, b = -10
+        arch = dataclasses.replace(arch, init_logit_bias=SIGLIP_INIT_LOGIT_BIAS,
+                                   init_logit_scale=SIGLIP_INIT_LOGIT_SCALE)
     return create_model(arch, seed=config.seed)
+
+
+def check_loss(model: CLIP, loss: str) -> None:
+    """A model with a learned logit bias is a sigmoid-loss model: the softmax loss would leave the
+    bias untrained (and DDP waiting for its gradient), so it is refused in one line."""
+    if loss != "siglip" and model.logit_bias is not None:
+        raise ValueError(f"the model has a logit_bias (a sigmoid-loss model, init {model.config.init_logit_bias}); "
+                         f"train it with --loss siglip (or --siglip), not loss={loss!r}")
 
 
 def open_training_data(config: TrainConfig) -> tuple[Any, Any | None]:
@@ -158,6 +173,7 @@ class _Run:
         if model.config.objective != cfg.objective:  # only reachable with a hand-edited run folder
             raise ValueError(f"{resume_from}: the checkpoint's model has objective {model.config.objective!r}, "
                              f"the run's config {cfg.objective!r}")
+        check_loss(model, cfg.loss)
         model = cast_weights(model.to(env.device), cfg.precision).train()  # bf16/fp16: weights cast
         if cfg.fast_paths:  # same Parameters and state_dict; gradients equal within float rounding
             fast.enable(model)
@@ -179,7 +195,7 @@ class _Run:
         scaler = make_grad_scaler(cfg.precision, env.device)
         step_fn = make_train_step(model, module, optimizer, precision=cfg.precision, grad_clip=cfg.grad_clip,
                                   scaler=scaler, env=env, local_loss=cfg.local_loss,
-                                  gather_with_grad=cfg.gather_with_grad)
+                                  gather_with_grad=cfg.gather_with_grad, loss=cfg.loss)
         if self.precision_why != "as requested":
             self._say(f"precision {cfg.precision} ({self.precision_why})")
 
@@ -257,6 +273,8 @@ class _Run:
                                   "temperature": float(model.logit_scale.detach().exp()),
                                   "samples_per_s": rate, "skipped": skipped,
                                   "epoch": int(getattr(loader, "epoch", 0)), "time_s": now - started}
+                        if model.logit_bias is not None:
+                            record["logit_bias"] = float(model.logit_bias.detach())
                         if result.grad_norm is not None:
                             record["grad_norm"] = result.grad_norm
                         if log is not None:
@@ -338,6 +356,8 @@ class _Run:
             "steps": cfg.steps,
             "model": model.config.name or cfg.model,
             "objective": cfg.objective,
+            "loss": cfg.loss,
+            "final_logit_bias": None if model.logit_bias is None else float(model.logit_bias.detach()),
             "parameters": model.num_parameters(),
             "data": cfg.data,
             "world_size": env.world_size,

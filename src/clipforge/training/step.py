@@ -13,6 +13,10 @@ there each re-run sees statistics of one micro-batch and updates the running sta
 Hard negatives are features like the others: cached with their micro-batch, recomputed with it,
 and concatenated in batch order, so each stays attached to its own image's row.
 
+The sigmoid loss (``--loss siglip``, :mod:`.sigmoid_loss`) couples the batch the same way and takes
+the same path: the learned bias is a fifth cached feature slot and, like the temperature, its
+gradient share is divided by k.
+
 The ``bow`` / ``caption`` objectives (:mod:`.objectives`) need none of this: their losses are
 means of per-caption / per-token terms, so :class:`ObjectiveStep` runs each micro-batch once and
 weights its summed loss by the count of the whole step (all micro-batches, all ranks).
@@ -33,6 +37,7 @@ from ..models import CLIP
 from .distributed import DistEnv, sum_over_ranks
 from .hard_negatives import CaptionTokens
 from .loss import ClipLoss, scale_grad
+from .sigmoid_loss import SigLipLoss
 from .objectives import ObjectiveModule, loss_count
 
 #: The text side of a batch: token ids, or ids with hard negatives (``--hard-negatives``).
@@ -41,7 +46,8 @@ Text = torch.Tensor | CaptionTokens
 
 class FeatureModel(nn.Module):
     """What DDP wraps: images and ids -> (normalised image features, normalised text features,
-    temperature ``exp(logit_scale)``), features in float32 for a stable loss under autocast.
+    temperature ``exp(logit_scale)``), features in float32 for a stable loss under autocast; a
+    model with a learned ``logit_bias`` (sigmoid loss) returns it as a fourth output.
 
     With hard negatives (``neg_ids [B, C, L]``, ``neg_mask [B, C]``) a fourth output holds their
     features ``[B, C, D]`` (zeros where the mask is False); the present ones are encoded in the
@@ -57,7 +63,8 @@ class FeatureModel(nn.Module):
         scale = self.clip.logit_scale.float().exp()
         if neg_ids is None or neg_mask is None:
             txt = F.normalize(self.clip.encode_text(ids).float(), dim=-1)
-            return img, txt, scale
+            bias = self.clip.logit_bias
+            return (img, txt, scale) if bias is None else (img, txt, scale, bias.float())
         b = ids.shape[0]
         both = F.normalize(self.clip.encode_text(torch.cat([ids, neg_ids[neg_mask]])).float(), dim=-1)
         neg = both.new_zeros(*neg_mask.shape, both.shape[1])
@@ -89,7 +96,7 @@ class TrainStep:
     """Runs optimiser steps for ``model`` (a :class:`CLIP`), through ``module`` (the
     :class:`FeatureModel`, possibly DDP-wrapped)."""
 
-    def __init__(self, model: CLIP, module: nn.Module, loss_fn: ClipLoss | None, optimizer: torch.optim.Optimizer,
+    def __init__(self, model: CLIP, module: nn.Module, loss_fn: ClipLoss | SigLipLoss | None, optimizer: torch.optim.Optimizer,
                  precision: str = "fp32", grad_clip: float | None = None,
                  scaler: torch.amp.GradScaler | None = None) -> None:
         self.model, self.module, self.loss_fn, self.optimizer = model, module, loss_fn, optimizer
@@ -109,17 +116,21 @@ class TrainStep:
         return no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
 
     def _features(self, module: nn.Module, images: torch.Tensor, text: Text) -> tuple[Any, ...]:
-        """(image features, text features, temperature, negatives or None, their mask or None)."""
+        """(image features, text features, temperature, bias or None, negatives or None, their mask or None)."""
         if isinstance(text, CaptionTokens):
             with self._autocast():
                 img, txt, scale, neg = module(images, text.ids, text.neg_ids, text.neg_mask)
-            return img, txt, scale, neg, text.neg_mask
+            return img, txt, scale, None, neg, text.neg_mask
         with self._autocast():
-            img, txt, scale = module(images, text)
-        return img, txt, scale, None, None
+            out = module(images, text)
+        return (*out, None, None, None) if len(out) == 3 else (*out, None, None)
 
-    def _loss(self, img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, neg: torch.Tensor | None,
-              mask: torch.Tensor | None) -> torch.Tensor:
+    def _loss(self, img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+              neg: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        assert self.loss_fn is not None
+        if isinstance(self.loss_fn, SigLipLoss):
+            assert bias is not None and neg is None
+            return self.loss_fn(img, txt, scale, bias)
         if neg is None:
             return self.loss_fn(img, txt, scale)
         return self.loss_fn(img, txt, scale, neg, mask)
@@ -144,15 +155,17 @@ class TrainStep:
         inner = getattr(self.module, "module", self.module)  # skip DDP hooks for the no-grad pass
         with torch.no_grad():
             cached = [self._features(inner, images, text) for images, text in batches]
-        with_neg = cached[0][3] is not None
+        with_neg = cached[0][4] is not None
         value = 0.0
         for j, (images, text) in enumerate(batches):
             with self._no_sync(last=j == k - 1):
                 fresh = self._features(self.module, images, text)
                 parts = cached[:j] + [fresh] + cached[j + 1:]
                 img, txt = (torch.cat([f[slot] for f in parts]) for slot in (0, 1))
-                neg, mask = (torch.cat([f[slot] for f in parts]) for slot in (3, 4)) if with_neg else (None, None)
-                loss = self._loss(img, txt, scale_grad(fresh[2], 1.0 / k), neg, mask)
+                neg, mask = (torch.cat([f[slot] for f in parts]) for slot in (4, 5)) if with_neg else (None, None)
+                # The temperature (and bias) enter each of the k losses in full: 1/k of each gradient.
+                scale, bias = (None if fresh[slot] is None else scale_grad(fresh[slot], 1.0 / k) for slot in (2, 3))
+                loss = self._loss(img, txt, scale, bias, neg, mask)
                 self._backward(loss)
             value = float(loss.detach())
         return value
@@ -216,9 +229,16 @@ def objective_module(model: CLIP) -> nn.Module:
 
 def make_train_step(model: CLIP, module: nn.Module, optimizer: torch.optim.Optimizer, *, precision: str = "fp32",
                     grad_clip: float | None = None, scaler: torch.amp.GradScaler | None = None,
-                    env: DistEnv | None = None, local_loss: bool = False, gather_with_grad: bool = False) -> TrainStep:
-    """The step of the model's objective: :class:`TrainStep` with the contrastive loss, or
+                    env: DistEnv | None = None, local_loss: bool = False, gather_with_grad: bool = False,
+                    loss: str = "clip") -> TrainStep:
+    """The step of the model's objective: :class:`TrainStep` with the contrastive loss (``loss``:
+    ``clip``, the softmax one, or ``siglip``, the sigmoid one of a model with a ``logit_bias``), or
     :class:`ObjectiveStep`."""
+    if loss == "siglip":
+        if model.config.objective != "contrastive" or model.logit_bias is None:
+            raise ValueError("the sigmoid loss trains a contrastive model with a logit_bias "
+                             "(CLIPConfig.init_logit_bias)")
+        return TrainStep(model, module, SigLipLoss(env), optimizer, precision, grad_clip, scaler)
     if model.config.objective == "contrastive":
         return TrainStep(model, module, ClipLoss(env, local_loss, gather_with_grad), optimizer, precision,
                          grad_clip, scaler)

@@ -39,7 +39,7 @@ def measure_step_time(config: TrainConfig, threads: Sequence[int], n: int = 3, w
                                   seed=config.seed + 99, rank=0, world_size=1, num_workers=config.num_workers)
         freeze_unused(model)
         step = make_train_step(model, objective_module(model), build_optimizer(model, 1e-5, 0.0, config.betas, config.eps),
-                               precision=precision)
+                               precision=precision, loss=config.loss)
         try:
             for t in threads:
                 with torch_threads(t):
