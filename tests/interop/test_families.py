@@ -131,8 +131,9 @@ def flickr_photos(shared_data, n: int = 2):
 
 
 def features(model, images, ids):
+    """Unnormalised features (open_clip's CoCa normalises by default; the others and ours do not)."""
     with torch.no_grad():
-        return model.encode_image(images), model.encode_text(ids)
+        return model.encode_image(images, normalize=False), model.encode_text(ids, normalize=False)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
