@@ -154,3 +154,25 @@ def test_info_describes_a_family_folder(tmp_path, capsys):
     rec = json.loads(capsys.readouterr().out)
     assert rec["format"] == "openclip-family" and rec["logit_bias"] == -10.0
     assert rec["parameters"]["total"] == sum(v.numel() for v in ref.state_dict().values())
+
+
+def test_hf_siglip_key_mapping_round_trips():
+    """HF SiglipModel <-> our keys is tensor surgery only: both ways give back every tensor exactly,
+    and a weight the mapping does not know is refused, not dropped."""
+    transformers = pytest.importorskip("transformers")
+    from clipforge.checkpoints import hf_siglip
+
+    cfg = transformers.SiglipConfig(
+        text_config=dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=8),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=16))
+    torch.manual_seed(0)
+    sd = transformers.SiglipModel(cfg).state_dict()
+    ours = hf_siglip.to_native(sd)
+    assert "visual.trunk.attn_pool.kv.weight" in ours and ours["logit_bias"].shape == ()
+    back = hf_siglip.from_native(ours)
+    assert set(back) == {k for k in sd if not k.endswith("position_ids")}
+    assert all(torch.equal(back[k], sd[k]) for k in back)
+    with pytest.raises(ValueError, match="does not map"):
+        hf_siglip.to_native({**sd, "vision_model.extra.weight": torch.zeros(1)})

@@ -144,6 +144,9 @@ def to_native(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         stem, _, leaf = k.rpartition(".")
         if stem in inv:
             out[f"{inv[stem]}.{leaf}"] = v
+    unread = sorted(set(sd) - set(from_native(out)) - {k for k in sd if k.endswith("position_ids")})
+    if unread:  # never drop weights silently
+        raise ValueError(f"SiglipModel weights clipforge does not map ({len(unread)}): {', '.join(unread[:5])}")
     return out
 
 
