@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .families import FamilyCLIP
 from .models import CLIP
 
 
@@ -41,6 +42,9 @@ def export_onnx(model: CLIP, out_dir: str | Path, opset: int = 17) -> dict[str, 
     if objective != "contrastive":  # the two encoders would drop the head, the part that makes it work
         raise ValueError(f"ONNX export writes the two CLIP encoders; a model trained with objective "
                          f"{objective!r} is used through its head, which is not exported")
+    if isinstance(model, FamilyCLIP):  # timm / HF towers and their tokenizers: not verified under ONNX
+        raise ValueError("ONNX export covers clipforge's own CLIP towers; an open_clip family model (timm or "
+                         "Hugging Face towers) is not exported: use it through clipforge.load")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model.float().eval()

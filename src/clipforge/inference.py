@@ -14,7 +14,7 @@ from .device import to_device
 from .fast import optimize_for_inference
 from .models import CLIP
 from .preprocess import Preprocess, image_transform
-from .tokenizer import get_tokenizer
+from .families import tokenizer_for
 
 T = TypeVar("T")
 
@@ -66,7 +66,7 @@ def embed_texts(model: CLIP, texts: Sequence[str], *, batch_size: int = 256, pro
     Texts are batched in order of token length (and returned in the input order), so each batch
     is trimmed to a similar length: on real captions most of the 77 positions are padding.
     """
-    tok = get_tokenizer(model.context_length)
+    tok = tokenizer_for(model)  # OpenAI's BPE, or a family model's own (SentencePiece, HF)
     ids = tok.tokenize(list(texts), model.context_length, truncate=truncate)
     if len(ids) == 0:
         return torch.empty(0, model.config.embed_dim)

@@ -16,13 +16,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .families import tokenizer_for
 from .inference import embed_texts
 from .models import CLIP
 from .tokenizer import (
     DEFAULT_OVERLAP,
     TextWindows,
     check_long_text,
-    get_tokenizer,
     truncation_warning,
 )
 
@@ -52,7 +52,9 @@ def encode_text_long(model: CLIP, texts: Sequence[str], *, long_text: str = "chu
     ctx = int(model.context_length)
     check_long_text(long_text, overlap, ctx)
     texts = list(texts)
-    tok = get_tokenizer(ctx)
+    tok = tokenizer_for(model)
+    if long_text == "chunks" and not hasattr(tok, "windows"):
+        raise ValueError("long_text 'chunks' needs OpenAI's BPE tokenizer; this model has its own: use 'truncate'")
     if long_text == "error":
         return embed_texts(model, texts, batch_size=batch_size, progress=progress, truncate=False)
     if long_text == "truncate":

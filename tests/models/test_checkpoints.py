@@ -90,9 +90,10 @@ def test_openclip_safetensors_and_unsupported_option(tmp_path, micro_vit):
                          "text_cfg": {"heads": 2}}}
     (tmp_path / "open_clip_config.json").write_text(json.dumps(cfg))
     _same_outputs(micro_vit, load_model(tmp_path), 32)
-    cfg["model_cfg"]["text_cfg"]["pool_type"] = "last"
+    # pool_type "last" is an open_clip family option now (clipforge.families); layer scale is not
+    cfg["model_cfg"]["text_cfg"]["ls_init_value"] = 0.1
     (tmp_path / "open_clip_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="pool_type"):
+    with pytest.raises(ValueError, match="ls_init_value"):
         load_model(tmp_path)
 
 
@@ -195,7 +196,7 @@ def test_cli_convert_and_models(tmp_path, micro_vit, capsys):
 def test_every_format_module_has_the_same_interface():
     from clipforge.checkpoints import FORMATS
 
-    assert set(FORMATS) == {"clipforge", "openai", "openclip", "hf"}
+    assert set(FORMATS) == {"clipforge", "openai", "openclip", "hf", "openclip-family", "hf-siglip"}
     for name, module in FORMATS.items():
         assert module.NAME == name
         for fn in ("detect", "read_config", "to_native", "from_native", "write"):

@@ -29,7 +29,8 @@ from ..config import CLIPConfig, ConfigError, _load_zoo, get_model_config
 from ..fast import enable as enable_fast
 from ..models import CLIP, model_class
 from ..preprocess import Preprocess, image_transform
-from . import hf, native, openai, openclip
+from ..families import FamilyCLIP, FamilyConfig, FolderTokenizer
+from . import family, hf, hf_siglip, native, openai, openclip
 from .files import Source, read_source
 from .strict import CheckpointError, describe_suspect, load_state_dict_strict, suspect_weights
 from .torchscript import UntrustedTorchScript
@@ -37,7 +38,7 @@ from .torchscript import UntrustedTorchScript
 log = logging.getLogger(__name__)
 
 # Detection order: the first format whose ``detect`` accepts the file reads it.
-FORMATS = {m.NAME: m for m in (hf, openclip, openai, native)}
+FORMATS = {m.NAME: m for m in (hf_siglip, hf, family, openclip, openai, native)}
 # Sidecar JSON looked for beside the weights when neither the caller nor the file gives a config.
 SIDE_CONFIGS = ("config.json", openclip.CONFIG_NAME, openai.SIDECAR)
 
@@ -86,7 +87,9 @@ def read_checkpoint(path: str | os.PathLike, *, config: CLIPConfig | dict | str 
         sample = ", ".join(list(src.state_dict)[:5])
         raise ValueError(f"{src.weights}: unrecognised checkpoint layout (first keys: {sample})")
     try:
-        cfg = _match_zoo_name(_with_activation(fmt.read_config(src, activation), activation))
+        cfg = fmt.read_config(src, activation)
+        if not isinstance(cfg, FamilyConfig):
+            cfg = _match_zoo_name(_with_activation(cfg, activation))
     except (ConfigError, TypeError, ArithmeticError) as e:  # a value of the wrong type or size, anywhere
         where = src.declared_from or f"{src.weights} (architecture read from the tensor shapes)"
         raise ConfigError(f"{where}: invalid model config: {e}") from None
@@ -143,13 +146,26 @@ def load_model(path: str | os.PathLike, *, config: CLIPConfig | dict | str | Non
     subclass carrying its head (:mod:`clipforge.models.objectives`). ``trust_torchscript``: see
     :func:`read_checkpoint` (default: TorchScript archives are read without running their code)."""
     sd, info = read_checkpoint(path, config=config, activation=activation, trust_torchscript=trust_torchscript)
-    with torch.device("meta"):
-        model = model_class(info.config)(info.config)
-    model = model.to_empty(device="cpu")
+    if isinstance(info.config, FamilyConfig):
+        # Built on the CPU, not on "meta": timm towers compute buffers (RoPE tables...) at construction.
+        model = FamilyCLIP(info.config)
+        attach_tokenizer(model, info.weights.parent)
+    else:
+        with torch.device("meta"):
+            model = model_class(info.config)(info.config)
+        model = model.to_empty(device="cpu")
     load_state_dict_strict(model, {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in sd.items()},
                            f"{path} ({info.format} format)")
     model = model.to(device=device, dtype=dtype).eval()
     return (model, info) if return_info else model
+
+
+def attach_tokenizer(model: FamilyCLIP, folder: Path) -> None:
+    """A family model's tokenizer comes from the files beside its weights (``model.tokenizer``)."""
+    t = model.config.tokenizer
+    if t.get("kind") == "hf":
+        model.tokenizer = FolderTokenizer(folder, t["context_length"], t.get("clean", "whitespace"),
+                                          bool(t.get("strip_sep_token", False)))
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -204,6 +220,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
     if to not in FORMATS:
         raise ValueError(f"unknown target format {to!r} (expected {', '.join(sorted(FORMATS))})")
     model = load_model(src, activation=activation, config=config, trust_torchscript=trust_torchscript)
+    if isinstance(model, FamilyCLIP):
+        if to in ("openclip", family.NAME):
+            return family.write(model, dst)
+        if to in ("hf", hf_siglip.NAME):  # SigLIP-shaped: a SiglipModel folder (others refused there)
+            return hf_siglip.write(model, dst)
+        if to != native.NAME:
+            raise ValueError(f"{src}: an open_clip family model converts to openclip, hf (SigLIP) or clipforge, "
+                             f"not {to!r}")
     return FORMATS[to].write(model, dst)
 
 

@@ -10,9 +10,11 @@ from pathlib import Path
 import torch
 
 from ..config import CLIPConfig
+from ..families import FamilyCLIP, FamilyConfig, is_family_dict
 from ..models import CLIP
 from ..utils.io import atomic_write_text
 from .files import Source, native_state_dict, write_safetensors
+from .family import copy_tokenizer
 
 NAME = "clipforge"
 
@@ -22,13 +24,19 @@ def detect(src: Source) -> bool:
     return any(k.startswith("text.") for k in keys) and any(k.startswith("visual.") for k in keys)
 
 
-def read_config(src: Source, activation: str | None = None) -> CLIPConfig:
-    if isinstance(src.declared, CLIPConfig):
+def read_config(src: Source, activation: str | None = None) -> CLIPConfig | FamilyConfig:
+    if isinstance(src.declared, (CLIPConfig, FamilyConfig)):
         return src.declared
+    if is_family_dict(src.declared):
+        return FamilyConfig.from_dict(src.declared)  # type: ignore[arg-type]
     if isinstance(src.declared, dict) and "embed_dim" in src.declared and "vision" in src.declared:
         return CLIPConfig.from_dict(src.declared)
-    raise ValueError(f"{src.weights} is a clipforge state dict without its config "
-                     f"(no metadata, no config.json beside it)")
+    if src.declared is not None:
+        keys = ", ".join(sorted(src.declared)[:6]) if isinstance(src.declared, dict) else type(src.declared).__name__
+        raise ValueError(f"{src.weights}: the config in {src.declared_from} is not one clipforge recognises "
+                         f"(keys: {keys}); expected clipforge's config.json or open_clip's open_clip_config.json")
+    raise ValueError(f"{src.weights}: not a checkpoint clipforge recognises: no config embedded and none beside it "
+                     f"(config.json, open_clip_config.json); pass config=... if it is a clipforge state dict")
 
 
 def to_native(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -45,10 +53,16 @@ def write(model: CLIP, path: str | os.PathLike) -> Path:
     path = Path(path)
     sd = native_state_dict(model)
     meta = {"format": "clipforge", "clipforge_config": model.config.to_json(indent=None)}
+    tokenizer_folder = getattr(getattr(model, "tokenizer", None), "folder", None)
+    if path.suffix == ".safetensors" and tokenizer_folder is not None:
+        raise ValueError(f"{path}: this model's tokenizer is a set of files, so it is saved as a folder "
+                         f"(a path without .safetensors)")
     if path.suffix == ".safetensors":
         write_safetensors(path, sd, meta)
         return path
     path.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, FamilyCLIP):
+        copy_tokenizer(model, path)
     write_safetensors(path / "model.safetensors", sd, meta)
     atomic_write_text(path / "config.json", model.config.to_json())
     return path

@@ -35,15 +35,26 @@ def describe(path: str | Path, *, trust_torchscript: bool = False) -> dict[str, 
     """The record ``clipforge info`` prints."""
     from ..checkpoints import read_checkpoint
     from ..config import available_models
+    from ..families import FamilyConfig
     from ..models import model_class
 
     sd, info = read_checkpoint(path, trust_torchscript=trust_torchscript)
     cfg = info.config
-    with torch.device("meta"):  # parameter counts from the architecture (BatchNorm buffers are not parameters)
-        n = model_class(cfg)(cfg).num_parameters()
+    family = isinstance(cfg, FamilyConfig)
+    if family:  # counted from the file: building a timm / HF tower is not needed to describe it
+        counts = {"image": sum(v.numel() for k, v in sd.items() if k.startswith("visual.")),
+                  "text": sum(v.numel() for k, v in sd.items() if k.startswith("text."))}
+        n = {**counts, "total": sum(v.numel() for v in sd.values())}
+    else:
+        with torch.device("meta"):  # parameter counts from the architecture (BatchNorm buffers are not parameters)
+            n = model_class(cfg)(cfg).num_parameters()
     dtypes = Counter(str(v.dtype).removeprefix("torch.") for v in sd.values() if v.is_floating_point())
     scale, bias = sd.get("logit_scale"), sd.get("logit_bias")
     c = cfg.to_dict()
+    if family:
+        m = c["model_cfg"]
+        c["vision"] = {"kind": cfg.vision.kind, **m.get("vision_cfg", {})}
+        c["text"] = {"kind": cfg.text.kind, **m.get("text_cfg", {})}
     return {
         "path": str(path), "weights": str(info.weights), "format": info.format,
         "architecture": cfg.name if cfg.name in available_models() else (cfg.name or "custom"),
@@ -98,16 +109,23 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(rec, indent=2))
         return 0
     v, t, p, n = rec["vision"], rec["text"], rec["preprocess"], rec["parameters"]
-    tower = (f"{'SigLIP ViT (attention-pool head)' if v['kind'] == 'siglip' else 'ViT'} {v['layers']} layers x "
-             f"{v['width']} wide, {v['heads']} heads, patch {v['patch_size']}"
-             if v["kind"] in ("vit", "siglip") else f"ResNet stages {v['layers']}, width {v['width']}")
+    if v["kind"] == "timm":
+        tower = f"timm {v['timm_model_name']} (pool {v.get('timm_pool', 'avg')!r}, proj {v.get('timm_proj', 'linear')!r})"
+    elif "heads" not in v:  # open_clip's ViT config (a family)
+        tower = f"ViT {v.get('layers', 12)} layers x {v.get('width', 768)} wide, patch {v.get('patch_size', 16)}"
+    else:
+        tower = (f"{'SigLIP ViT (attention-pool head)' if v['kind'] == 'siglip' else 'ViT'} {v['layers']} layers x "
+                 f"{v['width']} wide, {v['heads']} heads, patch {v['patch_size']}"
+                 if v["kind"] in ("vit", "siglip") else f"ResNet stages {v['layers']}, width {v['width']}")
+    text_tower = (f"Hugging Face {t['hf_model_name']}" if t.get("kind") == "hf" else
+                  f"{t.get('layers', 12)} layers x {t.get('width', 512)} wide, {t.get('heads', 8)} heads"
+                  + (", bidirectional, last-token pooling (SigLIP)" if t.get("kind") == "siglip" else ""))
     lines = [
         ("format", rec["format"]), ("weights", rec["weights"]), ("architecture", rec["architecture"]),
         ("parameters", f"{n['total'] / 1e6:.2f} M (image {n['image'] / 1e6:.2f} M, text {n['text'] / 1e6:.2f} M), "
                        f"{rec['dtype']}"),
         ("embed dim", rec["embed_dim"]), ("image tower", tower),
-        ("text tower", f"{t['layers']} layers x {t['width']} wide, {t['heads']} heads"
-                       + (", bidirectional, last-token pooling (SigLIP)" if t.get("kind") == "siglip" else "")),
+        ("text tower", text_tower),
         ("activation", rec["activation"] + ("" if rec["activation_recorded"] else " (not recorded: assumed)")),
         ("image size", p["image_size"]),
         ("preprocess", f"{p['resize_mode']} resize, {p['interpolation']}, mean {tuple(p['mean'])}, "

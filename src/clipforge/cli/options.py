@@ -389,6 +389,8 @@ def configure_logging(args: argparse.Namespace) -> None:
 
 def missing_extra(e: ModuleNotFoundError) -> str | None:
     """``"install clipforge[search]"``-style hint for a missing optional package, if it is one."""
+    if getattr(e, "install_hint", None):  # clipforge.families.MissingDependency says it all
+        return str(e.install_hint)  # type: ignore[attr-defined]
     root = (e.name or "").split(".")[0]
     extra = EXTRAS.get(root)
     if extra is None:

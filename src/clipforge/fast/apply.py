@@ -37,7 +37,10 @@ def enable(model: nn.Module, *, pack: bool = False) -> nn.Module:
     ``pack=True`` (what ``clipforge.load`` does): inference calls (no autograd) also use weights
     prepacked in oneDNN's layout, made at the first such call and remade after any change to the
     weights (``fast.transformer.Packing``); training calls are unaffected. A second copy of the
-    Transformer weights while in eval mode."""
+    Transformer weights while in eval mode. A model whose class sets ``fast_paths = False`` (the
+    open_clip families: their towers are timm's / transformers') is returned as it is."""
+    if getattr(model, "fast_paths", True) is False:
+        return model
     for m in model.modules():
         fast = FAST.get(type(m))
         if fast is not None:
@@ -96,6 +99,11 @@ def optimize_for_inference(model: CLIP, *, precision: str = "fp32", channels_las
         raise ValueError("precision int8 needs a CPU model and a torch build with a quantized CPU engine "
                          f"(this one: {torch.backends.quantized.supported_engines}); use bf16 or fp32")
     enable(model, pack=pack_weights)
+    if getattr(model, "fast_paths", True) is False:
+        if precision == "int8":
+            raise ValueError("precision int8 is not available for this model family (fp32, bf16 or fp16)")
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        return model.to(dtype)
     for m in model.modules():
         if isinstance(m, (FastMLP, FastAttention)):
             m.int8 = precision == "int8"

@@ -36,7 +36,7 @@ from ..device import resolve_device
 from ..eval import classification_metrics, extract_features, make_record, parse_shifts
 from ..inference import optimize_for_inference
 from ..preprocess import image_transform
-from ..tokenizer import get_tokenizer
+from ..families import tokenizer_for
 from ..training import (CosineWarmup, MetricsLog, StopRequest, build_optimizer, capture_rng, checkpoint_path,
                         contrastive_loss, latest_checkpoint, load_checkpoint, prune_checkpoints, restore_rng,
                         save_checkpoint)
@@ -143,7 +143,7 @@ class _Run:
             step, records = int(state["step"]), list(state.get("metrics", []))
             self.say(f"resuming {self.out} from step {step} ({latest.name})")
         log = MetricsLog(self.out / "metrics.jsonl", records)
-        tok = get_tokenizer(ft.clip.context_length)
+        tok = tokenizer_for(ft.clip)  # the model's own (a family model's SentencePiece / HF tokenizer)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         bar = tqdm(total=total, initial=step, desc="finetune", unit="step", dynamic_ncols=True, disable=not cfg.progress)
         status = "completed"

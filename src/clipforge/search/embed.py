@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from ..inference import embed_images, embed_texts
 from ..longtext import encode_text_long
 from ..preprocess import ImageLoadError, image_transform
-from ..tokenizer import DEFAULT_OVERLAP, LongTextWarning, get_tokenizer
+from ..families import tokenizer_for
+from ..tokenizer import DEFAULT_OVERLAP, LongTextWarning
 from ..utils import rank_env, read_json, write_json
 from .sources import Item, Source
 from ..embeddings import EMB_DIRS, FORMAT, IMAGE_COLUMN, ShardPaths, model_info, rebuild_summary, write_shard
@@ -233,7 +234,7 @@ def _embed_text_chunk(model: torch.nn.Module, chunk: list[Item], batch_size: int
                      "width": None, "height": None})
     outs = []
     ctx = int(model.context_length)
-    counts = get_tokenizer(ctx).token_counts(texts) if long_text != "chunks" else []
+    counts = tokenizer_for(model).token_counts(texts) if long_text != "chunks" else []
     cut = [(rows[i]["key"], n) for i, n in enumerate(counts) if n > ctx]
     if cut and long_text == "error":
         key, n = cut[0]

@@ -18,7 +18,8 @@ from PIL import Image
 from ..inference import embed_images, embed_texts
 from ..longtext import encode_text_long
 from ..preprocess import image_transform
-from ..tokenizer import DEFAULT_OVERLAP, check_long_text, get_tokenizer
+from ..families import tokenizer_for
+from ..tokenizer import DEFAULT_OVERLAP, check_long_text
 from .backend import SearchBackend
 from .filters import FilterError, Predicate, filterable_columns, mask, milvus_expr, parse_filter
 from .index import load_index
@@ -93,7 +94,7 @@ class Searcher:
         self.long_text = long_text
         self.long_text_overlap = long_text_overlap
         self.context_length = int(model.context_length)
-        self.tokenizer = get_tokenizer(self.context_length)
+        self.tokenizer = tokenizer_for(model)
         self._lock = model_lock or threading.Lock()  # Searchers over several indexes share their model's
         self._cache = _LRU(query_cache)
         self._masks: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -127,7 +128,7 @@ class Searcher:
         text = text.strip()
         if not text:
             raise QueryError("text query is empty")
-        n = len(self.tokenizer.encode(text)) + 2
+        n = self.tokenizer.token_counts([text])[0]
         refuse = self.long_text == "error" if self.long_text is not None else not self.truncate_text
         if n > self.context_length and refuse:
             raise QueryError(f"text query has {n} tokens (with start/end), more than the model's context "

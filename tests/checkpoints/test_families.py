@@ -1,0 +1,178 @@
+"""Family models (open_clip's configs beyond OpenAI's CLIP) in the main environment: the towers
+that need no timm (open_clip's ViT, its text-Transformer variants, a Hugging Face text tower) load
+from an open_clip folder, round-trip through our format, and run through the callers (embed,
+load_for_inference, info); a timm tower without timm is refused in one line naming the extra.
+Parity with open_clip itself: tests/interop/test_families.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import clipforge
+from clipforge.checkpoints import load_model, save_model
+from clipforge.checkpoints.family import needs_family, to_native
+from clipforge.cli.main import main as cli_main
+from clipforge.families import FamilyCLIP, FamilyConfig, create_family_model, tokenizer_for
+from clipforge.inference import embed_texts
+from clipforge.loading import load_for_inference
+from safetensors.torch import save_file
+
+TINY = {
+    "embed_dim": 32, "init_logit_bias": -10, "custom_text": True,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 2,
+                 "no_causal_mask": True, "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6},
+                 "act_kwargs": {"approximate": "tanh"}},
+}
+
+
+def write_folder(folder, model_cfg, sd, preprocess=None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg,
+                                                              "preprocess_cfg": preprocess or {}}))
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "open_clip_model.safetensors"))
+
+
+def _inputs(size=32):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 3, size, size, generator=g), clipforge.tokenize(["a dog", "two red circles"], 16)
+
+
+def test_family_folder_loads_and_round_trips(tmp_path):
+    ref = create_family_model(FamilyConfig(model_cfg=TINY, preprocess={"image_size": 32}), seed=0).eval()
+    with torch.no_grad():
+        ref.logit_bias.fill_(-3.5)
+    write_folder(tmp_path / "oc", TINY, ref.state_dict(), {"mean": [0.5] * 3, "std": [0.5] * 3,
+                                                           "interpolation": "bilinear", "resize_mode": "squash"})
+    model, pre = clipforge.load(tmp_path / "oc")
+    assert isinstance(model, FamilyCLIP) and model.context_length == 16 and model.image_size == 32
+    p = model.config.preprocess
+    assert p.mean == (0.5,) * 3 and p.interpolation == "bilinear" and p.resize_mode == "squash"
+    images, ids = _inputs()
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), ref.encode_image(images))
+        assert torch.equal(model.encode_text(ids), ref.encode_text(ids))
+        logits, _ = model(images, ids)
+        cos = model.encode_image(images, normalize=True) @ model.encode_text(ids, normalize=True).T
+        assert torch.allclose(logits, model.logit_scale.exp() * cos - 3.5, atol=1e-5)
+    again, info = load_model(save_model(model, tmp_path / "ours"), return_info=True)
+    assert info.format == "clipforge" and again.config.to_dict() == model.config.to_dict()
+    assert again.logit_bias.item() == -3.5
+    with torch.no_grad():
+        assert torch.equal(again.encode_text(ids), ref.encode_text(ids))
+    fast, _ = load_for_inference(tmp_path / "ours", precision="fp32")
+    emb = embed_texts(fast, ["a dog", "two red circles"])
+    assert torch.allclose(emb, ref.encode_text(ids, normalize=True), atol=1e-6)
+
+
+def test_text_tower_variants_differ_as_configured():
+    """Each option changes the computation (so a parity test could not pass by ignoring it)."""
+    base = create_family_model(FamilyConfig(model_cfg=TINY, preprocess={"image_size": 32}), seed=0).eval()
+    _, ids = _inputs()
+    sd = base.state_dict()
+    for key, val in (("no_causal_mask", False), ("pool_type", "argmax"), ("act_kwargs", None),
+                     ("norm_kwargs", None)):
+        cfg = json.loads(json.dumps(TINY))
+        cfg["text_cfg"][key] = val
+        other = create_family_model(FamilyConfig(model_cfg=cfg, preprocess={"image_size": 32})).eval()
+        other.load_state_dict(sd)
+        with torch.no_grad():
+            assert not torch.allclose(other.encode_text(ids), base.encode_text(ids), atol=1e-6), key
+
+
+def test_plain_clip_text_keys_and_coca_decoder():
+    sd = {"visual.proj": torch.zeros(1), "token_embedding.weight": torch.zeros(1), "logit_scale": torch.zeros(()),
+          "text_decoder.x": torch.zeros(1)}
+    assert sorted(to_native(sd)) == ["logit_scale", "text.token_embedding.weight", "visual.proj"]
+    assert needs_family(TINY) and needs_family({"embed_dim": 8, "vision_cfg": {"timm_model_name": "convnext_base"},
+                                                "text_cfg": {}})
+    assert not needs_family({"embed_dim": 512, "vision_cfg": {"layers": 12, "width": 768, "patch_size": 32},
+                             "text_cfg": {"layers": 12}})
+
+
+def test_hf_text_tower_from_a_local_config_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf = tmp_path / "xlmr"
+    transformers.XLMRobertaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=40, pad_token_id=1).save_pretrained(hf)
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                           "patch_size": 16},
+           "text_cfg": {"hf_model_name": str(hf), "hf_pooler_type": "mean_pooler", "hf_proj_type": "mlp"}}
+    fc = FamilyConfig(model_cfg=cfg, preprocess={"image_size": 32},
+                      hf_text_config=json.loads((hf / "config.json").read_text()))
+    ref = create_family_model(fc, seed=0).eval()
+    write_folder(tmp_path / "oc", cfg, ref.state_dict())
+    model, _ = clipforge.load(tmp_path / "oc")
+    ids = torch.tensor([[0, 5, 9, 2, 1, 1], [0, 7, 2, 1, 1, 1]])
+    with torch.no_grad():
+        assert torch.equal(model.encode_text(ids), ref.encode_text(ids))
+    saved = save_model(model, tmp_path / "ours")  # the HF config travels in our config.json
+    assert json.loads((saved / "config.json").read_text())["hf_text_config"]["model_type"] == "xlm-roberta"
+    cfg["text_cfg"]["hf_model_name"] = "xlm-roberta-base"  # a hub name: never fetched, named in one line
+    write_folder(tmp_path / "hub", cfg, ref.state_dict())
+    with pytest.raises(FileNotFoundError, match="hf_model_name='xlm-roberta-base'.*never downloads"):
+        clipforge.load(tmp_path / "hub")
+
+
+def test_family_tokenizer_needs_its_files(tmp_path):
+    cfg = json.loads(json.dumps(TINY))
+    cfg["text_cfg"].update(hf_tokenizer_name="timm/ViT-B-16-SigLIP", tokenizer_kwargs={"clean": "canonicalize"})
+    ref = create_family_model(FamilyConfig(model_cfg=TINY, preprocess={"image_size": 32}), seed=0)
+    write_folder(tmp_path, cfg, ref.state_dict())
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json or spiece.model"):
+        clipforge.load(tmp_path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("timm") is not None, reason="timm is installed here")
+def test_timm_tower_without_timm_is_one_line(tmp_path, capsys):
+    cfg = {"embed_dim": 8, "vision_cfg": {"timm_model_name": "convnext_base", "image_size": 224},
+           "text_cfg": {"layers": 1, "width": 8, "heads": 1}}
+    write_folder(tmp_path, cfg, {"logit_scale": torch.zeros(())})
+    assert cli_main(["convert", str(tmp_path), str(tmp_path / "out"), "--to", "clipforge"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install 'clipforge[families]'" in err and "timm" in err
+
+
+def test_unrecognised_config_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Foo"], "hidden": 3}))
+    save_file({"text.a": torch.zeros(1), "visual.b": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="not one clipforge recognises"):
+        clipforge.load(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(ValueError, match="not a checkpoint clipforge recognises"):
+        clipforge.load(tmp_path)
+
+
+def test_info_describes_a_family_folder(tmp_path, capsys):
+    ref = create_family_model(FamilyConfig(model_cfg=TINY, preprocess={"image_size": 32}), seed=0)
+    write_folder(tmp_path, TINY, ref.state_dict())
+    assert cli_main(["info", str(tmp_path), "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["format"] == "openclip-family" and rec["logit_bias"] == -10.0
+    assert rec["parameters"]["total"] == sum(v.numel() for v in ref.state_dict().values())
+
+
+def test_hf_siglip_key_mapping_round_trips():
+    """HF SiglipModel <-> our keys is tensor surgery only: both ways give back every tensor exactly,
+    and a weight the mapping does not know is refused, not dropped."""
+    transformers = pytest.importorskip("transformers")
+    from clipforge.checkpoints import hf_siglip
+
+    cfg = transformers.SiglipConfig(
+        text_config=dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=8),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=16))
+    torch.manual_seed(0)
+    sd = transformers.SiglipModel(cfg).state_dict()
+    ours = hf_siglip.to_native(sd)
+    assert "visual.trunk.attn_pool.kv.weight" in ours and ours["logit_bias"].shape == ()
+    back = hf_siglip.from_native(ours)
+    assert set(back) == {k for k in sd if not k.endswith("position_ids")}
+    assert all(torch.equal(back[k], sd[k]) for k in back)
+    with pytest.raises(ValueError, match="does not map"):
+        hf_siglip.to_native({**sd, "vision_model.extra.weight": torch.zeros(1)})
