@@ -81,8 +81,8 @@ class Profile:
 PROFILES = {
     "full": Profile("full", "ViT-B/32", "RN50", 8, 64, 4096, 10, 100, 1.0, 30, (1, 64, 256), 3000, None, True, True,
                     {"correctness": 50, "training": 270, "inference": 130, "plan": 20}),
-    "quick": Profile("quick", "tiny-vit", "tiny-rn", 4, 8, 16, 2, 20, 0.5, 8, (1, 16), 300, 1000, False, True,
-                     {"correctness": 30, "training": 85, "inference": 45, "plan": 15}),
+    "quick": Profile("quick", "tiny-vit", "tiny-rn", 4, 8, 16, 2, 20, 0.5, 8, (1, 16), 200, 500, False, True,
+                     {"correctness": 30, "training": 100, "inference": 80, "plan": 10}),
     "smoke": Profile("smoke", "tiny-vit-s", "tiny-rn", 2, 4, 8, 1, 3, 1.0, 3, (1, 4), 24, 64, False, False,
                      {"correctness": 30, "training": 60, "inference": 40, "plan": 15}),
 }
@@ -847,7 +847,7 @@ def section_inference(ctx: "Ctx", rows: Rows) -> None:
                 "detail": f"{p.embed_images} JPEGs in {wall:.1f} s incl. process start "
                           f"({p.embed_images / wall:.0f} img/s)"}
 
-    embed_row = rows.run("embed_cli", embed_cli, needs_s=10)
+    embed_row = rows.run("embed_cli", embed_cli, needs_s=12)
 
     def zeroshot() -> dict[str, Any]:
         need_cli(p)
@@ -872,7 +872,7 @@ def section_inference(ctx: "Ctx", rows: Rows) -> None:
                 "detail": f"{n} CIFAR-10 images in {wall:.1f} s incl. process start (random weights: "
                           f"accuracy is chance)"}
 
-    rows.run("zeroshot_cifar10", zeroshot, needs_s=10)
+    rows.run("zeroshot_cifar10", zeroshot, needs_s=12)
 
     def serve() -> dict[str, Any]:
         for mod in ("fastapi", "faiss", "httpx"):
