@@ -541,9 +541,21 @@ def section_training(ctx: "Ctx", rows: Rows) -> None:
 
 
     def patch_dropout() -> dict[str, Any]:
-        raise Skip("clipforge has no patch dropout (no train flag, no config field)")
+        if not hasattr(bench.model.visual, "patch_dropout"):
+            raise Skip(f"{arch}: patch dropout needs a ViT image tower")
+        bench.model.visual.patch_dropout = 0.5  # what --force-patch-dropout 0.5 sets
+        try:
+            out = bench.measure(batch, p.time_steps)
+        finally:
+            bench.model.visual.patch_dropout = 0.0
+            bench.release()
+        eager = found.get("samples_per_s")
+        out["vs_off"] = out["samples_per_s"] / eager if eager else None
+        out["detail"] = (f"p 0.5, batch {batch}: {out['samples_per_s']:.0f} samples/s"
+                         + (f" (x{out['vs_off']:.2f} of no dropout)" if eager else ""))
+        return out
 
-    rows.run("patch_dropout", patch_dropout)
+    rows.run("patch_dropout", patch_dropout, needs_s=15)
 
     def open_clip_step() -> dict[str, Any]:
         if importlib.util.find_spec("open_clip") is None:
