@@ -155,7 +155,7 @@ def _text_features(model: CLIP, ids: torch.Tensor) -> torch.Tensor:
     ids' values (meta tensors have none); at full context that trim is a no-op, so its pooled
     forward is exactly what runs for a batch whose longest caption fills the context."""
     text = model.text
-    out = text._forward_pooled(ids) if isinstance(text, FastTextTransformer) else text(ids)
+    out = text.forward_pooled(ids) if isinstance(text, FastTextTransformer) else text(ids)
     return F.normalize(out.float(), dim=-1)
 
 

@@ -490,3 +490,28 @@ def test_loaded_resnet_folds_lazily_and_follows_changes():
     assert (got2 - ref2).abs().max() <= TOL
     model.train()
     assert not model.visual.packed  # training drops the copies; the train-mode forward is the plain one
+
+
+def test_packing_reset_and_int8_detection_are_public():
+    """``fast.disable`` resets packing through ``Packing.reset``; feature caches detect int8 compute
+    through ``fast.computes_int8`` (not by an attribute name)."""
+    from clipforge.fast import computes_int8, disable
+    from clipforge.fast.transformer import Packing
+
+    model = clipforge.create_model(micro_config("vit"), seed=0)
+    fast.optimize_for_inference(model, precision="int8" if fast.apply.int8_available() else "fp32")
+    assert computes_int8(model) == fast.apply.int8_available()
+    packers = [m for m in model.modules() if isinstance(m, Packing)]
+    assert packers and all(m.pack_weights for m in packers)
+    disable(model)
+    assert not computes_int8(model)
+    assert all("pack_weights" not in m.__dict__ and "int8" not in m.__dict__ for m in packers)
+
+
+def test_save_model_refuses_a_compiled_model(tmp_path):
+    from clipforge.checkpoints import save_model
+
+    model = clipforge.create_model(micro_config("vit"), seed=0)
+    model.text = torch.compile(model.text)  # what optimize_for_inference(compile=True) does (not run here)
+    with pytest.raises(ValueError, match="compiled"):
+        save_model(model, tmp_path / "m.safetensors")

@@ -171,6 +171,9 @@ def native_state_dict(model: CLIP) -> dict[str, torch.Tensor]:
         raise ValueError("this model was prepared by optimize_for_inference (BatchNorm folded into the "
                          "convolutions), so its parameters no longer match the architecture; save the "
                          "model before optimising it, or reload it")
+    if any(hasattr(m, "_orig_mod") for m in model.modules()):  # torch.compile's wrapper renames every key
+        raise ValueError("this model's towers were compiled (optimize_for_inference(compile=True)), which "
+                         "renames every weight (._orig_mod.); save the model before compiling it")
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 

@@ -17,6 +17,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..fast import computes_int8
+
 
 def default_cache_dir() -> Path:
     """``$CLIPFORGE_CACHE_DIR``, else ``$XDG_CACHE_HOME/clipforge``, else ``~/.cache/clipforge``."""
@@ -51,7 +53,7 @@ def _tower(model: nn.Module, attr: str) -> nn.Module:
 def _int8(tower: nn.Module) -> bool:
     """Whether the tower computes its products in int8 (``optimize_for_inference(precision="int8")``):
     the weights are the fp32 model's, the features are not, so cached features must not be shared."""
-    return any(getattr(m, "int8", False) is True for m in tower.modules())
+    return computes_int8(tower)
 
 
 def text_tower_fingerprint(model: nn.Module) -> str:

@@ -18,7 +18,8 @@ from .apply import disable, enable, is_enabled, optimize_for_inference
 from .backend import (backend_record, fastest_precision, linear_backend, matmul_speed_by_precision,
                       set_backend, using_backend)
 from .resnet import fold_batchnorm
+from .transformer import computes_int8
 
 __all__ = ["enable", "disable", "is_enabled", "optimize_for_inference", "set_backend", "using_backend",
            "linear_backend", "backend_record", "fastest_precision", "matmul_speed_by_precision",
-           "fold_batchnorm"]
+           "fold_batchnorm", "computes_int8"]

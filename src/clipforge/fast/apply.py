@@ -55,9 +55,8 @@ def disable(model: nn.Module) -> nn.Module:
     for m in model.modules():
         plain = PLAIN.get(type(m))
         if plain is not None:
-            m.__dict__.pop("packed", None)
-            m.__dict__.pop("pack_weights", None)
-            m.__dict__.pop("int8", None)
+            if isinstance(m, Packing):
+                m.reset()
             swap_class(m, plain)
     return model
 

@@ -27,10 +27,12 @@ class FastTextTransformer(TextTransformer):
                 return self._forward_bucketed(ids)
             if ids.shape[0] > 0:  # tokens after the batch's last end-of-text token: never seen
                 ids = ids[:, : int(ids.argmax(dim=-1).max()) + 1]
-        return self._forward_pooled(ids)
+        return self.forward_pooled(ids)
 
-    def _forward_pooled(self, ids: torch.Tensor) -> torch.Tensor:
-        # LayerNorm acts per token, so normalising only the pooled tokens is exact.
+    def forward_pooled(self, ids: torch.Tensor) -> torch.Tensor:
+        """Features of ``ids`` [B, L] -> [B, D] as given (no padding trim, no buckets): what ``forward``
+        runs after trimming, and what a caller that must not trim (the planner's meta tensors) calls.
+        LayerNorm acts per token, so normalising only the pooled tokens is exact."""
         x = self.transformer.forward_pooled(self.embed(ids), ids.argmax(dim=-1))
         return self.ln_final(x) @ self.text_projection
 
@@ -63,7 +65,7 @@ class FastTextTransformer(TextTransformer):
         # The shared prefix ends before every row's end-of-text token (pooled rows stay per-row).
         p = min(int(same.sum()), int(eot.min()))
         if b < 2 or p * (b - 1) < self.min_prefix_saving:
-            return self._forward_pooled(ids)
+            return self.forward_pooled(ids)
         dtype = self.text_projection.dtype
         pos = self.positional_embedding[: ids.shape[1]].to(dtype)
         prefix = self.token_embedding(ids[:1, :p]).to(dtype) + pos[:p]  # [1, P, W]

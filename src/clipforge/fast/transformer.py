@@ -52,6 +52,17 @@ class Packing:
     def drop_packed(self) -> None:
         self.packed = None
 
+    def reset(self) -> None:
+        """Back to the class defaults: no packing, no int8, no packed copies (``fast.disable``)."""
+        for name in ("packed", "pack_weights", "int8"):
+            self.__dict__.pop(name, None)
+
+
+def computes_int8(module: torch.nn.Module) -> bool:
+    """Whether any part of ``module`` runs its products in int8 (``optimize_for_inference(precision=
+    "int8")``): same weights as fp32, other features, so feature caches must tell them apart."""
+    return any(isinstance(m, Packing) and m.int8 for m in module.modules())
+
 
 class FastMLP(Packing, MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
