@@ -298,6 +298,8 @@ def siglip_rows(args: argparse.Namespace, peaks: dict[str, float]) -> list[dict[
     model = clipforge.create_model(cfg, seed=0).eval().requires_grad_(False)  # (the flop counter's hooks need it)
     impls: dict[str, torch.nn.Module] = {"clipforge": optimize_for_inference(clipforge.create_model(cfg, seed=0).eval())}
     try:
+        if not peaks["bf16_peak"]:
+            raise ValueError("this CPU measured no bf16 GEMM throughput (no bf16 products)")
         low = optimize_for_inference(clipforge.create_model(cfg, seed=0).eval(), precision="bf16")
         with torch.inference_mode():  # this CPU may lack bf16 products (oneDNN refuses at the first call)
             low.encode_image(torch.zeros(1, 3, 224, 224, dtype=torch.bfloat16))
