@@ -21,6 +21,21 @@ def micro_model(seed: int = 0):
     return create_model(micro_config("vit"), seed=seed).eval()
 
 
+def photo_index(d: Path, shard_size: int = 5):
+    """A micro model and an index of the sample photo folder, under ``d`` (photos/, emb/, idx/): what
+    the service tests serve. Returns the model."""
+    from clipforge.search.embed import embed_collection  # faiss/pyarrow: only for the tests that serve
+    from clipforge.search.index import build_index
+    from clipforge.search.sources import ImageFolderSource
+
+    model = micro_model()
+    make_image_folder(d / "photos")
+    embed_collection(model, ImageFolderSource(d / "photos"), d / "emb", shard_size=shard_size, progress=False,
+                     rank=0, world_size=1)
+    build_index(d / "emb", d / "idx", n_queries=5, progress=False)
+    return model
+
+
 def pattern_image(i: int, size: tuple[int, int] = (48, 40), mode: str = "RGB") -> Image.Image:
     """A distinct picture per ``i``: coloured stripes and a block whose place depends on ``i``."""
     rng = np.random.default_rng(i)

@@ -15,7 +15,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from search.searchutil import LiveServer, jpeg_bytes, make_image_folder, micro_model, pattern_image
+from search.searchutil import LiveServer, jpeg_bytes, pattern_image, photo_index
 
 import clipforge.search.http as http
 from clipforge.search.embed import embed_collection
@@ -28,12 +28,7 @@ from clipforge.search.sources import ImageFolderSource
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     d = tmp_path_factory.mktemp("expo")
-    model = micro_model()
-    make_image_folder(d / "photos")
-    embed_collection(model, ImageFolderSource(d / "photos"), d / "emb", shard_size=50, progress=False,
-                     rank=0, world_size=1)
-    build_index(d / "emb", d / "idx", n_queries=5, progress=False)
-    return d, model
+    return d, photo_index(d, shard_size=50)
 
 
 @pytest.fixture(scope="module")

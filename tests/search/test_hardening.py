@@ -14,27 +14,18 @@ from fastapi.testclient import TestClient
 from search.searchutil import (
     LiveServer,
     jpeg_bytes,
-    make_image_folder,
-    micro_model,
     pattern_image,
+    photo_index,
 )
 
 import clipforge.search.service as service
-from clipforge.search.embed import embed_collection
-from clipforge.search.index import build_index
 from clipforge.search.service import create_app
-from clipforge.search.sources import ImageFolderSource
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     d = tmp_path_factory.mktemp("hard")
-    model = micro_model()
-    make_image_folder(d / "photos")
-    embed_collection(model, ImageFolderSource(d / "photos"), d / "emb", shard_size=5, progress=False,
-                     rank=0, world_size=1)
-    build_index(d / "emb", d / "idx", n_queries=5, progress=False)
-    return d, model
+    return d, photo_index(d, shard_size=5)
 
 
 @pytest.fixture(scope="module")

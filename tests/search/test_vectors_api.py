@@ -15,14 +15,11 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from search.searchutil import LiveServer, jpeg_bytes, make_image_folder, micro_model, pattern_image
+from search.searchutil import LiveServer, jpeg_bytes, micro_model, pattern_image, photo_index
 
 from clipforge.inference import embed_images, embed_texts
 from clipforge.preprocess import image_transform, load_image
-from clipforge.search.embed import embed_collection
-from clipforge.search.index import build_index
 from clipforge.search.service import create_app
-from clipforge.search.sources import ImageFolderSource
 
 TOKEN = "s3cret-token-0123456789"
 
@@ -30,12 +27,7 @@ TOKEN = "s3cret-token-0123456789"
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     d = tmp_path_factory.mktemp("vec")
-    model = micro_model()
-    make_image_folder(d / "photos")
-    embed_collection(model, ImageFolderSource(d / "photos"), d / "emb", shard_size=50, progress=False,
-                     rank=0, world_size=1)
-    build_index(d / "emb", d / "idx", n_queries=5, progress=False)
-    return d, model
+    return d, photo_index(d, shard_size=50)
 
 
 @pytest.fixture(scope="module")
