@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import io
 import json
+import multiprocessing
 import re
 import socket
 import subprocess
@@ -42,9 +43,8 @@ from _common import RESULTS, environment, print_table
 
 SERVER = """
 import json, socket, sys
-import uvicorn
 from clipforge.loading import load_for_inference
-from clipforge.search.server import ServerLimits, connection_budget, uvicorn_config
+from clipforge.search.server import ServerLimits, connection_budget, uvicorn_server
 from clipforge.search.service import create_app
 cfg = json.loads(sys.argv[1])
 limits = connection_budget(ServerLimits(max_connections=cfg["max_connections"]))
@@ -53,7 +53,7 @@ app = create_app(cfg["index"], model, pre, workers=cfg["threads"], max_batch=cfg
                  batch_wait_ms=cfg["wait_ms"], max_pending=4096, query_cache=cfg["cache"])
 sock = socket.socket(); sock.bind(("127.0.0.1", 0))
 print(sock.getsockname()[1], flush=True)
-uvicorn.Server(uvicorn_config(app, limits, log_level="warning", access_log=False)).run(sockets=[sock])
+uvicorn_server(app, limits, log_level="warning", access_log=False).run(sockets=[sock])
 """
 WORDS = ("dog cat beach red blue car tree house river mountain city night snow bird flower street boat "
          "child old green small large running sitting photo painting").split()
@@ -305,6 +305,28 @@ def bomb_png(side: int = 13_000) -> bytes:
     return buf.getvalue()
 
 
+def idle_flood(port: int, n: int, stop: float, result) -> None:
+    """Open ``n`` connections that never send a byte, hold them until ``stop``, report to ``result``."""
+    socks, refused, t0 = [], 0, time.perf_counter()
+    for _ in range(n):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        except OSError:
+            refused += 1
+            s.close()
+            continue
+        socks.append(s)
+    opened_s = time.perf_counter() - t0
+    result.put({"idle_opened": len(socks), "idle_failed": refused, "idle_open_seconds": round(opened_s, 2)})
+    time.sleep(max(stop - time.perf_counter(), 0))
+    for s in socks:
+        s.close()
+
+
 def hardening_suite(idx: Path, args: argparse.Namespace) -> dict:
     import httpx
 
@@ -332,26 +354,17 @@ def hardening_suite(idx: Path, args: argparse.Namespace) -> dict:
         out["bomb"] = {**r, "bomb_bytes": len(bomb), "rss_before_mib": before["rss_mib"], **server.rss()}
 
         async def idle(stop: float) -> dict:
-            socks, refused = [], 0
-            for _ in range(args.idle):
-                s = socket.socket()
-                s.setblocking(False)
-                try:
-                    s.connect(("127.0.0.1", server.port))
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    refused += 1
-                    s.close()
-                    continue
-                socks.append(s)
-                if len(socks) % 500 == 0:
-                    await asyncio.sleep(0)  # let the health poller run while the flood builds
+            # the flood lives in its own process: opening ~20k sockets blocks for tens of seconds
+            # (ephemeral port search), which must not stall the /health poller's event loop
+            ctx = multiprocessing.get_context("fork")
+            result = ctx.Queue()
+            proc = ctx.Process(target=idle_flood, args=(server.port, args.idle, stop, result))
+            proc.start()
             while time.perf_counter() < stop:
                 await asyncio.sleep(0.1)
-            for s in socks:
-                s.close()
-            return {"idle_opened": len(socks), "idle_failed": refused}
+            out = await asyncio.to_thread(result.get)
+            await asyncio.to_thread(proc.join)
+            return out
 
         before = server.rss()
         r = asyncio.run(health_during(server.base, args.duration, idle))

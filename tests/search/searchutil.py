@@ -145,17 +145,14 @@ class LiveServer:
         import threading
         import time
 
-        import uvicorn
-
-        from clipforge.search.server import ServerLimits, uvicorn_config
+        from clipforge.search.server import ServerLimits, uvicorn_server
 
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn_config(app, limits or ServerLimits(), log_level=log_level, access_log=False)
-        config.lifespan = "off"
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn_server(app, limits or ServerLimits(), log_level=log_level, access_log=False)
+        self.server.config.lifespan = "off"
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         for _ in range(500):

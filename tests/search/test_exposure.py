@@ -20,7 +20,7 @@ from search.searchutil import LiveServer, jpeg_bytes, pattern_image, photo_index
 import clipforge.search.http as http
 from clipforge.search.embed import embed_collection
 from clipforge.search.index import build_index
-from clipforge.search.server import ServerLimits, bind_socket, is_loopback
+from clipforge.search.server import ACCEPT_BURST, IdleConnections, ServerLimits, bind_socket, is_loopback
 from clipforge.search.service import create_app
 from clipforge.search.sources import ImageFolderSource
 
@@ -237,6 +237,116 @@ def test_health_answers_beside_thousands_of_idle_connections(built):
     finally:
         for s in socks:
             s.close()
+        server.close()
+
+
+def _get_health(sock: socket.socket) -> bytes:
+    """One keep-alive GET /health on ``sock``; the response head and body (b"" once closed)."""
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_a_client_that_keeps_using_its_connection_outlives_a_flood(built):
+    """Beyond the cap, connections that never sent a request go first: a poller's keep-alive
+    connection (older than every flood socket) is not the one closed."""
+    import resource
+
+    d, model = built
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    n = min(2000, soft // 2 - 200)
+    if n < 500:
+        pytest.skip(f"descriptor limit {soft} is too low for an idle-connection flood")
+    server = LiveServer(create_app(d / "idx", model), ServerLimits(max_connections=100, header_timeout=60))
+    poller = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    socks: list[socket.socket] = []
+    try:
+        assert b" 200 " in _get_health(poller).split(b"\r\n")[0]
+        socks = _flood(server.port, n)
+        assert len(socks) > 400
+        for _ in range(3):  # the same connection answers again, and again
+            assert b" 200 " in _get_health(poller).split(b"\r\n")[0]
+        assert socks[0].recv(1) == b""  # the oldest never-speaking socket was the one closed
+    finally:
+        poller.close()
+        for s in socks:
+            s.close()
+        server.close()
+
+
+class _Conn:
+    """A stand-in for a uvicorn protocol: its request state and transport."""
+
+    def __init__(self, busy: bool = False, sock: socket.socket | None = None) -> None:
+        self.cycle = None if not busy else type("Cycle", (), {"response_complete": False})()
+        self.closing = False
+        self.transport = self
+        self.sock = sock
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_extra_info(self, name: str):
+        return self.sock if name == "socket" else None
+
+
+def test_idle_connections_evict_never_served_first_then_least_recently_active():
+    idle = IdleConnections()
+    a, b, c, new = _Conn(), _Conn(), _Conn(), _Conn()
+    idle.waiting(a, served=True)
+    idle.waiting(b, served=False)
+    idle.waiting(c, served=True)
+    idle.waiting(new, served=False)
+    assert idle.victim(keep=new) is b  # never served, though younger than a
+    idle.waiting(a, served=True)  # a finished another response: now more recent than c
+    assert idle.victim(keep=new) is c
+    assert idle.victim(keep=new) is a
+    assert idle.victim(keep=new) is None  # only the newcomer is left
+    busy = _Conn(busy=True)
+    idle.waiting(busy, served=True)  # started a request after its last response: not idle
+    assert idle.victim(keep=new) is None
+    gone = _Conn()
+    idle.waiting(gone, served=False)
+    idle.forget(gone)
+    assert idle.victim(keep=new) is None
+
+
+def test_a_connection_whose_request_is_not_read_yet_is_not_idle():
+    """The event loop runs a burst of accepts before earlier connections' reads: a socket with a
+    request waiting in its buffer must not be taken for an idle one."""
+    here, there = socket.socketpair()
+    quiet_here, quiet_there = socket.socketpair()
+    try:
+        there.sendall(b"GET /health HTTP/1.1\r\n\r\n")
+        idle = IdleConnections()
+        talking, quiet, new = _Conn(sock=here), _Conn(sock=quiet_here), _Conn()
+        idle.waiting(talking, served=False)
+        idle.waiting(quiet, served=False)
+        idle.waiting(new, served=False)
+        assert idle.victim(keep=new) is quiet
+    finally:
+        for s in (here, there, quiet_here, quiet_there):
+            s.close()
+
+
+def test_the_server_accepts_in_short_turns_from_a_deep_queue(built):
+    d, model = built
+    server = LiveServer(create_app(d / "idx", model))
+    try:
+        assert server.server.config.backlog == ACCEPT_BURST  # asyncio's accepts per event-loop turn
+        ss = shutil.which("ss")
+        if ss is None:
+            pytest.skip("no `ss` to read the listening queue's depth")
+        import subprocess
+
+        out = subprocess.run([ss, "-lntH", f"sport = :{server.port}"], capture_output=True, text=True).stdout.split()
+        assert int(out[2]) > ACCEPT_BURST, out  # Send-Q of a listening socket: its backlog
+    finally:
         server.close()
 
 

@@ -350,7 +350,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from clipforge.search.http import multipart_available
     from clipforge.search.index import load_index, parse_memory
-    from clipforge.search.server import ServerLimits, bind_socket, connection_budget, is_loopback, uvicorn_config
+    from clipforge.search.server import ServerLimits, bind_socket, connection_budget, is_loopback, uvicorn_server
     from clipforge.search.service import create_app
 
     token = read_token(args.auth_token_file) if args.auth_token_file else None
@@ -400,7 +400,7 @@ def run_serve(args: argparse.Namespace) -> int:
             what = ", ".join(f"{n}: {sv.searcher.index.count()} items" for n, sv in app.state.served.items()) \
                 if len(indexes) > 1 else f"{index.count()} items from {specs[0][1]}"
             print(f"serving {what} on http://{shown}:{port}/{open_note} (API docs at /docs)", flush=True)
-            uvicorn.Server(uvicorn_config(app, limits, log_level=args.log_level)).run(sockets=[sock])
+            uvicorn_server(app, limits, log_level=args.log_level).run(sockets=[sock])
         finally:
             for ix in indexes.values():
                 ix.close()
