@@ -162,3 +162,24 @@ def test_cli_embed_hostile_folder(tmp_path, ckpt, capsys, no_hang):
     capsys.readouterr()
     keys = sorted(r["key"] for r in load_metadata(tmp_path / "emb" / "metadata" / "metadata_00000.parquet").to_pylist())
     assert keys == ["a.jpg", "b.png", "caf\\xe9.jpg", "sub/c.jpg"]
+
+
+def test_thumbnail_of_a_bytes_name_is_served(tmp_path):
+    """The index stores a non-UTF-8 file name as ``\\xNN`` text; the thumbnail must reopen the file."""
+    from fastapi.testclient import TestClient
+
+    from clipforge.search.index import build_index
+    from clipforge.search.service import create_app
+
+    root = hostile_folder(tmp_path / "p")
+    os.unlink(root / "x.jpg")  # the FIFO and the loop are not this test's subject
+    model = micro_model()
+    embed_collection(model, ImageFolderSource(root), tmp_path / "emb", shard_size=10, progress=False, workers=0,
+                     rank=0, world_size=1)
+    build_index(tmp_path / "emb", tmp_path / "idx")
+    client = TestClient(create_app(tmp_path / "idx", model), raise_server_exceptions=False)
+    n = client.get("/health").json()["items"]
+    ids = [i for i in range(n) if client.get(f"/items/{i}").json().get("key") == "caf\\xe9.jpg"]
+    assert len(ids) == 1
+    r = client.get(f"/items/{ids[0]}/image")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"

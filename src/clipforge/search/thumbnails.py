@@ -18,6 +18,7 @@ from typing import Any
 from PIL import Image
 
 from ..preprocess import load_image
+from ..utils import fs_name
 from .http import DEFAULT_MAX_IMAGE_PIXELS, check_pixels, public_path
 from .searcher import QueryError
 
@@ -63,6 +64,7 @@ class Thumbnailer:
         what = f"item {public_path(row.get('key'))!r}"
         if not path:
             raise ThumbnailError(f"{what} has no image")
+        path, member = fs_name(path), fs_name(member) if member else member  # stored as text: back to the bytes
         try:
             if member:
                 idx = self._tar_index(path)
