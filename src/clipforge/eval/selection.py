@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..data.scenes import SELECTION_TYPES, parse_scenes_query, render_scene, selection_groups
 from ..inference import embed_images
-from ..models.objectives import objective_of
+from ..models.heads import objective_of
 from ..preprocess import image_transform, load_image
 from .features import skippable_errors
 from .zeroshot import embed_texts_length_sorted
