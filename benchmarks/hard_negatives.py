@@ -72,7 +72,8 @@ def _train(config, run_dir: Path) -> dict:
 def _probes(model, n_pairs: int) -> dict[str, float]:
     """Text cosine of caption pairs differing in a spatial word; mean image cosine of a relation
     scene and its re-arranged twin (the minimal pairs' replace_pos groups)."""
-    from clipforge.data.scenes import render_scene, selection_groups
+    from clipforge.data.scene_pairs import selection_groups
+    from clipforge.data.scenes import render_scene
     from clipforge.inference import embed_images, embed_texts
 
     out = {}

@@ -21,7 +21,7 @@ OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 #: What a model was trained to do (the three objectives of the paper's Figure 2): ``contrastive``
 #: (CLIP), ``bow`` (predict the caption's bag of BPE tokens from the image), ``caption`` (predict
-#: the caption's tokens in order). See :mod:`clipforge.models.objectives`.
+#: the caption's tokens in order). See :mod:`clipforge.models.heads`.
 OBJECTIVES = ("contrastive", "bow", "caption")
 # Ids of the OpenAI BPE tokenizer reach 49407: a text tower with fewer embeddings cannot read them.
 OPENAI_BPE_VOCAB = 49408

@@ -47,7 +47,7 @@ def test_tiny_demo_writes_report_and_reuses_finished_run(tmp_path):
     assert {rec["task"] for rec in saved["records"]} == {"zeroshot_classification", "zeroshot_retrieval",
                                                          "image_caption_selection"}
     sel = saved["selection"]  # quick: 10 minimal pairs per negative type
-    from clipforge.data.scenes import SELECTION_TYPES
+    from clipforge.data.scene_pairs import SELECTION_TYPES
 
     assert sel["n"] == 10 * len(SELECTION_TYPES) and list(sel["per_type"]) == list(SELECTION_TYPES)
     for m in [sel["metrics"], *sel["per_type"].values()]:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from clipforge.cli.main import main as cli_main
-from clipforge.data.scenes import (SELECTION_TYPES, ScenesDataset, scene_captions, selection_groups, swap_positions)
+from clipforge.data.scene_pairs import SELECTION_TYPES, selection_groups
+from clipforge.data.scenes import ScenesDataset, scene_captions, swap_positions
 from clipforge.eval.records import CLIP_BENCHMARK_KEYS
 from clipforge.eval.selection import (open_selection, read_selection_jsonl, run_image_caption_selection,
                                       selection_correct, selection_metrics)

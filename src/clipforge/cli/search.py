@@ -14,6 +14,13 @@ from .options import (ListAction, add_inference_model_options, add_log_option, a
 
 
 def register(sub: Any) -> None:
+    _add_embed(sub)
+    _add_index(sub)
+    _add_search(sub)
+    _add_serve(sub)
+
+
+def _add_embed(sub: Any) -> None:
     p = sub.add_parser("embed", help="embed an image folder, manifest, shards or text file into resumable shards",
                        description="Writes img_emb/*.npy (float16) + metadata/*.parquet shards and manifest.json. "
                                    "Re-running skips finished shards; under torchrun each rank embeds its share.")
@@ -36,6 +43,8 @@ def register(sub: Any) -> None:
     add_progress_option(p)
     p.set_defaults(func=run_embed)
 
+
+def _add_index(sub: Any) -> None:
     p = sub.add_parser("index", help="build a FAISS or Milvus index over an embedding directory "
                                      "(or --add new shards, --delete ids)",
                        description="Exact (flat) for small collections; IVF-HNSW with SQ8/PQ codes above "
@@ -78,6 +87,8 @@ def register(sub: Any) -> None:
     add_progress_option(p)
     p.set_defaults(func=run_index)
 
+
+def _add_search(sub: Any) -> None:
     p = sub.add_parser("search", help="query an index with a text or an image")
     add_inference_model_options(p, batch_size=None)
     p.add_argument("--index", required=True, type=existing_dir, help="index directory")
@@ -91,12 +102,29 @@ def register(sub: Any) -> None:
     add_long_text_options(p, default="error", what="a text query")
     p.set_defaults(func=run_search)
 
+
+def _add_serve(sub: Any) -> None:
     p = sub.add_parser("serve", help="HTTP search API + web page (FastAPI on uvicorn)",
                        description="Needs the search extra: pip install 'clipforge[search]'.")
     add_inference_model_options(p, batch_size=None)
     p.add_argument("--index", required=True, action="append", type=index_spec, metavar="[NAME=]PATH",
                    help="index directory, NAME=PATH, or clip-retrieval's indices_paths.json ({name: path}); repeat "
                         "for several indexes (the first is the default; requests choose with 'index')")
+    _add_serve_access_options(p)
+    _add_serve_compute_options(p)
+    _add_serve_limit_options(p)
+    p.add_argument("--index-name", default=None, type=nonempty_str,
+                   help="name of a single unnamed --index (default: the index folder's name)")
+    p.add_argument("--no-uploads", action="store_true",
+                   help="disable image uploads (needed to start without python-multipart)")
+    p.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=None,
+                   help="memory-map the index (default: when over 1 GiB)")
+    add_log_option(p, default="info")
+    p.set_defaults(func=run_serve)
+
+
+def _add_serve_access_options(p: argparse.ArgumentParser) -> None:
+    """Who may reach the server; how its connections and query images are bounded."""
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (beyond loopback only with --auth-token-file or --insecure)")
     p.add_argument("--port", type=port_number, default=8080, help="TCP port (0: any free port)")
@@ -116,6 +144,10 @@ def register(sub: Any) -> None:
     p.add_argument("--auth-token-file", type=existing_file, default=None, metavar="FILE",
                    help="file holding a bearer token (>= 16 characters): every route but /health then needs "
                         "'Authorization: Bearer <token>'")
+
+
+def _add_serve_compute_options(p: argparse.ArgumentParser) -> None:
+    """How queries are encoded: runtime, batching across requests, shutdown."""
     p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
                    help="run the towers in torch, or export them to ONNX at start and run them in ONNX Runtime "
                         "(fp32; needs the onnx extra)")
@@ -129,6 +161,10 @@ def register(sub: Any) -> None:
                    help="texts (and images) per /embed or /rank request")
     p.add_argument("--graceful-timeout", type=positive_int, default=30,
                    help="seconds to finish in-flight requests on SIGTERM / Ctrl-C before closing")
+
+
+def _add_serve_limit_options(p: argparse.ArgumentParser) -> None:
+    """What one request may ask for, and how much work may wait."""
     p.add_argument("--max-k", type=positive_int, default=100, help="largest k a request may ask for")
     p.add_argument("--max-upload", default="10M", type=memory_size, help="largest accepted image upload")
     p.add_argument("--thumb-size", type=positive_int, default=256, help="thumbnail size in pixels")
@@ -138,14 +174,6 @@ def register(sub: Any) -> None:
     p.add_argument("--max-pending", type=positive_int, default=256,
                    help="requests queued or running before new ones get 503")
     p.add_argument("--request-timeout", type=positive_float, default=30.0, help="seconds before a query gets 503")
-    p.add_argument("--index-name", default=None, type=nonempty_str,
-                   help="name of a single unnamed --index (default: the index folder's name)")
-    p.add_argument("--no-uploads", action="store_true",
-                   help="disable image uploads (needed to start without python-multipart)")
-    p.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=None,
-                   help="memory-map the index (default: when over 1 GiB)")
-    add_log_option(p, default="info")
-    p.set_defaults(func=run_serve)
 
 
 def milvus_name(text: str) -> str:

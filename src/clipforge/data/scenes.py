@@ -27,7 +27,6 @@ import itertools
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -130,11 +129,13 @@ def _pick_size(rng: random.Random) -> str:
     return rng.choice(("small", "large"))
 
 
-def _single(rng: random.Random, combo: tuple[str, str], size: str | None = None) -> tuple[SceneObject, ...]:
+def single_objects(rng: random.Random, combo: tuple[str, str], size: str | None = None) -> tuple[SceneObject, ...]:
+    """One object of ``combo`` (colour, shape) anywhere near the centre."""
     return (SceneObject(*combo, size or _pick_size(rng), rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7)),)
 
 
-def _relation(rng: random.Random, a: tuple[str, str], b: tuple[str, str], relation: str) -> tuple[SceneObject, ...]:
+def relation_objects(rng: random.Random, a: tuple[str, str], b: tuple[str, str], relation: str) -> tuple[SceneObject, ...]:
+    """Objects ``a`` then ``b`` on one axis: ``a`` left of (``relation="left"``) or above ``b``."""
     za, zb = _pick_size(rng), _pick_size(rng)
     near, far = rng.uniform(0.17, 0.32), rng.uniform(0.68, 0.83)
     common = rng.uniform(0.3, 0.7)
@@ -146,7 +147,8 @@ def _relation(rng: random.Random, a: tuple[str, str], b: tuple[str, str], relati
     return SceneObject(*a, za, *pa), SceneObject(*b, zb, *pb)
 
 
-def _count(rng: random.Random, combo: tuple[str, str], n: int) -> tuple[SceneObject, ...]:
+def count_objects(rng: random.Random, combo: tuple[str, str], n: int) -> tuple[SceneObject, ...]:
+    """``n`` objects of ``combo``, one size, in distinct grid cells."""
     size = _pick_size(rng)
     pos = _grid_positions(rng, n, [SIZES[size]] * n)
     return tuple(SceneObject(*combo, size, x, y) for x, y in pos)
@@ -159,7 +161,8 @@ def _trio(rng: random.Random, combos: list[tuple[str, str]]) -> tuple[SceneObjec
     return tuple(sorted(objs, key=lambda o: (round(o.x * 3 - 0.5), o.y)))  # left to right, then top down
 
 
-def _finish(rng: random.Random, kind: str, objects: tuple[SceneObject, ...], relation: str | None = None) -> SceneSpec:
+def finish_scene(rng: random.Random, kind: str, objects: tuple[SceneObject, ...], relation: str | None = None) -> SceneSpec:
+    """``objects`` as a scene of ``kind`` on a drawn background and texture, with its render seed."""
     return SceneSpec(kind=kind, objects=objects, background=rng.choice(list(BACKGROUNDS)),
                      texture=rng.choice(TEXTURES), relation=relation, render_seed=rng.getrandbits(63))
 
@@ -175,7 +178,7 @@ def make_scene(rng: random.Random, combos: tuple[tuple[str, str], ...] = TRAIN_C
             kind = k
             break
     if kind == "single":
-        return _finish(rng, kind, _single(rng, rng.choice(combos)))
+        return finish_scene(rng, kind, single_objects(rng, rng.choice(combos)))
     if kind == "relation":
         pool = [p for p in RELATION_POOL if p[0] in combos and p[1] in combos]
         if pool and rng.random() < RELATION_POOL_SHARE:
@@ -183,10 +186,10 @@ def make_scene(rng: random.Random, combos: tuple[tuple[str, str], ...] = TRAIN_C
         else:
             a, b = rng.sample(combos, 2)
         rel = rng.choice(("left", "above"))
-        return _finish(rng, kind, _relation(rng, a, b, rel), rel)
+        return finish_scene(rng, kind, relation_objects(rng, a, b, rel), rel)
     if kind == "count":
-        return _finish(rng, kind, _count(rng, rng.choice(combos), rng.choice((2, 3))))
-    return _finish(rng, kind, _trio(rng, rng.sample(combos, 3)))
+        return finish_scene(rng, kind, count_objects(rng, rng.choice(combos), rng.choice((2, 3))))
+    return finish_scene(rng, kind, _trio(rng, rng.sample(combos, 3)))
 
 
 # ----------------------------------------------------------------------------- captions
@@ -419,7 +422,7 @@ def scene_tasks(seed: int = 0, n_per_class: int = 50, image_size: int = 64,
     cs_templates = ["a photo of a {}.", "a {}"]
 
     def single(combos):
-        return lambda rng, label: _finish(rng, "single", _single(rng, combos[label]))
+        return lambda rng, label: finish_scene(rng, "single", single_objects(rng, combos[label]))
 
     held = list(HELDOUT_COMBOS)
     seen = _seen_control_combos()
@@ -427,8 +430,8 @@ def scene_tasks(seed: int = 0, n_per_class: int = 50, image_size: int = 64,
     def counting(rng, label):
         combo = rng.choice(TRAIN_COMBOS)
         if label == 0:
-            return _finish(rng, "single", _single(rng, combo))
-        return _finish(rng, "count", _count(rng, combo, label + 1))
+            return finish_scene(rng, "single", single_objects(rng, combo))
+        return finish_scene(rng, "count", count_objects(rng, combo, label + 1))
 
     (ca, sa), (cb, sb) = POSITION_PAIR
     rels = [("left", False), ("left", True), ("above", False), ("above", True)]
@@ -436,8 +439,8 @@ def scene_tasks(seed: int = 0, n_per_class: int = 50, image_size: int = 64,
     def position(rng, label):
         rel, swap = rels[label]
         a, b = POSITION_PAIR
-        objs = _relation(rng, b, a, rel) if swap else _relation(rng, a, b, rel)
-        return _finish(rng, "relation", objs, rel)
+        objs = relation_objects(rng, b, a, rel) if swap else relation_objects(rng, a, b, rel)
+        return finish_scene(rng, "relation", objs, rel)
 
     makers = {
         "heldout_colour_shape": lambda: _task("heldout_colour_shape", seed, n_per_class, image_size,
@@ -483,7 +486,7 @@ def scene_retrieval_set(n: int = 500, seed: int = 0, image_size: int = 64
     raise AssertionError("unreachable")
 
 
-# ----------------------------------------------------------------------------- minimal pairs
+# ----------------------------------------------------------------------------- re-arranged scenes
 def swap_positions(spec: SceneSpec) -> SceneSpec | None:
     """The re-arranged scene of a relation scene: its two objects trade places (each keeps its
     colour, shape and size), so every relation caption flips ("a red circle to the left of a blue
@@ -509,82 +512,6 @@ def relation_caption(spec: SceneSpec, first: tuple[str, str]) -> str:
     raise ValueError(f"scene has no {first[0]} {first[1]}")
 
 
-#: SugarCREPE's negative types that the scenes can show (its swap_att / swap_obj / replace_rel) and
-#: two more, the arrangement flipped (replace_pos) and the count changed (change_count).
-SELECTION_TYPES: tuple[str, ...] = ("swap_att", "swap_obj", "replace_rel", "replace_pos", "change_count")
-
-
-@dataclass(frozen=True)
-class SelectionGroup:
-    """A Winoground-style minimal pair: ``captions[i]`` is true of ``specs[i]`` and false of the
-    other scene; the two captions differ only as ``type`` says (same words for the swaps)."""
-
-    type: str
-    specs: tuple[SceneSpec, SceneSpec]
-    captions: tuple[str, str]
-
-
-def _distinct_pair(rng: random.Random, swapped_must_exist: bool) -> tuple[tuple[str, str], tuple[str, str]]:
-    """Two seen combos of different colour and different shape (with ``swapped_must_exist`` their
-    colour- and shape-swapped combos are seen too, so neither scene of a pair is a held-out combo)."""
-    while True:
-        (ca, sa), (cb, sb) = rng.sample(TRAIN_COMBOS, 2)
-        if ca == cb or sa == sb:
-            continue
-        if swapped_must_exist and not {(cb, sa), (ca, sb)} <= set(TRAIN_COMBOS):
-            continue
-        return (ca, sa), (cb, sb)
-
-
-def _selection_group(kind: str, rng: random.Random) -> SelectionGroup:
-    if kind == "change_count":
-        combo = rng.choice(TRAIN_COMBOS)
-        n1, n2 = rng.sample((1, 2, 3), 2)
-        specs = []
-        for n in (n1, n2):
-            objs = _single(rng, combo) if n == 1 else _count(rng, combo, n)
-            specs.append(_finish(rng, "single" if n == 1 else "count", objs))
-        specs[1] = dataclasses.replace(specs[1], background=specs[0].background, texture=specs[0].texture)
-        c, s = combo
-        caps = tuple(f"one {c} {s}" if n == 1 else f"{COUNT_WORDS[n - 1]} {c} {plural(s)}" for n in (n1, n2))
-        return SelectionGroup(kind, (specs[0], specs[1]), caps)  # type: ignore[arg-type]
-    a, b = _distinct_pair(rng, swapped_must_exist=kind in ("swap_att", "swap_obj"))
-    rel = rng.choice(("left", "above"))
-    first = _finish(rng, "relation", _relation(rng, a, b, rel), rel)
-    j = rng.randrange(2)  # which object the captions name first (both phrasings occur)
-    o0, o1 = first.objects
-    if kind in ("swap_att", "swap_obj"):
-        key = "colour" if kind == "swap_att" else "shape"
-        other = dataclasses.replace(first, objects=(dataclasses.replace(o0, **{key: getattr(o1, key)}),
-                                                    dataclasses.replace(o1, **{key: getattr(o0, key)})))
-        named = [(s.objects[j].colour, s.objects[j].shape) for s in (first, other)]
-        return SelectionGroup(kind, (first, other), (relation_caption(first, named[0]), relation_caption(other, named[1])))
-    name = (a, b)[j]
-    if kind == "replace_rel":  # the other axis: "to the left of" -> "above" / "below"
-        rel2 = "above" if rel == "left" else "left"
-        pair = (a, b) if rng.random() < 0.5 else (b, a)
-        other = dataclasses.replace(first, objects=_relation(rng, *pair, rel2), relation=rel2)
-        return SelectionGroup(kind, (first, other), (relation_caption(first, name), relation_caption(other, name)))
-    if kind == "replace_pos":  # the same axis, flipped: the re-arranged scene
-        other = swap_positions(first)
-        assert other is not None
-        return SelectionGroup(kind, (first, other), (relation_caption(first, name), relation_caption(other, name)))
-    raise ValueError(f"unknown selection type {kind!r}; known: {', '.join(SELECTION_TYPES)}")
-
-
-def selection_groups(n_per_type: int = 50, seed: int = 0,
-                     types: Sequence[str] = SELECTION_TYPES) -> list[SelectionGroup]:
-    """``n_per_type`` minimal pairs of each type, objects from seen combos only (so a miss is a
-    binding failure, not an unseen combo). Drawn from their own seeded stream, not from any
-    split's, so no training scene is among them (positions and render seeds are continuous draws)."""
-    if n_per_type < 1:
-        raise ValueError(f"n_per_type must be >= 1, got {n_per_type}")
-    unknown = [t for t in types if t not in SELECTION_TYPES]
-    if unknown:
-        raise ValueError(f"unknown selection type(s) {unknown}; known: {', '.join(SELECTION_TYPES)}")
-    return [_selection_group(t, stable_rng("scenes-selection", seed, t, k)) for t in types for k in range(n_per_type)]
-
-
 def parse_scenes_query(spec: str) -> dict[str, str]:
     """``builtin:scenes?n=20000&size=64`` -> {"n": "20000", "size": "64"}."""
     from urllib.parse import parse_qsl
@@ -599,4 +526,4 @@ def parse_scenes_query(spec: str) -> dict[str, str]:
 __all__ = ["ScenesDataset", "SceneSpec", "SceneObject", "ClassificationTask", "scene_tasks", "scene_retrieval_set",
            "scene_captions", "retrieval_captions", "render_scene", "make_scene", "COLOURS", "SHAPES", "SIZES",
            "BACKGROUNDS", "HELDOUT_COMBOS", "TRAIN_COMBOS", "ALL_COMBOS", "SCENE_TASKS", "RELATION_POOL",
-           "swap_positions", "relation_caption", "SelectionGroup", "selection_groups", "SELECTION_TYPES"]
+           "swap_positions", "relation_caption", "single_objects", "relation_objects", "count_objects", "finish_scene"]

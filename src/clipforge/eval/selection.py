@@ -17,7 +17,7 @@ negative_caption}}``, images in ``ROOT/val2017/``; one record per task file, dat
 ``negatives``, optional ``group`` (lines sharing it form one instance: their images, their
 captions in line order, then their negatives) and ``type`` (the negative type, for per-type
 accuracy)), or the built-in minimal pairs ``builtin:scenes-selection[?n_per_type=50&seed=0&size=64]``
-(:func:`clipforge.data.scenes.selection_groups`).
+(:func:`clipforge.data.scene_pairs.selection_groups`).
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data.scenes import SELECTION_TYPES, parse_scenes_query, render_scene, selection_groups
+from ..data.scene_pairs import SELECTION_TYPES, selection_groups
+from ..data.scenes import parse_scenes_query, render_scene
 from ..inference import embed_images
-from ..models.objectives import objective_of
+from ..models.heads import objective_of
 from ..preprocess import image_transform, load_image
 from .features import skippable_errors
 from .zeroshot import embed_texts_length_sorted

@@ -15,10 +15,9 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-import torch
 from torch import nn
 
-from ..models.objectives import objective_of
+from ..models.heads import objective_of
 from ..preprocess import image_transform
 from ..tokenizer import DEFAULT_OVERLAP
 from .cache import default_cache_dir, image_tower_fingerprint, json_hash
@@ -26,7 +25,7 @@ from .datasets import Subset, dataset_identity, dataset_name, open_labelled, ope
 from .features import FeatureSet, extract_features
 from .fewshot import DEFAULT_SHOTS, fewshot_curve
 from .linear_probe import linear_probe, stratified_split
-from .metrics import chunked_topk, confusion_matrix, metrics_from_topk, per_class_recall
+from .metrics import confusion_matrix, metrics_from_topk, per_class_recall
 from .prompts import GENERIC_TEMPLATE, builtin_set_info, load_templates, match_by_name, match_prompt_set
 from .records import make_record, slug
 from .retrieval import DEFAULT_KS, embed_pairs, retrieval_metrics
@@ -229,14 +228,7 @@ def _maybe_classnames(ds: Any, override: Any, log: Callable[[str], None] | None 
 
 def _zeroshot_scores(ctx: EvalContext, clf: ZeroShotClassifier, fs: FeatureSet) -> tuple[dict[str, float], np.ndarray, float]:
     t0 = time.perf_counter()
-    if clf.objective == "contrastive":
-        top, _ = chunked_topk(fs.features, clf.weights, k=5, scale=clf.logit_scale, bias=clf.logit_bias)
-    else:  # bow / caption: scores from the model's head, not one product with the class matrix
-        feats = torch.as_tensor(np.asarray(fs.features, dtype=np.float32)) \
-            if not isinstance(fs.features, torch.Tensor) else fs.features.float()
-        scores = clf.scores(torch.nn.functional.normalize(feats, dim=-1))
-        top = scores.topk(min(5, clf.num_classes), dim=1).indices.numpy() if len(feats) else \
-            np.zeros((0, min(5, clf.num_classes)), dtype=np.int64)
+    top = clf.topk(fs.features, k=5)
     m = metrics_from_topk(top, fs.labels, clf.num_classes)
     return m, top[:, 0], time.perf_counter() - t0
 
@@ -270,7 +262,7 @@ def run_zeroshot(ctx: EvalContext, dataset: Any, *, split: str | None = None, cl
     fs = ctx.features(ds, ident)
     t3 = time.perf_counter()
     metrics, pred, t_score = _zeroshot_scores(ctx, clf, fs)
-    if clf.objective == "bow":  # also without the token prior, which can make one class win everywhere
+    if clf.scorer.token_prior:  # bow: also without the token prior, which can make one class win everywhere
         clf.bow_prior = "scored"
         calibrated = _zeroshot_scores(ctx, clf, fs)[0]
         clf.bow_prior = "none"

@@ -8,7 +8,8 @@ heads are cached on disk keyed by a hash of the text tower's weights, the class 
 templates; a second build of the same task never touches the text tower.
 
 Models trained with the paper's other two objectives (``config.objective``, see
-:mod:`clipforge.models.objectives`) are scored through the same :class:`ZeroShotClassifier`:
+:mod:`clipforge.models.heads`) are scored through the same :class:`ZeroShotClassifier`, which
+chooses its objective's scorer (:mod:`.scorers`) once:
 
 - ``bow``: the score of class ``c`` is the mean over the prompt's content tokens of ``log p(token
   | image)`` under the head's predicted distribution (the prompt's bag), averaged over the
@@ -16,7 +17,7 @@ Models trained with the paper's other two objectives (``config.objective``, see
   ``[C, V]`` matrix (:func:`build_bow_weights`: each class's mean normalised bag) and the scores
   are ``log_softmax(head(image)) @ weights.T``.
 - ``caption``: the score is the decoder's mean per-token log-likelihood of the prompt given the
-  image (:meth:`~clipforge.models.CaptioningCLIP.prompt_log_likelihood`), averaged over the
+  image (:func:`.scorers.caption_log_likelihood`), averaged over the
   templates. No image-independent head exists: every image x prompt pair is a decoder pass.
 
 Sigmoid-loss (SigLIP) models carry a learned ``logit_bias``: their logits are ``exp(t) * cos + b`` and
@@ -49,11 +50,12 @@ from tqdm.auto import tqdm
 
 from ..inference import embed_images, embed_texts
 from ..longtext import encode_text_long
-from ..models.objectives import content_mask, objective_of
-from ..tokenizer import DEFAULT_OVERLAP, get_tokenizer
+from ..models.heads import objective_of
+from ..tokenizer import DEFAULT_OVERLAP
 from ..utils import atomic_write_bytes
-from .cache import default_cache_dir, json_hash, state_dict_hash, text_tower_fingerprint
+from .cache import default_cache_dir, json_hash
 from .prompts import ClassName, class_texts, load_classnames, load_templates
+from .scorers import build_bow_weights, prompt_ids, prompts_for, scorer_fingerprint, scorer_for  # noqa: F401 (re-exported)
 
 CACHE_FORMAT = 1
 
@@ -71,18 +73,6 @@ def embed_texts_length_sorted(model: nn.Module, texts: Sequence[str], *, batch_s
         return encode_text_long(model, list(texts), long_text=long_text, overlap=overlap, batch_size=batch_size,
                                 progress=progress)
     return embed_texts(model, list(texts), batch_size=batch_size, progress=progress)
-
-
-def prompts_for(classnames: Sequence[ClassName], templates: Sequence[str]) -> tuple[list[str], list[int]]:
-    """All prompts (class-major) and the class index of each."""
-    texts: list[str] = []
-    owner: list[int] = []
-    for c, cn in enumerate(classnames):
-        for name in class_texts(cn):
-            for t in templates:
-                texts.append(t.replace("{}", name, 1))
-                owner.append(c)
-    return texts, owner
 
 
 def build_zeroshot_weights(model: nn.Module, classnames: Sequence[ClassName], templates: Sequence[str], *,
@@ -111,50 +101,6 @@ def build_zeroshot_weights(model: nn.Module, classnames: Sequence[ClassName], te
         weights.index_add_(0, index, emb.float())
     assert weights is not None
     return F.normalize(weights, dim=-1)
-
-
-def prompt_ids(classnames: Sequence[ClassName], templates: Sequence[str], context_length: int = 77
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every prompt (class-major, synonyms included) tokenized ``[P, L]`` (long prompts truncated)
-    and its class index ``[P]``."""
-    if not classnames:
-        raise ValueError("no class names given")
-    texts, owner = prompts_for(classnames, templates)
-    return get_tokenizer(context_length).tokenize(texts, context_length, truncate=True), torch.as_tensor(owner)
-
-
-def build_bow_weights(classnames: Sequence[ClassName], templates: Sequence[str], *, context_length: int = 77,
-                      vocab_size: int = 49408) -> torch.Tensor:
-    """``[C, V]``: row ``c`` is the mean over class ``c``'s prompts of each prompt's bag of content
-    tokens (token counts / the prompt's number of content tokens). For log-probabilities ``lp
-    [N, V]``, ``lp @ W.T`` is then, per class, the mean over its prompts of the mean log-probability
-    of the prompt's tokens: the bag-of-words zero-shot score. Depends on the tokenizer only."""
-    ids, owner = prompt_ids(classnames, templates, context_length)
-    mask = content_mask(ids)
-    n = mask.sum(dim=1)
-    prompts = torch.bincount(owner[n > 0], minlength=len(classnames))
-    if bool((prompts == 0).any()):
-        c = int((prompts == 0).nonzero()[0])
-        raise ValueError(f"class {classnames[c]!r}: none of its prompts has a token to score")
-    rows = torch.arange(ids.shape[0])[:, None].expand_as(ids)[mask]
-    values = 1.0 / (n[rows] * prompts[owner[rows]]).float()
-    weights = torch.zeros(len(classnames), vocab_size, dtype=torch.float32)
-    return weights.index_put_((owner[rows], ids[mask]), values, accumulate=True)
-
-
-def scorer_fingerprint(model: nn.Module) -> str:
-    """What a classifier's scores depend on besides the images, class names and templates: the
-    text tower (contrastive), the tokenizer's shape only (bow: the head matrix is built from
-    tokens), the decoder and its image projection (caption)."""
-    objective = objective_of(model)
-    if objective == "contrastive":
-        return text_tower_fingerprint(model)
-    ctx, vocab = model.config.text.context_length, model.config.text.vocab_size
-    if objective == "bow":
-        return json_hash({"objective": "bow", "ctx": ctx, "vocab": vocab}, n=64)
-    state = {f"text.{k}": v for k, v in model.text.state_dict().items()}
-    state.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
-    return state_dict_hash(state, extra={"objective": objective, "ctx": ctx})
 
 
 class ZeroShotClassifier:
@@ -192,44 +138,31 @@ class ZeroShotClassifier:
         self.long_text, self.long_text_overlap = long_text, long_text_overlap
         self.cache_hit = False
         self.cache_path: Path | None = None
-        self.objective = objective_of(model)
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "zeroshot"
+        self.use_cache = use_cache
+        self.scorer = scorer_for(model)
+        self.objective = self.scorer.name
         t0 = time.perf_counter()
-        self.text_fingerprint = scorer_fingerprint(model)
-        self.weights: torch.Tensor | None
-        if self.objective == "contrastive":
-            if _weights is not None:
-                self.weights = _weights
-            else:
-                self.weights = self._build(Path(cache_dir) if cache_dir else default_cache_dir() / "zeroshot", use_cache)
-        else:
-            # No disk cache here (see the module docstring): bow heads are tokenisation only, caption
-            # scores have no part that does not depend on the image.
-            if long_text == "chunks":
-                raise ValueError(f"long_text='chunks' averages text embeddings; a model trained with objective "
-                                 f"{self.objective!r} scores prompts as tokens (long prompts are truncated)")
-            ctx = model.config.text.context_length
-            self.prompt_ids, self.prompt_owner = prompt_ids(self.classnames, self.templates, ctx)
-            if self.objective == "bow":
-                self.weights = _weights if _weights is not None else build_bow_weights(
-                    self.classnames, self.templates, context_length=ctx, vocab_size=model.config.text.vocab_size)
-            else:
-                self.weights = None
+        self.text_fingerprint = self.scorer.fingerprint(model)
+        self.prompt_ids: torch.Tensor
+        self.prompt_owner: torch.Tensor
+        self.weights: torch.Tensor | None = self.scorer.build(self, _weights)
         self.build_seconds = time.perf_counter() - t0
 
     # --- construction ----------------------------------------------------------------------------
     @property
     def cache_key(self) -> str:
         key = {"format": CACHE_FORMAT, "text": self.text_fingerprint,
-               "classes": self.classnames, "templates": self.templates}
-        if self.objective != "contrastive":
-            key["objective"] = self.objective
+               "classes": self.classnames, "templates": self.templates, **self.scorer.tag()}
         if self.long_text == "chunks":  # other modes give the historical (truncated) head or refuse
             key["long_text"] = ["chunks", self.long_text_overlap]
         return json_hash(key)
 
-    def _build(self, cache_dir: Path, use_cache: bool) -> torch.Tensor:
-        path = cache_dir / f"{self.cache_key}.safetensors"
-        if use_cache:
+    def cached_head(self) -> torch.Tensor:
+        """The ``[C, D]`` class embeddings: from the disk cache when there (and enabled), else built
+        through the text tower and cached."""
+        path = self.cache_dir / f"{self.cache_key}.safetensors"
+        if self.use_cache:
             self.cache_path = path
             if path.is_file():
                 try:
@@ -242,16 +175,13 @@ class ZeroShotClassifier:
         w = build_zeroshot_weights(self.model, self.classnames, self.templates, batch_size=self.batch_size,
                                    progress=self.progress, long_text=self.long_text,
                                    overlap=self.long_text_overlap)
-        if use_cache:
+        if self.use_cache:
             _write_head(path, w, self._meta())
         return w
 
     def _meta(self) -> dict[str, Any]:
-        meta = {"format": CACHE_FORMAT, "classnames": self.classnames, "templates": self.templates,
-                "text_fingerprint": self.text_fingerprint}
-        if self.objective != "contrastive":
-            meta["objective"] = self.objective
-        return meta
+        return {"format": CACHE_FORMAT, "classnames": self.classnames, "templates": self.templates,
+                "text_fingerprint": self.text_fingerprint, **self.scorer.tag()}
 
     def save(self, path: str | Path) -> None:
         """Write the built head (weights, class names, templates, text-tower hash) as safetensors.
@@ -286,23 +216,17 @@ class ZeroShotClassifier:
     def logit_scale(self) -> float:
         """The contrastive model's temperature ``exp(logit_scale)``; 1 for bow / caption (their
         scores are log-probabilities)."""
-        if self.objective != "contrastive":
-            return 1.0
-        ls = getattr(self.model, "logit_scale", None)
-        return float(ls.detach().exp()) if isinstance(ls, torch.Tensor) else 100.0
+        return self.scorer.logit_scale(self.model)
 
     @property
     def logit_bias(self) -> float | None:
         """The learned bias of a sigmoid-loss model (added to every logit), else ``None``."""
-        b = getattr(self.model, "logit_bias", None) if self.objective == "contrastive" else None
-        return float(b.detach()) if isinstance(b, torch.Tensor) else None
+        return self.scorer.logit_bias(self.model)
 
     @property
     def feature_dim(self) -> int:
         """The dimension of the image features the scores read."""
-        if self.objective == "contrastive":
-            return self.weights.shape[1]  # type: ignore[union-attr]
-        return int(self.model.config.embed_dim)
+        return self.scorer.feature_dim(self)
 
     def image_features(self, images: Any) -> torch.Tensor:
         """Unit-norm ``[N, D]`` image features for any accepted input form."""
@@ -331,58 +255,24 @@ class ZeroShotClassifier:
         """``[N, C]`` class scores of unit-norm image features ``[N, D]``: scaled cosine similarities
         (contrastive), mean token log-probabilities of the class bags (bow), mean per-token
         log-likelihoods of the prompts (caption); templates averaged."""
-        if self.objective == "contrastive":
-            logits = self.logit_scale * features @ self.weights.t()  # type: ignore[union-attr]
-            bias = self.logit_bias
-            return logits if bias is None else logits + bias
-        model = self.model
-        was_training = model.training
-        model.eval()
-        out: list[torch.Tensor] = []
-        try:
-            with torch.no_grad():
-                if self.objective == "bow" and self.bow_prior == "scored" and features.shape[0]:
-                    return self._bow_pmi_scores(features)
-                for start in range(0, features.shape[0], self.batch_size):
-                    x = features[start:start + self.batch_size].float().to(model.device)
-                    out.append(self._generative_scores(x))
-        finally:
-            model.train(was_training)
-        return torch.cat(out) if out else torch.empty(0, self.num_classes)
+        return self.scorer.scores(self, features)
 
-    def _bow_log_probs(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.bow_logits(x).float().log_softmax(dim=-1).cpu()
-
-    def _bow_pmi_scores(self, features: torch.Tensor) -> torch.Tensor:
-        """``bow_prior="scored"``: (log p(token | image) - log mean_images p(token | image)) @ bags.
-        Two passes over the features (the prior first), so memory stays one chunk of [n, V]."""
-        chunks = [features[i:i + self.batch_size].float().to(self.model.device)
-                  for i in range(0, features.shape[0], self.batch_size)]
-        total = torch.zeros(self.model.config.text.vocab_size, dtype=torch.float64)
-        for x in chunks:
-            total += self._bow_log_probs(x).double().exp().sum(dim=0)
-        log_prior = (total / features.shape[0]).log().float()
-        return torch.cat([(self._bow_log_probs(x) - log_prior) @ self.weights.t() for x in chunks])  # type: ignore[union-attr]
-
-    def _generative_scores(self, x: torch.Tensor) -> torch.Tensor:
-        if self.objective == "bow":
-            return self._bow_log_probs(x) @ self.weights.t()  # type: ignore[union-attr]
-        per_prompt = self.model.prompt_log_likelihood(x, self.prompt_ids)  # [n, P]
-        per_class = torch.zeros(x.shape[0], self.num_classes).index_add_(1, self.prompt_owner, per_prompt)
-        return per_class / torch.bincount(self.prompt_owner, minlength=self.num_classes).float()
+    def topk(self, features: Any, k: int = 5) -> np.ndarray:
+        """``[N, min(k, C)]`` indices of the best classes of image features (a tensor or array of
+        any float dtype; normalised here), in chunks for the contrastive head."""
+        return self.scorer.topk(self, features, k)
 
     def predict_proba(self, images: Any) -> torch.Tensor:
         """``[N, C]``: a softmax over the classes, or per-class sigmoids for a sigmoid-loss model
         (rows then need not sum to 1: each is that class's own match probability)."""
-        logits = self.logits(images)
-        return logits.sigmoid() if self.logit_bias is not None else logits.softmax(dim=-1)
+        return self.scorer.probabilities(self.logits(images), self.logit_bias)
 
     def predict(self, images: Any) -> torch.Tensor:
         return self.logits(images).argmax(dim=-1)
 
     def __repr__(self) -> str:
-        objective = "" if self.objective == "contrastive" else f"objective={self.objective}, "
-        return (f"ZeroShotClassifier({objective}classes={self.num_classes}, templates={len(self.templates)}, "
+        tag = "".join(f"{k}={v}, " for k, v in self.scorer.tag().items())
+        return (f"ZeroShotClassifier({tag}classes={self.num_classes}, templates={len(self.templates)}, "
                 f"cache_hit={self.cache_hit})")
 
 

@@ -1,7 +1,8 @@
 """The fast ResNet image tower for inference: BatchNorm folded into the convolutions and convolutions with their pointwise
 epilogue fused. Two forms: :class:`FastResNet` (``fast.enable(pack=True)``, what ``clipforge.load``
 gives) keeps its modules and computes folded copies of the conv weights lazily for inference calls;
-:class:`FoldedResNet` (``optimize_for_inference``) folds in place.
+:class:`FoldedResNet` (``optimize_for_inference``) folds in place. Both fold through
+:func:`fold_conv_bn`, the pairs :func:`conv_bn_pairs` lists that are :func:`foldable`.
 
 After folding, a bottleneck is conv+ReLU, conv+ReLU, pool, conv + residual add + ReLU. PyTorch
 ships oneDNN's fused forms as ``torch.ops.mkldnn._convolution_pointwise`` (the ops its compiler
@@ -84,8 +85,8 @@ class FastResNet(Packing, ModifiedResNet):
                 and x.dtype == torch.float32 and self.conv1.weight.dtype == torch.float32
                 and fused_conv_available()):
             pairs = conv_bn_pairs(self)
-            mods = [(getattr(p, c), getattr(p, b)) for p, c, b in pairs]
-            if all(isinstance(c, nn.Conv2d) and isinstance(b, nn.BatchNorm2d) and not b.training for c, b in mods):
+            if all(foldable(p, c, b) for p, c, b in pairs):
+                mods = [(getattr(p, c), getattr(p, b)) for p, c, b in pairs]
                 sources = tuple(t for c, b in mods for t in (c.weight, c.bias, b.weight, b.bias, b.running_mean,
                                                              b.running_var))
                 wb = cached_pack(self, "folded", sources, lambda: _fold_copies(mods))
@@ -102,7 +103,7 @@ def _fold_copies(mods: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> Weights:
     """Per conv, the (weight, bias) of it with its eval-mode BatchNorm folded in, channels-last."""
     out: Weights = {}
     for conv, bn in mods:
-        f = fuse_conv_bn_eval(conv, bn)
+        f = fold_conv_bn(conv, bn)
         out[id(conv)] = (f.weight.detach().contiguous(memory_format=torch.channels_last), f.bias.detach())
     return out
 
@@ -132,6 +133,19 @@ def conv_bn_pairs(visual: ModifiedResNet) -> list[tuple[nn.Module, str, str]]:
     return pairs
 
 
+def foldable(parent: nn.Module, conv_name: str, bn_name: str) -> bool:
+    """Whether the pair can be folded: still a conv and an eval-mode BatchNorm (training updates the
+    statistics, and a folded pair is a conv and an ``Identity``)."""
+    conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+    return isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and not bn.training
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """The one BatchNorm fold, used by both forms: a new conv computing ``bn(conv(x))`` with the
+    eval-mode statistics (``bn.weight * (w - mean) / sqrt(var + eps) + bn.bias``, per channel)."""
+    return fuse_conv_bn_eval(conv, bn)
+
+
 def fold_batchnorm(visual: nn.Module) -> int:
     """Fold each eval-mode BatchNorm that acts straight on a conv's output into the conv's weight
     and bias; the BatchNorm becomes ``Identity`` and the tower a :class:`FoldedResNet` (inference
@@ -139,13 +153,11 @@ def fold_batchnorm(visual: nn.Module) -> int:
     float tolerance. Returns the number of pairs folded (0 for a ViT or a training-mode tower)."""
     if not isinstance(visual, ModifiedResNet):
         return 0
-    folded = 0
-    for parent, conv_name, bn_name in conv_bn_pairs(visual):
-        conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
-        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and not bn.training:
-            setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
-            setattr(parent, bn_name, nn.Identity())
-            folded += 1
+    pairs = [pair for pair in conv_bn_pairs(visual) if foldable(*pair)]
+    for parent, conv_name, bn_name in pairs:
+        setattr(parent, conv_name, fold_conv_bn(getattr(parent, conv_name), getattr(parent, bn_name)))
+        setattr(parent, bn_name, nn.Identity())
+    folded = len(pairs)
     if folded:
         swap_class(visual, FoldedResNet)
     return folded

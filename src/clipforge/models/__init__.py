@@ -7,7 +7,7 @@ import torch
 
 from ..config import CLIPConfig, get_model_config
 from .clip import CLIP
-from .objectives import BagOfWordsCLIP, CaptioningCLIP, model_class, objective_of, with_objective
+from .heads import BagOfWordsCLIP, CaptioningCLIP, model_class, objective_of, with_objective
 from .text import TextTransformer
 from .vision_resnet import ModifiedResNet
 from .vision_vit import VisionTransformer

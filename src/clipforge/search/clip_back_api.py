@@ -109,47 +109,47 @@ class MetadataRequest(BaseModel):
     indice_name: str | None = None
 
 
-def add_clip_back_routes(app: FastAPI, served: dict[str, Any], pool: WorkerPool, *,
-                         max_upload_bytes: int, max_result_ids: int,
-                         knn_columns: tuple[str, ...] = KNN_COLUMNS, decode_image: Any = decode_query_image) -> None:
-    """Register /knn-service, /indices-list and /metadata on ``app`` over ``served`` (name ->
-    an object with ``searcher`` and ``thumbs``; the first is the default); ``decode_image``:
-    bytes, name -> PIL image, with the server's pixel limit."""
-    names = list(served)
-    first = served[names[0]]
-    searcher: Searcher = first.searcher  # model-level work (embedding a query) goes through the first
-    info = searcher.index.info
-    offload = pool.run
-    max_k = searcher.max_k
+class ClipBack:
+    """The work behind clip_back's endpoints over ``served`` (name -> an object with ``searcher``
+    and ``thumbs``; the first is the default): request bodies in, JSON-able results out. Runs in
+    the server's worker pool (it embeds queries and reads the index)."""
 
-    def thumb_b64(sv: Any, item_id: int, row: dict[str, Any]) -> str | None:
-        """clip_back sends the local image as base64 JPEG under ``image``; we send the thumbnail."""
-        if sv.searcher.index.info["kind"] != "image" or not row.get("image_path"):
-            return None
-        try:
-            return base64.b64encode(sv.thumbs.thumbnail(item_id, row)).decode("ascii")
-        except ThumbnailError:
-            return None
+    def __init__(self, served: dict[str, Any], *, max_upload_bytes: int, max_result_ids: int,
+                 knn_columns: tuple[str, ...] = KNN_COLUMNS, decode_image: Any = decode_query_image) -> None:
+        self.served, self.names = served, list(served)
+        self.first = served[self.names[0]]
+        self.searcher: Searcher = self.first.searcher  # model-level work (embedding a query) goes through the first
+        self.max_upload_bytes, self.max_result_ids = max_upload_bytes, max_result_ids
+        self.knn_columns, self.decode_image = knn_columns, decode_image
 
-    def knn_meta(sv: Any, item_id: int, row: dict[str, Any]) -> dict[str, Any]:
-        out = {c: row[c] for c in knn_columns if c in row}
-        if "image_path" in out:  # never the server's absolute path: the item's key (relative) instead
-            out["image_path"] = public_path(row.get("key")) if out["image_path"] else None
-        img = thumb_b64(sv, item_id, row)
-        if img is not None:
-            out["image"] = img
-        return out
+    # --- the endpoints -------------------------------------------------------------------------
+    def knn_query(self, body: bytes) -> list[dict[str, Any]]:
+        """``/knn-service``: the nearest items of a text, image or embedding, clip_back's way."""
+        req, sv = self.parse_request(body, KnnRequest, ("num_images", "num_result_ids", "aesthetic_score"))
+        num_images, num_ids = self.result_counts(req, sv)
+        query = self.query_vector(req)
+        if num_ids == 0:
+            return []
+        scores, ids = self.search(sv.searcher.index, query, num_ids, bool(req.deduplicate))
+        rows = sv.searcher.index.rows(ids[:num_images].tolist())
+        return [{**(self.item_metadata(sv, i, rows[j]) if j < len(rows) else {}), "id": i, "similarity": s}
+                for j, (i, s) in enumerate(zip(ids.tolist(), scores.tolist()))]
 
-    def check_embedding(values: list[float]) -> np.ndarray:
-        emb = np.asarray(values, dtype=np.float64)
-        if emb.shape != (info["dim"],) or not (np.abs(emb) <= 1).all():
-            raise QueryError(f"embedding_input must be {info['dim']} numbers within [-1, 1] (an L2-normalised "
-                             f"embedding), got {emb.shape[0]} numbers")
-        return emb.astype(np.float32)
+    def metadata_query(self, body: bytes) -> list[dict[str, Any]]:
+        """``/metadata``: ``[{"id", "metadata"}]`` of result ids."""
+        req, sv = self.parse_request(body, MetadataRequest, ("ids",))
+        if not req.ids:
+            return []
+        if len(req.ids) > self.max_result_ids:
+            raise QueryError(f"at most {self.max_result_ids} ids per request, got {len(req.ids)}")
+        ids = [sv.searcher.check_id(i) for i in req.ids]
+        rows = sv.searcher.index.rows(ids)
+        return [{"id": i, "metadata": self.item_metadata(sv, i, r)} for i, r in zip(ids, rows)]
 
-    def clip_retrieval_request(body: bytes, model_cls: type[BaseModel], int_fields: tuple[str, ...]) -> Any:
+    # --- requests ------------------------------------------------------------------------------
+    def parse_request(self, body: bytes, model_cls: type[BaseModel], int_fields: tuple[str, ...]) -> tuple[Any, Any]:
         """Parse and strictly validate a clip-retrieval request; integers may come as whole floats;
-        an ``indice_name`` must be this server's."""
+        an ``indice_name`` must be this server's. Returns the request and the index it names."""
         data = parse_json(body)
         if not isinstance(data, dict):
             raise QueryError(f"request body must be a JSON object ({model_cls.__name__})")
@@ -162,92 +162,125 @@ def add_clip_back_routes(app: FastAPI, served: dict[str, Any], pool: WorkerPool,
             req = model_cls.model_validate(data)
         except ValueError as e:
             raise QueryError(f"invalid {model_cls.__name__}: {e}".replace("\n", "; ")) from None
-        if req.indice_name is not None and req.indice_name not in served:
-            raise QueryError(f"unknown indice_name {req.indice_name!r}; this server has {names}", status=404)
-        return req, served[req.indice_name] if req.indice_name is not None else first
+        if req.indice_name is not None and req.indice_name not in self.served:
+            raise QueryError(f"unknown indice_name {req.indice_name!r}; this server has {self.names}", status=404)
+        return req, self.served[req.indice_name] if req.indice_name is not None else self.first
 
-    def knn_query(body: bytes) -> list[dict[str, Any]]:
-        req, sv = clip_retrieval_request(body, KnnRequest, ("num_images", "num_result_ids", "aesthetic_score"))
-        index = sv.searcher.index
-        kind = index.info["kind"]
+    def result_counts(self, req: KnnRequest, sv: Any) -> tuple[int, int]:
+        """``(num_images, num_result_ids)`` after checking them and the modality against the index."""
+        kind = sv.searcher.index.info["kind"]
         if req.modality != kind:
             raise QueryError(f"modality {req.modality!r} is not available: index {sv.name!r} holds "
                              f"{kind} embeddings (use modality {kind!r})", status=404)
         num_images = req.num_images
         num_ids = req.num_result_ids if req.num_result_ids is not None else num_images
-        if num_images > searcher.max_k:
-            raise QueryError(f"num_images must be at most {searcher.max_k}, got {num_images}")
-        if num_ids > max_result_ids:
-            raise QueryError(f"num_result_ids must be at most {max_result_ids}, got {num_ids}")
-        # clip_back's precedence: a non-empty text, then the image, then the embedding; the inputs
-        # below the one used are checked (as the schema says) only when they are the query
+        if num_images > self.searcher.max_k:
+            raise QueryError(f"num_images must be at most {self.searcher.max_k}, got {num_images}")
+        if num_ids > self.max_result_ids:
+            raise QueryError(f"num_result_ids must be at most {self.max_result_ids}, got {num_ids}")
+        return num_images, num_ids
+
+    def query_vector(self, req: KnnRequest) -> np.ndarray:
+        """The query embedding, by clip_back's precedence: a non-empty text, then the image, then the
+        embedding; the inputs below the one used are checked (as the schema says) only when they are
+        the query."""
         if req.image_url is not None:
             raise QueryError("image_url queries are not supported (this server fetches no URLs): "
                              "send the image base64-encoded in 'image'")
         if req.text is not None and req.text != "":
-            query = searcher.embed_text(check_unicode(req.text))  # truncated to the context, like clip_back
-        elif req.image is not None:
+            return self.searcher.embed_text(check_unicode(req.text))  # truncated to the context, like clip_back
+        if req.image is not None:
             if req.embedding_input is not None:
-                check_embedding(req.embedding_input)
-            try:
-                raw = base64.b64decode(req.image, validate=True)
-            except (binascii.Error, ValueError):
-                raise QueryError("'image' is not valid base64") from None
-            if len(raw) > max_upload_bytes:
-                raise QueryError(f"image exceeds the limit of {max_upload_bytes} bytes", status=413)
-            query = searcher.embed_image(decode_image(raw, "image"))
-        elif req.embedding_input is not None:
-            query = check_embedding(req.embedding_input)
-        else:
-            raise QueryError("must fill one of text, image and embedding_input")
-        if num_ids == 0:
-            return []
-        scores, ids = index.search(query[None, :], num_ids)
+                self.check_embedding(req.embedding_input)
+            return self.searcher.embed_image(self.decode_image(self.image_bytes(req.image), "image"))
+        if req.embedding_input is not None:
+            return self.check_embedding(req.embedding_input)
+        raise QueryError("must fill one of text, image and embedding_input")
+
+    def image_bytes(self, b64: str) -> bytes:
+        try:
+            raw = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise QueryError("'image' is not valid base64") from None
+        if len(raw) > self.max_upload_bytes:
+            raise QueryError(f"image exceeds the limit of {self.max_upload_bytes} bytes", status=413)
+        return raw
+
+    def check_embedding(self, values: list[float]) -> np.ndarray:
+        dim = self.searcher.index.info["dim"]
+        emb = np.asarray(values, dtype=np.float64)
+        if emb.shape != (dim,) or not (np.abs(emb) <= 1).all():
+            raise QueryError(f"embedding_input must be {dim} numbers within [-1, 1] (an L2-normalised "
+                             f"embedding), got {emb.shape[0]} numbers")
+        return emb.astype(np.float32)
+
+    # --- results -------------------------------------------------------------------------------
+    @staticmethod
+    def search(index: Any, query: np.ndarray, k: int, deduplicate: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and ids of the ``k`` nearest items (fewer where the index has fewer), with
+        clip_back's near-duplicate removal when asked."""
+        scores, ids = index.search(query[None, :], k)
         keep = ids[0] >= 0
         scores, ids = scores[0][keep], ids[0][keep]
-        if req.deduplicate and len(ids):
+        if deduplicate and len(ids):
             drop = near_duplicates(np.stack([index.vector(int(i)) for i in ids]))
             sel = np.array([j for j in range(len(ids)) if j not in drop], dtype=np.int64)
             scores, ids = scores[sel], ids[sel]
-        rows = index.rows(ids[:num_images].tolist())
-        out = []
-        for j, (i, s) in enumerate(zip(ids.tolist(), scores.tolist())):
-            r = knn_meta(sv, i, rows[j]) if j < len(rows) else {}
-            r["id"] = i
-            r["similarity"] = s
-            out.append(r)
+        return scores, ids
+
+    def item_metadata(self, sv: Any, item_id: int, row: dict[str, Any]) -> dict[str, Any]:
+        """The item's clip_back columns that exist, ``image_path`` as the item's key, and ``image``."""
+        out = {c: row[c] for c in self.knn_columns if c in row}
+        if "image_path" in out:  # never the server's absolute path: the item's key (relative) instead
+            out["image_path"] = public_path(row.get("key")) if out["image_path"] else None
+        img = thumbnail_b64(sv, item_id, row)
+        if img is not None:
+            out["image"] = img
         return out
 
+
+def thumbnail_b64(sv: Any, item_id: int, row: dict[str, Any]) -> str | None:
+    """clip_back sends the local image as base64 JPEG under ``image``; we send the thumbnail."""
+    if sv.searcher.index.info["kind"] != "image" or not row.get("image_path"):
+        return None
+    try:
+        return base64.b64encode(sv.thumbs.thumbnail(item_id, row)).decode("ascii")
+    except ThumbnailError:
+        return None
+
+
+def add_clip_back_routes(app: FastAPI, served: dict[str, Any], pool: WorkerPool, *,
+                         max_upload_bytes: int, max_result_ids: int,
+                         knn_columns: tuple[str, ...] = KNN_COLUMNS, decode_image: Any = decode_query_image) -> None:
+    """Register /knn-service, /indices-list and /metadata on ``app`` over ``served`` (name ->
+    an object with ``searcher`` and ``thumbs``; the first is the default); ``decode_image``:
+    bytes, name -> PIL image, with the server's pixel limit."""
+    api = ClipBack(served, max_upload_bytes=max_upload_bytes, max_result_ids=max_result_ids,
+                   knn_columns=knn_columns, decode_image=decode_image)
+    kinds = sorted({sv.searcher.index.info["kind"] for sv in served.values()})
+    knn_schema = knn_request_schema(kinds, api.names, api.searcher.index.info["dim"], api.searcher.max_k,
+                                    max_result_ids)
+    metadata_schema = metadata_request_schema(api.names, max(sv.searcher.index.ntotal for sv in served.values()),
+                                              max_result_ids)
+
     @app.post("/knn-service", summary="clip-retrieval's nearest-neighbour query (ClipClient, clip-front)",
-              response_model=list[dict[str, Any]], responses=ERRORS,
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": knn_request_schema(
-                      sorted({sv.searcher.index.info["kind"] for sv in served.values()}), names, info["dim"], max_k,
-                      max_result_ids)}}}})
+              response_model=list[dict[str, Any]], responses=ERRORS, openapi_extra=_json_body(knn_schema))
     async def knn_service(request: Request) -> Any:
-        return await offload(knn_query, await request.body())  # any content type, like clip_back's force=True
+        return await pool.run(api.knn_query, await request.body())  # any content type, like clip_back's force=True
 
     @app.get("/indices-list", summary="clip-retrieval's list of index names", response_model=list[str])
     async def indices_list() -> list[str]:
-        return names
-
-    def metadata_query(body: bytes) -> list[dict[str, Any]]:
-        req, sv = clip_retrieval_request(body, MetadataRequest, ("ids",))
-        if not req.ids:
-            return []
-        if len(req.ids) > max_result_ids:
-            raise QueryError(f"at most {max_result_ids} ids per request, got {len(req.ids)}")
-        ids = [sv.searcher.check_id(i) for i in req.ids]
-        rows = sv.searcher.index.rows(ids)
-        return [{"id": i, "metadata": knn_meta(sv, i, r)} for i, r in zip(ids, rows)]
+        return api.names
 
     @app.post("/metadata", summary="clip-retrieval's metadata of result ids (clip-front)",
-              response_model=list[dict[str, Any]], responses=ERRORS,
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": metadata_request_schema(
-                      names, max(sv.searcher.index.ntotal for sv in served.values()), max_result_ids)}}}})
+              response_model=list[dict[str, Any]], responses=ERRORS, openapi_extra=_json_body(metadata_schema))
     async def metadata(request: Request) -> Any:
-        return await offload(metadata_query, await request.body())
+        return await pool.run(api.metadata_query, await request.body())
+
+
+def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI's description of a required JSON request body of ``schema``."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def near_duplicates(vectors: np.ndarray, threshold: float = 0.94) -> set[int]:

@@ -1,7 +1,7 @@
 """Training of CLIP models: ``clipforge.train(TrainConfig(...)) -> summary dict`` (re-exported from here);
 contrastive by default, or the paper's bag-of-words / captioning baselines (``TrainConfig.objective``).
 
-Modules: ``config`` (TrainConfig), ``loss`` (symmetric InfoNCE, global-batch aware), ``objectives``
+Modules: ``config`` (TrainConfig), ``loss`` (symmetric InfoNCE, global-batch aware), ``token_losses``
 (bag-of-words and caption losses, the module DDP wraps for them),
 ``distributed`` (torchrun/DDP plumbing, feature gather), ``optim`` (AdamW grouping, cosine
 schedule), ``step`` (one optimiser step with contrastive-exact gradient accumulation),
@@ -19,7 +19,7 @@ from .config import TrainConfig
 from .evaluation import LabelledZeroShot, SceneZeroShot, ValRetrieval, default_evaluator, task_accuracy
 from .loop import resolve_model_config, train
 from .loss import contrastive_loss
-from .objectives import bow_loss, caption_loss
+from .token_losses import bow_loss, caption_loss
 from .metrics import MetricsLog
 from .optim import CosineWarmup, build_optimizer
 from .signals import StopRequest

@@ -43,7 +43,7 @@ from ..data.mirror import MirrorCompanions
 from .evaluation import Evaluator, default_evaluator, with_zeroshot
 from .hard_negatives import SwapNegatives, TokenizeWithNegatives, hard_negative_modes
 from .metrics import MetricsLog, peak_rss_mb, plot_curves
-from .objectives import freeze_unused
+from .token_losses import freeze_unused
 from .optim import CosineWarmup, build_optimizer
 from .recipes import apply_recipes, attach_distillation, finish_recipes, lr_scales, train_transform
 from .schedule import make_schedule

@@ -18,7 +18,7 @@ The sigmoid loss (``--loss siglip``, :mod:`.sigmoid_loss`) couples the batch the
 the same path: the learned bias is a fifth cached feature slot and, like the temperature, its
 gradient share is divided by k.
 
-The ``bow`` / ``caption`` objectives (:mod:`.objectives`) need none of this: their losses are
+The ``bow`` / ``caption`` objectives (:mod:`.token_losses`) need none of this: their losses are
 means of per-caption / per-token terms, so :class:`ObjectiveStep` runs each micro-batch once and
 weights its summed loss by the count of the whole step (all micro-batches, all ranks).
 """
@@ -40,7 +40,7 @@ from .distributed import DistEnv, sum_over_ranks
 from .hard_negatives import CaptionTokens
 from .loss import ClipLoss, scale_grad
 from .sigmoid_loss import SigLipLoss
-from .objectives import ObjectiveModule, loss_count
+from .token_losses import TOKEN_OBJECTIVES, ObjectiveModule, token_objective
 from .replay import replaying, rng_state
 
 #: The text side of a batch: token ids, or ids with hard negatives (``--hard-negatives swap``),
@@ -219,7 +219,7 @@ class TrainStep:
 
 class ObjectiveStep(TrainStep):
     """Optimiser steps for the ``bow`` / ``caption`` objectives, through ``module`` (an
-    :class:`~.objectives.ObjectiveModule`, possibly DDP-wrapped; its forward returns a summed loss).
+    :class:`~.token_losses.ObjectiveModule`, possibly DDP-wrapped; its forward returns a summed loss).
 
     The step's loss is the sum over micro-batches and ranks divided by the count over all of them
     (captions for bow, target tokens for caption), so each micro-batch's backward gets its sum
@@ -233,11 +233,12 @@ class ObjectiveStep(TrainStep):
         super().__init__(model, module, None, optimizer, precision, grad_clip, scaler)
         self.env = env or DistEnv()
         self.objective = model.config.objective
+        self._count = token_objective(self.objective).count
 
     def compute_gradients(self, batches: Sequence[tuple[torch.Tensor, Text]]) -> float:
         if any(isinstance(text, (CaptionTokens, MirroredText)) for _, text in batches):
             raise ValueError(f"hard negatives are a contrastive option; objective {self.objective!r} takes plain ids")
-        count = sum_over_ranks(sum(loss_count(self.objective, ids) for _, ids in batches), self.env)
+        count = sum_over_ranks(sum(self._count(ids) for _, ids in batches), self.env)
         weight = self.env.world_size / max(count, 1)
         k, value = len(batches), 0.0
         for j, (images, ids) in enumerate(batches):
@@ -259,8 +260,8 @@ def _scatter_rows(features: torch.Tensor, keep: torch.Tensor, n: int) -> torch.T
 
 def objective_module(model: CLIP) -> nn.Module:
     """What a run trains through (and DDP wraps): :class:`FeatureModel` for the contrastive
-    objective, :class:`~.objectives.ObjectiveModule` for bow / caption."""
-    return FeatureModel(model) if model.config.objective == "contrastive" else ObjectiveModule(model)
+    objective, :class:`~.token_losses.ObjectiveModule` for bow / caption."""
+    return ObjectiveModule(model) if model.config.objective in TOKEN_OBJECTIVES else FeatureModel(model)
 
 
 def make_train_step(model: CLIP, module: nn.Module, optimizer: torch.optim.Optimizer, *, precision: str = "fp32",
@@ -275,10 +276,10 @@ def make_train_step(model: CLIP, module: nn.Module, optimizer: torch.optim.Optim
             raise ValueError("the sigmoid loss trains a contrastive model with a logit_bias "
                              "(CLIPConfig.init_logit_bias)")
         return TrainStep(model, module, SigLipLoss(env), optimizer, precision, grad_clip, scaler)
-    if model.config.objective == "contrastive":
-        return TrainStep(model, module, ClipLoss(env, local_loss, gather_with_grad), optimizer, precision,
-                         grad_clip, scaler)
-    return ObjectiveStep(model, module, optimizer, precision, grad_clip, scaler, env)
+    if model.config.objective in TOKEN_OBJECTIVES:
+        return ObjectiveStep(model, module, optimizer, precision, grad_clip, scaler, env)
+    return TrainStep(model, module, ClipLoss(env, local_loss, gather_with_grad), optimizer, precision,
+                     grad_clip, scaler)
 
 
 __all__ = ["FeatureModel", "TrainStep", "ObjectiveStep", "StepResult", "autocast_context", "make_grad_scaler", "Text",

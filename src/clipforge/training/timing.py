@@ -16,7 +16,7 @@ from ..utils import torch_threads
 from .config import TrainConfig
 from .. import fast
 from .loop import build_model, caption_tokenizer, run_precision
-from .objectives import freeze_unused
+from .token_losses import freeze_unused
 from .optim import build_optimizer
 from .recipes import apply_recipes, train_transform
 from .step import make_train_step, objective_module
