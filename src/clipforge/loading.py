@@ -28,10 +28,11 @@ import torch
 
 from .checkpoints import load_model
 from .config import CLIPConfig, available_models, get_model_config
-from .device import inference_precision, resolve_device
+from .device import resolve_device
 from .fast import enable as enable_fast
 from .inference import optimize_for_inference
 from .models import CLIP, create_model
+from .precision import inference_precision
 from .preprocess import Preprocess, image_transform
 
 
@@ -108,7 +109,8 @@ def load_for_inference(path_or_arch: str | Path, *, device: str = "cpu", precisi
                        random_init: bool = False, seed: int | None = None, trust_torchscript: bool = False
                        ) -> tuple[CLIP, Callable[..., torch.Tensor]]:
     """``(model, preprocess)``: eval mode, no gradients, on ``device``, cast to ``precision``
-    (``fp32`` | ``bf16`` | ``fp16`` | ``pure_bf16`` | ``pure_fp16`` | ``auto``) with the inference fast paths on.
+    (``fp32`` | ``bf16`` | ``fp16`` | ``pure_bf16`` | ``pure_fp16`` | ``int8`` | ``auto``: the inference column of
+    :mod:`clipforge.precision`, where ``bf16``/``fp16`` cast every weight) with the inference fast paths on.
 
     ``path_or_arch`` is a checkpoint path; with ``random_init=True`` it must instead be an
     architecture name, built with random weights (``seed`` makes them reproducible). An

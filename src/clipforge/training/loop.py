@@ -32,7 +32,7 @@ from .. import fast, loading
 from ..checkpoints import save_model
 from ..config import CLIPConfig, get_model_config
 from ..data import SkipStats, make_pair_loader, open_pairs
-from ..device import cast_weights
+from ..precision import cast_weights
 from ..models import CLIP, create_model, with_objective
 from ..tokenizer import get_tokenizer
 from ..utils import read_json, torch_threads, write_json
