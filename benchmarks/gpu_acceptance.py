@@ -285,7 +285,7 @@ def section_correctness(ctx: "Ctx", rows: Rows) -> None:
     import clipforge
     from clipforge import fast
     from clipforge.checkpoints import load_model, save_model
-    from clipforge.device import autocast
+    from clipforge.precision import autocast
     from clipforge.inference import embed_images, embed_texts, optimize_for_inference
     from clipforge.preprocess import image_transform
 
@@ -562,7 +562,7 @@ def section_training(ctx: "Ctx", rows: Rows) -> None:
             raise Skip("open_clip not importable in this environment")
         import open_clip
         from clipforge.checkpoints import convert
-        from clipforge.device import autocast
+        from clipforge.precision import autocast
 
         ckpt = random_checkpoint(arch, ctx.work / "train_model.safetensors")
         dst = ctx.work / "openclip_train"

@@ -54,3 +54,52 @@ def test_model_label():
     assert model_label("runs/x/final.safetensors") == "runs/x/final.safetensors"
     assert model_label("tiny-vit", random_init=True, seed=0) == "tiny-vit (random init, seed 0)"
     assert model_label("tiny-vit", random_init=True) == "tiny-vit (random init)"
+
+
+def test_every_entry_point_gives_the_same_weights_with_its_documented_defaults(tmp_path, micro_vit):
+    """clipforge.load (fast on), load(fast=False), create_model_and_transforms (plain) and
+    load_for_inference (frozen) all read one checkpoint through clipforge.loading."""
+    import clipforge
+    from clipforge.fast import is_enabled
+
+    ckpt = save_model(micro_vit, tmp_path / "m.safetensors")
+    fast, _ = clipforge.load(ckpt)
+    plain, _ = clipforge.load(ckpt, fast=False)
+    factory, _, _ = clipforge.create_model_and_transforms("", pretrained=f"local-dir:{ckpt}")
+    frozen, _ = load_for_inference(ckpt)
+    assert is_enabled(fast) and not is_enabled(plain) and not is_enabled(factory) and is_enabled(frozen)
+    assert all(p.requires_grad for m in (fast, plain, factory) for p in m.parameters())
+    assert not any(m.training for m in (fast, plain, factory, frozen))
+    ref = micro_vit.state_dict()
+    for m in (fast, plain, factory):
+        assert all(torch.equal(v, ref[k]) for k, v in m.state_dict().items())
+
+
+def test_an_architecture_name_is_refused_the_same_way_everywhere(tmp_path):
+    import clipforge
+    from clipforge.loading import NotACheckpoint, checkpoint_path
+
+    for call in (lambda: clipforge.load("ViT-B/32"), lambda: load_for_inference("ViT-B/32"),
+                 lambda: clipforge.create_model_and_transforms("ViT-B-32", pretrained="ViT-B-32"),
+                 lambda: checkpoint_path("vit-b-32")):
+        with pytest.raises(NotACheckpoint, match="'(ViT-B/32|ViT-B-32|vit-b-32)' is an architecture name.*never downloads"):
+            call()
+    assert issubclass(NotACheckpoint, FileNotFoundError) and issubclass(NotACheckpoint, ValueError)
+    with pytest.raises(FileNotFoundError, match="model checkpoint not found: .*gone.pt"):
+        checkpoint_path(tmp_path / "gone.pt")
+
+
+def test_checkpoints_load_is_a_deprecated_alias_that_warns_once(tmp_path, micro_vit):
+    import warnings
+
+    import clipforge
+    import clipforge.checkpoints as storage
+    from clipforge.utils import deprecation
+
+    deprecation._warned.discard("clipforge.checkpoints.load")  # another test may have asked first
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, second = storage.load, storage.load
+    assert first is second is clipforge.load
+    assert [str(w.message) for w in caught if w.category is DeprecationWarning] == [
+        "clipforge.checkpoints.load is deprecated; use clipforge.loading.load"]

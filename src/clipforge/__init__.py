@@ -8,12 +8,13 @@
 
 from __future__ import annotations
 
-from .checkpoints import convert, load, load_model, save_model
+from .checkpoints import convert, load_model, save_model
 from .config import (CLIPConfig, PreprocessConfig, TextConfig, TokenizerConfig, VisionConfig,
                      available_models, get_model_config)
 from .factory import create_model_and_transforms
 from .fast import set_backend
 from .inference import embed_images, embed_texts
+from .loading import load
 from .longtext import encode_text_long
 from .models import CLIP, create_model
 from .preprocess import ImageLoadError, image_transform, load_image

@@ -6,7 +6,9 @@
 Names are OpenCLIP's or ours (``ViT-B-32`` = ``ViT-B/32``; see :func:`clipforge.config.get_model_config`
 for the one difference: our paper models are QuickGELU, OpenCLIP's plain names are GELU, so pass
 ``activation="gelu"`` to build OpenCLIP's ``ViT-B-32`` itself). Weights are never downloaded:
-``pretrained`` is a local checkpoint in any format clipforge reads, or ``local-dir:DIR``.
+``pretrained`` is a local checkpoint in any format clipforge reads, or ``local-dir:DIR``. The model
+comes from :mod:`clipforge.loading` (plain, as open_clip returns it: ``clipforge.load(..., fast=False)``
+or :func:`~clipforge.loading.random_model`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import load_model
 from .config import CLIPConfig, get_model_config
-from .models import CLIP, create_model
+from .loading import checkpoint_path, load, random_model
+from .models import CLIP
 from .preprocess import Preprocess, image_transform
 
 LOCAL_DIR = "local-dir:"
@@ -41,16 +43,11 @@ def create_model_and_transforms(model_name: str, pretrained: str | os.PathLike |
     if model_name.startswith(LOCAL_DIR):
         model_name, pretrained = "", model_name
     if pretrained is None:
-        config = get_model_config(model_name)
-        if activation is not None:
-            config = CLIPConfig.from_dict({**config.to_dict(), "activation": activation})
-        model = create_model(config, seed=seed).to(device=device, dtype=dtype).eval()
+        model = random_model(model_name, activation=activation, seed=seed, device=device, dtype=dtype)
     else:
-        path = Path(str(pretrained).removeprefix(LOCAL_DIR))
-        if not path.exists():
-            raise FileNotFoundError(f"pretrained={str(pretrained)!r} is not a local checkpoint; clipforge never "
-                                    f"downloads weights (open_clip tags such as 'openai' are not files)")
-        model = load_model(path, activation=activation, device=device, dtype=dtype)
+        path = checkpoint_path(str(pretrained).removeprefix(LOCAL_DIR), random_init_hint="pretrained=None", missing_note=(
+            "clipforge never downloads weights (open_clip pretrained tags such as 'openai' are not files)"))
+        model, _ = load(path, activation=activation, device=device, dtype=dtype, fast=False)
         if model_name:
             _check_architecture(model.config, get_model_config(model_name), model_name, path)
     pre = model.config.preprocess

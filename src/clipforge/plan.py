@@ -22,7 +22,7 @@ batch sizes, giving activation bytes per sample (clipforge's fast path keeps som
 block saves the pooled rows only). Attention is measured as the fused GPU kernels run it
 (``_scaled_dot_product_efficient_attention``: queries, keys, values, output and log-sum-exp; no
 ``L x L`` matrix), not as the CPU's math fallback. Weights, gradients and AdamW's two moments are
-the parameter bytes in the precision's weight dtype (:mod:`clipforge.device`).
+the parameter bytes in the precision's weight dtype (:mod:`clipforge.precision`).
 
 Time = total model FLOPs / (devices x peak FLOP/s x MFU). MFU (model-FLOP utilisation) counts
 model FLOPs only, so activation recomputation under gradient checkpointing shows up as a lower
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import device as _device
+from . import precision as _precision
 from . import fast as _fast
 from .config import CLIPConfig, get_model_config
 from .fast.text import FastTextTransformer
@@ -100,11 +100,11 @@ def get_accelerator(name: str) -> Accelerator:
 
 def compute_dtype(precision: str, tf32: bool = False) -> str:
     """The dtype the matrix products of ``precision`` run in: its peak FLOP/s applies."""
-    p = _device.get_precision(precision)
+    p = _precision.get_precision(precision)
     dtype = p.autocast_dtype or (p.weight_dtype if p.weight_scope != "none" else None)
     if dtype is None:
         return "tf32" if tf32 else "fp32"
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return next(name for name, d in _precision.DTYPES.items() if d == dtype)
 
 
 # --- building the model on meta -----------------------------------------------------------------
@@ -126,12 +126,12 @@ def meta_model(config: CLIPConfig, precision: str = "fp32", grad_checkpointing: 
     matmuls are modelled by casting the matmul weights to the autocast dtype instead (meta tensors
     cannot autocast), which gives the activations autocast produces, to within the float32
     outputs of its norms."""
-    p = _device.get_precision(precision)
+    p = _precision.get_precision(precision)
     with torch.device("meta"):
         model = CLIP(config)
     if p.autocast_dtype is not None and emulate_autocast:
-        p = _device.Precision(p.name, p.autocast_dtype, "matmul")
-    _device.cast_weights(model, p)
+        p = _precision.Precision(p.name, p.autocast_dtype, "matmul")
+    _precision.cast_weights(model, p)
     model.set_grad_checkpointing(grad_checkpointing)
     if fast:
         _fast.enable(model)
@@ -191,7 +191,7 @@ def _count(fn: Callable[[], Any]) -> float:
 
 
 def _step_flops(model: CLIP, batch: int, precision: str, backward: bool = True) -> tuple[float, float, float]:
-    images, ids = _inputs(model.config, batch, _device.get_precision(precision).input_dtype)
+    images, ids = _inputs(model.config, batch, _precision.get_precision(precision).input_dtype)
     out: dict[str, torch.Tensor] = {}
     f_img = _count(lambda: out.__setitem__("img", _image_features(model, images)))
     f_txt = _count(lambda: out.__setitem__("txt", _text_features(model, ids)))
@@ -290,7 +290,7 @@ def measure_activation_bytes(config: CLIPConfig, batch: int, precision: str = "f
     model = model or meta_model(config, precision)
     model.set_grad_checkpointing(grad_checkpointing)
     params = {p.untyped_storage()._cdata for p in model.parameters()}
-    images, ids = _inputs(config, batch, _device.get_precision(precision).input_dtype)
+    images, ids = _inputs(config, batch, _precision.get_precision(precision).input_dtype)
     block_bytes: list[int] = []
     hooks = []
     with _saved_bytes(params) as seen, _FusedAttention():
@@ -378,7 +378,7 @@ class MemoryModel:
 def build_memory_model(config: CLIPConfig, precision: str = "fp32", local_loss: bool = False,
                        reserve_gb: float = 2.0, batches: tuple[int, int] = (2, 3)) -> MemoryModel:
     """Measure everything :class:`MemoryModel` needs on the meta device."""
-    p = _device.get_precision(precision)
+    p = _precision.get_precision(precision)
     model = meta_model(config, precision, emulate_autocast=False)
     trainable = [q for q in model.parameters() if q.requires_grad]
     weights = sum(q.numel() * q.element_size() for q in model.parameters())
@@ -435,7 +435,7 @@ class PlanConfig:
         need(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be > 0")
         need(self.memory_gb is None or self.memory_gb > 0, "memory_gb", "must be > 0")
         need(self.reserve_gb >= 0, "reserve_gb", "must be >= 0")
-        _device.get_precision(self.precision)
+        _precision.get_precision(self.precision)
 
     def accelerator_spec(self) -> Accelerator:
         """The preset, with ``peak_tflops`` / ``memory_gb`` overriding it (``custom``: both needed)."""

@@ -11,7 +11,9 @@ file as read once (:class:`.files.Source`):
 - :mod:`.openclip`: OpenAI layout plus OpenCLIP's config JSON; writes open_clip's ``local-dir:`` folders.
 - :mod:`.hf`: Hugging Face ``CLIPModel`` folders.
 
-Loading is strict (:mod:`.strict`): nothing is ever partially loaded.
+Loading is strict (:mod:`.strict`): nothing is ever partially loaded. This is storage: it returns
+plain models and knows nothing of the fast layer; ``clipforge.load`` (:mod:`clipforge.loading`)
+is where a path becomes a ready model.
 """
 
 from __future__ import annotations
@@ -26,10 +28,9 @@ from typing import Any, Literal, overload
 import torch
 
 from ..config import CLIPConfig, ConfigError, _load_zoo, get_model_config
-from ..fast import enable as enable_fast
 from ..models import CLIP, model_class
-from ..preprocess import Preprocess, image_transform
 from ..families import FamilyCLIP, FamilyConfig, FolderTokenizer
+from ..utils import moved
 from . import family, hf, hf_siglip, native, openai, openclip
 from .files import Source, read_source
 from .strict import CheckpointError, describe_suspect, load_state_dict_strict, suspect_weights
@@ -168,44 +169,6 @@ def attach_tokenizer(model: FamilyCLIP, folder: Path) -> None:
                                           bool(t.get("strip_sep_token", False)))
 
 
-def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         config: CLIPConfig | dict | str | None = None, activation: str | None = None,
-         fast: bool = True, trust_torchscript: bool = False) -> tuple[CLIP, Preprocess]:
-    """``model, preprocess = clipforge.load(path)`` for OpenAI, OpenCLIP, Hugging Face or our checkpoints.
-
-    Weights are never downloaded: ``path`` is a local file or folder. For a random-init model of a
-    named architecture use :func:`clipforge.create_model`.
-
-    ``fast=True`` (default): the model comes with the fast layer on (``clipforge.fast.enable(model,
-    pack=True)``): the same Parameters and state_dict, outputs within float rounding (1e-4) of the
-    plain model, ~2x faster inference on CPU without calling ``optimize_for_inference``. Inference
-    calls (no autograd) use weights prepacked for oneDNN, made at the first call and remade after
-    any change to the weights (a second copy of the Transformer weights in memory); training calls
-    take the fast layer's training paths (gradients equal within float rounding, as ``clipforge
-    train``); tracing for export records plain ops; ``forward_intermediates`` computes every token
-    of every block. ``fast=False``: the plain reference model.
-
-    OpenAI's TorchScript archives are read without running any of their code. An archive the
-    restricted reader cannot read is refused with one line; ``trust_torchscript=True`` loads it with
-    ``torch.jit.load``, which runs the archive's code: only for files you trust (better: convert
-    it once with ``clipforge convert SRC DST --to clipforge --trust-torchscript``).
-    """
-    p = Path(path)
-    if not p.exists():
-        try:
-            get_model_config(str(path))
-        except KeyError:
-            raise FileNotFoundError(f"checkpoint not found: {path}") from None
-        raise FileNotFoundError(
-            f"{path!r} is an architecture name, not a checkpoint; clipforge never downloads weights. "
-            f"Pass a local checkpoint path, or use clipforge.create_model({str(path)!r}) for random init.")
-    model = load_model(p, config=config, activation=activation, device=device, dtype=dtype,
-                       trust_torchscript=trust_torchscript)
-    if fast:
-        enable_fast(model, pack=True)
-    return model, image_transform(model.config.preprocess)
-
-
 def save_model(model: CLIP, path: str | os.PathLike) -> Path:
     """Write our format atomically: ``*.safetensors`` (config in the metadata) or a folder with
     ``model.safetensors`` + ``config.json``."""
@@ -236,5 +199,11 @@ save_openai = openai.write
 save_hf = hf.write
 openclip_model_cfg = openclip.model_cfg
 
-__all__ = ["load", "load_model", "save_model", "convert", "read_checkpoint", "CheckpointInfo", "FORMATS",
+def __getattr__(name: str):
+    if name == "load":  # moved up to clipforge.loading (it switches the fast layer on; storage does not)
+        return moved("clipforge.checkpoints.load", "clipforge.loading", "load")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["load_model", "save_model", "convert", "read_checkpoint", "CheckpointInfo", "FORMATS",
            "load_state_dict_strict", "CheckpointError", "Source", "UntrustedTorchScript", "save_openai", "save_hf", "openclip_model_cfg"]

@@ -22,10 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..checkpoints import load_model
+    from ..loading import load
     from ..export import export_onnx
 
-    model = load_model(args.model, trust_torchscript=args.trust_torchscript)
+    model, _ = load(args.model, fast=False, trust_torchscript=args.trust_torchscript)
     paths = export_onnx(model, args.out, opset=args.opset)
     for tower, path in paths.items():
         print(f"{tower}: {path} ({path.stat().st_size / 2**20:.1f} MiB)")

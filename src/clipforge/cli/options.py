@@ -18,7 +18,7 @@ Shared options of commands that run a model (``train``, ``demo``, ``eval *``, ``
                    or a checkpoint path given to ``--model`` starts from weights)
 ``--device``       auto | cpu | cuda | cuda:N | mps (auto: CUDA, then MPS, else CPU; under torchrun
                    each rank takes cuda:LOCAL_RANK)
-``--precision``    open_clip's names (see :mod:`clipforge.device`); inference casts the weights
+``--precision``    open_clip's names (see :mod:`clipforge.precision`); inference casts the weights
 ``--trust-torchscript``  load a TorchScript archive the restricted reader refuses with
                    ``torch.jit.load`` (runs the archive's code; only for files you trust)
 ``--batch-size``   items per forward pass
@@ -35,7 +35,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..device import DEVICE_CHOICES, INFERENCE_PRECISIONS, TRAIN_PRECISION_CHOICES, check_device_spec
+from ..device import DEVICE_CHOICES, check_device_spec
+from ..precision import INFERENCE_PRECISIONS, TRAIN_PRECISION_CHOICES
 from ..tokenizer import DEFAULT_OVERLAP, LONG_TEXT_MODES
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

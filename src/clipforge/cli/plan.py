@@ -32,7 +32,7 @@ def mfu_value(text: str) -> float:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..device import TRAIN_PRECISIONS
+    from ..precision import TRAIN_PRECISIONS
     from ..plan import ACCELERATORS
 
     p = sub.add_parser(

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoints import load_model
+from .. import loading
 from ..data import scene_retrieval_set
 from ..eval import open_selection, retrieval_metrics, selection_metrics, selection_similarities
 from ..inference import embed_images, embed_texts
@@ -273,7 +273,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         return {"status": "interrupted", "exit_code": summary.get("exit_code", 130), "run_dir": str(run_dir)}
     train_done = time.time()
 
-    model = load_model(run_dir / "final.safetensors")
+    model, _ = loading.load(run_dir / "final.safetensors", fast=False)
     size = model.image_size
     _say(settings, "evaluating on held-out scenes...")
     threads = threads or TrainConfig.from_dict(read_json(run_dir / "config.json")).threads

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..checkpoints import load_model
+from .. import loading
 from ..config import CLIPConfig, get_model_config
 from ..demo import EVAL_SEED, selection_results
 from ..plan import count_loss_flops, count_model_flops
@@ -135,7 +135,7 @@ def measure(config: ScalingConfig, run_dir: Path, data: str) -> dict[str, Any]:
         saved = read_json(cached)
         if saved.get("key") == key:
             return saved
-    model = load_model(run_dir / "final.safetensors").eval()
+    model, _ = loading.load(run_dir / "final.safetensors", fast=False)
     acc = SceneZeroShot(n_per_class=config.eval_per_class, seed=EVAL_SEED)(model, step=0)
     errors = {k.removesuffix("_acc"): 1.0 - v for k, v in acc.items()}
     val = ValRetrieval(data, seed=EVAL_SEED, n=config.val_pairs)(model, 0)

@@ -14,6 +14,7 @@ from ..models.siglip import SigLIPTextTransformer, SigLIPVisionTransformer
 from ..models.text import TextTransformer
 from ..models.vision_resnet import ModifiedResNet
 from ..models.vision_vit import VisionTransformer
+from ..precision import INFERENCE_CASTS, inference_dtype
 from .backend import FastLinear, fastest_precision
 from .linear import int8_available
 from .siglip import FastSigLIPText, FastSigLIPVision
@@ -65,9 +66,6 @@ def is_enabled(model: nn.Module) -> bool:
     return any(type(m) in PLAIN for m in model.modules())
 
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8", "auto")
-
-
 def optimize_for_inference(model: CLIP, *, precision: str = "fp32", channels_last: bool = True,
                            fold_bn: bool = True, pack_weights: bool = True, compile: bool = False) -> CLIP:
     """Prepare a model for fast CPU/GPU inference. With ``precision="fp32"`` (the default) outputs
@@ -87,8 +85,8 @@ def optimize_for_inference(model: CLIP, *, precision: str = "fp32", channels_las
     place: a model with folded BatchNorm is for inference only (``save_model`` refuses it).
     Packed weights are a second copy of the Transformer weights (``pack_weights=False`` avoids it).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in INFERENCE_CASTS:
+        raise ValueError(f"precision must be one of {INFERENCE_CASTS}, got {precision!r}")
     model.eval()
     model.requires_grad_(False)
     on_cpu = next(model.parameters()).device.type == "cpu"
@@ -101,13 +99,12 @@ def optimize_for_inference(model: CLIP, *, precision: str = "fp32", channels_las
     if getattr(model, "fast_paths", True) is False:
         if precision == "int8":
             raise ValueError("precision int8 is not available for this model family (fp32, bf16 or fp16)")
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        return model.to(dtype)
+        return model.to(inference_dtype(precision))
     for m in model.modules():
         if isinstance(m, (FastMLP, FastAttention)):
             m.int8 = precision == "int8"
     n_folded = fold_batchnorm(model.visual) if fold_bn else 0
-    dtype = {"fp32": torch.float32, "int8": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = inference_dtype(precision)
     if model.dtype != dtype:
         model.to(dtype)
     if isinstance(model.visual, ModifiedResNet) and channels_last:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..precision import DTYPES
 from .linear import OneDNNLinear, onednn_available, onednn_linear
 
 ENV = "CLIPFORGE_LINEAR"
@@ -237,13 +238,10 @@ def machine_linear_choice() -> dict[str, Any]:
     return read_or_measure("linear", _measure_linear)
 
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def _measure_precision() -> dict[str, Any]:
     m, k, n = 1024, 768, 3072
     out: dict[str, float] = {}
-    for name, dtype in _DTYPES.items():
+    for name, dtype in DTYPES.items():
         x, w = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
         try:
             with torch.no_grad():

@@ -22,7 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from ..checkpoints import load_model, save_model
+from .. import loading
+from ..checkpoints import save_model
 from ..eval import build_zeroshot_weights
 from ..models import CLIP, objective_of
 from ..utils import atomic_write_bytes
@@ -122,7 +123,7 @@ class ImageClassifier(nn.Module):
                 weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
         except (KeyError, json.JSONDecodeError) as e:
             raise ValueError(f"{head_path}: not a clipforge fine-tuned head (missing {e})") from None
-        clip = load_model(folder / MODEL_FILE, device=device)
+        clip, _ = loading.load(folder / MODEL_FILE, device=device, fast=False)
         return cls(clip, weight, bias, classnames=meta.get("classnames", []), templates=meta.get("templates", []),
                    recipe=meta.get("recipe", "ce")).to(device)
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..checkpoints import load_model
+from .. import loading
 from ..device import resolve_device
 from ..eval import classification_metrics, extract_features, make_record, parse_shifts
 from ..inference import optimize_for_inference
@@ -292,7 +292,7 @@ class _Run:
         started = time.time()
         splits = open_splits(cfg, log=self.say)
         self.check_out()
-        base = load_model(cfg.model).to(self.device)
+        base, _ = loading.load(cfg.model, device=self.device, fast=False)
         preprocess = image_transform(base.config.preprocess)
         zs = ImageClassifier.zeroshot(base, splits.classnames, splits.templates, recipe=cfg.recipe)
         self.say(f"{len(splits.train)} train / {len(splits.test)} test images, {splits.num_classes} classes, "

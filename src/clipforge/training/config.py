@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config import OBJECTIVES
-from ..device import TRAIN_PRECISION_CHOICES as PRECISIONS
+from ..precision import TRAIN_PRECISION_CHOICES as PRECISIONS
 from ..device import check_device_spec
 from ..data.tables import parse_separator
 from ..utils import read_json
@@ -83,7 +83,7 @@ class TrainConfig:
     warmup: int = 100
     grad_clip: float | None = None
     accum_steps: int = 1
-    precision: str = "fp32"  # open_clip's names and meaning, or auto: see clipforge.device
+    precision: str = "fp32"  # open_clip's names and meaning, or auto: see clipforge.precision
     hard_negatives: Literal["none", "swap", "mirror", "swap,mirror"] = "none"
     hard_negatives_other: Literal["skip", "flip"] = "skip"
     hard_negatives_per_caption: int = 3

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import fast
-from ..checkpoints import load_model, save_model
+from .. import fast, loading
+from ..checkpoints import save_model
 from ..config import CLIPConfig, get_model_config
 from ..data import SkipStats, make_pair_loader, open_pairs
-from ..device import cast_weights
+from ..precision import cast_weights
 from ..models import CLIP, create_model, with_objective
 from ..tokenizer import get_tokenizer
 from ..utils import read_json, torch_threads, write_json
@@ -89,7 +89,7 @@ def build_model(config: TrainConfig) -> CLIP:
     of ``config.objective``: for bow / caption the CLIP subclass with that head (a fresh, seeded
     head when the ``init`` weights have none or another objective's)."""
     if config.init:
-        model = with_objective(load_model(config.init), config.objective, seed=config.seed)
+        model = with_objective(loading.load(config.init, fast=False)[0], config.objective, seed=config.seed)
         if config.loss == "siglip" and model.logit_bias is None:  # the weights keep their learned temperature
             model.add_logit_bias(SIGLIP_INIT_LOGIT_BIAS)
         return model

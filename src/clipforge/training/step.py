@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import device as _device
+from .. import precision as _precision
 from ..data.mirror import MirroredText
 from ..models import CLIP
 from .distributed import DistEnv, sum_over_ranks
@@ -78,12 +79,12 @@ class FeatureModel(nn.Module):
 
 def autocast_context(precision: str, device: torch.device) -> ContextManager[Any]:
     """Autocast for the ``amp*`` precisions (``amp``: float16, CUDA only); nothing otherwise.
-    The precision names and their meaning are open_clip's (see :mod:`clipforge.device`)."""
-    return _device.autocast(precision, device)
+    The precision names and their meaning are open_clip's (see :mod:`clipforge.precision`)."""
+    return _precision.autocast(precision, device)
 
 
 def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
-    if not _device.get_precision(precision).grad_scaler:
+    if not _precision.get_precision(precision).grad_scaler:
         return None
     if device.type != "cuda":
         raise ValueError(f"precision {precision} needs a CUDA GPU; on CPU use amp_bf16, bf16 or fp32")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..data import make_pair_loader, open_pairs
-from ..device import cast_weights
+from ..precision import cast_weights
 from ..utils import torch_threads
 from .config import TrainConfig
 from .. import fast

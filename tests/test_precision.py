@@ -1,0 +1,58 @@
+"""clipforge.precision: one vocabulary for training, inference, the fast layer and the CLI."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from clipforge import precision as P
+from clipforge.checkpoints import save_model
+from clipforge.fast import backend
+from clipforge.loading import load_for_inference
+
+
+def test_one_dtype_map_serves_the_casts_and_the_matmul_probe():
+    assert P.DTYPES == {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    assert backend.DTYPES is P.DTYPES  # the probe measures exactly the casts inference can make
+    assert [P.inference_dtype(c) for c in P.INFERENCE_CASTS if c != "auto"] == [
+        torch.float32, torch.bfloat16, torch.float16, torch.float32]  # int8 keeps fp32 weights
+    for name in P.INFERENCE_PRECISIONS:
+        assert P.inference_precision(name) in P.INFERENCE_CASTS
+
+
+def test_every_training_name_has_one_meaning():
+    for name, p in P.PRECISIONS.items():
+        assert p.name == name
+        casts, autocasts = p.weight_scope != "none", p.autocast_dtype is not None
+        assert not (casts and autocasts) and (casts or autocasts or name == "fp32")
+    assert P.TRAIN_PRECISION_CHOICES == (*P.PRECISIONS, "auto")
+    assert "int8" not in P.PRECISIONS and not set(P.INFERENCE_PRECISIONS) & {"amp", "amp_bf16", "amp_bfloat16"}
+
+
+def test_bf16_at_inference_is_bit_for_bit_pure_bf16(tmp_path, micro_vit):
+    """The one documented difference between the columns of the table: inference casts every weight."""
+    ckpt = save_model(micro_vit, tmp_path / "m.safetensors")
+    a, _ = load_for_inference(ckpt, precision="bf16")
+    b, _ = load_for_inference(ckpt, precision="pure_bf16")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) and sa[k].dtype == sb[k].dtype for k in sa)
+    assert {t.dtype for t in a.parameters()} == {torch.bfloat16}
+
+
+def test_device_keeps_the_old_spellings_warning_once():
+    import clipforge.device as dv
+    from clipforge.utils import deprecation
+
+    for name in ("get_precision", "cast_weights"):
+        deprecation._warned.discard(f"clipforge.device.{name}")  # another test may have asked first
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert dv.get_precision is P.get_precision and dv.get_precision is P.get_precision
+        assert dv.cast_weights is P.cast_weights
+    assert [str(w.message) for w in caught] == [
+        "clipforge.device.get_precision is deprecated; use clipforge.precision.get_precision",
+        "clipforge.device.cast_weights is deprecated; use clipforge.precision.cast_weights"]
+    with pytest.raises(AttributeError):
+        dv.no_such_name
