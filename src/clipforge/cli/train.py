@@ -88,7 +88,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hard-negatives-per-caption", type=positive_int, metavar="N",
                    help="at most N hard negatives per caption, drawn with --seed when more rules apply (default 3)")
     _bool_flag(g, "--grad-checkpointing", "recompute activations in backward (less memory; default off)")
-    _bool_flag(g, "--lock-image", "freeze the image tower (LiT); needs --init to be useful (default off)")
     _bool_flag(g, "--local-loss", "each process computes only its rows of the logits (needs --gather-with-grad; "
                                   "default off)")
     _bool_flag(g, "--gather-with-grad", "back-propagate through the feature all-gather (default off)")

@@ -17,11 +17,14 @@ def unit_interval(text: str) -> float:
     return value
 
 
-def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training recipes (docs/recipes.md)")
+def add_model_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """The recipes acting on the model, its optimiser groups and its schedule, shared by ``train``
+    and ``finetune`` (TrainConfig's and FinetuneConfig's ``ModelRecipes`` fields, same names)."""
+    g = p.add_argument_group("training recipes acting on the model (docs/recipes.md)")
     g.add_argument("--force-patch-dropout", "--patch-dropout", dest="patch_dropout", type=non_negative_float,
                    metavar="P", help="drop this fraction of each training image's patch tokens (FLIP; ViT only; "
                                      "off at eval; default 0)")
+    _bool_flag(g, "--lock-image", "freeze the image tower (LiT); useful from pretrained weights (default off)")
     g.add_argument("--lock-image-unlocked-groups", type=non_negative_int, metavar="N",
                    help="with --lock-image: leave the last N layer groups of the image tower trainable (default 0)")
     _bool_flag(g, "--lock-image-freeze-bn-stats", "with --lock-image: keep the image tower's BatchNorm "
@@ -35,22 +38,9 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
                    help="layer-wise LR decay of the image tower: group g of G trains at lr * D^(G-1-g) (default 1: off)")
     g.add_argument("--layer-decay-text", type=unit_interval, metavar="D",
                    help="layer-wise LR decay of the text tower (default 1: off)")
-    g.add_argument("--zeroshot-data", "--imagenet-val", dest="zeroshot_data", metavar="DATASET",
-                   help="labelled dataset (any spec clipforge eval reads: folder, manifest, shards, .npz, "
-                        "builtin:scenes-<task>) scored zero-shot while training, as eval/zeroshot_acc")
-    g.add_argument("--zeroshot-frequency", type=non_negative_int, metavar="N",
-                   help="zero-shot every N steps (default 0: at --eval-every)")
-    g.add_argument("--zeroshot-classnames", metavar="NAMES",
-                   help="class names: built-in set (imagenet, cifar10, ...) or file (default: the dataset's)")
-    g.add_argument("--zeroshot-templates", metavar="TEMPLATES",
-                   help="prompt templates: built-in set or file (default 'a photo of a {}.')")
-    g.add_argument("--aug-cfg", nargs="+", metavar="KEY=VALUE", type=_key_value, action=_KeyValues,
-                   help="training augmentation, open_clip's AugmentationCfg names: scale=(0.5,1) ratio=(0.75,1.33) "
-                        "color_jitter=0.4 or (b,c,s,h) color_jitter_prob=0.8 gray_scale_prob=0.2 re_prob=0.25 "
-                        "re_count=1 interpolation=bicubic|bilinear|nearest (default: crop scale 0.9-1 only)")
     g.add_argument("--lora-rank", type=non_negative_int, metavar="R",
-                   help="train LoRA adapters of rank R alone (base weights and temperature frozen); the run leaves "
-                        "lora.safetensors (adapters only) and final.safetensors (merged) (default 0: off)")
+                   help="train LoRA adapters of rank R instead of the base weights (frozen, temperature too); the run "
+                        "leaves lora.safetensors (adapters only) beside the merged model (default 0: off)")
     g.add_argument("--lora-alpha", type=positive_float, metavar="A", help="LoRA scale alpha / rank (default 16)")
     g.add_argument("--lora-targets", action=ListAction, metavar="T,...",
                    help="adapted products: attn, mlp, or in_proj, out_proj, c_fc, c_proj (default attn,mlp)")
@@ -69,6 +59,32 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-cooldown-end", type=non_negative_float, metavar="LR", help="rate at the end of the cooldown (default 0)")
     g.add_argument("--lr-cooldown-power", type=positive_float, metavar="P",
                    help="cooldown shape (1 - e/E)^P (default 1: linear)")
+
+
+def model_recipe_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The shared recipe flags given on the command line (field name -> value)."""
+    from ..training import MODEL_RECIPE_FIELDS
+
+    return {k: getattr(args, k) for k in MODEL_RECIPE_FIELDS if getattr(args, k, None) is not None}
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """``clipforge train``'s recipe flags: the shared ones and the training-only ones."""
+    add_model_recipe_arguments(p)
+    g = p.add_argument_group("training recipes (docs/recipes.md)")
+    g.add_argument("--zeroshot-data", "--imagenet-val", dest="zeroshot_data", metavar="DATASET",
+                   help="labelled dataset (any spec clipforge eval reads: folder, manifest, shards, .npz, "
+                        "builtin:scenes-<task>) scored zero-shot while training, as eval/zeroshot_acc")
+    g.add_argument("--zeroshot-frequency", type=non_negative_int, metavar="N",
+                   help="zero-shot every N steps (default 0: at --eval-every)")
+    g.add_argument("--zeroshot-classnames", metavar="NAMES",
+                   help="class names: built-in set (imagenet, cifar10, ...) or file (default: the dataset's)")
+    g.add_argument("--zeroshot-templates", metavar="TEMPLATES",
+                   help="prompt templates: built-in set or file (default 'a photo of a {}.')")
+    g.add_argument("--aug-cfg", nargs="+", metavar="KEY=VALUE", type=_key_value, action=_KeyValues,
+                   help="training augmentation, open_clip's AugmentationCfg names: scale=(0.5,1) ratio=(0.75,1.33) "
+                        "color_jitter=0.4 or (b,c,s,h) color_jitter_prob=0.8 gray_scale_prob=0.2 re_prob=0.25 "
+                        "re_count=1 interpolation=bicubic|bilinear|nearest (default: crop scale 0.9-1 only)")
     g.add_argument("--image-mean", action=ListAction, item=float, count=3, metavar="R,G,B",
                    help="override the model's normalisation mean (recorded in the saved model's config)")
     g.add_argument("--image-std", action=ListAction, item=positive_float, count=3, metavar="R,G,B",

@@ -17,7 +17,7 @@ from ..data.tables import parse_separator
 from ..utils import read_json
 from ..utils.typed import coerce_fields
 from .hard_negatives import MODES as HARD_NEGATIVES
-from .recipes import check_recipes
+from .recipes import ModelRecipes, check_recipes
 
 LINEAR_BACKENDS = ("auto", "torch", "onednn")
 LOSSES = ("clip", "siglip")  # the contrastive objective's loss: softmax (CLIP) or sigmoid (SigLIP)
@@ -30,7 +30,7 @@ RESUMABLE_OVERRIDES = frozenset({
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ModelRecipes):
     """Everything a contrastive training run depends on.
 
     ``model`` is a zoo name (``tiny-vit``), or a path to a CLIPConfig JSON file; ``init`` an optional
@@ -88,7 +88,6 @@ class TrainConfig:
     hard_negatives_other: Literal["skip", "flip"] = "skip"
     hard_negatives_per_caption: int = 3
     grad_checkpointing: bool = False
-    lock_image: bool = False
     local_loss: bool = False
     gather_with_grad: bool = False
     num_workers: int = 2
@@ -109,31 +108,13 @@ class TrainConfig:
     progress: bool = True
     resume: str | None = None
     # --- training recipes (docs/recipes.md; checked in .recipes) ---
-    patch_dropout: float = 0.0  # open_clip's --force-patch-dropout: fraction of patch tokens dropped (FLIP)
-    lock_image_unlocked_groups: int = 0  # with lock_image: the last N image-tower groups train (.lock)
-    lock_image_freeze_bn_stats: bool = False  # with lock_image: BatchNorm running statistics fixed
-    lock_text: bool = False  # freeze the text tower (but its last lock_text_unlocked_layers groups)
-    lock_text_unlocked_layers: int = 0
-    lock_text_freeze_layer_norm: bool = False  # also freeze the LayerNorms of the locked text part
-    layer_decay_image: float = 1.0  # layer-wise LR decay per tower group (1: off)
-    layer_decay_text: float = 1.0
+    # (the recipes acting on the model, shared with clipforge finetune: recipes.ModelRecipes)
     zeroshot_data: str | None = None  # a labelled dataset (clipforge eval's specs): zero-shot while training
     zeroshot_frequency: int = 0  # every N steps (0: at eval_every)
     zeroshot_classnames: str | None = None  # built-in set name or file (default: the dataset's own)
     zeroshot_templates: str | None = None  # built-in set name or file (default: "a photo of a {}.")
     zeroshot_n: int = 500  # images scored (a fixed class-stratified sample)
     aug_cfg: dict[str, Any] = dataclasses.field(default_factory=dict)  # open_clip's AugmentationCfg names
-    lora_rank: int = 0  # LoRA adapters of this rank (0: off); only they train (.lora)
-    lora_alpha: float = 16.0
-    lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["attn", "mlp"])
-    lora_towers: list[str] = dataclasses.field(default_factory=lambda: ["image", "text"])
-    distill_model: str | None = None  # teacher checkpoint (any format clipforge.load reads) (.distill)
-    distill_weight: float = 1.0  # weight of the distillation term beside the contrastive loss
-    distill_precision: str = "fp32"  # the teacher's inference precision (fp32, bf16, auto, ...)
-    lr_scheduler: Literal["cosine", "const", "const-cooldown"] = "cosine"  # (.schedule)
-    lr_cooldown_steps: int = 0  # const-cooldown: the last N steps decay to lr_cooldown_end
-    lr_cooldown_end: float = 0.0
-    lr_cooldown_power: float = 1.0  # 1: linear
     image_mean: tuple[float, float, float] | None = None  # preprocessing overrides (None: the model's)
     image_std: tuple[float, float, float] | None = None
     image_interpolation: Literal["bicubic", "bilinear"] | None = None
