@@ -4,6 +4,7 @@ names where it has one; each sets the TrainConfig field of the same name."""
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from .options import ListAction, non_negative_float, non_negative_int, positive_float, positive_int
@@ -96,6 +97,9 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
                    help="open_clip's name for --tensorboard (wandb is not supported)")
     g.add_argument("--zeroshot-n", type=positive_int, metavar="N",
                    help="images scored, a fixed class-stratified sample (default 500)")
+    g.add_argument("--train-data-upsampling-factors", type=_factors, metavar="F1::F2",
+                   help="with --resampled and '::'-joined shard sources in --data: each source's shards are drawn "
+                        "with this weight (open_clip's meaning; default: every shard alike)")
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -105,6 +109,17 @@ def _key_value(text: str) -> tuple[str, Any]:
         return next(iter(parse_key_values([text]).items()))
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _factors(text: str) -> list[float]:
+    """``1::3`` -> ``[1.0, 3.0]`` (open_clip's spelling; the count is checked against --data)."""
+    try:
+        values = [float(x) for x in text.split("::")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers joined by '::' (1::3), got {text!r}") from None
+    if not all(math.isfinite(v) and v >= 0 for v in values) or not any(values):
+        raise argparse.ArgumentTypeError(f"factors must be numbers >= 0, not all 0, got {text!r}")
+    return values
 
 
 def _report_to(text: str) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +14,7 @@ from typing import Any, Literal
 from ..config import OBJECTIVES
 from ..device import TRAIN_PRECISION_CHOICES as PRECISIONS
 from ..device import check_device_spec
+from ..data.shards import split_sources
 from ..data.tables import parse_separator
 from ..utils import read_json
 from ..utils.typed import coerce_fields
@@ -93,6 +95,7 @@ class TrainConfig(ModelRecipes):
     num_workers: int = 2
     threads: int | None = None
     resampled: bool = False
+    train_data_upsampling_factors: list[float] | None = None  # one weight per '::'-joined shard source (resampled)
     seed: int = 0
     deterministic: bool = False
     fast_paths: bool = True
@@ -183,6 +186,22 @@ class TrainConfig(ModelRecipes):
         except ValueError as e:
             need(False, "csv_separator", str(e))
         check_recipes(self, need)
+        self._check_upsampling(need)
+
+    def _check_upsampling(self, need: Any) -> None:
+        """open_clip's ``--train-data-upsampling-factors``: one factor >= 0 per ``::``-joined source of
+        ``data``, not all 0, and draws with replacement (``resampled``), where weights mean something."""
+        f = self.train_data_upsampling_factors
+        if f is None:
+            return
+        key = "train_data_upsampling_factors"
+        need(isinstance(f, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                                          and x >= 0 for x in f) and any(f), key,
+             "needs numbers >= 0 (not all 0), one per '::'-joined source of data")
+        n = len(split_sources(self.data))
+        need(len(f) == n, key, f"{len(f)} factor(s) for the {n} '::'-joined source(s) of data {self.data!r}")
+        need(self.resampled, key, "weights the draws of shards with replacement: set resampled "
+                                  "(--resampled, open_clip's --dataset-resampled) too")
 
     def data_options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`clipforge.data.open_pairs` for this run's data specs."""

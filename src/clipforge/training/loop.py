@@ -112,7 +112,8 @@ def open_training_data(config: TrainConfig) -> tuple[Any, Any | None]:
     """Open (and so validate) the data specs before any model is built: a missing manifest or an
     empty shard pattern fails in a second, not after minutes of set-up."""
     opts = config.data_options()
-    train_source = open_pairs(config.data, split="train", seed=config.seed, **opts)
+    train_source = open_pairs(config.data, split="train", seed=config.seed, **opts,
+                              upsampling_factors=config.train_data_upsampling_factors)
     val_source = open_pairs(config.val_data, split="val", seed=config.seed, **opts) if config.val_data else None
     return train_source, val_source
 
