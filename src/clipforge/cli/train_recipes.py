@@ -97,6 +97,15 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
                    help="open_clip's name for --tensorboard (wandb is not supported)")
     g.add_argument("--zeroshot-n", type=positive_int, metavar="N",
                    help="images scored, a fixed class-stratified sample (default 500)")
+    g.add_argument("--remote-sync", metavar="URL",
+                   help="copy the run folder's finished files (checkpoints, records, final model) to this fsspec URL "
+                        "(s3://, gs://, memory://, ...) or path, at each checkpoint and at the end; --resume URL "
+                        "--out DIR continues from that copy (default off)")
+    g.add_argument("--remote-sync-frequency", type=non_negative_int, metavar="N",
+                   help="also sync every N steps (open_clip counts seconds; steps keep runs timing-independent) "
+                        "(default 0: at checkpoints only)")
+    g.add_argument("--remote-sync-protocol", choices=("fsspec",),
+                   help="open_clip's option; fsspec only (an s3:// URL needs s3fs) (default fsspec)")
     g.add_argument("--train-data-upsampling-factors", type=_factors, metavar="F1::F2",
                    help="with --resampled and '::'-joined shard sources in --data: each source's shards are drawn "
                         "with this weight (open_clip's meaning; default: every shard alike)")

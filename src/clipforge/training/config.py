@@ -20,6 +20,7 @@ from ..utils import read_json
 from ..utils.typed import coerce_fields
 from .hard_negatives import MODES as HARD_NEGATIVES
 from .recipes import ModelRecipes, check_recipes
+from .remote_sync import PROTOCOLS, has_checkpoints, is_url, pull_run
 
 LINEAR_BACKENDS = ("auto", "torch", "onednn")
 LOSSES = ("clip", "siglip")  # the contrastive objective's loss: softmax (CLIP) or sigmoid (SigLIP)
@@ -27,7 +28,8 @@ LOSSES = ("clip", "siglip")  # the contrastive objective's loss: softmax (CLIP) 
 # Fields that may differ between a run and its resumption (they do not change the optimisation).
 RESUMABLE_OVERRIDES = frozenset({
     "save_every", "keep_last", "log_every", "eval_every", "tensorboard", "num_workers", "zeroshot_frequency",
-    "time_limit_minutes", "progress", "device", "threads",
+    "time_limit_minutes", "progress", "device", "threads", "remote_sync", "remote_sync_frequency",
+    "remote_sync_protocol",
 })
 
 
@@ -110,6 +112,9 @@ class TrainConfig(ModelRecipes):
     time_limit_minutes: float | None = None
     progress: bool = True
     resume: str | None = None
+    remote_sync: str | None = None  # copy the run folder here (fsspec URL or path) (.remote_sync)
+    remote_sync_frequency: int = 0  # every N steps as well (0: at each checkpoint and at the end)
+    remote_sync_protocol: Literal["fsspec"] = "fsspec"  # open_clip's option; only fsspec here
     # --- training recipes (docs/recipes.md; checked in .recipes) ---
     # (the recipes acting on the model, shared with clipforge finetune: recipes.ModelRecipes)
     zeroshot_data: str | None = None  # a labelled dataset (clipforge eval's specs): zero-shot while training
@@ -187,6 +192,11 @@ class TrainConfig(ModelRecipes):
             need(False, "csv_separator", str(e))
         check_recipes(self, need)
         self._check_upsampling(need)
+        need(self.remote_sync is None or bool(str(self.remote_sync).strip()), "remote_sync", "must be a URL or path")
+        need(isinstance(self.remote_sync_frequency, int) and self.remote_sync_frequency >= 0, "remote_sync_frequency",
+             "must be an integer >= 0 (steps; 0: at each checkpoint)")
+        need(self.remote_sync_protocol in PROTOCOLS, "remote_sync_protocol",
+             "only fsspec (open_clip's s3 protocol runs the aws CLI; give an s3:// URL instead, with s3fs installed)")
 
     def _check_upsampling(self, need: Any) -> None:
         """open_clip's ``--train-data-upsampling-factors``: one factor >= 0 per ``::``-joined source of
@@ -242,7 +252,18 @@ class TrainConfig(ModelRecipes):
     @classmethod
     def for_resume(cls, run_dir: str | Path, **overrides: Any) -> "TrainConfig":
         """The config saved in ``run_dir/config.json`` with ``resume`` set, plus the allowed
-        ``overrides`` (logging/saving cadence, workers, time limit; see ``RESUMABLE_OVERRIDES``)."""
+        ``overrides`` (logging/saving cadence, workers, time limit; see ``RESUMABLE_OVERRIDES``).
+        ``run_dir`` may be a remote copy (``remote_sync``'s URL; then ``out`` is the local folder),
+        and a local folder without checkpoints is first filled from ``remote_sync`` when given."""
+        if is_url(str(run_dir)):  # a run synced there (--remote-sync): copied into out first
+            if not overrides.get("out"):
+                raise ValueError(f"--resume {run_dir}: a remote run needs --out, the local folder to continue it in")
+            overrides.setdefault("remote_sync", str(run_dir))
+            run_dir = overrides["out"]
+            if not has_checkpoints(run_dir):
+                pull_run(overrides["remote_sync"], run_dir)
+        elif overrides.get("remote_sync") and not has_checkpoints(run_dir):
+            pull_run(overrides["remote_sync"], run_dir)  # a fresh machine: no checkpoint here, the remote has them
         path = Path(run_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"--resume {run_dir}: no config.json there (not a clipforge training run folder)")

@@ -46,6 +46,7 @@ from .metrics import MetricsLog, peak_rss_mb, plot_curves
 from .objectives import freeze_unused
 from .optim import CosineWarmup, build_optimizer
 from .recipes import apply_recipes, attach_distillation, finish_recipes, lr_scales, train_transform
+from .remote_sync import RemoteSync
 from .schedule import make_schedule
 from .signals import StopRequest, exit_code, signals_blocked
 from .sigmoid_loss import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
@@ -132,6 +133,7 @@ class _Run:
         self.evaluator = evaluator
         self.run_dir = Path(config.resume or config.out)
         self.main = env.is_main
+        self.remote: RemoteSync | None = None
 
     # --- set-up -------------------------------------------------------------------------------
     def _check_run_dir(self) -> Path | None:
@@ -164,6 +166,8 @@ class _Run:
         cfg, env = self.config, self.env
         started = time.time()
         resume_from = self._check_run_dir()
+        # --remote-sync: opened (and so checked) before any work
+        self.remote = RemoteSync(self.run_dir, cfg.remote_sync) if (cfg.remote_sync and self.main) else None
         train_source, _ = open_training_data(cfg)  # the validation spec is only checked here
         _seed_everything(cfg.seed + env.rank)
 
@@ -299,6 +303,8 @@ class _Run:
                     if (cfg.save_every and step % cfg.save_every == 0) or halt or step == cfg.steps:
                         self._save(model, step_fn, schedule, loader, log, step)
                         saved_at = step
+                    elif self.remote is not None and cfg.remote_sync_frequency and step % cfg.remote_sync_frequency == 0:
+                        self.remote.sync()  # --remote-sync-frequency: by steps, never by the clock
                     if halt:
                         signum = stop.signum
                         status = reason or "interrupted"  # another rank's signal
@@ -344,6 +350,8 @@ class _Run:
                 "backend": self._backend(),
             })
             ckpt.prune_checkpoints(self.run_dir, self.config.keep_last)
+            if self.remote is not None:  # --remote-sync: the finished checkpoint and records
+                self.remote.sync()
         barrier(self.env)
 
     # --- the end ------------------------------------------------------------------------------
@@ -391,6 +399,9 @@ class _Run:
             "backend": self._backend(),
         }
         write_json(self.run_dir / "summary.json", summary)
+        if self.remote is not None:
+            self.remote.sync()  # final model, curves, summary
+            summary["remote_sync"] = {"remote": cfg.remote_sync, "files_copied": self.remote.copies}
         return summary
 
 
