@@ -93,8 +93,10 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-interpolation", choices=("bicubic", "bilinear"),
                    help="override the model's resize interpolation (eval transform)")
     g.add_argument("--image-resize-mode", choices=("shortest", "squash"), help="override the model's resize mode")
-    g.add_argument("--report-to", dest="tensorboard", type=_report_to, metavar="tensorboard",
-                   help="open_clip's name for --tensorboard (wandb is not supported)")
+    g.add_argument("--report-to", type=_report_to, action=_ReportTo, metavar="tensorboard,wandb",
+                   help="also log the scalars to tensorboard (= --tensorboard) and/or wandb (Weights & Biases; needs "
+                        "the wandb package; WANDB_MODE=offline for no network) (default: metrics.jsonl only)")
+    g.add_argument("--wandb-project-name", metavar="NAME", help="wandb project (default clipforge)")
     g.add_argument("--zeroshot-n", type=positive_int, metavar="N",
                    help="images scored, a fixed class-stratified sample (default 500)")
     g.add_argument("--remote-sync", metavar="URL",
@@ -131,11 +133,19 @@ def _factors(text: str) -> list[float]:
     return values
 
 
-def _report_to(text: str) -> bool:
+def _report_to(text: str) -> set[str]:
     names = {t.strip() for t in text.split(",") if t.strip()}
-    if names - {"tensorboard"}:
-        raise argparse.ArgumentTypeError(f"only tensorboard is supported (got {text}); wandb is not")
-    return True
+    if not names or names - {"tensorboard", "wandb"}:
+        raise argparse.ArgumentTypeError(f"expected tensorboard, wandb or both (tensorboard,wandb), got {text!r}")
+    return names
+
+
+class _ReportTo(argparse.Action):
+    """``--report-to tensorboard,wandb`` -> the ``tensorboard`` and ``wandb`` fields."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+        for name in values:
+            setattr(namespace, name, True)
 
 
 class _KeyValues(argparse.Action):

@@ -27,7 +27,7 @@ LOSSES = ("clip", "siglip")  # the contrastive objective's loss: softmax (CLIP) 
 
 # Fields that may differ between a run and its resumption (they do not change the optimisation).
 RESUMABLE_OVERRIDES = frozenset({
-    "save_every", "keep_last", "log_every", "eval_every", "tensorboard", "num_workers", "zeroshot_frequency",
+    "save_every", "keep_last", "log_every", "eval_every", "tensorboard", "wandb", "wandb_project_name", "num_workers", "zeroshot_frequency",
     "time_limit_minutes", "progress", "device", "threads", "remote_sync", "remote_sync_frequency",
     "remote_sync_protocol",
 })
@@ -109,6 +109,8 @@ class TrainConfig(ModelRecipes):
     log_every: int = 10
     eval_every: int = 0
     tensorboard: bool = False
+    wandb: bool = False  # also log the scalars to Weights & Biases (open_clip's --report-to wandb; .metrics)
+    wandb_project_name: str = "clipforge"
     time_limit_minutes: float | None = None
     progress: bool = True
     resume: str | None = None

@@ -42,7 +42,7 @@ from .distributed import DistEnv, all_gather_object, any_rank, barrier, init_dis
 from ..data.mirror import MirrorCompanions
 from .evaluation import Evaluator, default_evaluator, with_zeroshot
 from .hard_negatives import SwapNegatives, TokenizeWithNegatives, hard_negative_modes
-from .metrics import MetricsLog, peak_rss_mb, plot_curves
+from .metrics import MetricsLog, import_wandb, open_wandb, peak_rss_mb, plot_curves
 from .objectives import freeze_unused
 from .optim import CosineWarmup, build_optimizer
 from .recipes import apply_recipes, attach_distillation, finish_recipes, lr_scales, train_transform
@@ -168,6 +168,8 @@ class _Run:
         resume_from = self._check_run_dir()
         # --remote-sync: opened (and so checked) before any work
         self.remote = RemoteSync(self.run_dir, cfg.remote_sync) if (cfg.remote_sync and self.main) else None
+        if cfg.wandb and self.main:
+            import_wandb()  # --report-to wandb without the package: one line now, not after the set-up
         train_source, _ = open_training_data(cfg)  # the validation spec is only checked here
         _seed_everything(cfg.seed + env.rank)
 
@@ -223,7 +225,8 @@ class _Run:
             write_json(self.run_dir / "config.json", cfg.to_dict())
             write_json(self.run_dir / "model_config.json", model.config.to_dict())
         log = MetricsLog(self.run_dir / "metrics.jsonl", records,
-                         self.run_dir / "tensorboard" if (cfg.tensorboard and self.main) else None) \
+                         self.run_dir / "tensorboard" if (cfg.tensorboard and self.main) else None,
+                         open_wandb(self.run_dir, cfg.wandb_project_name, cfg.to_dict()) if cfg.wandb else None) \
             if self.main else None
         try:
             status, signum = self._loop(model, step_fn, schedule, loader, log, step, started)
