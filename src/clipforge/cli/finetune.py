@@ -17,6 +17,7 @@ from typing import Any
 from .options import (ListAction, add_device_option, add_progress_option, any_int, existing_path, fraction,
                       non_negative_float, non_negative_int, nonempty_str, output_dir, positive_float, positive_int,
                       shift_list, unit_interval)
+from .train_recipes import add_model_recipe_arguments, model_recipe_values
 
 
 def register(subparsers: Any) -> None:
@@ -49,8 +50,6 @@ def register(subparsers: Any) -> None:
                         "between images and prompts of their class (text tower trained too unless --lock-text)")
     g.add_argument("--head", choices=("zeroshot", "linear"), default="zeroshot",
                    help="ce head initialisation: zeroshot = class text embeddings x logit scale; linear = zeros")
-    g.add_argument("--lock-text", action="store_true",
-                   help="flyp: keep the text tower frozen (ce never changes it: the head stands in for it)")
     g.add_argument("--lp-steps", type=non_negative_int, default=0,
                    help="LP-FT: train only the head for this many steps first (ce recipe)")
     length = g.add_mutually_exclusive_group(required=True)
@@ -85,6 +84,7 @@ def register(subparsers: Any) -> None:
     g.add_argument("--json", action="store_true", help="print the run summary as JSON instead of the table")
     add_device_option(p)
     add_progress_option(p)
+    add_model_recipe_arguments(p)  # train's flags (--lock-text: flyp's text tower; ce never trains it)
     p.set_defaults(func=run)
 
 
@@ -96,12 +96,12 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, dataset=args.dataset, out=args.out, classnames=args.classnames, templates=args.templates,
         train_split=args.train_split, test_dataset=args.test_dataset, test_split=args.test_split,
         test_fraction=args.test_fraction, split_seed=args.split_seed, recipe=args.recipe, head=args.head,
-        lock_text=args.lock_text, lp_steps=args.lp_steps, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+        lp_steps=args.lp_steps, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, wd=args.wd, warmup=args.warmup, grad_clip=args.grad_clip, seed=args.seed,
         wise_alphas=list(dict.fromkeys(args.wise_alphas)), shifts=args.shifts, save_wise_models=args.save_wise_models,
         eval_batch_size=args.eval_batch_size, max_test=args.max_test, save_every=args.save_every,
         keep_last=args.keep_last, log_every=args.log_every, progress=args.progress, threads=args.threads,
-        device=args.device)
+        device=args.device, **model_recipe_values(args))
     result = finetune(config)
     if result.status != "completed":
         print(f"stopped at step {result.steps_done}/{result.steps} ({result.status}); re-run the same command to "

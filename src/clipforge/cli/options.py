@@ -45,7 +45,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # Keep in step with [project.optional-dependencies] in pyproject.toml (tests/cli/test_inputs.py checks it).
 EXTRAS = {"faiss": "search", "fastapi": "search", "uvicorn": "search", "multipart": "search",
           "python_multipart": "search", "pyarrow": "search", "starlette": "search", "pydantic": "search",
-          "onnx": "onnx", "onnxruntime": "onnx", "fsspec": "remote", "pymilvus": "milvus", "milvus_lite": "milvus"}
+          "onnx": "onnx", "onnxruntime": "onnx", "fsspec": "remote", "pymilvus": "milvus", "milvus_lite": "milvus", "wandb": "wandb"}
 
 
 # --- parser ---------------------------------------------------------------------------------------

@@ -25,6 +25,11 @@ def _bool_flag(p: Any, name: str, help: str) -> None:
     p.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help)
 
 
+def _run_dir_or_url(text: str) -> str:
+    """``--resume``: an existing run folder, or the URL of its ``--remote-sync`` copy."""
+    return text if "://" in text and not text.startswith("file://") else existing_dir(text)
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Every TrainConfig field as a flag; defaults are None so only given flags override (the
     defaults shown are TrainConfig's)."""
@@ -88,7 +93,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hard-negatives-per-caption", type=positive_int, metavar="N",
                    help="at most N hard negatives per caption, drawn with --seed when more rules apply (default 3)")
     _bool_flag(g, "--grad-checkpointing", "recompute activations in backward (less memory; default off)")
-    _bool_flag(g, "--lock-image", "freeze the image tower (LiT); needs --init to be useful (default off)")
     _bool_flag(g, "--local-loss", "each process computes only its rows of the logits (needs --gather-with-grad; "
                                   "default off)")
     _bool_flag(g, "--gather-with-grad", "back-propagate through the feature all-gather (default off)")
@@ -98,8 +102,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=positive_int, help="torch threads per process (default: torch's choice)")
     g = p.add_argument_group("run folder")
     g.add_argument("--out", type=output_dir, help="run folder (default runs/train)")
-    g.add_argument("--resume", metavar="RUN_DIR", type=existing_dir,
-                   help="continue this run from its newest checkpoint (default: start a new run)")
+    g.add_argument("--resume", metavar="RUN_DIR", type=_run_dir_or_url,
+                   help="continue this run from its newest checkpoint; a URL: the copy --remote-sync made, "
+                        "continued in --out (default: start a new run)")
     g.add_argument("--save-every", type=non_negative_int,
                    help="checkpoint every N steps; 0 = only at the end (default 500)")
     g.add_argument("--keep-last", type=positive_int, help="checkpoints to keep (default 2)")

@@ -167,6 +167,26 @@ def resolve_shards(spec: str) -> list[str]:
     return [s for s in out if not (s in seen or seen.add(s))]
 
 
+def split_sources(spec: str) -> list[str]:
+    """The ``::``-joined data sources of a shard spec (open_clip's ``--train-data a::b``), in order."""
+    return [p.strip() for p in _split_top(spec, "::") if p.strip()]
+
+
+def source_shard_weights(spec: str, factors: list[float], shards: list[str]) -> list[float]:
+    """open_clip's ``--train-data-upsampling-factors``: every shard of source ``i`` gets weight
+    ``factors[i]`` in the draws with replacement (so a source's share also grows with its number of
+    shards, as in open_clip's ``expand_urls``); a shard named by several sources gets their sum."""
+    sources = split_sources(spec)
+    if len(sources) != len(factors):
+        raise ValueError(f"train_data_upsampling_factors: {len(factors)} factor(s) for {len(sources)} "
+                         f"'::'-joined source(s) of {spec!r}")
+    weight: dict[str, float] = {}
+    for source, factor in zip(sources, factors):
+        for shard in resolve_shards(source):
+            weight[shard] = weight.get(shard, 0.0) + float(factor)
+    return [weight[s] for s in shards]
+
+
 # ----------------------------------------------------------------------------- records
 @dataclass
 class ShardRecord:
@@ -269,10 +289,13 @@ class ShardSource(PairSource):
 
     is_map_style = False
 
-    def __init__(self, spec: str, *, caption_key: str | None = None) -> None:
+    def __init__(self, spec: str, *, caption_key: str | None = None, upsampling_factors: list[float] | None = None
+                 ) -> None:
         super().__init__()
         self.spec = spec
         self.shards = resolve_shards(spec)
+        # per-shard weights of the draws with replacement (None: uniform); see source_shard_weights
+        self.weights = source_shard_weights(spec, upsampling_factors, self.shards) if upsampling_factors else None
         self.name = Path(self.shards[0]).parent.name or Path(self.shards[0]).stem
         self.caption_key = caption_key
         self.num_samples = _count_from_stats(self.shards)
@@ -354,7 +377,13 @@ class ShardSource(PairSource):
             if not live:
                 raise ValueError(f"none of the {len(self.shards)} shard(s) of {self.spec!r} can be opened; "
                                  f"e.g. {next(iter(dead.values()))}")
-            shard = rng.choice(live)
+            if self.weights is None:
+                shard = rng.choice(live)
+            else:  # upsampling factors: weighted draws (dead shards left out)
+                w = [wt for s, wt in zip(self.shards, self.weights) if s not in dead]
+                if not any(w):
+                    raise ValueError(f"no shard of {self.spec!r} with a non-zero upsampling factor can be opened")
+                shard = rng.choices(live, weights=w)[0]
             draws += 1
             got = 0
             for rec in read_shard(shard, self._wanted):

@@ -12,7 +12,8 @@ DEFAULT_SCENES_N = {"train": 20000, "val": 2000, "test": 2000}
 
 
 def open_pairs(spec: str, *, split: str | None = "train", seed: int = 0, caption_key: str | None = None,
-               image_key: str | None = None, csv_separator: str | None = None) -> PairSource:
+               image_key: str | None = None, csv_separator: str | None = None,
+               upsampling_factors: list[float] | None = None) -> PairSource:
     """Open an image-text pair source.
 
     ``spec`` is ``builtin:scenes[?n=20000&size=64&seed=0]``, a manifest (``.csv``, ``.tsv``,
@@ -23,11 +24,16 @@ def open_pairs(spec: str, *, split: str | None = "train", seed: int = 0, caption
     ``pipe:CMD`` commands, see :mod:`clipforge.data.remote`). ``split`` selects the scenes
     split or filters a manifest's ``split`` column (ignored for shards: they are per-split
     files); ``split=None`` keeps every manifest row (scenes: train). ``seed`` is the scenes
-    generator seed (shuffling seeds belong to the loader).
+    generator seed (shuffling seeds belong to the loader). ``upsampling_factors`` (shards only,
+    one per ``::``-joined source): the weights of the sources in draws with replacement
+    (open_clip's ``--train-data-upsampling-factors``).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"empty data spec: {spec!r}")
     spec = spec.strip()
+    if upsampling_factors and (spec.startswith("builtin:") or is_manifest(spec)):
+        raise ValueError(f"train_data_upsampling_factors: weights '::'-joined WebDataset shard sources; "
+                         f"{spec!r} is not shards")
     if spec.startswith("builtin:"):
         name = spec[len("builtin:"):].partition("?")[0]
         if name != "scenes":
@@ -49,4 +55,4 @@ def open_pairs(spec: str, *, split: str | None = "train", seed: int = 0, caption
     if is_manifest(spec):
         return ManifestSource(spec, split=split, caption_key=caption_key, image_key=image_key,
                               separator=csv_separator)
-    return ShardSource(spec, caption_key=caption_key)
+    return ShardSource(spec, caption_key=caption_key, upsampling_factors=upsampling_factors)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from ..device import check_device_spec
 from ..eval import parse_shifts
+from ..training import MODEL_RECIPE_FIELDS, ModelRecipes, check_model_recipes
 from ..utils.typed import coerce_fields
 
 Recipe = Literal["ce", "flyp"]
@@ -25,7 +26,7 @@ RESUMABLE_OVERRIDES = frozenset({
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(ModelRecipes):
     """Everything a fine-tuning run (and its WiSE-FT sweep) depends on.
 
     ``model`` is a checkpoint (any format ``clipforge.load`` reads). ``dataset`` is a labelled
@@ -42,6 +43,11 @@ class FinetuneConfig:
     rebuilt from it. As in FLYP, the loss is the in-batch CLIP loss, so two images of one class in a
     batch are each other's negatives (with few classes the loss cannot reach 0; it still pulls
     images towards their class prompts). Exactly one of ``steps`` / ``epochs`` sets the length.
+
+    The training recipes acting on the model are ``clipforge train``'s (:class:`ModelRecipes`,
+    docs/recipes.md): patch dropout, locking (``lock_text``: FLYP's text tower frozen; CE never
+    trains it), layer decay, LoRA (the head still trains; ``finetuned/lora.safetensors`` holds the
+    adapters alone), distillation (FLYP only: the teacher's image-prompt logits) and the schedule.
     """
 
     model: str
@@ -56,7 +62,6 @@ class FinetuneConfig:
     split_seed: int = 0
     recipe: Recipe = "ce"
     head: HeadInit = "zeroshot"
-    lock_text: bool = False
     lp_steps: int = 0
     steps: int | None = None
     epochs: float | None = None
@@ -113,6 +118,9 @@ class FinetuneConfig:
         need(self.keep_last >= 1, "keep_last", "must be >= 1")
         need(self.log_every >= 1, "log_every", "must be >= 1")
         need(self.threads is None or self.threads >= 1, "threads", "must be >= 1")
+        check_model_recipes(self, need)
+        need(self.distill_model is None or self.recipe == "flyp", "distill_model",
+             "distils image-text logits: recipe flyp only (the ce recipe has no text side)")
         check_device_spec(self.device)
         try:
             parse_shifts(self.shifts)  # a typo must fail now, not after the fine-tuning
@@ -133,8 +141,11 @@ class FinetuneConfig:
         return cls(**coerce_fields(cls, dict(d), source))
 
     def training_fields(self) -> dict[str, Any]:
-        """The settings that determine the fine-tuned weights (compared when a run is continued)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_OVERRIDES and k != "out"}
+        """The settings that determine the fine-tuned weights (compared when a run is continued).
+        Recipe fields left at their defaults are omitted, so runs from before they existed continue."""
+        off = dataclasses.asdict(ModelRecipes())
+        return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_OVERRIDES and k != "out"
+                and not (k in MODEL_RECIPE_FIELDS and v == off[k])}
 
 
 __all__ = ["FinetuneConfig", "DEFAULT_ALPHAS", "RESUMABLE_OVERRIDES", "Recipe", "HeadInit"]

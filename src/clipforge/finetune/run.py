@@ -37,8 +37,9 @@ from ..eval import classification_metrics, extract_features, make_record, parse_
 from ..inference import optimize_for_inference
 from ..preprocess import image_transform
 from ..families import tokenizer_for
-from ..training import (CosineWarmup, MetricsLog, StopRequest, build_optimizer, capture_rng, checkpoint_path,
-                        contrastive_loss, latest_checkpoint, load_checkpoint, prune_checkpoints, restore_rng,
+from ..training import (CosineWarmup, DistillLoss, MetricsLog, StopRequest, Teacher, apply_model_recipes,
+                        build_optimizer, capture_rng, checkpoint_path, contrastive_loss, finish_recipes,
+                        latest_checkpoint, load_checkpoint, lr_scales, make_schedule, prune_checkpoints, restore_rng,
                         save_checkpoint)
 from ..utils import read_json, read_marker, torch_threads, write_json, write_marker
 from .classifier import ImageClassifier
@@ -79,7 +80,8 @@ def _class_text(name: Any) -> str:
 def initial_model(zs: ImageClassifier, cfg: FinetuneConfig) -> ImageClassifier:
     """The model at step 0: a copy of the zero-shot classifier (head at zero for ``head="linear"``),
     with only what the recipe trains left trainable: image tower + head (CE); image tower, text
-    tower (unless ``lock_text``) and temperature (FLYP, whose head is rebuilt from the text tower)."""
+    tower and temperature (FLYP, whose head is rebuilt from the text tower); then the model recipes
+    of ``cfg`` (locking, LoRA: fewer trainable parameters; patch dropout)."""
     ft = copy.deepcopy(zs)
     if cfg.head == "linear":
         with torch.no_grad():
@@ -87,11 +89,11 @@ def initial_model(zs: ImageClassifier, cfg: FinetuneConfig) -> ImageClassifier:
             ft.head.bias.zero_()
     for p in ft.clip.visual.parameters():
         p.requires_grad_(True)
-    train_text = cfg.recipe == "flyp" and not cfg.lock_text
-    for p in ft.clip.text.parameters():
-        p.requires_grad_(train_text)
+    for p in ft.clip.text.parameters():  # lock_text (train's meaning: .lock) acts below
+        p.requires_grad_(cfg.recipe == "flyp")
     ft.clip.logit_scale.requires_grad_(cfg.recipe == "flyp")
     ft.head.requires_grad_(cfg.recipe == "ce")
+    apply_model_recipes(ft.clip, cfg)  # patch dropout, locking, LoRA (train's recipes; the head stays trainable)
     return ft
 
 
@@ -127,9 +129,13 @@ class _Run:
         cfg = self.cfg
         total = total_steps(cfg, len(splits.train))
         ft = initial_model(zs, cfg).to(self.device)
-        optimizer = build_optimizer(ft, cfg.lr, cfg.wd, tuple(cfg.betas), cfg.eps)  # type: ignore[arg-type]
-        schedule = CosineWarmup(optimizer, cfg.lr, cfg.warmup, total)
+        optimizer = build_optimizer(ft, cfg.lr, cfg.wd, tuple(cfg.betas), cfg.eps,  # type: ignore[arg-type]
+                                    lr_scales(ft.clip, cfg, prefix="clip."))
+        schedule = make_schedule(optimizer, cfg, total)  # --lr-scheduler cosine | const | const-cooldown
+        distill = DistillLoss(contrastive_loss, Teacher(cfg.distill_model, ft.clip, self.device, cfg.distill_precision),
+                              cfg.distill_weight) if cfg.distill_model else None  # FLYP only (config check)
         step, records = 0, []
+        torch.manual_seed(cfg.seed)  # torch's draws (patch dropout) from the seed; a checkpoint carries them on
         latest = latest_checkpoint(self.out)
         if latest is not None:
             state = load_checkpoint(latest)
@@ -165,7 +171,9 @@ class _Run:
                         ids = tok.tokenize(texts, ft.clip.context_length, truncate=True).to(self.device)
                         img = ft.features(x)
                         txt = F.normalize(ft.clip.encode_text(ids), dim=-1)
-                        loss = contrastive_loss(img, txt, ft.clip.logit_scale.exp())
+                        if distill is not None:  # + weight x CE(teacher's logits, student's) over this batch
+                            distill.prepare([(x, ids)])
+                        loss = (distill or contrastive_loss)(img, txt, ft.clip.logit_scale.exp())
                         correct = float("nan")
                     else:
                         if step < cfg.lp_steps:  # LP-FT: the head alone first (frozen features, BatchNorm too)
@@ -309,6 +317,7 @@ class _Run:
             if status != "completed":
                 return FinetuneResult(self.out, status, steps_done, total, None,
                                       signal=getattr(self, "signum", None) if status == "interrupted" else None)
+            finish_recipes(ft.clip, cfg, ft_dir)  # LoRA: ft_dir/lora.safetensors (adapters alone), then merged
             if cfg.recipe == "flyp":
                 ft.refresh_head()
             ft.eval()

@@ -16,12 +16,16 @@ from __future__ import annotations
 from .checkpoint import (capture_rng, checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
                          prune_checkpoints, restore_rng, save_checkpoint)
 from .config import TrainConfig
+from .distill import DistillLoss, Teacher
 from .evaluation import LabelledZeroShot, SceneZeroShot, ValRetrieval, default_evaluator, task_accuracy
 from .loop import resolve_model_config, train
 from .loss import contrastive_loss
 from .token_losses import bow_loss, caption_loss
 from .metrics import MetricsLog
 from .optim import CosineWarmup, build_optimizer
+from .recipes import (MODEL_RECIPE_FIELDS, ModelRecipes, apply_model_recipes, check_model_recipes, finish_recipes,
+                      lr_scales)
+from .schedule import make_schedule
 from .signals import StopRequest
 from .timing import measure_step_time
 
@@ -31,4 +35,7 @@ __all__ = ["train", "TrainConfig", "resolve_model_config", "list_checkpoints", "
            # building blocks other training-like runs reuse (clipforge.finetune): optimiser, schedule,
            # resumable checkpoints, JSONL metrics, graceful stop
            "build_optimizer", "CosineWarmup", "checkpoint_path", "latest_checkpoint", "save_checkpoint",
-           "load_checkpoint", "prune_checkpoints", "capture_rng", "restore_rng", "MetricsLog", "StopRequest"]
+           "load_checkpoint", "prune_checkpoints", "capture_rng", "restore_rng", "MetricsLog", "StopRequest",
+           # the recipes acting on the model (docs/recipes.md), shared with clipforge finetune
+           "ModelRecipes", "MODEL_RECIPE_FIELDS", "check_model_recipes", "apply_model_recipes", "finish_recipes",
+           "lr_scales", "make_schedule", "Teacher", "DistillLoss"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -13,24 +14,27 @@ from typing import Any, Literal
 from ..config import OBJECTIVES
 from ..precision import TRAIN_PRECISION_CHOICES as PRECISIONS
 from ..device import check_device_spec
+from ..data.shards import split_sources
 from ..data.tables import parse_separator
 from ..utils import read_json
 from ..utils.typed import coerce_fields
 from .hard_negatives import MODES as HARD_NEGATIVES
-from .recipes import check_recipes
+from .recipes import ModelRecipes, check_recipes
+from .remote_sync import PROTOCOLS, has_checkpoints, is_url, pull_run
 
 LINEAR_BACKENDS = ("auto", "torch", "onednn")
 LOSSES = ("clip", "siglip")  # the contrastive objective's loss: softmax (CLIP) or sigmoid (SigLIP)
 
 # Fields that may differ between a run and its resumption (they do not change the optimisation).
 RESUMABLE_OVERRIDES = frozenset({
-    "save_every", "keep_last", "log_every", "eval_every", "tensorboard", "num_workers", "zeroshot_frequency",
-    "time_limit_minutes", "progress", "device", "threads",
+    "save_every", "keep_last", "log_every", "eval_every", "tensorboard", "wandb", "wandb_project_name", "num_workers", "zeroshot_frequency",
+    "time_limit_minutes", "progress", "device", "threads", "remote_sync", "remote_sync_frequency",
+    "remote_sync_protocol",
 })
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ModelRecipes):
     """Everything a contrastive training run depends on.
 
     ``model`` is a zoo name (``tiny-vit``), or a path to a CLIPConfig JSON file; ``init`` an optional
@@ -88,12 +92,12 @@ class TrainConfig:
     hard_negatives_other: Literal["skip", "flip"] = "skip"
     hard_negatives_per_caption: int = 3
     grad_checkpointing: bool = False
-    lock_image: bool = False
     local_loss: bool = False
     gather_with_grad: bool = False
     num_workers: int = 2
     threads: int | None = None
     resampled: bool = False
+    train_data_upsampling_factors: list[float] | None = None  # one weight per '::'-joined shard source (resampled)
     seed: int = 0
     deterministic: bool = False
     fast_paths: bool = True
@@ -105,35 +109,22 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0
     tensorboard: bool = False
+    wandb: bool = False  # also log the scalars to Weights & Biases (open_clip's --report-to wandb; .metrics)
+    wandb_project_name: str = "clipforge"
     time_limit_minutes: float | None = None
     progress: bool = True
     resume: str | None = None
+    remote_sync: str | None = None  # copy the run folder here (fsspec URL or path) (.remote_sync)
+    remote_sync_frequency: int = 0  # every N steps as well (0: at each checkpoint and at the end)
+    remote_sync_protocol: Literal["fsspec"] = "fsspec"  # open_clip's option; only fsspec here
     # --- training recipes (docs/recipes.md; checked in .recipes) ---
-    patch_dropout: float = 0.0  # open_clip's --force-patch-dropout: fraction of patch tokens dropped (FLIP)
-    lock_image_unlocked_groups: int = 0  # with lock_image: the last N image-tower groups train (.lock)
-    lock_image_freeze_bn_stats: bool = False  # with lock_image: BatchNorm running statistics fixed
-    lock_text: bool = False  # freeze the text tower (but its last lock_text_unlocked_layers groups)
-    lock_text_unlocked_layers: int = 0
-    lock_text_freeze_layer_norm: bool = False  # also freeze the LayerNorms of the locked text part
-    layer_decay_image: float = 1.0  # layer-wise LR decay per tower group (1: off)
-    layer_decay_text: float = 1.0
+    # (the recipes acting on the model, shared with clipforge finetune: recipes.ModelRecipes)
     zeroshot_data: str | None = None  # a labelled dataset (clipforge eval's specs): zero-shot while training
     zeroshot_frequency: int = 0  # every N steps (0: at eval_every)
     zeroshot_classnames: str | None = None  # built-in set name or file (default: the dataset's own)
     zeroshot_templates: str | None = None  # built-in set name or file (default: "a photo of a {}.")
     zeroshot_n: int = 500  # images scored (a fixed class-stratified sample)
     aug_cfg: dict[str, Any] = dataclasses.field(default_factory=dict)  # open_clip's AugmentationCfg names
-    lora_rank: int = 0  # LoRA adapters of this rank (0: off); only they train (.lora)
-    lora_alpha: float = 16.0
-    lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["attn", "mlp"])
-    lora_towers: list[str] = dataclasses.field(default_factory=lambda: ["image", "text"])
-    distill_model: str | None = None  # teacher checkpoint (any format clipforge.load reads) (.distill)
-    distill_weight: float = 1.0  # weight of the distillation term beside the contrastive loss
-    distill_precision: str = "fp32"  # the teacher's inference precision (fp32, bf16, auto, ...)
-    lr_scheduler: Literal["cosine", "const", "const-cooldown"] = "cosine"  # (.schedule)
-    lr_cooldown_steps: int = 0  # const-cooldown: the last N steps decay to lr_cooldown_end
-    lr_cooldown_end: float = 0.0
-    lr_cooldown_power: float = 1.0  # 1: linear
     image_mean: tuple[float, float, float] | None = None  # preprocessing overrides (None: the model's)
     image_std: tuple[float, float, float] | None = None
     image_interpolation: Literal["bicubic", "bilinear"] | None = None
@@ -202,6 +193,27 @@ class TrainConfig:
         except ValueError as e:
             need(False, "csv_separator", str(e))
         check_recipes(self, need)
+        self._check_upsampling(need)
+        need(self.remote_sync is None or bool(str(self.remote_sync).strip()), "remote_sync", "must be a URL or path")
+        need(isinstance(self.remote_sync_frequency, int) and self.remote_sync_frequency >= 0, "remote_sync_frequency",
+             "must be an integer >= 0 (steps; 0: at each checkpoint)")
+        need(self.remote_sync_protocol in PROTOCOLS, "remote_sync_protocol",
+             "only fsspec (open_clip's s3 protocol runs the aws CLI; give an s3:// URL instead, with s3fs installed)")
+
+    def _check_upsampling(self, need: Any) -> None:
+        """open_clip's ``--train-data-upsampling-factors``: one factor >= 0 per ``::``-joined source of
+        ``data``, not all 0, and draws with replacement (``resampled``), where weights mean something."""
+        f = self.train_data_upsampling_factors
+        if f is None:
+            return
+        key = "train_data_upsampling_factors"
+        need(isinstance(f, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                                          and x >= 0 for x in f) and any(f), key,
+             "needs numbers >= 0 (not all 0), one per '::'-joined source of data")
+        n = len(split_sources(self.data))
+        need(len(f) == n, key, f"{len(f)} factor(s) for the {n} '::'-joined source(s) of data {self.data!r}")
+        need(self.resampled, key, "weights the draws of shards with replacement: set resampled "
+                                  "(--resampled, open_clip's --dataset-resampled) too")
 
     def data_options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`clipforge.data.open_pairs` for this run's data specs."""
@@ -242,7 +254,18 @@ class TrainConfig:
     @classmethod
     def for_resume(cls, run_dir: str | Path, **overrides: Any) -> "TrainConfig":
         """The config saved in ``run_dir/config.json`` with ``resume`` set, plus the allowed
-        ``overrides`` (logging/saving cadence, workers, time limit; see ``RESUMABLE_OVERRIDES``)."""
+        ``overrides`` (logging/saving cadence, workers, time limit; see ``RESUMABLE_OVERRIDES``).
+        ``run_dir`` may be a remote copy (``remote_sync``'s URL; then ``out`` is the local folder),
+        and a local folder without checkpoints is first filled from ``remote_sync`` when given."""
+        if is_url(str(run_dir)):  # a run synced there (--remote-sync): copied into out first
+            if not overrides.get("out"):
+                raise ValueError(f"--resume {run_dir}: a remote run needs --out, the local folder to continue it in")
+            overrides.setdefault("remote_sync", str(run_dir))
+            run_dir = overrides["out"]
+            if not has_checkpoints(run_dir):
+                pull_run(overrides["remote_sync"], run_dir)
+        elif overrides.get("remote_sync") and not has_checkpoints(run_dir):
+            pull_run(overrides["remote_sync"], run_dir)  # a fresh machine: no checkpoint here, the remote has them
         path = Path(run_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"--resume {run_dir}: no config.json there (not a clipforge training run folder)")

@@ -42,10 +42,11 @@ from .distributed import DistEnv, all_gather_object, any_rank, barrier, init_dis
 from ..data.mirror import MirrorCompanions
 from .evaluation import Evaluator, default_evaluator, with_zeroshot
 from .hard_negatives import SwapNegatives, TokenizeWithNegatives, hard_negative_modes
-from .metrics import MetricsLog, peak_rss_mb, plot_curves
+from .metrics import MetricsLog, import_wandb, open_wandb, peak_rss_mb, plot_curves
 from .token_losses import freeze_unused
 from .optim import CosineWarmup, build_optimizer
 from .recipes import apply_recipes, attach_distillation, finish_recipes, lr_scales, train_transform
+from .remote_sync import RemoteSync
 from .schedule import make_schedule
 from .signals import StopRequest, exit_code, signals_blocked
 from .sigmoid_loss import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
@@ -112,7 +113,8 @@ def open_training_data(config: TrainConfig) -> tuple[Any, Any | None]:
     """Open (and so validate) the data specs before any model is built: a missing manifest or an
     empty shard pattern fails in a second, not after minutes of set-up."""
     opts = config.data_options()
-    train_source = open_pairs(config.data, split="train", seed=config.seed, **opts)
+    train_source = open_pairs(config.data, split="train", seed=config.seed, **opts,
+                              upsampling_factors=config.train_data_upsampling_factors)
     val_source = open_pairs(config.val_data, split="val", seed=config.seed, **opts) if config.val_data else None
     return train_source, val_source
 
@@ -131,6 +133,7 @@ class _Run:
         self.evaluator = evaluator
         self.run_dir = Path(config.resume or config.out)
         self.main = env.is_main
+        self.remote: RemoteSync | None = None
 
     # --- set-up -------------------------------------------------------------------------------
     def _check_run_dir(self) -> Path | None:
@@ -163,6 +166,10 @@ class _Run:
         cfg, env = self.config, self.env
         started = time.time()
         resume_from = self._check_run_dir()
+        # --remote-sync: opened (and so checked) before any work
+        self.remote = RemoteSync(self.run_dir, cfg.remote_sync) if (cfg.remote_sync and self.main) else None
+        if cfg.wandb and self.main:
+            import_wandb()  # --report-to wandb without the package: one line now, not after the set-up
         train_source, _ = open_training_data(cfg)  # the validation spec is only checked here
         _seed_everything(cfg.seed + env.rank)
 
@@ -218,7 +225,8 @@ class _Run:
             write_json(self.run_dir / "config.json", cfg.to_dict())
             write_json(self.run_dir / "model_config.json", model.config.to_dict())
         log = MetricsLog(self.run_dir / "metrics.jsonl", records,
-                         self.run_dir / "tensorboard" if (cfg.tensorboard and self.main) else None) \
+                         self.run_dir / "tensorboard" if (cfg.tensorboard and self.main) else None,
+                         open_wandb(self.run_dir, cfg.wandb_project_name, cfg.to_dict()) if cfg.wandb else None) \
             if self.main else None
         try:
             status, signum = self._loop(model, step_fn, schedule, loader, log, step, started)
@@ -298,6 +306,8 @@ class _Run:
                     if (cfg.save_every and step % cfg.save_every == 0) or halt or step == cfg.steps:
                         self._save(model, step_fn, schedule, loader, log, step)
                         saved_at = step
+                    elif self.remote is not None and cfg.remote_sync_frequency and step % cfg.remote_sync_frequency == 0:
+                        self.remote.sync()  # --remote-sync-frequency: by steps, never by the clock
                     if halt:
                         signum = stop.signum
                         status = reason or "interrupted"  # another rank's signal
@@ -343,6 +353,8 @@ class _Run:
                 "backend": self._backend(),
             })
             ckpt.prune_checkpoints(self.run_dir, self.config.keep_last)
+            if self.remote is not None:  # --remote-sync: the finished checkpoint and records
+                self.remote.sync()
         barrier(self.env)
 
     # --- the end ------------------------------------------------------------------------------
@@ -390,6 +402,9 @@ class _Run:
             "backend": self._backend(),
         }
         write_json(self.run_dir / "summary.json", summary)
+        if self.remote is not None:
+            self.remote.sync()  # final model, curves, summary
+            summary["remote_sync"] = {"remote": cfg.remote_sync, "files_copied": self.remote.copies}
         return summary
 
 

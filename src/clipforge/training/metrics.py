@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,8 +24,10 @@ class MetricsLog:
     when asked for and installed. ``records`` keeps everything logged (checkpoints carry it, so a
     resumed run rewrites the file without the lines logged after its last checkpoint)."""
 
-    def __init__(self, path: str | Path, records: Sequence[dict[str, Any]] = (), tensorboard_dir: str | Path | None = None):
+    def __init__(self, path: str | Path, records: Sequence[dict[str, Any]] = (), tensorboard_dir: str | Path | None = None,
+                 wandb_run: Any = None):
         self.path = Path(path)
+        self._wandb = wandb_run  # a wandb Run (open_wandb), fed the same scalars as TensorBoard
         self.records: list[dict[str, Any]] = list(records)
         text = "".join(json.dumps(r) + "\n" for r in self.records)
         atomic_write_text(self.path, text)
@@ -45,16 +48,53 @@ class MetricsLog:
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         append_jsonl(self.path, record)
+        scalars = {key.replace(".", "/"): value for key, value in record.items()
+                   if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+        step = int(record.get("step", 0))
         if self._tb is not None:
-            step = int(record.get("step", 0))
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(key.replace(".", "/"), value, step)
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None and scalars:
+            self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def import_wandb() -> Any:
+    """The ``wandb`` module, or ``ModuleNotFoundError`` (name ``wandb``) saying to install it."""
+    try:
+        import wandb  # optional, heavy: only with --report-to wandb
+    except ImportError:
+        e = ModuleNotFoundError("wandb logging (--report-to wandb) needs the wandb package: pip install wandb")
+        e.name = "wandb"
+        raise e from None
+    return wandb
+
+
+def open_wandb(run_dir: str | Path, project: str, config: dict[str, Any]) -> Any:
+    """A wandb Run for ``run_dir`` (its files under ``run_dir/wandb``). The run id is kept in
+    ``run_dir/wandb_id.txt``, so a resumed run continues the same wandb run. Raises
+    ``ModuleNotFoundError`` (name ``wandb``) when the package is absent: only asked-for runs import it."""
+    wandb = import_wandb()
+    run_dir = Path(run_dir)
+    id_file = run_dir / "wandb_id.txt"
+    run_id = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else None
+    if not run_id:
+        run_id = uuid.uuid4().hex[:12]  # a name only: the numerics never see it
+        atomic_write_text(id_file, run_id + "\n")
+    (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+    try:
+        return wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
+                          config=config)
+    except Exception as e:  # e.g. no API key: wandb's own errors, said in one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--report-to wandb: {msg} (WANDB_MODE=offline logs without an account)") from None
 
 
 def plot_curves(records: Sequence[dict[str, Any]], path: str | Path, title: str = "training") -> Path | None:

@@ -21,8 +21,9 @@ config checks and the one place they act on the model before the optimiser is bu
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from ..augment import AugmentationConfig
 from ..config import PreprocessConfig
@@ -37,8 +38,40 @@ from .schedule import SCHEDULERS
 Need = Callable[[bool, str, str], None]
 
 
-def check_recipes(cfg: Any, need: Need) -> None:
-    """Validate the recipe fields of a ``TrainConfig`` (``need(cond, key, message)`` raises)."""
+@dataclass(kw_only=True)
+class ModelRecipes:
+    """The recipe fields of every run that trains a CLIP (``TrainConfig`` and ``FinetuneConfig``
+    both derive from this, so ``clipforge train`` and ``clipforge finetune`` share one definition,
+    one set of flags and one check): what acts on the model, its optimiser groups and its schedule."""
+
+    patch_dropout: float = 0.0  # open_clip's --force-patch-dropout: fraction of patch tokens dropped (FLIP)
+    lock_image: bool = False  # freeze the image tower (LiT) but its last lock_image_unlocked_groups (.lock)
+    lock_image_unlocked_groups: int = 0
+    lock_image_freeze_bn_stats: bool = False  # with lock_image: BatchNorm running statistics fixed
+    lock_text: bool = False  # freeze the text tower (but its last lock_text_unlocked_layers groups)
+    lock_text_unlocked_layers: int = 0
+    lock_text_freeze_layer_norm: bool = False  # also freeze the LayerNorms of the locked text part
+    layer_decay_image: float = 1.0  # layer-wise LR decay per tower group (1: off)
+    layer_decay_text: float = 1.0
+    lora_rank: int = 0  # LoRA adapters of this rank (0: off); only they train (.lora)
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["attn", "mlp"])
+    lora_towers: list[str] = dataclasses.field(default_factory=lambda: ["image", "text"])
+    distill_model: str | None = None  # teacher checkpoint (any format clipforge.load reads) (.distill)
+    distill_weight: float = 1.0  # weight of the distillation term beside the contrastive loss
+    distill_precision: str = "fp32"  # the teacher's inference precision (fp32, bf16, auto, ...)
+    lr_scheduler: Literal["cosine", "const", "const-cooldown"] = "cosine"  # (.schedule)
+    lr_cooldown_steps: int = 0  # const-cooldown: the last N steps decay to lr_cooldown_end
+    lr_cooldown_end: float = 0.0
+    lr_cooldown_power: float = 1.0  # 1: linear
+
+
+MODEL_RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(ModelRecipes))
+
+
+def check_model_recipes(cfg: Any, need: Need) -> None:
+    """Validate the :class:`ModelRecipes` fields of ``cfg`` (``need(cond, key, message)`` raises).
+    ``cfg.steps`` may be None (a fine-tuning length in epochs: checked when the run starts)."""
     need(isinstance(cfg.patch_dropout, (int, float)) and 0.0 <= cfg.patch_dropout < 1.0, "patch_dropout",
          "must be in [0, 1) (the fraction of patch tokens dropped per training image)")
     for key in ("lock_image_unlocked_groups", "lock_text_unlocked_layers"):
@@ -49,6 +82,30 @@ def check_recipes(cfg: Any, need: Need) -> None:
     need(not (cfg.patch_dropout and cfg.lock_image and not cfg.lock_image_unlocked_groups), "patch_dropout",
          "a fully locked image tower runs in eval mode, where patch dropout is off; unlock some groups "
          "(lock_image_unlocked_groups) or drop one of the two")
+    need(isinstance(cfg.lora_rank, int) and cfg.lora_rank >= 0, "lora_rank", "must be an integer >= 0 (0: off)")
+    need(cfg.lora_alpha > 0, "lora_alpha", "must be > 0")
+    try:
+        expand_targets(cfg.lora_targets)
+    except ValueError as e:
+        need(False, "lora_targets", str(e))
+    need(bool(cfg.lora_towers) and all(t in TOWERS for t in cfg.lora_towers), "lora_towers",
+         f"must name towers among {', '.join(TOWERS)}")
+    need(cfg.distill_weight > 0, "distill_weight", "must be > 0")
+    need(cfg.lr_scheduler in SCHEDULERS, "lr_scheduler", f"must be one of {', '.join(SCHEDULERS)}")
+    need(isinstance(cfg.lr_cooldown_steps, int) and 0 <= cfg.lr_cooldown_steps
+         and (cfg.steps is None or cfg.lr_cooldown_steps <= cfg.steps), "lr_cooldown_steps",
+         "must be an integer in [0, steps]")
+    need(cfg.lr_scheduler != "const-cooldown" or cfg.lr_cooldown_steps > 0, "lr_cooldown_steps",
+         "const-cooldown needs the number of cooldown steps (> 0)")
+    need(0 <= cfg.lr_cooldown_end < cfg.lr, "lr_cooldown_end", "must be in [0, lr)")
+    need(cfg.lr_cooldown_power > 0, "lr_cooldown_power", "must be > 0")
+    for key in ("layer_decay_image", "layer_decay_text"):
+        need(isinstance(getattr(cfg, key), (int, float)) and 0 < getattr(cfg, key) <= 1, key, "must be in (0, 1]")
+
+
+def check_recipes(cfg: Any, need: Need) -> None:
+    """Validate the recipe fields of a ``TrainConfig`` (``need(cond, key, message)`` raises)."""
+    check_model_recipes(cfg, need)
     need(isinstance(cfg.zeroshot_frequency, int) and cfg.zeroshot_frequency >= 0, "zeroshot_frequency",
          "must be an integer >= 0 (0: at eval_every)")
     need(not cfg.zeroshot_data or cfg.zeroshot_frequency or cfg.eval_every, "zeroshot_frequency",
@@ -59,38 +116,20 @@ def check_recipes(cfg: Any, need: Need) -> None:
         cfg.aug_cfg = AugmentationConfig.from_dict(cfg.aug_cfg).to_dict()  # canonical: only non-defaults
     except (ValueError, TypeError) as e:
         need(False, "aug_cfg", str(e))
-    need(isinstance(cfg.lora_rank, int) and cfg.lora_rank >= 0, "lora_rank", "must be an integer >= 0 (0: off)")
-    need(cfg.lora_alpha > 0, "lora_alpha", "must be > 0")
-    try:
-        expand_targets(cfg.lora_targets)
-    except ValueError as e:
-        need(False, "lora_targets", str(e))
-    need(bool(cfg.lora_towers) and all(t in TOWERS for t in cfg.lora_towers), "lora_towers",
-         f"must name towers among {', '.join(TOWERS)}")
     if cfg.distill_model is not None:
         need(cfg.objective == "contrastive", "distill_model", "distils contrastive logits: objective contrastive only")
         need(not cfg.local_loss, "distill_model", "is not combined with local_loss (the distillation term "
              "needs the full logits)")
-        need(cfg.distill_weight > 0, "distill_weight", "must be > 0")
         need("mirror" not in cfg.hard_negatives, "distill_model", "is not combined with mirror companions "
              "(the teacher scores the batch as it was drawn)")
         need(getattr(cfg, "loss", "clip") == "clip", "distill_model", "distils softmax (clip) logits; with the "
              "sigmoid loss (siglip) it is not offered")
-    need(cfg.lr_scheduler in SCHEDULERS, "lr_scheduler", f"must be one of {', '.join(SCHEDULERS)}")
-    need(isinstance(cfg.lr_cooldown_steps, int) and 0 <= cfg.lr_cooldown_steps <= cfg.steps, "lr_cooldown_steps",
-         "must be an integer in [0, steps]")
-    need(cfg.lr_scheduler != "const-cooldown" or cfg.lr_cooldown_steps > 0, "lr_cooldown_steps",
-         "const-cooldown needs the number of cooldown steps (> 0)")
-    need(0 <= cfg.lr_cooldown_end < cfg.lr, "lr_cooldown_end", "must be in [0, lr)")
-    need(cfg.lr_cooldown_power > 0, "lr_cooldown_power", "must be > 0")
     for key in ("image_mean", "image_std"):
         v = getattr(cfg, key)
         need(v is None or (len(v) == 3 and all(isinstance(x, (int, float)) for x in v)), key, "needs 3 numbers")
     need(cfg.image_std is None or all(x > 0 for x in cfg.image_std), "image_std", "values must be > 0")
     need(cfg.image_interpolation in (None, "bicubic", "bilinear"), "image_interpolation", "must be bicubic or bilinear")
     need(cfg.image_resize_mode in (None, "shortest", "squash"), "image_resize_mode", "must be shortest or squash")
-    for key in ("layer_decay_image", "layer_decay_text"):
-        need(isinstance(getattr(cfg, key), (int, float)) and 0 < getattr(cfg, key) <= 1, key, "must be in (0, 1]")
 
 
 def set_patch_dropout(model: CLIP, p: float) -> None:
@@ -113,6 +152,12 @@ def override_preprocess(model: CLIP, cfg: Any) -> None:
 def apply_recipes(model: CLIP, cfg: Any) -> None:
     """Everything the recipes of ``cfg`` change on the model before its optimiser is built."""
     override_preprocess(model, cfg)
+    apply_model_recipes(model, cfg)
+
+
+def apply_model_recipes(model: CLIP, cfg: Any) -> None:
+    """The :class:`ModelRecipes` of ``cfg`` on the model: patch dropout, locking, LoRA (in this
+    order; LoRA last, as it freezes every base weight)."""
     set_patch_dropout(model, cfg.patch_dropout)
     if cfg.lock_image:
         lock_image(model, cfg.lock_image_unlocked_groups, cfg.lock_image_freeze_bn_stats)
@@ -145,11 +190,12 @@ def train_transform(preprocess: PreprocessConfig, cfg: Any) -> Preprocess:
     return image_transform(preprocess, train=True, aug=AugmentationConfig.from_dict(cfg.aug_cfg))
 
 
-def lr_scales(model: CLIP, cfg: Any) -> dict[str, float] | None:
-    """The optimiser's per-parameter learning-rate factors (layer decay), or None when off."""
+def lr_scales(model: CLIP, cfg: Any, prefix: str = "") -> dict[str, float] | None:
+    """The optimiser's per-parameter learning-rate factors (layer decay), or None when off.
+    ``prefix``: the CLIP's name inside the module the optimiser sees (``"clip."`` in a classifier)."""
     if cfg.layer_decay_image == 1.0 and cfg.layer_decay_text == 1.0:
         return None
-    return layer_decay_scales(model, cfg.layer_decay_image, cfg.layer_decay_text)
+    return {prefix + k: v for k, v in layer_decay_scales(model, cfg.layer_decay_image, cfg.layer_decay_text).items()}
 
 
-__all__ = ["check_recipes", "set_patch_dropout", "apply_recipes", "attach_distillation", "finish_recipes", "lr_scales", "train_transform"]
+__all__ = ["ModelRecipes", "MODEL_RECIPE_FIELDS", "check_model_recipes", "check_recipes", "set_patch_dropout", "apply_recipes", "apply_model_recipes", "attach_distillation", "finish_recipes", "lr_scales", "train_transform"]

@@ -52,13 +52,17 @@ class Schedule(CosineWarmup):
         return super().lr(step)
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, cfg: Any) -> CosineWarmup:
+def make_schedule(optimizer: torch.optim.Optimizer, cfg: Any, total: int | None = None) -> CosineWarmup:
     """The run's schedule: :class:`CosineWarmup` for ``cosine`` (checkpoints unchanged), else a
-    :class:`Schedule`."""
+    :class:`Schedule`. ``total``: the run's steps (default ``cfg.steps``; a fine-tuning run may
+    count epochs)."""
+    total = cfg.steps if total is None else total
     if cfg.lr_scheduler == "cosine":
-        return CosineWarmup(optimizer, cfg.lr, cfg.warmup, cfg.steps)
+        return CosineWarmup(optimizer, cfg.lr, cfg.warmup, total)
     cooldown = cfg.lr_cooldown_steps if cfg.lr_scheduler == "const-cooldown" else 0
-    return Schedule(optimizer, cfg.lr, cfg.warmup, cfg.steps, cfg.lr_scheduler, cooldown, cfg.lr_cooldown_power,
+    if cooldown > total:
+        raise ValueError(f"lr_cooldown_steps {cooldown}: more than the run's {total} steps")
+    return Schedule(optimizer, cfg.lr, cfg.warmup, total, cfg.lr_scheduler, cooldown, cfg.lr_cooldown_power,
                     cfg.lr_cooldown_end)
 
 
