@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import clipforge
-from clipforge.checkpoints import load_model, save_model
+from clipforge.checkpoints import convert, load_model, save_model
 from clipforge.checkpoints.family import needs_family, to_native
 from clipforge.cli.main import main as cli_main
 from clipforge.families import FamilyCLIP, FamilyConfig, create_family_model, tokenizer_for
@@ -87,11 +87,43 @@ def test_text_tower_variants_differ_as_configured():
 def test_plain_clip_text_keys_and_coca_decoder():
     sd = {"visual.proj": torch.zeros(1), "token_embedding.weight": torch.zeros(1), "logit_scale": torch.zeros(()),
           "text_decoder.x": torch.zeros(1)}
-    assert sorted(to_native(sd)) == ["logit_scale", "text.token_embedding.weight", "visual.proj"]
+    assert sorted(to_native(sd)) == ["logit_scale", "text.token_embedding.weight", "text_decoder.x", "visual.proj"]
     assert needs_family(TINY) and needs_family({"embed_dim": 8, "vision_cfg": {"timm_model_name": "convnext_base"},
                                                 "text_cfg": {}})
     assert not needs_family({"embed_dim": 512, "vision_cfg": {"layers": 12, "width": 768, "patch_size": 32},
                              "text_cfg": {"layers": 12}})
+
+
+def test_coca_decoder_is_carried_through_load_save_and_convert(tmp_path):
+    """CoCa's caption decoder is not built, but its tensors (any names under ``text_decoder.``) ride
+    along as buffers: our format and ``convert --to openclip`` write them back bit for bit."""
+    cfg = {"embed_dim": 32, "custom_text": True,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16,
+                          "attentional_pool": True, "attn_pooler_heads": 4, "attn_pooler_queries": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 1,
+                        "embed_cls": True},
+           "multimodal_cfg": {"context_length": 16, "width": 48, "heads": 4, "layers": 1}}
+    ref = create_family_model(FamilyConfig(model_cfg=cfg, preprocess={"image_size": 32}), seed=0).eval()
+    g = torch.Generator().manual_seed(1)
+    decoder = {"text_decoder.resblocks.0.attn.in_proj_weight": torch.randn(144, 48, generator=g),
+               "text_decoder.ln_final.bias": torch.randn(48, generator=g),
+               "text_decoder.text_projection": torch.randn(48, 300, generator=g)}
+    write_folder(tmp_path / "oc", cfg, {**ref.state_dict(), **decoder})
+    model, _ = clipforge.load(tmp_path / "oc")
+    assert set(model.carried()) == set(decoder) and all(torch.equal(model.carried()[k], v) for k, v in decoder.items())
+    assert not any(n.startswith("text_decoder") for n, _ in model.named_parameters())
+    images, ids = _inputs()
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), ref.encode_image(images))
+    back = convert(save_model(model, tmp_path / "ours"), tmp_path / "back", to="openclip")
+    from safetensors.torch import load_file
+
+    written = load_file(str(back / "open_clip_model.safetensors"))
+    assert set(written) == set(ref.state_dict()) | set(decoder)
+    assert all(torch.equal(written[k], v) for k, v in decoder.items())
+    assert "multimodal_cfg" in json.loads((back / "open_clip_config.json").read_text())["model_cfg"]
+    with pytest.raises(ValueError, match="no caption decoder weights"):  # random init: nothing to carry
+        convert(save_model(ref, tmp_path / "fresh"), tmp_path / "fresh_oc", to="openclip")
 
 
 def test_hf_text_tower_from_a_local_config_folder(tmp_path):

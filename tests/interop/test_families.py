@@ -172,15 +172,11 @@ def test_family_loads_with_open_clips_outputs(name, tmp_path, shared_data):
     if ol is not None:
         assert rel(cl, ol) < RTOL
 
-    # our format round trip, then back to open_clip (CoCa: contrastive towers only, refused)
+    # our format round trip, then back to open_clip (CoCa: its decoder carried through)
     ours = save_model(model, tmp_path / "ours")
     again, _ = clipforge.load(ours)
     assert rel(features(again, images, ids)[0], oi) < RTOL
     assert torch.equal(tokenizer_for(again).tokenize(TEXTS, again.context_length), oc_tok(TEXTS))
-    if name.startswith("coca"):
-        with pytest.raises(ValueError, match="CoCa"):
-            convert(folder, tmp_path / "back", to="openclip")
-        return
     back = convert(ours, tmp_path / "back", to="openclip")
     oc2 = open_clip.create_model(f"local-dir:{back}", pretrained=None).eval()
     bi, bt = features(oc2, images, ids)
@@ -261,3 +257,74 @@ def test_siglip_to_and_from_hugging_face_siglipmodel(tmp_path, shared_data):
     ci, ct = features(ours, images, ids)
     print(f"HF SiglipModel -> clipforge: image rel {rel(ci, ti):.1e}, text rel {rel(ct, tt):.1e}")
     assert rel(ci, ti) < RTOL and rel(ct, tt) < RTOL
+
+
+# A small CoCa (open_clip's layout, narrow and shallow so the default run builds it in seconds).
+TINY_COCA = {
+    "embed_dim": 64, "custom_text": True,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16,
+                   "attentional_pool": True, "attn_pooler_heads": 4, "output_tokens": True},
+    "text_cfg": {"context_length": 76, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2,
+                 "embed_cls": True, "output_tokens": True},
+    "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2,
+                       "attn_pooler_heads": 4},
+}
+
+
+def test_coca_converts_back_with_its_decoder(tmp_path):
+    """open_clip CoCa -> clipforge.load -> our format -> convert --to openclip -> open_clip: the
+    contrastive features are open_clip's, and the caption decoder, carried unchanged, gives the
+    same teacher-forced logits and the same greedy caption as the original."""
+    folder = tmp_path / "coca"
+    folder.mkdir()
+    torch.manual_seed(0)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_COCA}))
+    oc = open_clip.create_model(f"local-dir:{folder}", pretrained=None).eval()
+    with torch.no_grad():
+        oc.logit_scale.fill_(2.5)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_COCA,
+                                                              "preprocess_cfg": dict(oc.visual.preprocess_cfg)}))
+    save_file({k: v.contiguous() for k, v in oc.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+
+    model, _ = clipforge.load(folder)
+    carried = model.carried()
+    assert carried and all(k.startswith("text_decoder.") for k in carried)
+    assert all(torch.equal(v, oc.state_dict()[k]) for k, v in carried.items())
+    assert not any(k.startswith("text_decoder.") for k, _ in model.named_parameters())  # not trained
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    ids = open_clip.get_tokenizer(f"local-dir:{folder}")(["a photo of a cat", "two dogs on the grass"])
+    ci, ct = features(model, images, ids)
+    oi, ot = features(oc, images, ids)
+    assert rel(ci, oi) < RTOL and rel(ct, ot) < RTOL
+
+    ours = save_model(model, tmp_path / "ours")
+    back = convert(ours, tmp_path / "back", to="openclip")
+    oc2 = open_clip.create_model(f"local-dir:{back}", pretrained=None).eval()
+    assert set(oc2.state_dict()) == set(oc.state_dict())
+    assert all(torch.equal(oc2.state_dict()[k], v) for k, v in oc.state_dict().items())
+    bi, bt = features(oc2, images, ids)
+    assert torch.equal(bi, oi) and torch.equal(bt, ot)
+    with torch.no_grad():
+        want, got = oc(images, ids), oc2(images, ids)
+        assert want["logits"].shape == (2, 75, 49408)
+        assert torch.equal(got["logits"], want["logits"])
+        # greedy captions (open_clip's generate() needs transformers < 5): each step's decoder logits equal
+        assert torch.equal(greedy_caption(oc2, images), greedy_caption(oc, images))
+
+
+def greedy_caption(coca, images, steps: int = 8) -> torch.Tensor:
+    """Greedy decoding from the start token -> ids ``[B, 1 + steps]`` (each the argmax of the decoder's
+    logits for the next token)."""
+    ids = torch.full((images.shape[0], 1), 49406, dtype=torch.long)
+    for _ in range(steps):
+        logits = coca(images, ids, output_labels=False)["logits"][:, -1]  # [B, V]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+    return ids
+
+
+def test_coca_without_decoder_weights_is_refused(tmp_path):
+    from clipforge.families import FamilyConfig, create_family_model
+
+    model = create_family_model(FamilyConfig(model_cfg=TINY_COCA, preprocess={"image_size": 64}), seed=0)
+    with pytest.raises(ValueError, match="no caption decoder weights"):
+        clipforge.checkpoints.family.write(model, tmp_path / "out")

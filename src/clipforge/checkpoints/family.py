@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import OPENAI_MEAN, OPENAI_STD, PreprocessConfig
-from ..families import FamilyCLIP, FamilyConfig, is_family_dict, tokenizer_files
+from ..families import CARRIED_PREFIXES, FamilyCLIP, FamilyConfig, is_family_dict, tokenizer_files
 from ..utils.io import atomic_write_text
 from . import openclip
 from .files import Source, native_state_dict, write_safetensors
@@ -120,12 +120,10 @@ def read_config(src: Source, activation: str | None = None) -> FamilyConfig:
 
 def to_native(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """open_clip keys -> ours: a plain ``CLIP``'s top-level text modules move under ``text.``;
-    CoCa's caption decoder (``text_decoder.*``) is dropped (contrastive towers only)."""
+    CoCa's caption decoder (``text_decoder.*``) keeps its names (carried, :meth:`FamilyCLIP.carry`)."""
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
-        if k.startswith("text_decoder."):
-            continue
-        out[k if k.startswith(_TOP) else "text." + k] = v
+        out[k if k.startswith(_TOP + CARRIED_PREFIXES) else "text." + k] = v
     return out
 
 
@@ -170,9 +168,10 @@ def write(model: nn.Module, path: str | os.PathLike) -> Path:
     if not isinstance(model, FamilyCLIP):
         return openclip.write(model, path)  # type: ignore[arg-type]
     cfg = model.config
-    if "multimodal_cfg" in cfg.model_cfg:
-        raise ValueError("a CoCa model is loaded as its contrastive towers only (the caption decoder is not "
-                         "kept), so it cannot be written back as an open_clip CoCa checkpoint")
+    if "multimodal_cfg" in cfg.model_cfg and not model.carried():
+        raise ValueError("this CoCa model has no caption decoder weights (text_decoder.*: clipforge carries them "
+                         "from a CoCa checkpoint but does not create them), so it cannot be written as an "
+                         "open_clip CoCa checkpoint")
     path = Path(path)
     if path.suffix:
         raise ValueError(f"{path}: an open_clip family model is written as a folder (local-dir:), give a path "

@@ -3,14 +3,16 @@
 embed, search, serve, fine-tuning and export use it like our own :class:`~clipforge.models.CLIP`.
 
 Towers: timm (``timm_model_name``), open_clip's ViT (ours), open_clip's text Transformer variants
-(ours) or a Hugging Face text model. Contrastive towers only: CoCa's caption decoder is not built.
-State dict keys are open_clip's ``CustomTextCLIP`` ones (``visual.*``, ``text.*``, ``logit_scale``,
+(ours) or a Hugging Face text model. CoCa's caption decoder is not built: its tensors are carried
+(:meth:`FamilyCLIP.carry`, buffers under open_clip's names, never read by our forward), so a CoCa
+checkpoint converts back to open_clip's with its decoder unchanged. State dict keys are open_clip's ``CustomTextCLIP`` ones (``visual.*``, ``text.*``, ``logit_scale``,
 ``logit_bias``); :mod:`clipforge.checkpoints.openclip` moves a plain ``CLIP``'s top-level text keys.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,11 @@ from .hf_tower import HFText
 from .text_tower import OpenCLIPText
 from .timm_tower import TimmTower
 from .vit_tower import build_vit
+
+
+#: State-dict prefixes of open_clip models that clipforge reads and writes back but does not compute
+#: with: CoCa's caption decoder (``text_decoder.*``: a multimodal Transformer and its vocabulary head).
+CARRIED_PREFIXES = ("text_decoder.",)
 
 
 class FamilyCLIP(nn.Module):
@@ -48,6 +55,28 @@ class FamilyCLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(config.init_logit_scale))
         bias = config.init_logit_bias
         self.logit_bias = nn.Parameter(torch.tensor(bias)) if bias is not None else None
+
+    def carry(self, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+        """Make room for the tensors of ``state_dict`` under :data:`CARRIED_PREFIXES` (CoCa's decoder):
+        buffers of their shape and dtype under their own names (so ``state_dict()`` has open_clip's
+        keys and a strict load fills them), not parameters (training leaves them as they are), never
+        read by :meth:`forward`. Returns the keys carried."""
+        keys = sorted(k for k in state_dict if k.startswith(CARRIED_PREFIXES))
+        for key in keys:
+            *path, leaf = key.split(".")
+            holder: nn.Module = self
+            for part in path:
+                if part not in holder._modules:
+                    holder.add_module(part, nn.Module())
+                holder = holder._modules[part]  # type: ignore[assignment]
+            t = state_dict[key]
+            holder.register_buffer(leaf, torch.zeros(t.shape, dtype=torch.float32 if t.is_floating_point()
+                                                      else t.dtype, device=self.logit_scale.device))
+        return keys
+
+    def carried(self) -> dict[str, torch.Tensor]:
+        """The carried tensors (:meth:`carry`), by their open_clip names."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith(CARRIED_PREFIXES)}
 
     # --- properties ---------------------------------------------------------------------------
     @property
