@@ -208,3 +208,37 @@ def test_hf_siglip_key_mapping_round_trips():
     assert all(torch.equal(back[k], sd[k]) for k in back)
     with pytest.raises(ValueError, match="does not map"):
         hf_siglip.to_native({**sd, "vision_model.extra.weight": torch.zeros(1)})
+
+
+def test_hf_siglip2_key_mapping_round_trips():
+    """Siglip2Model's keys are SiglipModel's with the patch embedding as a Linear over (row, col,
+    channel) patches: both ways give back every tensor exactly."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Siglip2Config"):
+        pytest.skip("this transformers has no Siglip2Model")
+    from clipforge.checkpoints import hf_siglip2
+
+    cfg = transformers.Siglip2Config(
+        text_config=dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=8),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           num_patches=4, patch_size=16))
+    torch.manual_seed(0)
+    sd = transformers.Siglip2Model(cfg).state_dict()
+    ours = hf_siglip2.to_native(sd)
+    conv = ours["visual.trunk.patch_embed.proj.weight"]
+    assert conv.shape == (32, 3, 16, 16)
+    x = torch.randn(1, 3, 16, 16)  # one patch: the convolution equals the Linear over HF's patch layout
+    want = sd["vision_model.embeddings.patch_embedding.weight"] @ x.permute(0, 2, 3, 1).reshape(-1)
+    assert torch.allclose(torch.nn.functional.conv2d(x, conv).reshape(-1), want, atol=1e-5)
+    back = hf_siglip2.from_native(ours)
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in back)
+
+
+def test_families_without_a_hugging_face_class_are_refused_in_one_line(tmp_path):
+    ref = create_family_model(FamilyConfig(model_cfg=TINY, preprocess={"image_size": 32}), seed=0)
+    write_folder(tmp_path / "oc", TINY, ref.state_dict())
+    for to in ("hf", "hf-siglip", "hf-siglip2"):
+        with pytest.raises(ValueError, match=r"SigLIP \(SiglipModel\) and SigLIP2 \(Siglip2Model\)") as e:
+            convert(tmp_path / "oc", tmp_path / "hf", to=to)
+        assert "\n" not in str(e.value)

@@ -328,3 +328,66 @@ def test_coca_without_decoder_weights_is_refused(tmp_path):
     model = create_family_model(FamilyConfig(model_cfg=TINY_COCA, preprocess={"image_size": 64}), seed=0)
     with pytest.raises(ValueError, match="no caption decoder weights"):
         clipforge.checkpoints.family.write(model, tmp_path / "out")
+
+
+def patches(images: torch.Tensor, p: int) -> dict[str, torch.Tensor]:
+    """Images ``[B, 3, S, S]`` as Siglip2Model's NaFlex inputs at the full grid: ``[B, N, p*p*3]`` patches
+    (row-major, each ``(row, col, channel)`` as Siglip2ImageProcessor makes them), grid and mask."""
+    b, c, s, _ = images.shape
+    n = s // p
+    x = images.reshape(b, c, n, p, n, p).permute(0, 2, 4, 3, 5, 1).reshape(b, n * n, p * p * c)
+    return {"pixel_values": x, "spatial_shapes": torch.tensor([[n, n]] * b),
+            "pixel_attention_mask": torch.ones(b, n * n, dtype=torch.long)}
+
+
+@pytest.mark.slow
+def test_siglip2_to_and_from_hugging_face_siglip2model(tmp_path, shared_data):
+    """open_clip's ViT-B-16-SigLIP2 (text tower cut to 2 layers and a tiny trained vocabulary) ->
+    clipforge -> ``convert --to hf`` (a Siglip2Model folder) -> transformers: open_clip's features
+    at the full patch grid; the folder reads back into clipforge; and a Siglip2Model written by
+    transformers itself (random, exact-GELU vision as timm's) loads with transformers' features."""
+    cfg = copy.deepcopy(open_clip.get_model_config("ViT-B-16-SigLIP2"))
+    cfg["text_cfg"].update(layers=2, vocab_size=400)
+    folder = tmp_path / "siglip2"
+    folder.mkdir()
+    write_tokenizer(folder, "t5")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    torch.manual_seed(0)
+    oc = open_clip.create_model(f"local-dir:{folder}", pretrained=None).eval()
+    with torch.no_grad():
+        oc.logit_bias.fill_(-7.25)
+        oc.logit_scale.fill_(2.5)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg,
+                                                              "preprocess_cfg": dict(oc.visual.preprocess_cfg)}))
+    save_file({k: v.contiguous() for k, v in oc.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    model, preprocess = clipforge.load(folder)
+    images = torch.stack([preprocess(im) for im in flickr_photos(shared_data)])
+    ids = tokenizer_for(model)(TEXTS[:2])
+    oi, ot = features(oc, images, ids)
+
+    hf_dir = convert(folder, tmp_path / "hf", to="hf")  # SigLIP2 -> Siglip2Model
+    assert json.loads((hf_dir / "config.json").read_text())["model_type"] == "siglip2"
+    hf = transformers.Siglip2Model.from_pretrained(str(hf_dir)).eval()
+    with torch.no_grad():
+        hi = _hf_features(hf.get_image_features(**patches(images, 16)))
+        ht = _hf_features(hf.get_text_features(input_ids=ids))
+    print(f"open_clip -> HF Siglip2Model: image rel {rel(hi, oi):.1e}, text rel {rel(ht, ot):.1e}")
+    assert rel(hi, oi) < RTOL and rel(ht, ot) < RTOL
+    assert hf.logit_scale.item() == oc.logit_scale.item() and hf.logit_bias.item() == oc.logit_bias.item()
+    back, _ = clipforge.load(hf_dir)  # read back: the same tensors, hence open_clip's features
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert convert(folder, tmp_path / "v1", to="hf-siglip").joinpath("config.json").read_text().count('"siglip"') == 1
+
+    hf.config.vision_config.hidden_act = "gelu"
+    torch.manual_seed(1)
+    theirs = transformers.Siglip2Model(hf.config).eval()
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        (tmp_path / "theirs" / name).write_bytes((hf_dir / name).read_bytes())
+    ours, _ = clipforge.load(tmp_path / "theirs")
+    with torch.no_grad():
+        ti = _hf_features(theirs.get_image_features(**patches(images, 16)))
+        tt = _hf_features(theirs.get_text_features(input_ids=ids))
+    ci, ct = features(ours, images, ids)
+    print(f"HF Siglip2Model -> clipforge: image rel {rel(ci, ti):.1e}, text rel {rel(ct, tt):.1e}")
+    assert rel(ci, ti) < RTOL and rel(ct, tt) < RTOL

@@ -30,7 +30,7 @@ from ..fast import enable as enable_fast
 from ..models import CLIP, model_class
 from ..preprocess import Preprocess, image_transform
 from ..families import FamilyCLIP, FamilyConfig, FolderTokenizer
-from . import family, hf, hf_siglip, native, openai, openclip
+from . import family, hf, hf_siglip, hf_siglip2, native, openai, openclip
 from .files import Source, read_source
 from .strict import CheckpointError, describe_suspect, load_state_dict_strict, suspect_weights
 from .torchscript import UntrustedTorchScript
@@ -38,7 +38,7 @@ from .torchscript import UntrustedTorchScript
 log = logging.getLogger(__name__)
 
 # Detection order: the first format whose ``detect`` accepts the file reads it.
-FORMATS = {m.NAME: m for m in (hf_siglip, hf, family, openclip, openai, native)}
+FORMATS = {m.NAME: m for m in (hf_siglip2, hf_siglip, hf, family, openclip, openai, native)}
 # Sidecar JSON looked for beside the weights when neither the caller nor the file gives a config.
 SIDE_CONFIGS = ("config.json", openclip.CONFIG_NAME, openai.SIDECAR)
 
@@ -224,10 +224,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
     if isinstance(model, FamilyCLIP):
         if to in ("openclip", family.NAME):
             return family.write(model, dst)
-        if to in ("hf", hf_siglip.NAME):  # SigLIP-shaped: a SiglipModel folder (others refused there)
-            return hf_siglip.write(model, dst)
+        if to in ("hf", hf_siglip.NAME, hf_siglip2.NAME):  # SigLIP / SigLIP2 only (others refused there)
+            siglip2 = to == hf_siglip2.NAME or (to == "hf" and hf_siglip.is_siglip2(model.config))
+            return (hf_siglip2 if siglip2 else hf_siglip).write(model, dst)
         if to != native.NAME:
-            raise ValueError(f"{src}: an open_clip family model converts to openclip, hf (SigLIP) or clipforge, "
+            raise ValueError(f"{src}: an open_clip family model converts to openclip, hf (SigLIP, SigLIP2) or clipforge, "
                              f"not {to!r}")
     return FORMATS[to].write(model, dst)
 

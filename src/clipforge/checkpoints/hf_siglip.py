@@ -3,7 +3,7 @@
 (MAP head, ``timm_proj: none``) and open_clip's bidirectional, last-token text tower with a biased
 projection. Plain tensor surgery (timm's fused ``qkv`` / the MAP head's ``q`` + ``kv`` <-> HF's
 ``q_proj`` / ``k_proj`` / ``v_proj`` and ``in_proj``), so no ``transformers`` import is needed.
-``Siglip2Model`` (NaFlex: patches as a linear layer at variable resolution) is not this layout.
+``Siglip2Model`` (NaFlex: patches as a linear layer at variable resolution): :mod:`.hf_siglip2`.
 """
 
 from __future__ import annotations
@@ -180,7 +180,21 @@ def from_native(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
+#: The one line for a model no Hugging Face class holds (open_clip's other families, SigLIP variants
+#: off timm's SigLIP ViTs).
+REFUSAL = ("Hugging Face has a model class for two of open_clip's families only: SigLIP (SiglipModel) and "
+           "SigLIP2 (Siglip2Model), with timm's SigLIP ViT and MAP head, a bidirectional last-token text tower "
+           "and a logit bias; convert this model to openclip or clipforge")
+
+
+def is_siglip2(cfg: FamilyConfig) -> bool:
+    """open_clip's SigLIP2 configs differ from SigLIP's (same towers) by the text tower's tanh GELU."""
+    return (cfg.model_cfg.get("text_cfg", {}).get("act_kwargs") or {}).get("approximate") == "tanh"
+
+
 def is_siglip_shaped(cfg: FamilyConfig) -> bool:
+    if not isinstance(cfg, FamilyConfig):
+        return False
     v, t = cfg.model_cfg.get("vision_cfg", {}), cfg.model_cfg.get("text_cfg", {})
     return (str(v.get("timm_model_name", "")).startswith(tuple(TIMM_SIGLIP.values())) and v.get("timm_pool") == "map"
             and v.get("timm_proj") == "none" and t.get("no_causal_mask") and t.get("pool_type") == "last"
@@ -213,9 +227,8 @@ def write(model: FamilyCLIP, path: str | os.PathLike) -> Path:
     """An HF ``SiglipModel`` folder: ``config.json``, ``model.safetensors``, ``preprocessor_config.json``
     and the tokenizer files."""
     cfg = model.config
-    if not is_siglip_shaped(cfg):
-        raise ValueError("only SigLIP-shaped models (timm SigLIP ViT with a MAP head, bidirectional last-token "
-                         "text tower, logit bias) have a Hugging Face SiglipModel layout")
+    if not isinstance(model, FamilyCLIP) or not is_siglip_shaped(cfg):
+        raise ValueError(REFUSAL)
     path = Path(path)
     if path.suffix:
         raise ValueError(f"{path}: a Hugging Face model is a folder; give a path without a suffix")
