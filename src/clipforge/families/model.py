@@ -11,13 +11,12 @@ checkpoint converts back to open_clip's with its decoder unchanged. State dict k
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..models import DualEncoder
 from .config import FamilyConfig
 from .hf_tower import HFText
 from .text_tower import OpenCLIPText
@@ -30,9 +29,11 @@ from .vit_tower import build_vit
 CARRIED_PREFIXES = ("text_decoder.",)
 
 
-class FamilyCLIP(nn.Module):
+class FamilyCLIP(DualEncoder):
     """Image and text towers of an open_clip family, projected into one embedding space; logits
-    ``exp(logit_scale) * cos + logit_bias`` (SigLIP's learned bias; absent: ``logit_bias is None``)."""
+    ``exp(logit_scale) * cos + logit_bias`` (SigLIP's learned bias; absent: ``logit_bias is None``).
+    Encoders, ``forward`` and the training helpers are :class:`~clipforge.models.DualEncoder`'s, as
+    for our own CLIP; this class builds the towers (dtype and device: ``logit_scale``'s)."""
 
     #: clipforge.fast leaves these towers as they are (its fast modules are OpenAI's CLIP's).
     fast_paths = False
@@ -43,13 +44,13 @@ class FamilyCLIP(nn.Module):
         m = config.model_cfg
         vision_cfg, text_cfg = m.get("vision_cfg", {}), m.get("text_cfg", {})
         quick = bool(m.get("quick_gelu", False))
-        self.visual: nn.Module = TimmTower(vision_cfg, config.embed_dim) if vision_cfg.get("timm_model_name") \
+        self.visual = TimmTower(vision_cfg, config.embed_dim) if vision_cfg.get("timm_model_name") \
             else build_vit(vision_cfg, config.embed_dim, quick)
         if text_cfg.get("hf_model_name"):
             if config.hf_text_config is None:
                 raise ValueError(f"text_cfg.hf_model_name={text_cfg['hf_model_name']!r} needs the tower's "
                                  f"Hugging Face config.json (FamilyConfig.hf_text_config)")
-            self.text: nn.Module = HFText(text_cfg, config.hf_text_config, config.embed_dim)
+            self.text = HFText(text_cfg, config.hf_text_config, config.embed_dim)
         else:
             self.text = OpenCLIPText(text_cfg, config.embed_dim, quick)
         self.logit_scale = nn.Parameter(torch.tensor(config.init_logit_scale))
@@ -78,58 +79,7 @@ class FamilyCLIP(nn.Module):
         """The carried tensors (:meth:`carry`), by their open_clip names."""
         return {k: v for k, v in self.state_dict().items() if k.startswith(CARRIED_PREFIXES)}
 
-    # --- properties ---------------------------------------------------------------------------
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.logit_scale.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.logit_scale.device
-
-    @property
-    def image_size(self) -> int:
-        return self.config.vision.image_size
-
-    @property
-    def context_length(self) -> int:
-        return self.config.text.context_length
-
-    # --- encoders -------------------------------------------------------------------------------
-    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Images ``[B, 3, S, S]`` (already preprocessed) -> features ``[B, embed_dim]``."""
-        x = self.visual(images.to(device=self.device, dtype=self.dtype))
-        return F.normalize(x, dim=-1) if normalize else x
-
-    def encode_text(self, ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Token ids ``[B, L]`` (from the model's tokenizer) -> features ``[B, embed_dim]``."""
-        x = self.text(ids.to(self.device))
-        return F.normalize(x, dim=-1) if normalize else x
-
-    def forward(self, images: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        img = self.encode_image(images, normalize=True)
-        txt = self.encode_text(ids, normalize=True)
-        logits_per_image = self.logit_scale.exp() * img @ txt.t()
-        if self.logit_bias is not None:
-            logits_per_image = logits_per_image + self.logit_bias
-        return logits_per_image, logits_per_image.t()
-
-    def forward_intermediates(self, images: torch.Tensor | None = None, ids: torch.Tensor | None = None,
-                              attention: bool = False) -> dict[str, dict[str, object]]:
-        """Per-layer outputs of either tower, where the tower offers them."""
-        out: dict[str, dict[str, object]] = {}
-        if images is not None:
-            out["image"] = self.visual.forward_intermediates(  # type: ignore[operator]
-                images.to(device=self.device, dtype=self.dtype), attention=attention)
-        if ids is not None:
-            out["text"] = self.text.forward_intermediates(ids.to(self.device), attention=attention)  # type: ignore[operator]
-        return out
-
-    # --- training helpers -----------------------------------------------------------------------
-    def clamp_logit_scale(self) -> None:
-        with torch.no_grad():
-            self.logit_scale.clamp_(0, math.log(self.config.max_logit_scale))
-
+    # --- training helpers (the rest of the interface and computation: DualEncoder's) -----------
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if isinstance(self.visual, TimmTower):
             self.visual.set_grad_checkpointing(enable)
@@ -139,24 +89,6 @@ class FamilyCLIP(nn.Module):
             self.text.grad_checkpointing = enable
         elif enable:
             self.text.transformer.gradient_checkpointing_enable()  # type: ignore[union-attr,operator]
-
-    def lock_image_tower(self) -> None:
-        """Freeze the image tower (LiT); BatchNorm statistics are frozen too."""
-        for p in self.visual.parameters():
-            p.requires_grad_(False)
-        self.visual.eval()
-        self._image_locked = True
-
-    def train(self, mode: bool = True) -> "FamilyCLIP":
-        super().train(mode)
-        if getattr(self, "_image_locked", False):
-            self.visual.eval()
-        return self
-
-    def num_parameters(self) -> dict[str, int]:
-        vis = sum(p.numel() for p in self.visual.parameters())
-        txt = sum(p.numel() for p in self.text.parameters())
-        return {"image": vis, "text": txt, "total": vis + txt + 1 + (self.logit_bias is not None)}
 
 
 def create_family_model(config: FamilyConfig, *, seed: int | None = None) -> FamilyCLIP:
