@@ -6,6 +6,7 @@ Parity with open_clip itself: tests/interop/test_families.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 
@@ -242,3 +243,68 @@ def test_families_without_a_hugging_face_class_are_refused_in_one_line(tmp_path)
         with pytest.raises(ValueError, match=r"SigLIP \(SiglipModel\) and SigLIP2 \(Siglip2Model\)") as e:
             convert(tmp_path / "oc", tmp_path / "hf", to=to)
         assert "\n" not in str(e.value)
+
+
+SIGLIP = {"embed_dim": 768, "init_logit_bias": -10, "custom_text": True,
+          "vision_cfg": {"image_size": 224, "timm_model_name": "vit_base_patch16_siglip_224",
+                         "timm_model_pretrained": False, "timm_pool": "map", "timm_proj": "none"},
+          "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1,
+                       "no_causal_mask": True, "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6}}}
+
+
+@pytest.mark.slow  # ViT-B/16 at 224 px built three times: ~30 s alone, more on a loaded machine
+def test_siglip_folder_loads_on_the_native_towers_without_timm(tmp_path):
+    """An open_clip SigLIP folder (timm's ViT-B/16 SigLIP under ``visual.trunk.``) is built on the
+    native towers: no timm needed, clipforge's fast layer on, outputs the plain towers' (1e-4), and
+    ``convert --to openclip`` writes timm's keys back bit for bit."""
+    from safetensors.torch import load_file
+
+    from clipforge import fast
+    from clipforge.checkpoints.family import openclip_state_dict
+    from clipforge.families.native_siglip import native_siglip_config
+    from clipforge.models.siglip import SigLIPVisionTransformer
+
+    ref = create_family_model(FamilyConfig(model_cfg=SIGLIP, preprocess={"image_size": 224}), seed=0).eval()
+    assert isinstance(ref.visual, SigLIPVisionTransformer) and not fast.is_enabled(ref)
+    sd = openclip_state_dict(ref)
+    assert "visual.trunk.attn_pool.latent" in sd and "visual.trunk.blocks.11.attn.qkv.weight" in sd
+    write_folder(tmp_path / "oc", SIGLIP, sd)
+    model, _ = clipforge.load(tmp_path / "oc")
+    assert model.native_config is not None and fast.is_enabled(model)
+    g = torch.Generator().manual_seed(0)
+    images, ids = torch.randn(2, 3, 224, 224, generator=g), clipforge.tokenize(["a dog", "two red circles"], 16)
+    with torch.no_grad():
+        for ours, want in ((model.encode_image(images), ref.encode_image(images)),
+                           (model.encode_text(ids), ref.encode_text(ids))):
+            assert ((ours - want).abs().max() / want.abs().max()).item() < 1e-4
+    back = convert(tmp_path / "oc", tmp_path / "back", to="openclip")
+    written = load_file(str(back / "open_clip_model.safetensors"))
+    assert set(written) == set(sd) and all(torch.equal(written[k], v) for k, v in sd.items())
+    # what the native towers do not compute exactly stays on timm: SigLIP2's tanh text GELU, other eps
+    for key, val in (("act_kwargs", {"approximate": "tanh"}), ("norm_kwargs", {"eps": 1e-5})):
+        cfg = json.loads(json.dumps(SIGLIP))
+        cfg["text_cfg"][key] = val
+        assert native_siglip_config(FamilyConfig(model_cfg=cfg, preprocess={"image_size": 224})) is None, key
+
+
+def test_zoo_siglip_is_open_clips_architecture_on_the_native_towers():
+    """``ViT-B-16-SigLIP`` in the zoo: open_clip's ViT-B-16-SigLIP as the native towers compute it,
+    with OpenAI's BPE (49408 ids; open_clip's release has a 32000-piece SentencePiece vocabulary,
+    which loads from its folder) so that random init and training work like any zoo name."""
+    from clipforge.families.native_siglip import native_siglip_config
+    from clipforge.models.siglip import SigLIPTextTransformer, SigLIPVisionTransformer
+    from clipforge.training.loop import TokenizeCaptions
+
+    oc = json.loads(json.dumps(SIGLIP))  # open_clip's ViT-B-16-SigLIP model_cfg
+    oc["text_cfg"].update(context_length=64, vocab_size=32000, width=768, heads=12, layers=12,
+                          hf_tokenizer_name="timm/ViT-B-16-SigLIP", tokenizer_kwargs={"clean": "canonicalize"})
+    native = native_siglip_config(FamilyConfig(model_cfg=oc, preprocess={"image_size": 224}))
+    zoo = clipforge.get_model_config("ViT-B-16-SigLIP")
+    assert zoo.vision == native.vision and zoo.embed_dim == native.embed_dim == 768
+    assert dataclasses.replace(zoo.text, vocab_size=32000) == native.text and zoo.text.vocab_size == 49408
+    assert (zoo.activation, zoo.norm_eps, zoo.init_logit_bias) == ("gelu", 1e-6, -10.0)
+    assert zoo.preprocess.mean == (0.5,) * 3 and zoo.preprocess.resize_mode == "squash"
+    with torch.device("meta"):
+        model = clipforge.create_model("ViT-B-16-SigLIP")
+    assert isinstance(model.visual, SigLIPVisionTransformer) and isinstance(model.text, SigLIPTextTransformer)
+    assert TokenizeCaptions.for_model(model) == TokenizeCaptions(64)  # training: OpenAI's BPE at context 64

@@ -25,6 +25,7 @@ tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 
 import clipforge  # noqa: E402
+from clipforge import fast  # noqa: E402
 from clipforge.checkpoints import convert, save_model  # noqa: E402
 from clipforge.families import FamilyCLIP, FolderTokenizer, tokenizer_for  # noqa: E402
 from clipforge.preprocess import load_image  # noqa: E402
@@ -149,6 +150,8 @@ def test_family_loads_with_open_clips_outputs(name, tmp_path, shared_data):
     folder, oc = open_clip_folder(name, tmp_path)
     model, preprocess = clipforge.load(folder)
     assert isinstance(model, FamilyCLIP)
+    # SigLIP (not SigLIP2: tanh GELU in its text tower) loads on the native towers, fast layer on
+    assert (model.native_config is not None) == (name == "ViT-B-16-SigLIP") == fast.is_enabled(model), name
     oc_tok = open_clip.get_tokenizer(f"local-dir:{folder}")
     tok = tokenizer_for(model)
     ids = oc_tok(TEXTS[:2])

@@ -149,7 +149,7 @@ def load_model(path: str | os.PathLike, *, config: CLIPConfig | dict | str | Non
     if isinstance(info.config, FamilyConfig):
         # Built on the CPU, not on "meta": timm towers compute buffers (RoPE tables...) at construction.
         model = FamilyCLIP(info.config)
-        model.carry(sd)  # CoCa's caption decoder: kept as read, for writing back
+        sd = family.prepare(model, sd)  # CoCa's decoder carried; native SigLIP towers' keys
         attach_tokenizer(model, info.weights.parent)
     else:
         with torch.device("meta"):

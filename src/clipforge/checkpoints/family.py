@@ -22,7 +22,7 @@ from torch import nn
 from ..config import OPENAI_MEAN, OPENAI_STD, PreprocessConfig
 from ..families import CARRIED_PREFIXES, FamilyCLIP, FamilyConfig, is_family_dict, tokenizer_files
 from ..utils.io import atomic_write_text
-from . import openclip
+from . import openclip, siglip
 from .files import Source, native_state_dict, write_safetensors
 
 NAME = "openclip-family"
@@ -134,6 +134,21 @@ def from_native(sd: dict[str, torch.Tensor], config: FamilyConfig | None = None)
     return {k[len("text."):] if k.startswith("text.") else k: v for k, v in sd.items()}
 
 
+def prepare(model: FamilyCLIP, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fit a read state dict to the model about to load it: room made for CoCa's carried decoder
+    (:meth:`FamilyCLIP.carry`); on the native SigLIP towers, timm's keys renamed to theirs."""
+    model.carry(sd)
+    return siglip.to_native(sd) if model.native_config is not None else sd
+
+
+def openclip_state_dict(model: FamilyCLIP) -> dict[str, torch.Tensor]:
+    """The model's weights under open_clip's keys (native SigLIP towers: timm's names)."""
+    sd = native_state_dict(model)  # type: ignore[arg-type]
+    if model.native_config is not None:
+        sd = siglip.from_native(sd)
+    return from_native(sd, model.config)
+
+
 def openclip_config(config: FamilyConfig, hf_dir: Path | None) -> dict[str, Any]:
     """``open_clip_config.json`` for this model (an HF text tower pointing at ``hf_dir``)."""
     model_cfg = copy.deepcopy(config.model_cfg)
@@ -182,7 +197,7 @@ def write(model: nn.Module, path: str | os.PathLike) -> Path:
         hf_dir = (path / HF_TEXT_DIR).resolve()
         hf_dir.mkdir(exist_ok=True)
         atomic_write_text(hf_dir / "config.json", json.dumps(cfg.hf_text_config, indent=2))
-    sd = from_native(native_state_dict(model), cfg)  # type: ignore[arg-type]
+    sd = openclip_state_dict(model)
     copy_tokenizer(model, path)
     write_safetensors(path / openclip.WEIGHTS_NAME, sd, {"format": "pt"})
     atomic_write_text(path / openclip.CONFIG_NAME, json.dumps(openclip_config(cfg, hf_dir), indent=2))

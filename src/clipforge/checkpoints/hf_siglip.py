@@ -19,8 +19,8 @@ import torch
 from ..config import PreprocessConfig
 from ..families import FamilyCLIP, FamilyConfig
 from ..utils.io import atomic_write_text
-from .family import copy_tokenizer
-from .files import Source, native_state_dict, write_safetensors
+from .family import copy_tokenizer, openclip_state_dict
+from .files import Source, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,14 @@ def is_siglip_shaped(cfg: FamilyConfig) -> bool:
 
 
 def hf_config(cfg: FamilyConfig, model: FamilyCLIP) -> dict[str, Any]:
-    v = model.visual.trunk  # type: ignore[union-attr]
+    if model.native_config is not None:  # the native SigLIP towers
+        nv = model.native_config.vision
+        width, hidden, depth, heads = nv.width, int(nv.width * nv.mlp_ratio), nv.layers, nv.heads
+        patch, eps = nv.patch_size, model.native_config.norm_eps
+    else:  # timm's SigLIP ViT
+        v = model.visual.trunk  # type: ignore[union-attr]
+        width, hidden, depth = v.embed_dim, v.blocks[0].mlp.fc1.out_features, len(v.blocks)
+        heads, patch, eps = v.blocks[0].attn.num_heads, v.patch_embed.patch_size[0], v.norm.eps
     t = cfg.model_cfg["text_cfg"]
     width_t = int(t.get("width", 512))
     act = (t.get("act_kwargs") or {}).get("approximate", "none")
@@ -216,10 +223,9 @@ def hf_config(cfg: FamilyConfig, model: FamilyCLIP) -> dict[str, Any]:
                         "layer_norm_eps": float((t.get("norm_kwargs") or {}).get("eps", 1e-5)),
                         "hidden_act": "gelu_pytorch_tanh" if act == "tanh" else "gelu",
                         "projection_size": cfg.embed_dim, "pad_token_id": int(pad or 0)},
-        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": v.embed_dim,
-                          "intermediate_size": v.blocks[0].mlp.fc1.out_features, "num_hidden_layers": len(v.blocks),
-                          "num_attention_heads": v.blocks[0].attn.num_heads, "image_size": cfg.vision.image_size,
-                          "patch_size": v.patch_embed.patch_size[0], "layer_norm_eps": v.norm.eps, "hidden_act": "gelu"},
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": width, "intermediate_size": hidden,
+                          "num_hidden_layers": depth, "num_attention_heads": heads, "image_size": cfg.vision.image_size,
+                          "patch_size": patch, "layer_norm_eps": eps, "hidden_act": "gelu"},
     }
 
 
@@ -229,16 +235,27 @@ def write(model: FamilyCLIP, path: str | os.PathLike) -> Path:
     cfg = model.config
     if not isinstance(model, FamilyCLIP) or not is_siglip_shaped(cfg):
         raise ValueError(REFUSAL)
+    p = cfg.preprocess
+    pre = {"image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": p.image_size,
+           "width": p.image_size}, **image_processor(cfg)}
+    return write_folder(model, path, hf_config(cfg, model), from_native(openclip_state_dict(model)), pre)
+
+
+def image_processor(cfg: FamilyConfig) -> dict[str, Any]:
+    """The ``preprocessor_config.json`` entries SiglipImageProcessor and Siglip2ImageProcessor share."""
+    p = cfg.preprocess
+    return {"resample": 3 if p.interpolation == "bicubic" else 2, "do_rescale": True, "rescale_factor": 1 / 255,
+            "do_normalize": True, "image_mean": list(p.mean), "image_std": list(p.std)}
+
+
+def write_folder(model: FamilyCLIP, path: str | os.PathLike, hf: dict[str, Any], sd: dict[str, torch.Tensor],
+                 pre: dict[str, Any]) -> Path:
+    """A transformers folder: ``config.json``, ``model.safetensors``, ``preprocessor_config.json``, the
+    tokenizer files."""
     path = Path(path)
     if path.suffix:
         raise ValueError(f"{path}: a Hugging Face model is a folder; give a path without a suffix")
     path.mkdir(parents=True, exist_ok=True)
-    hf = hf_config(cfg, model)
-    sd = from_native(native_state_dict(model))
-    p = cfg.preprocess
-    pre = {"image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": p.image_size,
-           "width": p.image_size}, "resample": 3 if p.interpolation == "bicubic" else 2, "do_rescale": True,
-           "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(p.mean), "image_std": list(p.std)}
     copy_tokenizer(model, path)
     write_safetensors(path / "model.safetensors", sd, {"format": "pt"})
     atomic_write_text(path / "preprocessor_config.json", json.dumps(pre, indent=2))

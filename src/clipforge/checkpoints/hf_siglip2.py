@@ -14,7 +14,6 @@ computation, not clipforge's: a folder is read at its learned grid only.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -22,10 +21,9 @@ from typing import Any
 import torch
 
 from ..families import FamilyCLIP, FamilyConfig
-from ..utils.io import atomic_write_text
 from . import hf_siglip
-from .family import copy_tokenizer
-from .files import Source, native_state_dict, write_safetensors
+from .family import openclip_state_dict
+from .files import Source
 
 NAME = "hf-siglip2"
 PATCH = "vision_model.embeddings.patch_embedding.weight"
@@ -86,19 +84,7 @@ def write(model: FamilyCLIP, path: str | os.PathLike) -> Path:
     cfg = model.config
     if not isinstance(model, FamilyCLIP) or not hf_siglip.is_siglip_shaped(cfg):
         raise ValueError(hf_siglip.REFUSAL)
-    path = Path(path)
-    if path.suffix:
-        raise ValueError(f"{path}: a Hugging Face model is a folder; give a path without a suffix")
-    path.mkdir(parents=True, exist_ok=True)
     hf = hf_config(cfg, model)
-    sd = from_native(native_state_dict(model))
-    p = cfg.preprocess
-    pre = {"image_processor_type": "Siglip2ImageProcessor", "do_resize": True,
-           "resample": 3 if p.interpolation == "bicubic" else 2, "do_rescale": True, "rescale_factor": 1 / 255,
-           "do_normalize": True, "image_mean": list(p.mean), "image_std": list(p.std),
+    pre = {"image_processor_type": "Siglip2ImageProcessor", "do_resize": True, **hf_siglip.image_processor(cfg),
            "patch_size": hf["vision_config"]["patch_size"], "max_num_patches": hf["vision_config"]["num_patches"]}
-    copy_tokenizer(model, path)
-    write_safetensors(path / "model.safetensors", sd, {"format": "pt"})
-    atomic_write_text(path / "preprocessor_config.json", json.dumps(pre, indent=2))
-    atomic_write_text(path / "config.json", json.dumps(hf, indent=2))
-    return path
+    return hf_siglip.write_folder(model, path, hf, from_native(openclip_state_dict(model)), pre)

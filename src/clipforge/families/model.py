@@ -16,9 +16,12 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..config import CLIPConfig
 from ..models import DualEncoder
+from ..models.siglip import SigLIPTextTransformer, SigLIPVisionTransformer
 from .config import FamilyConfig
 from .hf_tower import HFText
+from .native_siglip import native_siglip_config
 from .text_tower import OpenCLIPText
 from .timm_tower import TimmTower
 from .vit_tower import build_vit
@@ -35,15 +38,29 @@ class FamilyCLIP(DualEncoder):
     Encoders, ``forward`` and the training helpers are :class:`~clipforge.models.DualEncoder`'s, as
     for our own CLIP; this class builds the towers (dtype and device: ``logit_scale``'s)."""
 
-    #: clipforge.fast leaves these towers as they are (its fast modules are OpenAI's CLIP's).
+    #: clipforge.fast leaves timm / transformers / open_clip-variant towers as they are; a model on
+    #: the native SigLIP towers takes the fast layer (``fast_paths`` True on the instance).
     fast_paths = False
 
-    def __init__(self, config: FamilyConfig) -> None:
+    def __init__(self, config: FamilyConfig, *, native: bool = True) -> None:
+        """``native``: build a SigLIP config the native towers compute exactly on them
+        (:func:`~clipforge.families.native_siglip.native_siglip_config`: no timm, the fast layer
+        applies, state dict keys of :class:`~clipforge.models.CLIP`'s SigLIP towers); ``False`` or
+        any other config: timm / open_clip's towers under open_clip's keys."""
         super().__init__()
         self.config = config
         m = config.model_cfg
         vision_cfg, text_cfg = m.get("vision_cfg", {}), m.get("text_cfg", {})
         quick = bool(m.get("quick_gelu", False))
+        self.native_config: CLIPConfig | None = native_siglip_config(config) if native else None
+        self.logit_scale = nn.Parameter(torch.tensor(config.init_logit_scale))
+        bias = config.init_logit_bias
+        self.logit_bias = nn.Parameter(torch.tensor(bias)) if bias is not None else None
+        if self.native_config is not None:
+            self.visual = SigLIPVisionTransformer(self.native_config)
+            self.text = SigLIPTextTransformer(self.native_config)
+            self.fast_paths = True
+            return
         self.visual = TimmTower(vision_cfg, config.embed_dim) if vision_cfg.get("timm_model_name") \
             else build_vit(vision_cfg, config.embed_dim, quick)
         if text_cfg.get("hf_model_name"):
@@ -53,9 +70,6 @@ class FamilyCLIP(DualEncoder):
             self.text = HFText(text_cfg, config.hf_text_config, config.embed_dim)
         else:
             self.text = OpenCLIPText(text_cfg, config.embed_dim, quick)
-        self.logit_scale = nn.Parameter(torch.tensor(config.init_logit_scale))
-        bias = config.init_logit_bias
-        self.logit_bias = nn.Parameter(torch.tensor(bias)) if bias is not None else None
 
     def carry(self, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
         """Make room for the tensors of ``state_dict`` under :data:`CARRIED_PREFIXES` (CoCa's decoder):
@@ -83,9 +97,11 @@ class FamilyCLIP(DualEncoder):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if isinstance(self.visual, TimmTower):
             self.visual.set_grad_checkpointing(enable)
-        else:
+        else:  # ours: open_clip's / CoCa's ViT, the native SigLIP tower
             self.visual.transformer.grad_checkpointing = enable  # type: ignore[union-attr]
-        if isinstance(self.text, OpenCLIPText):
+        if isinstance(self.text, SigLIPTextTransformer):
+            self.text.transformer.grad_checkpointing = enable  # type: ignore[union-attr]
+        elif isinstance(self.text, OpenCLIPText):
             self.text.grad_checkpointing = enable
         elif enable:
             self.text.transformer.gradient_checkpointing_enable()  # type: ignore[union-attr,operator]
