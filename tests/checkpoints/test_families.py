@@ -6,6 +6,7 @@ Parity with open_clip itself: tests/interop/test_families.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import clipforge
-from clipforge.checkpoints import load_model, save_model
+from clipforge.checkpoints import convert, load_model, save_model
 from clipforge.checkpoints.family import needs_family, to_native
 from clipforge.cli.main import main as cli_main
 from clipforge.families import FamilyCLIP, FamilyConfig, create_family_model, tokenizer_for
@@ -87,11 +88,43 @@ def test_text_tower_variants_differ_as_configured():
 def test_plain_clip_text_keys_and_coca_decoder():
     sd = {"visual.proj": torch.zeros(1), "token_embedding.weight": torch.zeros(1), "logit_scale": torch.zeros(()),
           "text_decoder.x": torch.zeros(1)}
-    assert sorted(to_native(sd)) == ["logit_scale", "text.token_embedding.weight", "visual.proj"]
+    assert sorted(to_native(sd)) == ["logit_scale", "text.token_embedding.weight", "text_decoder.x", "visual.proj"]
     assert needs_family(TINY) and needs_family({"embed_dim": 8, "vision_cfg": {"timm_model_name": "convnext_base"},
                                                 "text_cfg": {}})
     assert not needs_family({"embed_dim": 512, "vision_cfg": {"layers": 12, "width": 768, "patch_size": 32},
                              "text_cfg": {"layers": 12}})
+
+
+def test_coca_decoder_is_carried_through_load_save_and_convert(tmp_path):
+    """CoCa's caption decoder is not built, but its tensors (any names under ``text_decoder.``) ride
+    along as buffers: our format and ``convert --to openclip`` write them back bit for bit."""
+    cfg = {"embed_dim": 32, "custom_text": True,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16,
+                          "attentional_pool": True, "attn_pooler_heads": 4, "attn_pooler_queries": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 1,
+                        "embed_cls": True},
+           "multimodal_cfg": {"context_length": 16, "width": 48, "heads": 4, "layers": 1}}
+    ref = create_family_model(FamilyConfig(model_cfg=cfg, preprocess={"image_size": 32}), seed=0).eval()
+    g = torch.Generator().manual_seed(1)
+    decoder = {"text_decoder.resblocks.0.attn.in_proj_weight": torch.randn(144, 48, generator=g),
+               "text_decoder.ln_final.bias": torch.randn(48, generator=g),
+               "text_decoder.text_projection": torch.randn(48, 300, generator=g)}
+    write_folder(tmp_path / "oc", cfg, {**ref.state_dict(), **decoder})
+    model, _ = clipforge.load(tmp_path / "oc")
+    assert set(model.carried()) == set(decoder) and all(torch.equal(model.carried()[k], v) for k, v in decoder.items())
+    assert not any(n.startswith("text_decoder") for n, _ in model.named_parameters())
+    images, ids = _inputs()
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), ref.encode_image(images))
+    back = convert(save_model(model, tmp_path / "ours"), tmp_path / "back", to="openclip")
+    from safetensors.torch import load_file
+
+    written = load_file(str(back / "open_clip_model.safetensors"))
+    assert set(written) == set(ref.state_dict()) | set(decoder)
+    assert all(torch.equal(written[k], v) for k, v in decoder.items())
+    assert "multimodal_cfg" in json.loads((back / "open_clip_config.json").read_text())["model_cfg"]
+    with pytest.raises(ValueError, match="no caption decoder weights"):  # random init: nothing to carry
+        convert(save_model(ref, tmp_path / "fresh"), tmp_path / "fresh_oc", to="openclip")
 
 
 def test_hf_text_tower_from_a_local_config_folder(tmp_path):
@@ -176,3 +209,102 @@ def test_hf_siglip_key_mapping_round_trips():
     assert all(torch.equal(back[k], sd[k]) for k in back)
     with pytest.raises(ValueError, match="does not map"):
         hf_siglip.to_native({**sd, "vision_model.extra.weight": torch.zeros(1)})
+
+
+def test_hf_siglip2_key_mapping_round_trips():
+    """Siglip2Model's keys are SiglipModel's with the patch embedding as a Linear over (row, col,
+    channel) patches: both ways give back every tensor exactly."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Siglip2Config"):
+        pytest.skip("this transformers has no Siglip2Model")
+    from clipforge.checkpoints import hf_siglip2
+
+    cfg = transformers.Siglip2Config(
+        text_config=dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=8),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           num_patches=4, patch_size=16))
+    torch.manual_seed(0)
+    sd = transformers.Siglip2Model(cfg).state_dict()
+    ours = hf_siglip2.to_native(sd)
+    conv = ours["visual.trunk.patch_embed.proj.weight"]
+    assert conv.shape == (32, 3, 16, 16)
+    x = torch.randn(1, 3, 16, 16)  # one patch: the convolution equals the Linear over HF's patch layout
+    want = sd["vision_model.embeddings.patch_embedding.weight"] @ x.permute(0, 2, 3, 1).reshape(-1)
+    assert torch.allclose(torch.nn.functional.conv2d(x, conv).reshape(-1), want, atol=1e-5)
+    back = hf_siglip2.from_native(ours)
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in back)
+
+
+def test_families_without_a_hugging_face_class_are_refused_in_one_line(tmp_path):
+    ref = create_family_model(FamilyConfig(model_cfg=TINY, preprocess={"image_size": 32}), seed=0)
+    write_folder(tmp_path / "oc", TINY, ref.state_dict())
+    for to in ("hf", "hf-siglip", "hf-siglip2"):
+        with pytest.raises(ValueError, match=r"SigLIP \(SiglipModel\) and SigLIP2 \(Siglip2Model\)") as e:
+            convert(tmp_path / "oc", tmp_path / "hf", to=to)
+        assert "\n" not in str(e.value)
+
+
+SIGLIP = {"embed_dim": 768, "init_logit_bias": -10, "custom_text": True,
+          "vision_cfg": {"image_size": 224, "timm_model_name": "vit_base_patch16_siglip_224",
+                         "timm_model_pretrained": False, "timm_pool": "map", "timm_proj": "none"},
+          "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1,
+                       "no_causal_mask": True, "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6}}}
+
+
+@pytest.mark.slow  # ViT-B/16 at 224 px built three times: ~30 s alone, more on a loaded machine
+def test_siglip_folder_loads_on_the_native_towers_without_timm(tmp_path):
+    """An open_clip SigLIP folder (timm's ViT-B/16 SigLIP under ``visual.trunk.``) is built on the
+    native towers: no timm needed, clipforge's fast layer on, outputs the plain towers' (1e-4), and
+    ``convert --to openclip`` writes timm's keys back bit for bit."""
+    from safetensors.torch import load_file
+
+    from clipforge import fast
+    from clipforge.checkpoints.family import openclip_state_dict
+    from clipforge.families.native_siglip import native_siglip_config
+    from clipforge.models.siglip import SigLIPVisionTransformer
+
+    ref = create_family_model(FamilyConfig(model_cfg=SIGLIP, preprocess={"image_size": 224}), seed=0).eval()
+    assert isinstance(ref.visual, SigLIPVisionTransformer) and not fast.is_enabled(ref)
+    sd = openclip_state_dict(ref)
+    assert "visual.trunk.attn_pool.latent" in sd and "visual.trunk.blocks.11.attn.qkv.weight" in sd
+    write_folder(tmp_path / "oc", SIGLIP, sd)
+    model, _ = clipforge.load(tmp_path / "oc")
+    assert model.native_config is not None and fast.is_enabled(model)
+    g = torch.Generator().manual_seed(0)
+    images, ids = torch.randn(2, 3, 224, 224, generator=g), clipforge.tokenize(["a dog", "two red circles"], 16)
+    with torch.no_grad():
+        for ours, want in ((model.encode_image(images), ref.encode_image(images)),
+                           (model.encode_text(ids), ref.encode_text(ids))):
+            assert ((ours - want).abs().max() / want.abs().max()).item() < 1e-4
+    back = convert(tmp_path / "oc", tmp_path / "back", to="openclip")
+    written = load_file(str(back / "open_clip_model.safetensors"))
+    assert set(written) == set(sd) and all(torch.equal(written[k], v) for k, v in sd.items())
+    # what the native towers do not compute exactly stays on timm: SigLIP2's tanh text GELU, other eps
+    for key, val in (("act_kwargs", {"approximate": "tanh"}), ("norm_kwargs", {"eps": 1e-5})):
+        cfg = json.loads(json.dumps(SIGLIP))
+        cfg["text_cfg"][key] = val
+        assert native_siglip_config(FamilyConfig(model_cfg=cfg, preprocess={"image_size": 224})) is None, key
+
+
+def test_zoo_siglip_is_open_clips_architecture_on_the_native_towers():
+    """``ViT-B-16-SigLIP`` in the zoo: open_clip's ViT-B-16-SigLIP as the native towers compute it,
+    with OpenAI's BPE (49408 ids; open_clip's release has a 32000-piece SentencePiece vocabulary,
+    which loads from its folder) so that random init and training work like any zoo name."""
+    from clipforge.families.native_siglip import native_siglip_config
+    from clipforge.models.siglip import SigLIPTextTransformer, SigLIPVisionTransformer
+    from clipforge.training.loop import TokenizeCaptions
+
+    oc = json.loads(json.dumps(SIGLIP))  # open_clip's ViT-B-16-SigLIP model_cfg
+    oc["text_cfg"].update(context_length=64, vocab_size=32000, width=768, heads=12, layers=12,
+                          hf_tokenizer_name="timm/ViT-B-16-SigLIP", tokenizer_kwargs={"clean": "canonicalize"})
+    native = native_siglip_config(FamilyConfig(model_cfg=oc, preprocess={"image_size": 224}))
+    zoo = clipforge.get_model_config("ViT-B-16-SigLIP")
+    assert zoo.vision == native.vision and zoo.embed_dim == native.embed_dim == 768
+    assert dataclasses.replace(zoo.text, vocab_size=32000) == native.text and zoo.text.vocab_size == 49408
+    assert (zoo.activation, zoo.norm_eps, zoo.init_logit_bias) == ("gelu", 1e-6, -10.0)
+    assert zoo.preprocess.mean == (0.5,) * 3 and zoo.preprocess.resize_mode == "squash"
+    with torch.device("meta"):
+        model = clipforge.create_model("ViT-B-16-SigLIP")
+    assert isinstance(model.visual, SigLIPVisionTransformer) and isinstance(model.text, SigLIPTextTransformer)
+    assert TokenizeCaptions.for_model(model) == TokenizeCaptions(64)  # training: OpenAI's BPE at context 64

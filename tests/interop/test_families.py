@@ -25,6 +25,7 @@ tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 
 import clipforge  # noqa: E402
+from clipforge import fast  # noqa: E402
 from clipforge.checkpoints import convert, save_model  # noqa: E402
 from clipforge.families import FamilyCLIP, FolderTokenizer, tokenizer_for  # noqa: E402
 from clipforge.preprocess import load_image  # noqa: E402
@@ -149,6 +150,8 @@ def test_family_loads_with_open_clips_outputs(name, tmp_path, shared_data):
     folder, oc = open_clip_folder(name, tmp_path)
     model, preprocess = clipforge.load(folder)
     assert isinstance(model, FamilyCLIP)
+    # SigLIP (not SigLIP2: tanh GELU in its text tower) loads on the native towers, fast layer on
+    assert (model.native_config is not None) == (name == "ViT-B-16-SigLIP") == fast.is_enabled(model), name
     oc_tok = open_clip.get_tokenizer(f"local-dir:{folder}")
     tok = tokenizer_for(model)
     ids = oc_tok(TEXTS[:2])
@@ -172,15 +175,11 @@ def test_family_loads_with_open_clips_outputs(name, tmp_path, shared_data):
     if ol is not None:
         assert rel(cl, ol) < RTOL
 
-    # our format round trip, then back to open_clip (CoCa: contrastive towers only, refused)
+    # our format round trip, then back to open_clip (CoCa: its decoder carried through)
     ours = save_model(model, tmp_path / "ours")
     again, _ = clipforge.load(ours)
     assert rel(features(again, images, ids)[0], oi) < RTOL
     assert torch.equal(tokenizer_for(again).tokenize(TEXTS, again.context_length), oc_tok(TEXTS))
-    if name.startswith("coca"):
-        with pytest.raises(ValueError, match="CoCa"):
-            convert(folder, tmp_path / "back", to="openclip")
-        return
     back = convert(ours, tmp_path / "back", to="openclip")
     oc2 = open_clip.create_model(f"local-dir:{back}", pretrained=None).eval()
     bi, bt = features(oc2, images, ids)
@@ -260,4 +259,138 @@ def test_siglip_to_and_from_hugging_face_siglipmodel(tmp_path, shared_data):
         tt = _hf_features(theirs.get_text_features(input_ids=ids))
     ci, ct = features(ours, images, ids)
     print(f"HF SiglipModel -> clipforge: image rel {rel(ci, ti):.1e}, text rel {rel(ct, tt):.1e}")
+    assert rel(ci, ti) < RTOL and rel(ct, tt) < RTOL
+
+
+# A small CoCa (open_clip's layout, narrow and shallow so the default run builds it in seconds).
+TINY_COCA = {
+    "embed_dim": 64, "custom_text": True,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16,
+                   "attentional_pool": True, "attn_pooler_heads": 4, "output_tokens": True},
+    "text_cfg": {"context_length": 76, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2,
+                 "embed_cls": True, "output_tokens": True},
+    "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2,
+                       "attn_pooler_heads": 4},
+}
+
+
+def test_coca_converts_back_with_its_decoder(tmp_path):
+    """open_clip CoCa -> clipforge.load -> our format -> convert --to openclip -> open_clip: the
+    contrastive features are open_clip's, and the caption decoder, carried unchanged, gives the
+    same teacher-forced logits and the same greedy caption as the original."""
+    folder = tmp_path / "coca"
+    folder.mkdir()
+    torch.manual_seed(0)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_COCA}))
+    oc = open_clip.create_model(f"local-dir:{folder}", pretrained=None).eval()
+    with torch.no_grad():
+        oc.logit_scale.fill_(2.5)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_COCA,
+                                                              "preprocess_cfg": dict(oc.visual.preprocess_cfg)}))
+    save_file({k: v.contiguous() for k, v in oc.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+
+    model, _ = clipforge.load(folder)
+    carried = model.carried()
+    assert carried and all(k.startswith("text_decoder.") for k in carried)
+    assert all(torch.equal(v, oc.state_dict()[k]) for k, v in carried.items())
+    assert not any(k.startswith("text_decoder.") for k, _ in model.named_parameters())  # not trained
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    ids = open_clip.get_tokenizer(f"local-dir:{folder}")(["a photo of a cat", "two dogs on the grass"])
+    ci, ct = features(model, images, ids)
+    oi, ot = features(oc, images, ids)
+    assert rel(ci, oi) < RTOL and rel(ct, ot) < RTOL
+
+    ours = save_model(model, tmp_path / "ours")
+    back = convert(ours, tmp_path / "back", to="openclip")
+    oc2 = open_clip.create_model(f"local-dir:{back}", pretrained=None).eval()
+    assert set(oc2.state_dict()) == set(oc.state_dict())
+    assert all(torch.equal(oc2.state_dict()[k], v) for k, v in oc.state_dict().items())
+    bi, bt = features(oc2, images, ids)
+    assert torch.equal(bi, oi) and torch.equal(bt, ot)
+    with torch.no_grad():
+        want, got = oc(images, ids), oc2(images, ids)
+        assert want["logits"].shape == (2, 75, 49408)
+        assert torch.equal(got["logits"], want["logits"])
+        # greedy captions (open_clip's generate() needs transformers < 5): each step's decoder logits equal
+        assert torch.equal(greedy_caption(oc2, images), greedy_caption(oc, images))
+
+
+def greedy_caption(coca, images, steps: int = 8) -> torch.Tensor:
+    """Greedy decoding from the start token -> ids ``[B, 1 + steps]`` (each the argmax of the decoder's
+    logits for the next token)."""
+    ids = torch.full((images.shape[0], 1), 49406, dtype=torch.long)
+    for _ in range(steps):
+        logits = coca(images, ids, output_labels=False)["logits"][:, -1]  # [B, V]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+    return ids
+
+
+def test_coca_without_decoder_weights_is_refused(tmp_path):
+    from clipforge.families import FamilyConfig, create_family_model
+
+    model = create_family_model(FamilyConfig(model_cfg=TINY_COCA, preprocess={"image_size": 64}), seed=0)
+    with pytest.raises(ValueError, match="no caption decoder weights"):
+        clipforge.checkpoints.family.write(model, tmp_path / "out")
+
+
+def patches(images: torch.Tensor, p: int) -> dict[str, torch.Tensor]:
+    """Images ``[B, 3, S, S]`` as Siglip2Model's NaFlex inputs at the full grid: ``[B, N, p*p*3]`` patches
+    (row-major, each ``(row, col, channel)`` as Siglip2ImageProcessor makes them), grid and mask."""
+    b, c, s, _ = images.shape
+    n = s // p
+    x = images.reshape(b, c, n, p, n, p).permute(0, 2, 4, 3, 5, 1).reshape(b, n * n, p * p * c)
+    return {"pixel_values": x, "spatial_shapes": torch.tensor([[n, n]] * b),
+            "pixel_attention_mask": torch.ones(b, n * n, dtype=torch.long)}
+
+
+@pytest.mark.slow
+def test_siglip2_to_and_from_hugging_face_siglip2model(tmp_path, shared_data):
+    """open_clip's ViT-B-16-SigLIP2 (text tower cut to 2 layers and a tiny trained vocabulary) ->
+    clipforge -> ``convert --to hf`` (a Siglip2Model folder) -> transformers: open_clip's features
+    at the full patch grid; the folder reads back into clipforge; and a Siglip2Model written by
+    transformers itself (random, exact-GELU vision as timm's) loads with transformers' features."""
+    cfg = copy.deepcopy(open_clip.get_model_config("ViT-B-16-SigLIP2"))
+    cfg["text_cfg"].update(layers=2, vocab_size=400)
+    folder = tmp_path / "siglip2"
+    folder.mkdir()
+    write_tokenizer(folder, "t5")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    torch.manual_seed(0)
+    oc = open_clip.create_model(f"local-dir:{folder}", pretrained=None).eval()
+    with torch.no_grad():
+        oc.logit_bias.fill_(-7.25)
+        oc.logit_scale.fill_(2.5)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg,
+                                                              "preprocess_cfg": dict(oc.visual.preprocess_cfg)}))
+    save_file({k: v.contiguous() for k, v in oc.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    model, preprocess = clipforge.load(folder)
+    images = torch.stack([preprocess(im) for im in flickr_photos(shared_data)])
+    ids = tokenizer_for(model)(TEXTS[:2])
+    oi, ot = features(oc, images, ids)
+
+    hf_dir = convert(folder, tmp_path / "hf", to="hf")  # SigLIP2 -> Siglip2Model
+    assert json.loads((hf_dir / "config.json").read_text())["model_type"] == "siglip2"
+    hf = transformers.Siglip2Model.from_pretrained(str(hf_dir)).eval()
+    with torch.no_grad():
+        hi = _hf_features(hf.get_image_features(**patches(images, 16)))
+        ht = _hf_features(hf.get_text_features(input_ids=ids))
+    print(f"open_clip -> HF Siglip2Model: image rel {rel(hi, oi):.1e}, text rel {rel(ht, ot):.1e}")
+    assert rel(hi, oi) < RTOL and rel(ht, ot) < RTOL
+    assert hf.logit_scale.item() == oc.logit_scale.item() and hf.logit_bias.item() == oc.logit_bias.item()
+    back, _ = clipforge.load(hf_dir)  # read back: the same tensors, hence open_clip's features
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert convert(folder, tmp_path / "v1", to="hf-siglip").joinpath("config.json").read_text().count('"siglip"') == 1
+
+    hf.config.vision_config.hidden_act = "gelu"
+    torch.manual_seed(1)
+    theirs = transformers.Siglip2Model(hf.config).eval()
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        (tmp_path / "theirs" / name).write_bytes((hf_dir / name).read_bytes())
+    ours, _ = clipforge.load(tmp_path / "theirs")
+    with torch.no_grad():
+        ti = _hf_features(theirs.get_image_features(**patches(images, 16)))
+        tt = _hf_features(theirs.get_text_features(input_ids=ids))
+    ci, ct = features(ours, images, ids)
+    print(f"HF Siglip2Model -> clipforge: image rel {rel(ci, ti):.1e}, text rel {rel(ct, tt):.1e}")
     assert rel(ci, ti) < RTOL and rel(ct, tt) < RTOL

@@ -196,7 +196,7 @@ def test_cli_convert_and_models(tmp_path, micro_vit, capsys):
 def test_every_format_module_has_the_same_interface():
     from clipforge.checkpoints import FORMATS
 
-    assert set(FORMATS) == {"clipforge", "openai", "openclip", "hf", "openclip-family", "hf-siglip"}
+    assert set(FORMATS) == {"clipforge", "openai", "openclip", "hf", "openclip-family", "hf-siglip", "hf-siglip2"}
     for name, module in FORMATS.items():
         assert module.NAME == name
         for fn in ("detect", "read_config", "to_native", "from_native", "write"):

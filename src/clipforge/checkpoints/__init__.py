@@ -31,7 +31,7 @@ from ..config import CLIPConfig, ConfigError, _load_zoo, get_model_config
 from ..models import CLIP, model_class
 from ..families import FamilyCLIP, FamilyConfig, FolderTokenizer
 from ..utils import moved
-from . import family, hf, hf_siglip, native, openai, openclip
+from . import family, hf, hf_siglip, hf_siglip2, native, openai, openclip
 from .files import Source, read_source
 from .strict import CheckpointError, describe_suspect, load_state_dict_strict, suspect_weights
 from .torchscript import UntrustedTorchScript
@@ -39,7 +39,7 @@ from .torchscript import UntrustedTorchScript
 log = logging.getLogger(__name__)
 
 # Detection order: the first format whose ``detect`` accepts the file reads it.
-FORMATS = {m.NAME: m for m in (hf_siglip, hf, family, openclip, openai, native)}
+FORMATS = {m.NAME: m for m in (hf_siglip2, hf_siglip, hf, family, openclip, openai, native)}
 # Sidecar JSON looked for beside the weights when neither the caller nor the file gives a config.
 SIDE_CONFIGS = ("config.json", openclip.CONFIG_NAME, openai.SIDECAR)
 
@@ -144,12 +144,13 @@ def load_model(path: str | os.PathLike, *, config: CLIPConfig | dict | str | Non
     """Load any supported checkpoint as a :class:`CLIP` model in eval mode
     (``return_info=True``: ``(model, CheckpointInfo)``, e.g. to learn the detected format). A
     checkpoint of a ``bow`` / ``caption`` run (``config.objective``) comes back as the CLIP
-    subclass carrying its head (:mod:`clipforge.models.objectives`). ``trust_torchscript``: see
+    subclass carrying its head (:mod:`clipforge.models.heads`). ``trust_torchscript``: see
     :func:`read_checkpoint` (default: TorchScript archives are read without running their code)."""
     sd, info = read_checkpoint(path, config=config, activation=activation, trust_torchscript=trust_torchscript)
     if isinstance(info.config, FamilyConfig):
         # Built on the CPU, not on "meta": timm towers compute buffers (RoPE tables...) at construction.
         model = FamilyCLIP(info.config)
+        sd = family.prepare(model, sd)  # CoCa's decoder carried; native SigLIP towers' keys
         attach_tokenizer(model, info.weights.parent)
     else:
         with torch.device("meta"):
@@ -186,10 +187,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
     if isinstance(model, FamilyCLIP):
         if to in ("openclip", family.NAME):
             return family.write(model, dst)
-        if to in ("hf", hf_siglip.NAME):  # SigLIP-shaped: a SiglipModel folder (others refused there)
-            return hf_siglip.write(model, dst)
+        if to in ("hf", hf_siglip.NAME, hf_siglip2.NAME):  # SigLIP / SigLIP2 only (others refused there)
+            siglip2 = to == hf_siglip2.NAME or (to == "hf" and hf_siglip.is_siglip2(model.config))
+            return (hf_siglip2 if siglip2 else hf_siglip).write(model, dst)
         if to != native.NAME:
-            raise ValueError(f"{src}: an open_clip family model converts to openclip, hf (SigLIP) or clipforge, "
+            raise ValueError(f"{src}: an open_clip family model converts to openclip, hf (SigLIP, SigLIP2) or clipforge, "
                              f"not {to!r}")
     return FORMATS[to].write(model, dst)
 

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from ..config import OPENAI_MEAN, OPENAI_STD, PreprocessConfig
-from ..families import FamilyCLIP, FamilyConfig, is_family_dict, tokenizer_files
+from ..families import CARRIED_PREFIXES, FamilyCLIP, FamilyConfig, is_family_dict, tokenizer_files
 from ..utils.io import atomic_write_text
-from . import openclip
+from . import openclip, siglip
 from .files import Source, native_state_dict, write_safetensors
 
 NAME = "openclip-family"
@@ -120,12 +120,10 @@ def read_config(src: Source, activation: str | None = None) -> FamilyConfig:
 
 def to_native(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """open_clip keys -> ours: a plain ``CLIP``'s top-level text modules move under ``text.``;
-    CoCa's caption decoder (``text_decoder.*``) is dropped (contrastive towers only)."""
+    CoCa's caption decoder (``text_decoder.*``) keeps its names (carried, :meth:`FamilyCLIP.carry`)."""
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
-        if k.startswith("text_decoder."):
-            continue
-        out[k if k.startswith(_TOP) else "text." + k] = v
+        out[k if k.startswith(_TOP + CARRIED_PREFIXES) else "text." + k] = v
     return out
 
 
@@ -134,6 +132,21 @@ def from_native(sd: dict[str, torch.Tensor], config: FamilyConfig | None = None)
     if config is None or config.custom_text:
         return sd
     return {k[len("text."):] if k.startswith("text.") else k: v for k, v in sd.items()}
+
+
+def prepare(model: FamilyCLIP, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fit a read state dict to the model about to load it: room made for CoCa's carried decoder
+    (:meth:`FamilyCLIP.carry`); on the native SigLIP towers, timm's keys renamed to theirs."""
+    model.carry(sd)
+    return siglip.to_native(sd) if model.native_config is not None else sd
+
+
+def openclip_state_dict(model: FamilyCLIP) -> dict[str, torch.Tensor]:
+    """The model's weights under open_clip's keys (native SigLIP towers: timm's names)."""
+    sd = native_state_dict(model)  # type: ignore[arg-type]
+    if model.native_config is not None:
+        sd = siglip.from_native(sd)
+    return from_native(sd, model.config)
 
 
 def openclip_config(config: FamilyConfig, hf_dir: Path | None) -> dict[str, Any]:
@@ -170,9 +183,10 @@ def write(model: nn.Module, path: str | os.PathLike) -> Path:
     if not isinstance(model, FamilyCLIP):
         return openclip.write(model, path)  # type: ignore[arg-type]
     cfg = model.config
-    if "multimodal_cfg" in cfg.model_cfg:
-        raise ValueError("a CoCa model is loaded as its contrastive towers only (the caption decoder is not "
-                         "kept), so it cannot be written back as an open_clip CoCa checkpoint")
+    if "multimodal_cfg" in cfg.model_cfg and not model.carried():
+        raise ValueError("this CoCa model has no caption decoder weights (text_decoder.*: clipforge carries them "
+                         "from a CoCa checkpoint but does not create them), so it cannot be written as an "
+                         "open_clip CoCa checkpoint")
     path = Path(path)
     if path.suffix:
         raise ValueError(f"{path}: an open_clip family model is written as a folder (local-dir:), give a path "
@@ -183,7 +197,7 @@ def write(model: nn.Module, path: str | os.PathLike) -> Path:
         hf_dir = (path / HF_TEXT_DIR).resolve()
         hf_dir.mkdir(exist_ok=True)
         atomic_write_text(hf_dir / "config.json", json.dumps(cfg.hf_text_config, indent=2))
-    sd = from_native(native_state_dict(model), cfg)  # type: ignore[arg-type]
+    sd = openclip_state_dict(model)
     copy_tokenizer(model, path)
     write_safetensors(path / openclip.WEIGHTS_NAME, sd, {"format": "pt"})
     atomic_write_text(path / openclip.CONFIG_NAME, json.dumps(openclip_config(cfg, hf_dir), indent=2))

@@ -3,7 +3,7 @@
 (MAP head, ``timm_proj: none``) and open_clip's bidirectional, last-token text tower with a biased
 projection. Plain tensor surgery (timm's fused ``qkv`` / the MAP head's ``q`` + ``kv`` <-> HF's
 ``q_proj`` / ``k_proj`` / ``v_proj`` and ``in_proj``), so no ``transformers`` import is needed.
-``Siglip2Model`` (NaFlex: patches as a linear layer at variable resolution) is not this layout.
+``Siglip2Model`` (NaFlex: patches as a linear layer at variable resolution): :mod:`.hf_siglip2`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 from ..config import PreprocessConfig
 from ..families import FamilyCLIP, FamilyConfig
 from ..utils.io import atomic_write_text
-from .family import copy_tokenizer
-from .files import Source, native_state_dict, write_safetensors
+from .family import copy_tokenizer, openclip_state_dict
+from .files import Source, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,21 @@ def from_native(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
+#: The one line for a model no Hugging Face class holds (open_clip's other families, SigLIP variants
+#: off timm's SigLIP ViTs).
+REFUSAL = ("Hugging Face has a model class for two of open_clip's families only: SigLIP (SiglipModel) and "
+           "SigLIP2 (Siglip2Model), with timm's SigLIP ViT and MAP head, a bidirectional last-token text tower "
+           "and a logit bias; convert this model to openclip or clipforge")
+
+
+def is_siglip2(cfg: FamilyConfig) -> bool:
+    """open_clip's SigLIP2 configs differ from SigLIP's (same towers) by the text tower's tanh GELU."""
+    return (cfg.model_cfg.get("text_cfg", {}).get("act_kwargs") or {}).get("approximate") == "tanh"
+
+
 def is_siglip_shaped(cfg: FamilyConfig) -> bool:
+    if not isinstance(cfg, FamilyConfig):
+        return False
     v, t = cfg.model_cfg.get("vision_cfg", {}), cfg.model_cfg.get("text_cfg", {})
     return (str(v.get("timm_model_name", "")).startswith(tuple(TIMM_SIGLIP.values())) and v.get("timm_pool") == "map"
             and v.get("timm_proj") == "none" and t.get("no_causal_mask") and t.get("pool_type") == "last"
@@ -188,7 +202,14 @@ def is_siglip_shaped(cfg: FamilyConfig) -> bool:
 
 
 def hf_config(cfg: FamilyConfig, model: FamilyCLIP) -> dict[str, Any]:
-    v = model.visual.trunk  # type: ignore[union-attr]
+    if model.native_config is not None:  # the native SigLIP towers
+        nv = model.native_config.vision
+        width, hidden, depth, heads = nv.width, int(nv.width * nv.mlp_ratio), nv.layers, nv.heads
+        patch, eps = nv.patch_size, model.native_config.norm_eps
+    else:  # timm's SigLIP ViT
+        v = model.visual.trunk  # type: ignore[union-attr]
+        width, hidden, depth = v.embed_dim, v.blocks[0].mlp.fc1.out_features, len(v.blocks)
+        heads, patch, eps = v.blocks[0].attn.num_heads, v.patch_embed.patch_size[0], v.norm.eps
     t = cfg.model_cfg["text_cfg"]
     width_t = int(t.get("width", 512))
     act = (t.get("act_kwargs") or {}).get("approximate", "none")
@@ -202,10 +223,9 @@ def hf_config(cfg: FamilyConfig, model: FamilyCLIP) -> dict[str, Any]:
                         "layer_norm_eps": float((t.get("norm_kwargs") or {}).get("eps", 1e-5)),
                         "hidden_act": "gelu_pytorch_tanh" if act == "tanh" else "gelu",
                         "projection_size": cfg.embed_dim, "pad_token_id": int(pad or 0)},
-        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": v.embed_dim,
-                          "intermediate_size": v.blocks[0].mlp.fc1.out_features, "num_hidden_layers": len(v.blocks),
-                          "num_attention_heads": v.blocks[0].attn.num_heads, "image_size": cfg.vision.image_size,
-                          "patch_size": v.patch_embed.patch_size[0], "layer_norm_eps": v.norm.eps, "hidden_act": "gelu"},
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": width, "intermediate_size": hidden,
+                          "num_hidden_layers": depth, "num_attention_heads": heads, "image_size": cfg.vision.image_size,
+                          "patch_size": patch, "layer_norm_eps": eps, "hidden_act": "gelu"},
     }
 
 
@@ -213,19 +233,29 @@ def write(model: FamilyCLIP, path: str | os.PathLike) -> Path:
     """An HF ``SiglipModel`` folder: ``config.json``, ``model.safetensors``, ``preprocessor_config.json``
     and the tokenizer files."""
     cfg = model.config
-    if not is_siglip_shaped(cfg):
-        raise ValueError("only SigLIP-shaped models (timm SigLIP ViT with a MAP head, bidirectional last-token "
-                         "text tower, logit bias) have a Hugging Face SiglipModel layout")
+    if not isinstance(model, FamilyCLIP) or not is_siglip_shaped(cfg):
+        raise ValueError(REFUSAL)
+    p = cfg.preprocess
+    pre = {"image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": p.image_size,
+           "width": p.image_size}, **image_processor(cfg)}
+    return write_folder(model, path, hf_config(cfg, model), from_native(openclip_state_dict(model)), pre)
+
+
+def image_processor(cfg: FamilyConfig) -> dict[str, Any]:
+    """The ``preprocessor_config.json`` entries SiglipImageProcessor and Siglip2ImageProcessor share."""
+    p = cfg.preprocess
+    return {"resample": 3 if p.interpolation == "bicubic" else 2, "do_rescale": True, "rescale_factor": 1 / 255,
+            "do_normalize": True, "image_mean": list(p.mean), "image_std": list(p.std)}
+
+
+def write_folder(model: FamilyCLIP, path: str | os.PathLike, hf: dict[str, Any], sd: dict[str, torch.Tensor],
+                 pre: dict[str, Any]) -> Path:
+    """A transformers folder: ``config.json``, ``model.safetensors``, ``preprocessor_config.json``, the
+    tokenizer files."""
     path = Path(path)
     if path.suffix:
         raise ValueError(f"{path}: a Hugging Face model is a folder; give a path without a suffix")
     path.mkdir(parents=True, exist_ok=True)
-    hf = hf_config(cfg, model)
-    sd = from_native(native_state_dict(model))
-    p = cfg.preprocess
-    pre = {"image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": p.image_size,
-           "width": p.image_size}, "resample": 3 if p.interpolation == "bicubic" else 2, "do_rescale": True,
-           "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(p.mean), "image_std": list(p.std)}
     copy_tokenizer(model, path)
     write_safetensors(path / "model.safetensors", sd, {"format": "pt"})
     atomic_write_text(path / "preprocessor_config.json", json.dumps(pre, indent=2))

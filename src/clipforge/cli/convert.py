@@ -16,10 +16,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "  openclip:  a folder (DST without a suffix) that open_clip loads with\n"
                                    "             create_model_and_transforms('local-dir:DST'); or one weights file\n"
                                    "             (.safetensors/.pt/.bin) for open_clip's pretrained=FILE\n"
-                                   "  hf:        a transformers CLIPModel folder")
+                                   "  hf:        a transformers folder: CLIPModel; SiglipModel for SigLIP and\n"
+                                   "             Siglip2Model for SigLIP2 family models (other families: refused)\n"
+                                   "  hf-siglip, hf-siglip2: a SigLIP-shaped model as SiglipModel / Siglip2Model")
     p.add_argument("src", type=existing_path, help="checkpoint file or folder")
     p.add_argument("dst", type=output_path, help="output file or folder")
-    p.add_argument("--to", required=True, choices=["clipforge", "openai", "openclip", "hf"], help="output format")
+    p.add_argument("--to", required=True, choices=["clipforge", "openai", "openclip", "hf", "hf-siglip", "hf-siglip2"], help="output format")
     p.add_argument("--activation", choices=["quick_gelu", "gelu"], default=None,
                    help="override/declare the activation when SRC does not record it (bare state dicts)")
     p.add_argument("--config", default=None, help="config for SRC: a JSON file or a zoo name")

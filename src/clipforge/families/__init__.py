@@ -1,5 +1,5 @@
 """open_clip's model families beyond OpenAI's CLIP (SigLIP / SigLIP2, EVA02, ConvNeXt, MobileCLIP,
-PE-Core, CoCa's contrastive towers, Hugging Face text towers), behind our model interface.
+PE-Core, CoCa's contrastive towers (its decoder carried), Hugging Face text towers), behind our model interface.
 
 Built on the libraries made for them, as open_clip is: ``timm`` for image towers, ``transformers``
 for HF text towers, ``tokenizers`` / ``sentencepiece`` for their tokenizers (the ``families``
@@ -16,7 +16,7 @@ from torch import nn
 from ..tokenizer import get_tokenizer
 from .config import FamilyConfig, is_family_dict
 from .deps import EXTRA, MissingDependency
-from .model import FamilyCLIP, create_family_model
+from .model import CARRIED_PREFIXES, FamilyCLIP, create_family_model
 from .tokenizers import FolderTokenizer, clean, tokenizer_files
 
 
@@ -33,5 +33,5 @@ def tokenizer_for(model: nn.Module) -> Any:
     return get_tokenizer(model.context_length)  # type: ignore[arg-type]
 
 
-__all__ = ["FamilyConfig", "FamilyCLIP", "create_family_model", "FolderTokenizer", "MissingDependency", "EXTRA",
+__all__ = ["CARRIED_PREFIXES", "FamilyConfig", "FamilyCLIP", "create_family_model", "FolderTokenizer", "MissingDependency", "EXTRA",
            "clean", "is_family_dict", "tokenizer_files", "tokenizer_for"]

@@ -88,7 +88,7 @@ class FamilyConfig:
     hf_text_config: dict[str, Any] | None = None
     name: str | None = None
     max_logit_scale: float = 100.0
-    objective: str = "contrastive"  # contrastive towers only (CoCa's decoder is not built)
+    objective: str = "contrastive"  # contrastive towers only (CoCa's decoder is carried, not built)
     family: str = "openclip"
 
     def __post_init__(self) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..config import CLIPConfig, get_model_config
-from .clip import CLIP
+from .clip import CLIP, DualEncoder
 from .heads import BagOfWordsCLIP, CaptioningCLIP, model_class, objective_of, with_objective
 from .text import TextTransformer
 from .vision_resnet import ModifiedResNet
@@ -28,4 +28,4 @@ def create_model(name_or_config: str | CLIPConfig, *, seed: int | None = None) -
         return cls(config)
 
 
-__all__ = ["CLIP", "BagOfWordsCLIP", "CaptioningCLIP", "model_class", "objective_of", "with_objective", "TextTransformer", "VisionTransformer", "ModifiedResNet", "create_model"]
+__all__ = ["CLIP", "DualEncoder", "BagOfWordsCLIP", "CaptioningCLIP", "model_class", "objective_of", "with_objective", "TextTransformer", "VisionTransformer", "ModifiedResNet", "create_model"]

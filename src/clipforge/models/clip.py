@@ -1,9 +1,12 @@
-"""The CLIP dual encoder: an image tower and a text tower projected into one embedding space."""
+"""The CLIP dual encoder: an image tower and a text tower projected into one embedding space
+(:class:`DualEncoder`: the interface and computation every model here shares; :class:`CLIP`: OpenAI's
+and the native SigLIP towers)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +19,14 @@ from .vision_resnet import ModifiedResNet
 from .vision_vit import VisionTransformer
 
 
-class CLIP(nn.Module):
-    """Contrastive Language-Image model.
+_M = TypeVar("_M", bound="DualEncoder")
+
+
+class DualEncoder(nn.Module):
+    """What every CLIP-style model here shares, whatever its towers (ours, or an open_clip family's):
+    ``visual`` and ``text`` modules projecting into one space, ``logit_scale`` (log temperature) and an
+    optional ``logit_bias``, and ``config`` with ``vision.image_size``, ``text.context_length`` and
+    ``max_logit_scale``. Subclasses build the towers and say how to checkpoint them.
 
     ``encode_image`` / ``encode_text`` return projected (unnormalised, as in OpenAI's code)
     features; pass ``normalize=True`` for unit vectors. ``forward`` returns
@@ -25,24 +34,20 @@ class CLIP(nn.Module):
     plus ``logit_bias`` for models that carry one (SigLIP's sigmoid loss; ``None`` otherwise).
     """
 
-    def __init__(self, config: CLIPConfig) -> None:
-        super().__init__()
-        self.config = config
-        towers = {"vit": VisionTransformer, "resnet": ModifiedResNet, "siglip": SigLIPVisionTransformer}
-        self.visual: nn.Module = towers[config.vision.kind](config)
-        self.text: nn.Module = TextTransformer(config) if config.text.kind == "clip" else SigLIPTextTransformer(config)
-        self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
-        self.logit_bias: nn.Parameter | None = (
-            None if config.init_logit_bias is None else nn.Parameter(torch.tensor(float(config.init_logit_bias))))
+    config: Any
+    visual: nn.Module
+    text: nn.Module
+    logit_scale: nn.Parameter
+    logit_bias: nn.Parameter | None
 
     # --- properties ---------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        return self.text.token_embedding.weight.dtype
+        return self.logit_scale.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.text.token_embedding.weight.device
+        return self.logit_scale.device
 
     @property
     def image_size(self) -> int:
@@ -59,7 +64,7 @@ class CLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Token ids ``[B, L]`` (from :func:`clipforge.tokenize`) -> features ``[B, embed_dim]``."""
+        """Token ids ``[B, L]`` (from the model's tokenizer) -> features ``[B, embed_dim]``."""
         x = self.text(ids.to(self.device))
         return F.normalize(x, dim=-1) if normalize else x
 
@@ -73,37 +78,21 @@ class CLIP(nn.Module):
 
     def forward_intermediates(self, images: torch.Tensor | None = None, ids: torch.Tensor | None = None,
                               attention: bool = False) -> dict[str, dict[str, object]]:
-        """Per-layer outputs of either tower (and attention maps if ``attention=True``).
-        Off the normal path, so ``encode_*`` pay nothing for it."""
+        """Per-layer outputs of either tower (and attention maps if ``attention=True``, where the
+        tower offers them). Off the normal path, so ``encode_*`` pay nothing for it."""
         out: dict[str, dict[str, object]] = {}
         if images is not None:
             out["image"] = self.visual.forward_intermediates(  # type: ignore[operator]
                 images.to(device=self.device, dtype=self.dtype), attention=attention)
         if ids is not None:
-            out["text"] = self.text.forward_intermediates(ids.to(self.device), attention=attention)
+            out["text"] = self.text.forward_intermediates(ids.to(self.device), attention=attention)  # type: ignore[operator]
         return out
 
     # --- training helpers -----------------------------------------------------------------------
-    def add_logit_bias(self, init: float) -> None:
-        """Give a bias-free model a learned logit bias (to train it with the sigmoid loss); the
-        config records it, so checkpoints written afterwards carry and describe it."""
-        if self.logit_bias is not None:
-            raise ValueError("this model already has a logit_bias")
-        self.config = dataclasses.replace(self.config, init_logit_bias=float(init))
-        self.logit_bias = nn.Parameter(torch.tensor(float(init), device=self.logit_scale.device,
-                                                    dtype=self.logit_scale.dtype))
-
     def clamp_logit_scale(self) -> None:
         """Clip the learned temperature so exp(logit_scale) <= max_logit_scale (100 in the paper)."""
         with torch.no_grad():
             self.logit_scale.clamp_(0, math.log(self.config.max_logit_scale))
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.text.transformer.grad_checkpointing = enable
-        if isinstance(self.visual, (VisionTransformer, SigLIPVisionTransformer)):
-            self.visual.transformer.grad_checkpointing = enable
-        else:
-            self.visual.grad_checkpointing = enable  # type: ignore[assignment]
 
     def lock_image_tower(self) -> None:
         """Freeze the image tower (LiT); BatchNorm statistics are frozen too."""
@@ -112,7 +101,7 @@ class CLIP(nn.Module):
         self.visual.eval()
         self._image_locked = True
 
-    def train(self, mode: bool = True) -> "CLIP":
+    def train(self: _M, mode: bool = True) -> _M:
         super().train(mode)
         if getattr(self, "_image_locked", False):
             self.visual.eval()
@@ -127,3 +116,46 @@ class CLIP(nn.Module):
         txt = sum(p.numel() for p in self.text.parameters())
         scalars = 1 if self.logit_bias is None else 2
         return {"image": vis, "text": txt, "total": vis + txt + scalars}
+
+
+class CLIP(DualEncoder):
+    """Contrastive Language-Image model: OpenAI's towers (ViT or ModifiedResNet image tower, causal
+    text Transformer) or the native SigLIP ones (``kind = "siglip"``); the interface is
+    :class:`DualEncoder`'s.
+    """
+
+    def __init__(self, config: CLIPConfig) -> None:
+        super().__init__()
+        self.config = config
+        towers = {"vit": VisionTransformer, "resnet": ModifiedResNet, "siglip": SigLIPVisionTransformer}
+        self.visual = towers[config.vision.kind](config)
+        self.text = TextTransformer(config) if config.text.kind == "clip" else SigLIPTextTransformer(config)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+        self.logit_bias = (
+            None if config.init_logit_bias is None else nn.Parameter(torch.tensor(float(config.init_logit_bias))))
+
+    # The towers' dtype and device (``logit_scale`` may be kept in float32 beside bf16 towers).
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text.token_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.text.token_embedding.weight.device
+
+    # --- training helpers -----------------------------------------------------------------------
+    def add_logit_bias(self, init: float) -> None:
+        """Give a bias-free model a learned logit bias (to train it with the sigmoid loss); the
+        config records it, so checkpoints written afterwards carry and describe it."""
+        if self.logit_bias is not None:
+            raise ValueError("this model already has a logit_bias")
+        self.config = dataclasses.replace(self.config, init_logit_bias=float(init))
+        self.logit_bias = nn.Parameter(torch.tensor(float(init), device=self.logit_scale.device,
+                                                    dtype=self.logit_scale.dtype))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.text.transformer.grad_checkpointing = enable
+        if isinstance(self.visual, (VisionTransformer, SigLIPVisionTransformer)):
+            self.visual.transformer.grad_checkpointing = enable
+        else:
+            self.visual.grad_checkpointing = enable  # type: ignore[assignment]

@@ -6,7 +6,8 @@ logging, periodic evaluation and checkpoints, stop cleanly on a signal, and leav
 <out>/model_config.json     the CLIPConfig
 <out>/metrics.jsonl         one record per log step (and per evaluation)
 <out>/checkpoints/step_*.pt  the last keep_last training checkpoints (resume from the newest)
-<out>/final.safetensors     the trained model (clipforge.load / load_model read it)
+<out>/final.safetensors     the trained model (clipforge.load / load_model read it); a folder
+                            <out>/final/ for a family model with its own tokenizer files
 <out>/summary.json          status, steps, loss, samples/s, wall time, peak RSS, skip statistics
 <out>/curves.png            loss, temperature, learning rate (and evaluation) against the step
 ```
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import random
 import time
@@ -32,6 +34,7 @@ from .. import fast, loading
 from ..checkpoints import save_model
 from ..config import CLIPConfig, get_model_config
 from ..data import SkipStats, make_pair_loader, open_pairs
+from ..families import FolderTokenizer, tokenizer_for
 from ..precision import cast_weights
 from ..models import CLIP, create_model, with_objective
 from ..tokenizer import get_tokenizer
@@ -55,18 +58,40 @@ from .step import TrainStep, make_grad_scaler, make_train_step, objective_module
 
 @dataclass(frozen=True)
 class TokenizeCaptions:
-    """Picklable caption -> ids function for the data loader's workers (long captions truncated)."""
+    """Picklable caption -> ids function for the data loader's workers (long captions truncated):
+    OpenAI's BPE, or with ``folder`` the tokenizer files of a family model's checkpoint folder
+    (SentencePiece / Hugging Face ``tokenizers``, cleaned as ``clean``), read once per process."""
 
     context_length: int = 77
+    folder: str | None = None
+    clean: str = "whitespace"
+    strip_sep_token: bool = False
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module) -> "TokenizeCaptions":
+        """The tokenizer ``model``'s text tower was trained with (:func:`clipforge.families.tokenizer_for`)."""
+        tok = tokenizer_for(model)  # refuses a family model whose tokenizer files are not attached
+        if isinstance(tok, FolderTokenizer):
+            return cls(model.context_length, str(tok.folder), tok.clean_mode, tok.strip_sep_token)  # type: ignore[arg-type]
+        return cls(model.context_length)  # type: ignore[arg-type]
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
-        return get_tokenizer(self.context_length).tokenize(list(texts), self.context_length, truncate=True)
+        if self.folder is None:
+            return get_tokenizer(self.context_length).tokenize(list(texts), self.context_length, truncate=True)
+        tok = _folder_tokenizer(self.folder, self.context_length, self.clean, self.strip_sep_token)
+        return tok.tokenize(list(texts), self.context_length, truncate=True)
 
 
-def caption_tokenizer(config: TrainConfig, context_length: int) -> Callable[[list[str]], Any]:
-    """The loader's captions -> text batch function: ids, or ids with the rule-built hard
-    negatives of ``config.hard_negatives`` (drawn with the run's seed)."""
-    tokenize = TokenizeCaptions(context_length)
+@functools.lru_cache(maxsize=4)
+def _folder_tokenizer(folder: str, context_length: int, clean: str, strip_sep_token: bool) -> FolderTokenizer:
+    return FolderTokenizer(folder, context_length, clean, strip_sep_token)
+
+
+def caption_tokenizer(config: TrainConfig, model: torch.nn.Module | int) -> Callable[[list[str]], Any]:
+    """The loader's captions -> text batch function: ids from ``model``'s own tokenizer (a family
+    model's folder tokenizer, else OpenAI's BPE; a context length: OpenAI's BPE), or ids with the
+    rule-built hard negatives of ``config.hard_negatives`` (drawn with the run's seed)."""
+    tokenize = TokenizeCaptions(model) if isinstance(model, int) else TokenizeCaptions.for_model(model)
     if "swap" not in hard_negative_modes(config.hard_negatives):
         return tokenize
     return TokenizeWithNegatives(tokenize, SwapNegatives(config.hard_negatives_per_caption, config.seed))
@@ -212,7 +237,7 @@ class _Run:
             self._say(f"precision {cfg.precision} ({self.precision_why})")
 
         loader = make_pair_loader(train_source, transform=train_transform(model.config.preprocess, cfg),
-                                  tokenize=caption_tokenizer(cfg, model.context_length), batch_size=cfg.batch_size,
+                                  tokenize=caption_tokenizer(cfg, model), batch_size=cfg.batch_size,
                                   seed=cfg.seed, rank=env.rank, world_size=env.world_size,
                                   num_workers=cfg.num_workers, resampled=cfg.resampled,
                                   companion=MirrorCompanions(cfg.hard_negatives_other)
@@ -369,7 +394,9 @@ class _Run:
         evals = [r for r in records if any(k.startswith("eval/") for k in r)]
         final_model = None
         if status != "interrupted":  # a signal means "resume later"; anything else ends the run
-            final_model = str(save_model(finish_recipes(model, cfg, self.run_dir), self.run_dir / "final.safetensors"))
+            # a family model with its own tokenizer files is saved as a folder (weights, config, tokenizer)
+            name = "final" if TokenizeCaptions.for_model(model).folder else "final.safetensors"
+            final_model = str(save_model(finish_recipes(model, cfg, self.run_dir), self.run_dir / name))
         curves = plot_curves(records, self.run_dir / "curves.png", title=f"{model.config.name or cfg.model}")
         rates = [r["samples_per_s"] for r in train_records]
         summary = {

@@ -35,7 +35,7 @@ def measure_step_time(config: TrainConfig, threads: Sequence[int], n: int = 3, w
             fast.enable(model)
         source = open_pairs(config.data, split="train", seed=config.seed + 99, **config.data_options())
         loader = make_pair_loader(source, transform=train_transform(model.config.preprocess, config),
-                                  tokenize=caption_tokenizer(config, model.context_length), batch_size=config.batch_size,
+                                  tokenize=caption_tokenizer(config, model), batch_size=config.batch_size,
                                   seed=config.seed + 99, rank=0, world_size=1, num_workers=config.num_workers)
         apply_recipes(model, config)  # patch dropout, locking: they change the step's cost
         freeze_unused(model)
