@@ -28,6 +28,7 @@ import contextlib
 import functools
 import hmac
 import logging
+import os
 import time
 import urllib.parse
 import threading
@@ -64,6 +65,18 @@ from .vectors_api import add_vector_routes
 
 STATIC_DIR = Path(__file__).with_name("static")
 log = logging.getLogger("clipforge.search.service")
+
+
+def default_encode_threads() -> int:
+    """The cores this process may use minus one (at least one): the encodes keep clear of the
+    event loop's core. On a shared CPU an OpenMP region waits at each barrier for a descheduled
+    sibling: a tiny model's encode measured 7-20x slower (and 4-8x the CPU time, spinning) on 2
+    threads than on 1 while the 2 cores were busy with other work."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def route_label(request: Request) -> str:
@@ -169,7 +182,8 @@ def create_app(index: IndexArg | dict[str, IndexArg], model: torch.nn.Module,
                uploads: bool | None = None, max_result_ids: int = 10_000,
                knn_columns: tuple[str, ...] = KNN_COLUMNS, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                cors_origins: tuple[str, ...] = (), max_batch: int = 32, batch_wait_ms: float = 5.0,
-               max_embed_items: int = 64, auth_token: str | None = None) -> FastAPI:
+               max_embed_items: int = 64, auth_token: str | None = None,
+               exact_batches: bool = True, encode_threads: int | None = None) -> FastAPI:
     """Build the service around ``model`` and the index at ``index`` (loaded here, once), or
 several: ``{name: index}`` (the first is the default; requests choose with ``index`` /
 clip-retrieval's ``indice_name``).
@@ -177,12 +191,16 @@ clip-retrieval's ``indice_name``).
     ``max_image_pixels`` also becomes Pillow's process-wide limit (its bomb warning an error);
     ``cors_origins`` are the browser origins allowed to call the API (none by default; ``"*"`` any).
     Text and image queries are batched across requests (``max_batch`` items, waiting at most
-    ``batch_wait_ms`` for a batch to fill; ``max_batch=1``: each alone). With ``auth_token`` every
+    ``batch_wait_ms`` for a batch to fill; ``max_batch=1``: each alone); ``exact_batches``: in
+    fixed-shape chunks, so a query's embedding has the same bits whatever batch it rode in
+    (:mod:`.exact`; off: one model call per batch, faster, last bits vary); ``encode_threads``:
+    torch threads of the encodes (None: torch's count; ``clipforge serve`` leaves a core to the
+    event loop). With ``auth_token`` every
     route but ``/health`` needs ``Authorization: Bearer <token>``."""
     for name, v in (("max_k", max_k), ("max_upload_bytes", max_upload_bytes), ("max_json_bytes", max_json_bytes),
                     ("workers", workers), ("max_pending", max_pending), ("max_result_ids", max_result_ids),
                     ("max_image_pixels", max_image_pixels), ("max_batch", max_batch),
-                    ("max_embed_items", max_embed_items)):
+                    ("max_embed_items", max_embed_items), ("encode_threads", encode_threads or 1)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if not request_timeout > 0:
@@ -209,7 +227,8 @@ clip-retrieval's ``indice_name``).
     served: dict[str, Served] = {}
     for nm, ix in given.items():
         s_ = Searcher(ix, model, preprocess, max_k=max_k, query_cache=query_cache, truncate_text=True,
-                      model_lock=model_lock)
+                      model_lock=model_lock, exact=exact_batches,
+                      threads=encode_threads)
         nm = nm or s_.index.path.resolve().name or "index"
         if nm in served:
             raise ValueError(f"two indexes are named {nm!r}: give them distinct names (NAME=PATH)")
@@ -508,7 +527,8 @@ clip-retrieval's ``indice_name``).
                 "max_k": searcher.max_k, "max_upload_bytes": max_upload_bytes, "max_json_bytes": max_json_bytes,
                 "uploads": uploads, "workers": workers, "request_timeout_s": request_timeout,
                 "query_cache": searcher.cache_stats, "max_image_pixels": max_image_pixels,
-                "batching": {"max_batch": max_batch, "wait_ms": batch_wait_ms,
+                "batching": {"max_batch": max_batch, "wait_ms": batch_wait_ms, "exact": exact_batches,
+                             "encode_threads": encode_threads or torch.get_num_threads(),
                              **{k: {"batches": b.batches, "items": b.items, "queued": b.depth}
                                 for k, b in batchers.items()}},
                 "auth": auth_token is not None,
