@@ -109,3 +109,28 @@ def test_served_embeddings_have_the_same_bits_batched_or_alone(tmp_path):
         return [out[i] for i in range(len(queries))]
 
     assert served(32, True) == served(1, False)
+
+
+def test_knn_service_queries_ride_the_batchers(tmp_path):
+    """clip-retrieval's /knn-service embeds through the same batchers (hence the same bits) as /search."""
+    from fastapi.testclient import TestClient
+
+    from clipforge.fast import optimize_for_inference
+    from clipforge.search.service import create_app
+    from search.searchutil import jpeg_bytes, pattern_image, photo_index
+
+    model = optimize_for_inference(photo_index(tmp_path))
+    app = create_app(tmp_path / "idx", model, None, uploads=False, encode_threads=1, query_cache=0)
+    with TestClient(app) as c:
+        b = app.state.batchers
+        knn = c.post("/knn-service", json={"text": "a striped picture", "modality": "image", "num_images": 5,
+                                           "indice_name": None})
+        assert knn.status_code == 200, knn.text
+        assert (b["text"].items, b["image"].items) == (1, 0)
+        search = c.post("/search", json={"text": "a striped picture", "k": 5}).json()["results"]
+        assert [r["id"] for r in knn.json()] == [r["id"] for r in search]
+        assert [round(r["similarity"], 6) for r in knn.json()] == [r["score"] for r in search]
+        img = base64.b64encode(jpeg_bytes(pattern_image(3, (50, 40)))).decode()
+        knn = c.post("/knn-service", json={"image": img, "modality": "image", "num_images": 3, "indice_name": None})
+        assert knn.status_code == 200, knn.text
+        assert (b["text"].items, b["image"].items) == (2, 1)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -111,13 +111,19 @@ class MetadataRequest(BaseModel):
 
 def add_clip_back_routes(app: FastAPI, served: dict[str, Any], pool: WorkerPool, *,
                          max_upload_bytes: int, max_result_ids: int,
-                         knn_columns: tuple[str, ...] = KNN_COLUMNS, decode_image: Any = decode_query_image) -> None:
+                         knn_columns: tuple[str, ...] = KNN_COLUMNS, decode_image: Any = decode_query_image,
+                         embed_text: Callable[[str], np.ndarray] | None = None,
+                         embed_image: Callable[[Any], np.ndarray] | None = None) -> None:
     """Register /knn-service, /indices-list and /metadata on ``app`` over ``served`` (name ->
     an object with ``searcher`` and ``thumbs``; the first is the default); ``decode_image``:
-    bytes, name -> PIL image, with the server's pixel limit."""
+    bytes, name -> PIL image, with the server's pixel limit; ``embed_text`` / ``embed_image``
+    (called in a worker thread): how a query is embedded, e.g. through the service's batchers
+    (default: the first searcher's own model call)."""
     names = list(served)
     first = served[names[0]]
     searcher: Searcher = first.searcher  # model-level work (embedding a query) goes through the first
+    embed_text = embed_text or searcher.embed_text
+    embed_image = embed_image or searcher.embed_image
     info = searcher.index.info
     offload = pool.run
     max_k = searcher.max_k
@@ -185,7 +191,7 @@ def add_clip_back_routes(app: FastAPI, served: dict[str, Any], pool: WorkerPool,
             raise QueryError("image_url queries are not supported (this server fetches no URLs): "
                              "send the image base64-encoded in 'image'")
         if req.text is not None and req.text != "":
-            query = searcher.embed_text(check_unicode(req.text))  # truncated to the context, like clip_back
+            query = embed_text(check_unicode(req.text))  # truncated to the context, like clip_back
         elif req.image is not None:
             if req.embedding_input is not None:
                 check_embedding(req.embedding_input)
@@ -195,7 +201,7 @@ def add_clip_back_routes(app: FastAPI, served: dict[str, Any], pool: WorkerPool,
                 raise QueryError("'image' is not valid base64") from None
             if len(raw) > max_upload_bytes:
                 raise QueryError(f"image exceeds the limit of {max_upload_bytes} bytes", status=413)
-            query = searcher.embed_image(decode_image(raw, "image"))
+            query = embed_image(decode_image(raw, "image"))
         elif req.embedding_input is not None:
             query = check_embedding(req.embedding_input)
         else:

@@ -24,6 +24,7 @@ multipart requests get 415 saying why, and the schema does not offer them.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import hmac
@@ -64,6 +65,9 @@ from .thumbnails import Thumbnailer, ThumbnailError
 from .vectors_api import add_vector_routes
 
 STATIC_DIR = Path(__file__).with_name("static")
+# A JSON /search body this small is parsed and tokenized on the event loop (tens of microseconds):
+# the round trip through the worker pool cost more than the work. Larger bodies go to the pool.
+INLINE_BODY_BYTES = 1024
 log = logging.getLogger("clipforge.search.service")
 
 
@@ -283,6 +287,26 @@ clip-retrieval's ``indice_name``).
     async def image_vector(request: Request, x: torch.Tensor) -> np.ndarray:
         return await encode_item(request, "image", x)
 
+    def wait_batched(kind: str, value: Any) -> np.ndarray:
+        """One item through its batcher, from a worker thread (clip-retrieval's handler is synchronous)."""
+        fut = batchers[kind].submit(value)
+        try:
+            return fut.result(request_timeout)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise Busy(f"query took longer than {request_timeout:g} s") from None
+
+    def batched_text(text: str) -> np.ndarray:
+        text = searcher.check_text(text)
+        v = searcher.cached_text(text)
+        if v is None:
+            v = wait_batched("text", text)
+            searcher.remember_text(text, v)
+        return v
+
+    def batched_image(img: Image.Image) -> np.ndarray:
+        return wait_batched("image", searcher.preprocess(img))
+
     def decode_and_preprocess(data: bytes, name: str) -> tuple[Image.Image, torch.Tensor]:
         img = decode_image(data, name)
         return img, searcher.preprocess(img)
@@ -436,7 +460,8 @@ clip-retrieval's ``indice_name``).
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "application/json":
             body = await request.body()
-            sv, query, k, text, item_id, preds = await offload(parse_search, body)
+            sv, query, k, text, item_id, preds = parse_search(body) if len(body) <= INLINE_BODY_BYTES \
+                else await offload(parse_search, body)
             s_ = sv.searcher
             if preds is not None:
                 vec = await text_vector(request, text) if text is not None else s_.index.vector(item_id)
@@ -536,7 +561,8 @@ clip-retrieval's ``indice_name``).
                              "backend": sv.searcher.index.info.get("backend", "faiss")} for sv in served.values()]}
 
     add_clip_back_routes(app, served, pool, max_upload_bytes=max_upload_bytes,
-                         max_result_ids=max_result_ids, knn_columns=knn_columns, decode_image=decode_image)
+                         max_result_ids=max_result_ids, knn_columns=knn_columns, decode_image=decode_image,
+                         embed_text=batched_text, embed_image=batched_image)
 
     add_vector_routes(app, searcher, pool, max_items=max_embed_items, max_upload_bytes=max_upload_bytes,
                       decode_image=decode_image, encode=encode_item)
