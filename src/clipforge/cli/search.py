@@ -114,8 +114,8 @@ def register(sub: Any) -> None:
                    help="seconds a connection may take to send a request head before it is closed")
     p.add_argument("--keep-alive", type=positive_int, default=5, help="seconds an idle keep-alive connection stays open")
     p.add_argument("--auth-token-file", type=existing_file, default=None, metavar="FILE",
-                   help="file holding a bearer token (>= 16 characters): every route but /health then needs "
-                        "'Authorization: Bearer <token>'")
+                   help="file holding a bearer token (>= 16 characters): every route but /health and the web page "
+                        "then needs 'Authorization: Bearer <token>' (the page asks for it)")
     p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
                    help="run the towers in torch, or export them to ONNX at start and run them in ONNX Runtime "
                         "(fp32; needs the onnx extra)")

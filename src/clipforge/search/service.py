@@ -200,7 +200,7 @@ clip-retrieval's ``indice_name``).
     (:mod:`.exact`; off: one model call per batch, faster, last bits vary); ``encode_threads``:
     torch threads of the encodes (None: torch's count; ``clipforge serve`` leaves a core to the
     event loop). With ``auth_token`` every
-    route but ``/health`` needs ``Authorization: Bearer <token>``."""
+    route but ``/health`` and the web page (``/``, ``/static/``) needs ``Authorization: Bearer <token>``."""
     for name, v in (("max_k", max_k), ("max_upload_bytes", max_upload_bytes), ("max_json_bytes", max_json_bytes),
                     ("workers", workers), ("max_pending", max_pending), ("max_result_ids", max_result_ids),
                     ("max_image_pixels", max_image_pixels), ("max_batch", max_batch),
@@ -339,7 +339,7 @@ clip-retrieval's ``indice_name``).
     async def never_die(request: Request, call_next):  # type: ignore[no-untyped-def]
         t0 = time.perf_counter()
         route = route_label(request)
-        if auth_token is not None and request.url.path != "/health" and request.method != "OPTIONS" \
+        if auth_token is not None and not open_path(request.url.path) and request.method != "OPTIONS" \
                 and not authorized(request.headers.get("authorization", "")):
             metrics.inc("clipforge_requests_total", route=route, status="401")
             metrics.inc("clipforge_errors_total", kind="401")
@@ -361,6 +361,11 @@ clip-retrieval's ``indice_name``).
         if response.status_code >= 400:
             metrics.inc("clipforge_errors_total", kind=str(response.status_code))
         return response
+
+    def open_path(path: str) -> bool:
+        """Routes served without the token: liveness, and the web page with its assets (no data:
+        the page asks for the token and sends it with every call)."""
+        return path in ("/health", "/") or path.startswith("/static/")
 
     def authorized(header: str) -> bool:
         scheme, _, token = header.partition(" ")
