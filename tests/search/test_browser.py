@@ -4,6 +4,7 @@ headless Debian Chromium through Playwright. Skips when chromium or playwright i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -43,7 +44,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def built(tmp_path_factory):
     sync_playwright = _browser_or_skip()
     d = tmp_path_factory.mktemp("web")
     model = micro_model()
@@ -52,11 +53,16 @@ def server(tmp_path_factory):
     embed_collection(model, ImageFolderSource(d / "photos"), d / "emb", shard_size=8, progress=False,
                      rank=0, world_size=1)
     build_index(d / "emb", d / "idx", n_queries=5, progress=False)
+    return d, ckpt, sync_playwright
+
+
+@contextlib.contextmanager
+def _serving(d: Path, ckpt: Path, *extra: str):
     port = _free_port()
-    log = open(d / "server.log", "w")
+    log = open(d / f"server-{port}.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "clipforge.cli.main", "serve", "--index", str(d / "idx"),
                              "--model", str(ckpt), "--host", "127.0.0.1", "--port", str(port), "--max-k", "50",
-                             "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+                             "--log-level", "warning", *extra], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
@@ -69,9 +75,9 @@ def server(tmp_path_factory):
                 pass
             if proc.poll() is not None or time.time() > deadline:
                 log.flush()
-                pytest.fail(f"server did not start: {(d / 'server.log').read_text()[-2000:]}")
+                pytest.fail(f"server did not start: {(d / f'server-{port}.log').read_text()[-2000:]}")
             time.sleep(0.3)
-        yield url, d, sync_playwright
+        yield url
     finally:
         proc.terminate()
         try:
@@ -79,6 +85,13 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(built):
+    d, ckpt, sync_playwright = built
+    with _serving(d, ckpt) as url:
+        yield url, d, sync_playwright
 
 
 def _loaded_images(page) -> int:
@@ -150,5 +163,44 @@ def test_page_search_upload_and_click(server):
             assert first_before is not None
             # no failed request (no missing asset, no JS error)
             assert console_errors == [], console_errors
+        finally:
+            browser.close()
+
+
+def test_page_asks_for_the_token_and_sends_it(built):
+    """A server started with --auth-token-file: the page loads without the token, asks for it,
+    keeps it in sessionStorage and sends it with the search and the thumbnail requests."""
+    d, ckpt, sync_playwright = built
+    token = "s3cret-token-for-the-page-0123"
+    (d / "token.txt").write_text(token + "\n")
+    with _serving(d, ckpt, "--auth-token-file", str(d / "token.txt")) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 800})
+            sent: list[tuple[str, str | None]] = []
+            page.on("request", lambda r: sent.append((r.url, r.headers.get("authorization"))))
+            page.goto(url + "/")
+            page.wait_for_selector("#token-form:not([hidden])")
+            page.fill("#token", "wrong-token-wrong-token")
+            page.press("#token", "Enter")
+            page.fill("#query", "a striped picture")
+            page.press("#query", "Enter")
+            page.wait_for_function("document.getElementById('status').textContent.includes('refused this token')")
+            page.wait_for_selector("#token-form:not([hidden])")
+            page.fill("#token", token)
+            page.press("#token", "Enter")
+            assert page.evaluate("sessionStorage.getItem('clipforge-token')") == token
+            page.select_option("#k", "10")
+            page.fill("#query", "a striped picture")
+            with page.expect_response(lambda r: r.url.endswith("/search")) as resp:
+                page.press("#query", "Enter")
+            assert resp.value.status == 200
+            page.wait_for_function("[...document.querySelectorAll('#results .card img')].length === 10 && "
+                                   "[...document.querySelectorAll('#results .card img')]"
+                                   ".every(i => i.complete && i.naturalWidth > 0)")
+            assert "10 results" in page.inner_text("#status")
+            thumbs = [a for u, a in sent if "/items/" in u]
+            assert len(thumbs) == 10 and set(thumbs) == {f"Bearer {token}"}
+            assert (url + "/search", f"Bearer {token}") in sent
         finally:
             browser.close()

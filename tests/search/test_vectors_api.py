@@ -241,6 +241,17 @@ def test_bearer_token(built):
     assert ok.status_code == 200
 
 
+def test_page_is_open_with_a_token_and_sends_it(built):
+    """The page and its assets hold no data: served without the token; its script sends the token."""
+    d, model = built
+    c = TestClient(create_app(d / "idx", model, auth_token=TOKEN))
+    assert c.get("/").status_code == 200 and c.get("/static/style.css").status_code == 200
+    js = c.get("/static/app.js")
+    assert js.status_code == 200 and "Authorization: `Bearer ${t}`" in js.text and "sessionStorage" in js.text
+    assert c.get("/health").json()["auth"] is True
+    assert c.get("/items/0").status_code == 401
+
+
 def test_token_file_satisfies_the_open_address_rule(built, tmp_path, capsys):
     from clipforge.cli.main import main
 

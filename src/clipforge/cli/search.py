@@ -142,8 +142,8 @@ def _add_serve_access_options(p: argparse.ArgumentParser) -> None:
                    help="seconds a connection may take to send a request head before it is closed")
     p.add_argument("--keep-alive", type=positive_int, default=5, help="seconds an idle keep-alive connection stays open")
     p.add_argument("--auth-token-file", type=existing_file, default=None, metavar="FILE",
-                   help="file holding a bearer token (>= 16 characters): every route but /health then needs "
-                        "'Authorization: Bearer <token>'")
+                   help="file holding a bearer token (>= 16 characters): every route but /health and the web page "
+                        "then needs 'Authorization: Bearer <token>' (the page asks for it)")
 
 
 def _add_serve_compute_options(p: argparse.ArgumentParser) -> None:
@@ -157,6 +157,14 @@ def _add_serve_compute_options(p: argparse.ArgumentParser) -> None:
                    help="text or image queries encoded together across requests (1: each alone)")
     p.add_argument("--batch-wait-ms", type=non_negative_float, default=5.0,
                    help="longest wait for a batch to fill once its first query arrived")
+    p.add_argument("--exact-batches", action=argparse.BooleanOptionalAction, default=True,
+                   help="encode batched queries in fixed-shape chunks so a query's embedding has the same bits "
+                        "whatever batch it rode in (default); --no-exact-batches: one model call per batch, faster, "
+                        "last bits vary with the batch")
+    p.add_argument("--encode-threads", type=positive_int, default=None,
+                   help="torch threads that encode the batches (default: the cores available minus one, at least "
+                        "one: on a busy CPU an OpenMP thread that shares its core with the event loop stalls "
+                        "every parallel region)")
     p.add_argument("--max-embed-items", type=positive_int, default=64,
                    help="texts (and images) per /embed or /rank request")
     p.add_argument("--graceful-timeout", type=positive_int, default=30,
@@ -379,7 +387,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from clipforge.search.http import multipart_available
     from clipforge.search.index import load_index, parse_memory
     from clipforge.search.server import ServerLimits, bind_socket, connection_budget, is_loopback, uvicorn_server
-    from clipforge.search.service import create_app
+    from clipforge.search.service import create_app, default_encode_threads
 
     token = read_token(args.auth_token_file) if args.auth_token_file else None
     if not is_loopback(args.host) and not args.insecure and token is None:
@@ -420,7 +428,9 @@ def run_serve(args: argparse.Namespace) -> int:
                              index_name=args.index_name, uploads=not args.no_uploads, thumb_size=args.thumb_size,
                              max_image_pixels=args.max_image_pixels, cors_origins=tuple(args.cors_origin),
                              max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                             max_embed_items=args.max_embed_items, auth_token=token)
+                             max_embed_items=args.max_embed_items, auth_token=token,
+                             exact_batches=args.exact_batches,
+                             encode_threads=args.encode_threads or default_encode_threads())
             host, port = sock.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
             open_note = " (bearer token required)" if token else "" if is_loopback(args.host) else \

@@ -8,8 +8,8 @@ encoded by one call, each caller getting exactly its own result.
 - An item whose future was cancelled (its client went away) before its batch started is dropped.
 - At most ``max_pending`` items wait (:class:`~.http.Busy`, a 503, beyond).
 
-Numerics: a row's embedding can differ in the last float bits with the size of the batch it rode
-in (matrix kernels block differently); ``max_batch=1`` encodes every item alone, reproducibly.
+Numerics are the encoder's: the service's encoders (``Searcher(exact=True)``, :mod:`.exact`)
+give a row the same bits whatever batch it rode in.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -115,10 +115,14 @@ class ClipBack:
     the server's worker pool (it embeds queries and reads the index)."""
 
     def __init__(self, served: dict[str, Any], *, max_upload_bytes: int, max_result_ids: int,
-                 knn_columns: tuple[str, ...] = KNN_COLUMNS, decode_image: Any = decode_query_image) -> None:
+                 knn_columns: tuple[str, ...] = KNN_COLUMNS, decode_image: Any = decode_query_image,
+                 embed_text: Callable[[str], np.ndarray] | None = None,
+                 embed_image: Callable[[Any], np.ndarray] | None = None) -> None:
         self.served, self.names = served, list(served)
         self.first = served[self.names[0]]
         self.searcher: Searcher = self.first.searcher  # model-level work (embedding a query) goes through the first
+        self.embed_text = embed_text or self.searcher.embed_text
+        self.embed_image = embed_image or self.searcher.embed_image
         self.max_upload_bytes, self.max_result_ids = max_upload_bytes, max_result_ids
         self.knn_columns, self.decode_image = knn_columns, decode_image
 
@@ -188,11 +192,11 @@ class ClipBack:
             raise QueryError("image_url queries are not supported (this server fetches no URLs): "
                              "send the image base64-encoded in 'image'")
         if req.text is not None and req.text != "":
-            return self.searcher.embed_text(check_unicode(req.text))  # truncated to the context, like clip_back
+            return self.embed_text(check_unicode(req.text))  # truncated to the context, like clip_back
         if req.image is not None:
             if req.embedding_input is not None:
                 self.check_embedding(req.embedding_input)
-            return self.searcher.embed_image(self.decode_image(self.image_bytes(req.image), "image"))
+            return self.embed_image(self.decode_image(self.image_bytes(req.image), "image"))
         if req.embedding_input is not None:
             return self.check_embedding(req.embedding_input)
         raise QueryError("must fill one of text, image and embedding_input")
@@ -251,12 +255,17 @@ def thumbnail_b64(sv: Any, item_id: int, row: dict[str, Any]) -> str | None:
 
 def add_clip_back_routes(app: FastAPI, served: dict[str, Any], pool: WorkerPool, *,
                          max_upload_bytes: int, max_result_ids: int,
-                         knn_columns: tuple[str, ...] = KNN_COLUMNS, decode_image: Any = decode_query_image) -> None:
+                         knn_columns: tuple[str, ...] = KNN_COLUMNS, decode_image: Any = decode_query_image,
+                         embed_text: Callable[[str], np.ndarray] | None = None,
+                         embed_image: Callable[[Any], np.ndarray] | None = None) -> None:
     """Register /knn-service, /indices-list and /metadata on ``app`` over ``served`` (name ->
     an object with ``searcher`` and ``thumbs``; the first is the default); ``decode_image``:
-    bytes, name -> PIL image, with the server's pixel limit."""
+    bytes, name -> PIL image, with the server's pixel limit; ``embed_text`` / ``embed_image``
+    (called in a worker thread): how a query is embedded, e.g. through the service's batchers
+    (default: the first searcher's own model call)."""
     api = ClipBack(served, max_upload_bytes=max_upload_bytes, max_result_ids=max_result_ids,
-                   knn_columns=knn_columns, decode_image=decode_image)
+                   knn_columns=knn_columns, decode_image=decode_image, embed_text=embed_text,
+                   embed_image=embed_image)
     kinds = sorted({sv.searcher.index.info["kind"] for sv in served.values()})
     knn_schema = knn_request_schema(kinds, api.names, api.searcher.index.info["dim"], api.searcher.max_k,
                                     max_result_ids)

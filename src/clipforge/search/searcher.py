@@ -21,9 +21,11 @@ from ..preprocess import image_transform
 from ..families import tokenizer_for
 from ..tokenizer import DEFAULT_OVERLAP, check_long_text
 from .backend import SearchBackend
+from .exact import encode_images_exact, encode_texts_exact, supports_exact_text
 from .filters import FilterError, Predicate, filterable_columns, mask, milvus_expr, parse_filter
 from .index import load_index
 from ..embeddings import weights_sha256
+from ..utils.threads import torch_threads
 
 
 class QueryError(ValueError):
@@ -82,7 +84,8 @@ class Searcher:
                  preprocess: Callable[[Image.Image], torch.Tensor] | None = None, *,
                  max_k: int = 100, query_cache: int = 1024, check_model: bool = True,
                  truncate_text: bool = False, long_text: str | None = None,
-                 long_text_overlap: int = DEFAULT_OVERLAP, model_lock: Any = None) -> None:
+                 long_text_overlap: int = DEFAULT_OVERLAP, model_lock: Any = None, exact: bool = False,
+                 threads: int | None = None) -> None:
         self.index: SearchBackend = load_index(index) if isinstance(index, (str, Path)) else index
         self.model = model.eval()
         self.preprocess = preprocess or image_transform(model.config.preprocess)
@@ -95,6 +98,8 @@ class Searcher:
         self.long_text_overlap = long_text_overlap
         self.context_length = int(model.context_length)
         self.tokenizer = tokenizer_for(model)
+        self.exact = exact  # batch-invariant encoding (see .exact): a query's bits never depend on its batch
+        self.threads = threads  # torch intra-op threads for encoding (None: torch's count)
         self._lock = model_lock or threading.Lock()  # Searchers over several indexes share their model's
         self._cache = _LRU(query_cache)
         self._masks: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -140,8 +145,14 @@ class Searcher:
         return self.text_tokens(text)[0]
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
-        """[B, D] L2-normalised float32 embeddings of checked texts, one model call (no cache)."""
-        with self._lock:
+        """[B, D] L2-normalised float32 embeddings of checked texts, one model call (no cache);
+        ``exact``: in fixed-shape chunks (:mod:`.exact`), the same bits whatever the batch."""
+        with self._lock, torch_threads(self.threads):
+            if self.exact and self.long_text is None:
+                if supports_exact_text(self.model):
+                    return encode_texts_exact(self.model, texts, self.tokenizer.tokenize).numpy()
+                return np.concatenate([embed_texts(self.model, [t], truncate=self.truncate_text, batch_size=1).numpy()
+                                       for t in texts]) if texts else np.empty((0, self.index.info["dim"]), np.float32)
             if self.long_text is not None:
                 return encode_text_long(self.model, texts, long_text=self.long_text,
                                         overlap=self.long_text_overlap).numpy()
@@ -149,7 +160,9 @@ class Searcher:
 
     def encode_images(self, images: list[torch.Tensor]) -> np.ndarray:
         """[B, D] L2-normalised float32 embeddings of preprocessed ``[3, S, S]`` images, one model call."""
-        with self._lock:
+        with self._lock, torch_threads(self.threads):
+            if self.exact:
+                return encode_images_exact(self.model, images).numpy()
             return embed_images(self.model, images, batch_size=max(len(images), 1)).numpy()
 
     def cached_text(self, text: str) -> np.ndarray | None:

@@ -24,10 +24,12 @@ multipart requests get 415 saying why, and the schema does not offer them.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import hmac
 import logging
+import os
 import time
 import urllib.parse
 import threading
@@ -64,6 +66,18 @@ from .vectors_api import add_vector_routes
 
 STATIC_DIR = Path(__file__).with_name("static")
 log = logging.getLogger("clipforge.search.service")
+
+
+def default_encode_threads() -> int:
+    """The cores this process may use minus one (at least one): the encodes keep clear of the
+    event loop's core. On a shared CPU an OpenMP region waits at each barrier for a descheduled
+    sibling: a tiny model's encode measured 7-20x slower (and 4-8x the CPU time, spinning) on 2
+    threads than on 1 while the 2 cores were busy with other work."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def route_label(request: Request) -> str:
@@ -161,6 +175,246 @@ class Served:
 IndexArg = Union[str, Path, SearchBackend]
 
 
+@dataclass
+class Settings:
+    """The service's limits and switches (``create_app``'s keyword arguments), checked once."""
+
+    max_k: int = 100
+    max_upload_bytes: int = 10 * 2**20
+    max_json_bytes: int = 256 * 2**10
+    workers: int = 4
+    max_pending: int = 256
+    request_timeout: float = 30.0
+    query_cache: int = 1024
+    thumb_size: int = 256
+    max_result_ids: int = 10_000
+    knn_columns: tuple[str, ...] = KNN_COLUMNS
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    cors_origins: tuple[str, ...] = ()
+    max_batch: int = 32
+    batch_wait_ms: float = 5.0
+    max_embed_items: int = 64
+    auth_token: str | None = None
+    exact_batches: bool = True
+    encode_threads: int | None = None
+    uploads: bool | None = None
+
+    def check(self) -> None:
+        for name in ("max_k", "max_upload_bytes", "max_json_bytes", "workers", "max_pending", "max_result_ids",
+                     "max_image_pixels", "max_batch", "max_embed_items"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.encode_threads is not None and (not isinstance(self.encode_threads, int) or self.encode_threads < 1):
+            raise ValueError(f"encode_threads must be a positive integer, got {self.encode_threads!r}")
+        if not self.request_timeout > 0:
+            raise ValueError(f"request_timeout must be > 0 seconds, got {self.request_timeout!r}")
+        if not self.batch_wait_ms >= 0:
+            raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms!r}")
+        if self.auth_token is not None and (not self.auth_token.strip() or len(self.auth_token) < 16):
+            raise ValueError("the auth token must have at least 16 characters")
+
+    def resolve_uploads(self) -> bool:
+        """Uploads on where python-multipart is installed (``None``), refused if asked without it."""
+        has_multipart = http.multipart_available()
+        if self.uploads is None:
+            if not has_multipart:
+                log.warning("python-multipart is not installed: image uploads are disabled "
+                            "(pip install python-multipart)")
+            return has_multipart
+        if self.uploads and not has_multipart:
+            raise RuntimeError("image uploads need python-multipart: pip install 'clipforge[search]' "
+                               "(or pip install python-multipart), or disable uploads")
+        return bool(self.uploads)
+
+
+def load_served(index: IndexArg | dict[str, IndexArg], index_name: str | None, model: torch.nn.Module,
+                preprocess: Callable[[Image.Image], torch.Tensor] | None, cfg: Settings) -> dict[str, Served]:
+    """name -> Served for each index (loaded here, once); the first is the default."""
+    given = dict(index) if isinstance(index, dict) else {index_name: index}
+    if not given:
+        raise ValueError("no index to serve")
+    model_lock = threading.Lock()
+    served: dict[str, Served] = {}
+    for nm, ix in given.items():
+        s_ = Searcher(ix, model, preprocess, max_k=cfg.max_k, query_cache=cfg.query_cache, truncate_text=True,
+                      model_lock=model_lock, exact=cfg.exact_batches, threads=cfg.encode_threads)
+        nm = nm or s_.index.path.resolve().name or "index"
+        if nm in served:
+            raise ValueError(f"two indexes are named {nm!r}: give them distinct names (NAME=PATH)")
+        served[nm] = Served(nm, s_, Thumbnailer(size=cfg.thumb_size, max_pixels=cfg.max_image_pixels))
+    return served
+
+
+def service_metrics() -> Metrics:
+    metrics = Metrics()
+    metrics.counter("clipforge_requests_total", "HTTP requests answered, by route and status")
+    metrics.histogram("clipforge_request_seconds", "time to answer a request, by route", LATENCY_BUCKETS)
+    metrics.counter("clipforge_errors_total", "error responses and dropped requests, by kind")
+    metrics.counter("clipforge_client_disconnects_total", "clients that went away before their response")
+    metrics.histogram("clipforge_batch_size", "items encoded together, by kind (text | image)", BATCH_BUCKETS)
+    return metrics
+
+
+class Service:
+    """What the routes share: the indexes, the worker pool, the batchers, the metrics, and the
+    query plumbing (index choice, embedding through the batchers, result rows)."""
+
+    def __init__(self, served: dict[str, Served], cfg: Settings, uploads: bool) -> None:
+        self.served, self.cfg, self.uploads = served, cfg, uploads
+        self.default = next(iter(served.values()))
+        self.searcher = self.default.searcher  # model-level work (encoding, the text cache) goes through the first
+        self.decode_image = functools.partial(decode_query_image, max_pixels=cfg.max_image_pixels)
+        self.metrics = service_metrics()
+        self.pool = WorkerPool(cfg.workers, cfg.max_pending, cfg.request_timeout)
+        self.offload = self.pool.run
+        self.batchers = {kind: Batcher(encode, max_batch=cfg.max_batch, wait_s=cfg.batch_wait_ms / 1000,
+                                       max_pending=cfg.max_pending, name=kind,
+                                       on_batch=functools.partial(observe_batch, self.metrics, kind))
+                         for kind, encode in (("text", self.searcher.encode_texts),
+                                              ("image", self.searcher.encode_images))}
+        for kind, b in self.batchers.items():
+            self.metrics.gauge("clipforge_queue_depth", "items waiting for a batch, by kind", lambda b=b: b.depth,
+                               kind=kind)
+        self.metrics.gauge("clipforge_pool_pending", "requests queued or running in the worker pool",
+                           lambda: self.pool.pending)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _: FastAPI):  # type: ignore[no-untyped-def]
+        yield
+        for b in self.batchers.values():  # uvicorn has drained in-flight requests; finish what is queued
+            b.close()
+        self.pool.shutdown()
+
+    def pick(self, name: Any) -> Served:
+        if name is None:
+            return self.default
+        if not isinstance(name, str) or name not in self.served:
+            raise QueryError(f"unknown index {str(name)[:80]!r}; this server has {sorted(self.served)}", status=404)
+        return self.served[name]
+
+    # --- embedding through the batchers ------------------------------------------------------------
+    async def encode_item(self, request: Request, kind: str, value: Any) -> np.ndarray:
+        """One text or preprocessed image through its batcher, within the request timeout."""
+        timeout = self.cfg.request_timeout
+        try:
+            return await asyncio.wait_for(self.batchers[kind].run(value, client_left(request)), timeout)
+        except asyncio.TimeoutError:
+            raise Busy(f"query took longer than {timeout:g} s") from None
+        except ClientGone:
+            raise ClientDisconnect() from None
+
+    async def text_vector(self, request: Request, text: str) -> np.ndarray:
+        v = self.searcher.cached_text(text)
+        if v is None:
+            v = await self.encode_item(request, "text", text)
+            self.searcher.remember_text(text, v)
+        return v
+
+    async def image_vector(self, request: Request, x: torch.Tensor) -> np.ndarray:
+        return await self.encode_item(request, "image", x)
+
+    def wait_batched(self, kind: str, value: Any) -> np.ndarray:
+        """One item through its batcher, from a worker thread (clip-retrieval's handler is synchronous)."""
+        fut = self.batchers[kind].submit(value)
+        try:
+            return fut.result(self.cfg.request_timeout)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise Busy(f"query took longer than {self.cfg.request_timeout:g} s") from None
+
+    def batched_text(self, text: str) -> np.ndarray:
+        text = self.searcher.check_text(text)
+        v = self.searcher.cached_text(text)
+        if v is None:
+            v = self.wait_batched("text", text)
+            self.searcher.remember_text(text, v)
+        return v
+
+    def batched_image(self, img: Image.Image) -> np.ndarray:
+        return self.wait_batched("image", self.searcher.preprocess(img))
+
+    def decode_and_preprocess(self, data: bytes, name: str) -> tuple[Image.Image, torch.Tensor]:
+        img = self.decode_image(data, name)
+        return img, self.searcher.preprocess(img)
+
+    # --- answers ----------------------------------------------------------------------------------
+    def client_gone(self, request: Request) -> Response:
+        """A client that closed its connection mid-request: a normal event, counted, one debug line."""
+        log.debug("client went away during %s %s", request.method, request.url.path)
+        self.metrics.inc("clipforge_client_disconnects_total")
+        return Response(status_code=499)
+
+    def image_url(self, sv: Served, item_id: int, row: dict[str, Any]) -> str | None:
+        if not sv.has_images or not row.get("image_path"):
+            return None
+        return f"/items/{item_id}/image" + ("" if sv is self.default else f"?index={urllib.parse.quote(sv.name)}")
+
+    def result(self, sv: Served, h: Hit) -> dict[str, Any]:
+        r = h.row
+        return {"id": h.id, "score": round(h.score, 6), "key": public_path(r.get("key")), "caption": r.get("caption"),
+                "width": r.get("width"), "height": r.get("height"), "image_url": self.image_url(sv, h.id, r)}
+
+    def respond(self, sv: Served, query: dict[str, Any], k: int, hits: list[Hit], t0: float) -> dict[str, Any]:
+        if len(self.served) > 1:
+            query = {**query, "index": sv.name}
+        return {"query": query, "k": k, "took_ms": round(1000 * (time.perf_counter() - t0), 2),
+                "results": [self.result(sv, h) for h in hits]}
+
+    def parse_search(self, body: bytes) -> tuple[Served, dict[str, Any], int, str | None, int | None, list | None]:
+        """Parse and validate a JSON /search body: (index, query as echoed, k, text or None, item id
+        or None, filter predicates or None)."""
+        data = parse_json(body)
+        if not isinstance(data, dict):
+            raise QueryError("request body must be a JSON object like {\"text\": \"...\", \"k\": 10}")
+        unknown = set(data) - {"text", "item_id", "k", "filter", "index"}
+        if unknown:
+            raise QueryError(f"unknown field(s) {sorted(unknown)}; use text or item_id, k, filter and index")
+        sv = self.pick(data.get("index"))
+        preds = sv.searcher.parse_filter(data["filter"]) if "filter" in data else None
+        searcher = self.searcher
+        k = searcher.check_k(whole(data.get("k", 10)))
+        text, item_id = data.get("text"), whole(data.get("item_id"))
+        if (text is None) == (item_id is None):
+            raise QueryError("give exactly one of 'text' or 'item_id' (or upload an image as multipart)")
+        if text is not None:
+            if isinstance(text, str):
+                check_unicode(text)
+            text, n = searcher.text_tokens(text)
+            query = {"type": "text", "text": text}
+            if n > searcher.context_length:
+                query["truncated_from_tokens"] = n
+            return sv, query, k, text, None, preds
+        item_id = sv.searcher.check_id(item_id)
+        return sv, {"type": "item", "item_id": item_id}, k, None, item_id, preds
+
+    def health(self) -> dict[str, Any]:
+        cfg, searcher, info = self.cfg, self.searcher, self.searcher.index.info
+        return {"status": "ok", "items": searcher.index.count(), "kind": info["kind"], "name": self.default.name,
+                "index": {"backend": info.get("backend", "faiss"), "type": info["type"], "factory": info["factory"],
+                          "nprobe": info["params"].get("nprobe"),
+                          "recall_at_10": info.get("recall_at_10"), "mmap": searcher.index.mmap},
+                "model": searcher.model.config.name, "model_matches_index": searcher.model_matches,
+                "max_k": searcher.max_k, "max_upload_bytes": cfg.max_upload_bytes,
+                "max_json_bytes": cfg.max_json_bytes, "uploads": self.uploads, "workers": cfg.workers,
+                "request_timeout_s": cfg.request_timeout, "query_cache": searcher.cache_stats,
+                "max_image_pixels": cfg.max_image_pixels,
+                "batching": {"max_batch": cfg.max_batch, "wait_ms": cfg.batch_wait_ms, "exact": cfg.exact_batches,
+                             "encode_threads": cfg.encode_threads or torch.get_num_threads(),
+                             **{k: {"batches": b.batches, "items": b.items, "queued": b.depth}
+                                for k, b in self.batchers.items()}},
+                "auth": cfg.auth_token is not None,
+                "indices": [{"name": sv.name, "items": sv.searcher.index.count(), "kind": sv.searcher.index.info["kind"],
+                             "backend": sv.searcher.index.info.get("backend", "faiss")}
+                            for sv in self.served.values()]}
+
+
+async def client_left(request: Request) -> None:
+    """Completes when the client goes away (its body has been read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_app(index: IndexArg | dict[str, IndexArg], model: torch.nn.Module,
                preprocess: Callable[[Image.Image], torch.Tensor] | None = None, *, max_k: int = 100,
                max_upload_bytes: int = 10 * 2**20, max_json_bytes: int = 256 * 2**10, workers: int = 4,
@@ -169,7 +423,8 @@ def create_app(index: IndexArg | dict[str, IndexArg], model: torch.nn.Module,
                uploads: bool | None = None, max_result_ids: int = 10_000,
                knn_columns: tuple[str, ...] = KNN_COLUMNS, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                cors_origins: tuple[str, ...] = (), max_batch: int = 32, batch_wait_ms: float = 5.0,
-               max_embed_items: int = 64, auth_token: str | None = None) -> FastAPI:
+               max_embed_items: int = 64, auth_token: str | None = None,
+               exact_batches: bool = True, encode_threads: int | None = None) -> FastAPI:
     """Build the service around ``model`` and the index at ``index`` (loaded here, once), or
 several: ``{name: index}`` (the first is the default; requests choose with ``index`` /
 clip-retrieval's ``indice_name``).
@@ -177,126 +432,76 @@ clip-retrieval's ``indice_name``).
     ``max_image_pixels`` also becomes Pillow's process-wide limit (its bomb warning an error);
     ``cors_origins`` are the browser origins allowed to call the API (none by default; ``"*"`` any).
     Text and image queries are batched across requests (``max_batch`` items, waiting at most
-    ``batch_wait_ms`` for a batch to fill; ``max_batch=1``: each alone). With ``auth_token`` every
-    route but ``/health`` needs ``Authorization: Bearer <token>``."""
-    for name, v in (("max_k", max_k), ("max_upload_bytes", max_upload_bytes), ("max_json_bytes", max_json_bytes),
-                    ("workers", workers), ("max_pending", max_pending), ("max_result_ids", max_result_ids),
-                    ("max_image_pixels", max_image_pixels), ("max_batch", max_batch),
-                    ("max_embed_items", max_embed_items)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if not request_timeout > 0:
-        raise ValueError(f"request_timeout must be > 0 seconds, got {request_timeout!r}")
-    if not batch_wait_ms >= 0:
-        raise ValueError(f"batch_wait_ms must be >= 0, got {batch_wait_ms!r}")
-    if auth_token is not None and (not auth_token.strip() or len(auth_token) < 16):
-        raise ValueError("the auth token must have at least 16 characters")
-    has_multipart = http.multipart_available()
-    if uploads is None:
-        uploads = has_multipart
-        if not uploads:
-            log.warning("python-multipart is not installed: image uploads are disabled "
-                        "(pip install python-multipart)")
-    elif uploads and not has_multipart:
-        raise RuntimeError("image uploads need python-multipart: pip install 'clipforge[search]' "
-                           "(or pip install python-multipart), or disable uploads")
-    limit_image_pixels(max_image_pixels)
-    decode_image = functools.partial(decode_query_image, max_pixels=max_image_pixels)
-    given = dict(index) if isinstance(index, dict) else {index_name: index}
-    if not given:
-        raise ValueError("no index to serve")
-    model_lock = threading.Lock()
-    served: dict[str, Served] = {}
-    for nm, ix in given.items():
-        s_ = Searcher(ix, model, preprocess, max_k=max_k, query_cache=query_cache, truncate_text=True,
-                      model_lock=model_lock)
-        nm = nm or s_.index.path.resolve().name or "index"
-        if nm in served:
-            raise ValueError(f"two indexes are named {nm!r}: give them distinct names (NAME=PATH)")
-        served[nm] = Served(nm, s_, Thumbnailer(size=thumb_size, max_pixels=max_image_pixels))
-    default = next(iter(served.values()))
-    searcher = default.searcher  # model-level work (encoding, the text cache) goes through the first
-
-    def pick(name: Any) -> Served:
-        if name is None:
-            return default
-        if not isinstance(name, str) or name not in served:
-            raise QueryError(f"unknown index {str(name)[:80]!r}; this server has {sorted(served)}", status=404)
-        return served[name]
-    metrics = Metrics()
-    metrics.counter("clipforge_requests_total", "HTTP requests answered, by route and status")
-    metrics.histogram("clipforge_request_seconds", "time to answer a request, by route", LATENCY_BUCKETS)
-    metrics.counter("clipforge_errors_total", "error responses and dropped requests, by kind")
-    metrics.counter("clipforge_client_disconnects_total", "clients that went away before their response")
-    info = searcher.index.info
-    name = default.name
-    pool = WorkerPool(workers, max_pending, request_timeout)
-    offload = pool.run
-    metrics.histogram("clipforge_batch_size", "items encoded together, by kind (text | image)", BATCH_BUCKETS)
-    batchers = {kind: Batcher(encode, max_batch=max_batch, wait_s=batch_wait_ms / 1000, max_pending=max_pending,
-                              name=kind, on_batch=functools.partial(observe_batch, metrics, kind))
-                for kind, encode in (("text", searcher.encode_texts), ("image", searcher.encode_images))}
-    for kind, b in batchers.items():
-        metrics.gauge("clipforge_queue_depth", "items waiting for a batch, by kind", lambda b=b: b.depth, kind=kind)
-    metrics.gauge("clipforge_pool_pending", "requests queued or running in the worker pool", lambda: pool.pending)
-
-    async def client_left(request: Request) -> None:
-        """Completes when the client goes away (its body has been read: the next message is the disconnect)."""
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    async def encode_item(request: Request, kind: str, value: Any) -> np.ndarray:
-        """One text or preprocessed image through its batcher, within the request timeout."""
-        try:
-            return await asyncio.wait_for(batchers[kind].run(value, client_left(request)), request_timeout)
-        except asyncio.TimeoutError:
-            raise Busy(f"query took longer than {request_timeout:g} s") from None
-        except ClientGone:
-            raise ClientDisconnect() from None
-
-    async def text_vector(request: Request, text: str) -> np.ndarray:
-        v = searcher.cached_text(text)
-        if v is None:
-            v = await encode_item(request, "text", text)
-            searcher.remember_text(text, v)
-        return v
-
-    async def image_vector(request: Request, x: torch.Tensor) -> np.ndarray:
-        return await encode_item(request, "image", x)
-
-    def decode_and_preprocess(data: bytes, name: str) -> tuple[Image.Image, torch.Tensor]:
-        img = decode_image(data, name)
-        return img, searcher.preprocess(img)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
-        yield
-        for b in batchers.values():  # uvicorn has drained in-flight requests; finish what is queued
-            b.close()
-        pool.shutdown()
-
-    app = FastAPI(title=title, version="1", default_response_class=SafeJSONResponse, lifespan=lifespan, description=(
+    ``batch_wait_ms`` for a batch to fill; ``max_batch=1``: each alone); ``exact_batches``: in
+    fixed-shape chunks, so a query's embedding has the same bits whatever batch it rode in
+    (:mod:`.exact`; off: one model call per batch, faster, last bits vary); ``encode_threads``:
+    torch threads of the encodes (None: torch's count; ``clipforge serve`` leaves a core to the
+    event loop). With ``auth_token`` every route but ``/health`` and the web page (``/``,
+    ``/static/``) needs ``Authorization: Bearer <token>``."""
+    cfg = Settings(max_k=max_k, max_upload_bytes=max_upload_bytes, max_json_bytes=max_json_bytes, workers=workers,
+                   max_pending=max_pending, request_timeout=request_timeout, query_cache=query_cache,
+                   thumb_size=thumb_size, max_result_ids=max_result_ids, knn_columns=knn_columns,
+                   max_image_pixels=max_image_pixels, cors_origins=cors_origins, max_batch=max_batch,
+                   batch_wait_ms=batch_wait_ms, max_embed_items=max_embed_items, auth_token=auth_token,
+                   exact_batches=exact_batches, encode_threads=encode_threads, uploads=uploads)
+    cfg.check()
+    uploads = cfg.resolve_uploads()
+    limit_image_pixels(cfg.max_image_pixels)
+    svc = Service(load_served(index, index_name, model, preprocess, cfg), cfg, uploads)
+    app = FastAPI(title=title, version="1", default_response_class=SafeJSONResponse, lifespan=svc.lifespan,
+                  description=(
         "Semantic search over an embedded collection with a CLIP model: text queries, image "
         "uploads and search-by-result. Also answers clip-retrieval's back-end API "
         "(/knn-service, /indices-list, /metadata)."))
-    app.state.searcher = searcher
-    app.state.served = served
-    app.state.max_upload_bytes = max_upload_bytes
+    app.state.searcher = svc.searcher
+    app.state.served = svc.served
+    app.state.max_upload_bytes = cfg.max_upload_bytes
     app.state.uploads = uploads
-    app.state.pool = pool  # worker threads; shut down with the process (or by the embedding caller)
-    app.state.metrics = metrics
-    app.state.batchers = batchers
-    if cors_origins:  # e.g. clip-retrieval's front end served from another origin: opt-in, per origin
-        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+    app.state.pool = svc.pool  # worker threads; shut down with the process (or by the embedding caller)
+    app.state.metrics = svc.metrics
+    app.state.batchers = svc.batchers
+    add_middleware(app, svc)
+    add_error_handlers(app, svc)
+    add_search_route(app, svc)
+    add_item_routes(app, svc)
+    add_clip_back_routes(app, svc.served, svc.pool, max_upload_bytes=cfg.max_upload_bytes,
+                         max_result_ids=cfg.max_result_ids, knn_columns=cfg.knn_columns, decode_image=svc.decode_image,
+                         embed_text=svc.batched_text, embed_image=svc.batched_image)
+    add_vector_routes(app, svc.searcher, svc.pool, max_items=cfg.max_embed_items,
+                      max_upload_bytes=cfg.max_upload_bytes, decode_image=svc.decode_image, encode=svc.encode_item)
+    add_ops_routes(app, svc)
+    return app
+
+
+# --- route groups ---------------------------------------------------------------------------------
+
+
+def open_path(path: str) -> bool:
+    """Routes served without the token: liveness, and the web page with its assets (no data:
+    the page asks for the token and sends it with every call)."""
+    return path in ("/health", "/") or path.startswith("/static/")
+
+
+def add_middleware(app: FastAPI, svc: Service) -> None:
+    """CORS (opt-in), the body cap, and the outermost guard: the bearer token, metrics, and a 500
+    (never a dropped connection) for anything unhandled."""
+    cfg, metrics = svc.cfg, svc.metrics
+    if cfg.cors_origins:  # e.g. clip-retrieval's front end served from another origin: opt-in, per origin
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["content-type", "authorization"])
-    app.add_middleware(BodyLimit, limits=Limits(max_json_bytes, max_upload_bytes,
-                                                max(max_json_bytes, max_upload_bytes * 4 // 3 + 65536)))
+    app.add_middleware(BodyLimit, limits=Limits(cfg.max_json_bytes, cfg.max_upload_bytes,
+                                                max(cfg.max_json_bytes, cfg.max_upload_bytes * 4 // 3 + 65536)))
+    auth_token = cfg.auth_token
+
+    def authorized(header: str) -> bool:
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), auth_token.encode())  # type: ignore[union-attr]
 
     @app.middleware("http")
     async def never_die(request: Request, call_next):  # type: ignore[no-untyped-def]
         t0 = time.perf_counter()
         route = route_label(request)
-        if auth_token is not None and request.url.path != "/health" and request.method != "OPTIONS" \
+        if auth_token is not None and not open_path(request.url.path) and request.method != "OPTIONS" \
                 and not authorized(request.headers.get("authorization", "")):
             metrics.inc("clipforge_requests_total", route=route, status="401")
             metrics.inc("clipforge_errors_total", kind="401")
@@ -309,7 +514,7 @@ clip-retrieval's ``indice_name``).
                 metrics.inc("clipforge_errors_total", kind="body_too_large")
                 raise  # BodyLimit answers 413
             if find_disconnect(e):
-                return client_gone(request)
+                return svc.client_gone(request)
             log.exception("unhandled error on %s %s", request.method, request.url.path)
             metrics.inc("clipforge_errors_total", kind="internal")
             response = error_response(500, f"internal error: {type(e).__name__}: {e}")
@@ -319,19 +524,13 @@ clip-retrieval's ``indice_name``).
             metrics.inc("clipforge_errors_total", kind=str(response.status_code))
         return response
 
-    def authorized(header: str) -> bool:
-        scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), auth_token.encode())  # type: ignore[union-attr]
 
-    def client_gone(request: Request) -> Response:
-        """A client that closed its connection mid-request: a normal event, counted, one debug line."""
-        log.debug("client went away during %s %s", request.method, request.url.path)
-        metrics.inc("clipforge_client_disconnects_total")
-        return Response(status_code=499)
+def add_error_handlers(app: FastAPI, svc: Service) -> None:
+    """Every error as ``{"detail", "errors"}`` with its status; a client that left as 499."""
 
     @app.exception_handler(ClientDisconnect)
     async def disconnected(request: Request, _: ClientDisconnect) -> Response:
-        return client_gone(request)
+        return svc.client_gone(request)
 
     @app.exception_handler(QueryError)
     async def queryerror_response(_: Request, e: QueryError) -> JSONResponse:
@@ -355,81 +554,49 @@ clip-retrieval's ``indice_name``).
         msg = "; ".join(f"{'.'.join(str(p) for p in er.get('loc', ()))}: {er.get('msg')}" for er in errs)
         return error_response(422, msg or "invalid request", errors=errs)
 
-    def image_url(sv: Served, item_id: int, row: dict[str, Any]) -> str | None:
-        if not sv.has_images or not row.get("image_path"):
-            return None
-        return f"/items/{item_id}/image" + ("" if sv is default else f"?index={urllib.parse.quote(sv.name)}")
 
-    def result(sv: Served, h: Hit) -> dict[str, Any]:
-        r = h.row
-        return {"id": h.id, "score": round(h.score, 6), "key": public_path(r.get("key")), "caption": r.get("caption"),
-                "width": r.get("width"), "height": r.get("height"), "image_url": image_url(sv, h.id, r)}
-
-    def respond(sv: Served, query: dict[str, Any], k: int, hits: list[Hit], t0: float) -> dict[str, Any]:
-        if len(served) > 1:
-            query = {**query, "index": sv.name}
-        return {"query": query, "k": k, "took_ms": round(1000 * (time.perf_counter() - t0), 2),
-                "results": [result(sv, h) for h in hits]}
-
-    def parse_search(body: bytes) -> tuple[Served, dict[str, Any], int, str | None, int | None, list | None]:
-        """Parse and validate a JSON /search body (in the pool: parsing and tokenizing are CPU work):
-        (query as echoed, k, text or None, item id or None, filter predicates or None)."""
-        data = parse_json(body)
-        if not isinstance(data, dict):
-            raise QueryError("request body must be a JSON object like {\"text\": \"...\", \"k\": 10}")
-        unknown = set(data) - {"text", "item_id", "k", "filter", "index"}
-        if unknown:
-            raise QueryError(f"unknown field(s) {sorted(unknown)}; use text or item_id, k, filter and index")
-        sv = pick(data.get("index"))
-        preds = sv.searcher.parse_filter(data["filter"]) if "filter" in data else None
-        k = searcher.check_k(whole(data.get("k", 10)))
-        text, item_id = data.get("text"), whole(data.get("item_id"))
-        if (text is None) == (item_id is None):
-            raise QueryError("give exactly one of 'text' or 'item_id' (or upload an image as multipart)")
-        if text is not None:
-            if isinstance(text, str):
-                check_unicode(text)
-            text, n = searcher.text_tokens(text)
-            query = {"type": "text", "text": text}
-            if n > searcher.context_length:
-                query["truncated_from_tokens"] = n
-            return sv, query, k, text, None, preds
-        item_id = sv.searcher.check_id(item_id)
-        return sv, {"type": "item", "item_id": item_id}, k, None, item_id, preds
-
+def search_body_content(svc: Service) -> dict[str, Any]:
+    """The /search request body as the OpenAPI schema states it (JSON; multipart when uploads are on)."""
+    served, max_k = svc.served, svc.cfg.max_k
     columns: dict[str, str] = {}
     for sv in served.values():
         columns = {**sv.searcher.filter_columns, **columns}
     json_body = {"schema": search_request_schema(max_k, max(sv.searcher.index.ntotal for sv in served.values()),
                                                  columns, sorted(served) if len(served) > 1 else None)}
     content: dict[str, Any] = {"application/json": json_body}
-    if uploads:
+    if svc.uploads:
         content["multipart/form-data"] = {"schema": {
             "type": "object", "required": ["image"], "additionalProperties": False,
             "properties": {"image": {"type": "string", "format": "binary", "description": "query image"},
                            "k": {"type": "integer", "default": 10, "minimum": 1, "maximum": max_k}}}}
+    return content
 
-    @app.post("/search", response_model=SearchResponse, openapi_extra={"requestBody": {"required": True,
-                                                                                     "content": content}},
+
+def add_search_route(app: FastAPI, svc: Service) -> None:
+    """``POST /search``: a JSON text / item query (optionally filtered) or a multipart image upload."""
+    offload, searcher = svc.offload, svc.searcher
+
+    @app.post("/search", response_model=SearchResponse, openapi_extra={"requestBody": {
+                  "required": True, "content": search_body_content(svc)}},
               summary="Search by text, by an uploaded image, or by an indexed item", responses=ERRORS)
     async def search(request: Request) -> Any:
         t0 = time.perf_counter()
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "application/json":
             body = await request.body()
-            sv, query, k, text, item_id, preds = await offload(parse_search, body)
+            sv, query, k, text, item_id, preds = await offload(svc.parse_search, body)
             s_ = sv.searcher
             if preds is not None:
-                vec = await text_vector(request, text) if text is not None else s_.index.vector(item_id)
+                vec = await svc.text_vector(request, text) if text is not None else s_.index.vector(item_id)
                 hits, report = await offload(s_.search_filtered, vec, k, preds, item_id)
-                return {**respond(sv, query, k, hits, t0), "filter": report}
+                return {**svc.respond(sv, query, k, hits, t0), "filter": report}
             if text is not None:
-                hits = await offload(s_.search_vector, await text_vector(request, text), k)
+                hits = await offload(s_.search_vector, await svc.text_vector(request, text), k)
             else:
                 hits = await offload(s_.search_item, item_id, k)
-            return respond(sv, query, k, hits, t0)
+            return svc.respond(sv, query, k, hits, t0)
         if ctype == "multipart/form-data":
-            if not uploads:
+            if not svc.uploads:
                 return error_response(415, "image uploads are disabled on this server (python-multipart is not installed); "
                                    "send application/json with 'text' or 'item_id'")
             return await upload_query(request, t0)
@@ -437,7 +604,7 @@ clip-retrieval's ``indice_name``).
                            "or multipart/form-data with an 'image' file")
 
     async def upload_query(request: Request, t0: float) -> Any:
-        limit = max_upload_bytes
+        limit = svc.cfg.max_upload_bytes
         try:
             form = await request.form(max_files=2, max_fields=16)
         except (StarletteHTTPException, ClientDisconnect):
@@ -452,7 +619,7 @@ clip-retrieval's ``indice_name``).
                 return error_response(422, f"unknown form field(s) {unknown[:5]}; send 'image' (a file) and optionally "
                                            "'k' and 'index'")
             index_field = form.get("index")
-            sv = pick(index_field if isinstance(index_field, str) else None)
+            sv = svc.pick(index_field if isinstance(index_field, str) else None)
             upload = form.get("image") or form.get("file")
             if upload is None or isinstance(upload, str):
                 return error_response(422, "multipart request needs an 'image' file field")
@@ -470,65 +637,51 @@ clip-retrieval's ``indice_name``).
         if not data:
             return error_response(400, "uploaded file is empty")
         fname = upload.filename or "upload"
-        img, x = await offload(decode_and_preprocess, data, fname)
-        hits = await offload(sv.searcher.search_vector, await image_vector(request, x), k)
-        return respond(sv, {"type": "image", "filename": check_unicode(fname, "filename"), "width": img.width,
-                        "height": img.height}, k, hits, t0)
+        img, x = await offload(svc.decode_and_preprocess, data, fname)
+        hits = await offload(sv.searcher.search_vector, await svc.image_vector(request, x), k)
+        return svc.respond(sv, {"type": "image", "filename": check_unicode(fname, "filename"), "width": img.width,
+                                "height": img.height}, k, hits, t0)
 
+
+def add_item_routes(app: FastAPI, svc: Service) -> None:
+    """``GET /items/{id}`` (metadata) and ``GET /items/{id}/image`` (a JPEG thumbnail)."""
     item_id_param = PathParam(..., ge=0, description="id of an indexed item")
-
     index_param = Query(None, description="which index (default: the first)",
-                        json_schema_extra={"enum": sorted(served)})
+                        json_schema_extra={"enum": sorted(svc.served)})
 
     @app.get("/items/{item_id}", summary="Metadata of one indexed item", responses=ERRORS)
     async def item(item_id: int = item_id_param, index: str | None = index_param) -> dict[str, Any]:
-        sv = pick(index)
+        sv = svc.pick(index)
         meta = sv.searcher.item(item_id)
-        return {**public_row(meta), "image_url": image_url(sv, item_id, meta)}
+        return {**public_row(meta), "image_url": svc.image_url(sv, item_id, meta)}
 
     @app.get("/items/{item_id}/image", summary="JPEG thumbnail of an item, from its original file or shard",
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, **ERRORS})
     async def item_image(item_id: int = item_id_param,
                          size: int | None = Query(None, ge=16, le=1024, description="longer side, pixels"),
                          index: str | None = index_param) -> Response:
-        sv = pick(index)
+        sv = svc.pick(index)
         meta = sv.searcher.item(item_id)
         if not sv.has_images:
             raise ThumbnailError(f"item {item_id} is a text; this index holds no images")
-        data = await offload(sv.thumbs.thumbnail, item_id, meta, size)
+        data = await svc.offload(sv.thumbs.thumbnail, item_id, meta, size)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
+
+
+def add_ops_routes(app: FastAPI, svc: Service) -> None:
+    """``/health``, ``/metrics``, the web page and its static files."""
 
     @app.get("/health", summary="Liveness and what is loaded")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "items": searcher.index.count(), "kind": info["kind"], "name": name,
-                "index": {"backend": info.get("backend", "faiss"), "type": info["type"], "factory": info["factory"],
-                          "nprobe": info["params"].get("nprobe"),
-                          "recall_at_10": info.get("recall_at_10"), "mmap": searcher.index.mmap},
-                "model": model.config.name, "model_matches_index": searcher.model_matches,
-                "max_k": searcher.max_k, "max_upload_bytes": max_upload_bytes, "max_json_bytes": max_json_bytes,
-                "uploads": uploads, "workers": workers, "request_timeout_s": request_timeout,
-                "query_cache": searcher.cache_stats, "max_image_pixels": max_image_pixels,
-                "batching": {"max_batch": max_batch, "wait_ms": batch_wait_ms,
-                             **{k: {"batches": b.batches, "items": b.items, "queued": b.depth}
-                                for k, b in batchers.items()}},
-                "auth": auth_token is not None,
-                "indices": [{"name": sv.name, "items": sv.searcher.index.count(), "kind": sv.searcher.index.info["kind"],
-                             "backend": sv.searcher.index.info.get("backend", "faiss")} for sv in served.values()]}
-
-    add_clip_back_routes(app, served, pool, max_upload_bytes=max_upload_bytes,
-                         max_result_ids=max_result_ids, knn_columns=knn_columns, decode_image=decode_image)
-
-    add_vector_routes(app, searcher, pool, max_items=max_embed_items, max_upload_bytes=max_upload_bytes,
-                      decode_image=decode_image, encode=encode_item)
+        return svc.health()
 
     @app.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=Response,
              responses={200: {"content": {"text/plain": {}}}})
     async def prometheus() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(svc.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    return app

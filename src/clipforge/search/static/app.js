@@ -2,7 +2,32 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { maxK: 100, contextLength: 77 };
+const state = { maxK: 100, contextLength: 77, auth: false };
+const TOKEN_KEY = "clipforge-token";
+
+// A server started with --auth-token-file wants "Authorization: Bearer <token>" on every call but
+// /health (and this page). The token is asked for once and kept in sessionStorage (this tab only).
+function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
+
+function authHeaders(headers = {}) {
+  const t = token();
+  return t ? { ...headers, Authorization: `Bearer ${t}` } : headers;
+}
+
+function askToken(message) {
+  $("token-form").hidden = false;
+  if (message) setStatus(message, true);
+  $("token").focus();
+}
+
+// <img src> cannot carry a header: with a token, thumbnails are fetched and shown as blob URLs.
+async function setImage(img, url) {
+  if (!state.auth) { img.src = url; return; }
+  try {
+    const resp = await fetch(url, { headers: authHeaders() });
+    if (resp.ok) img.src = URL.createObjectURL(await resp.blob());
+  } catch (e) { /* the card keeps its text */ }
+}
 
 function setStatus(text, isError = false) {
   const el = $("status");
@@ -20,14 +45,19 @@ function showQuery(label, thumbUrl) {
 function k() { return Math.min(parseInt($("k").value, 10) || 10, state.maxK); }
 
 async function callSearch(body, isForm) {
-  const opts = { method: "POST", body: isForm ? body : JSON.stringify(body) };
-  if (!isForm) opts.headers = { "Content-Type": "application/json" };
+  const opts = { method: "POST", body: isForm ? body : JSON.stringify(body),
+                 headers: authHeaders(isForm ? {} : { "Content-Type": "application/json" }) };
   setStatus("searching…");
   document.body.classList.add("busy");
   try {
     const resp = await fetch("/search", opts);
     let data = null;
     try { data = await resp.json(); } catch (e) { /* not JSON */ }
+    if (resp.status === 401) {
+      state.auth = true;
+      askToken(token() ? "Error: the server refused this token; enter the right one." : "This server needs its access token.");
+      return;
+    }
     if (!resp.ok) {
       const msg = data && data.detail ? data.detail : `HTTP ${resp.status}`;
       setStatus(`Error: ${msg}`, true);
@@ -53,7 +83,7 @@ function render(data) {
       card.title = `Search by this image (id ${r.id})`;
       const img = document.createElement("img");
       img.loading = "lazy";
-      img.src = r.image_url;
+      setImage(img, r.image_url);
       img.alt = r.caption || r.key || `item ${r.id}`;
       card.append(img);
       card.addEventListener("click", () => searchByItem(r));
@@ -113,8 +143,20 @@ const drop = $("drop");
 ["dragleave", "drop"].forEach((t) => drop.addEventListener(t, () => drop.classList.remove("over")));
 drop.addEventListener("drop", (ev) => { ev.preventDefault(); searchImage(ev.dataTransfer.files[0]); });
 
+$("token-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const t = $("token").value.trim();
+  if (!t) return;
+  sessionStorage.setItem(TOKEN_KEY, t);
+  $("token").value = "";
+  $("token-form").hidden = true;
+  setStatus("Token set for this tab.");
+});
+
 fetch("/health").then((r) => r.json()).then((h) => {
   state.maxK = h.max_k || 100;
+  state.auth = !!h.auth;
+  if (state.auth && !token()) askToken();
   const recall = h.index.recall_at_10 == null ? "" : `, recall@10 ${h.index.recall_at_10.toFixed(3)}`;
   $("info").textContent = `${h.items.toLocaleString()} ${h.kind === "text" ? "texts" : "images"} · model ${h.model || "?"} · ${h.index.factory} index${recall}`;
 }).catch(() => { $("info").textContent = "service unreachable"; });
