@@ -189,19 +189,23 @@ def test_info_describes_a_family_folder(tmp_path, capsys):
     assert rec["parameters"]["total"] == sum(v.numel() for v in ref.state_dict().values())
 
 
+def tiny_hf_state_dict(config_cls, model_cls, **vision) -> dict[str, torch.Tensor]:
+    """The random weights of a tiny transformers SiglipModel / Siglip2Model (``vision``: its grid)."""
+    cfg = config_cls(text_config=dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=8),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, patch_size=16, **vision))
+    torch.manual_seed(0)
+    return model_cls(cfg).state_dict()
+
+
 def test_hf_siglip_key_mapping_round_trips():
     """HF SiglipModel <-> our keys is tensor surgery only: both ways give back every tensor exactly,
     and a weight the mapping does not know is refused, not dropped."""
     transformers = pytest.importorskip("transformers")
     from clipforge.checkpoints import hf_siglip
 
-    cfg = transformers.SiglipConfig(
-        text_config=dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=8),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=16))
-    torch.manual_seed(0)
-    sd = transformers.SiglipModel(cfg).state_dict()
+    sd = tiny_hf_state_dict(transformers.SiglipConfig, transformers.SiglipModel, image_size=32)
     ours = hf_siglip.to_native(sd)
     assert "visual.trunk.attn_pool.kv.weight" in ours and ours["logit_bias"].shape == ()
     back = hf_siglip.from_native(ours)
@@ -219,13 +223,7 @@ def test_hf_siglip2_key_mapping_round_trips():
         pytest.skip("this transformers has no Siglip2Model")
     from clipforge.checkpoints import hf_siglip2
 
-    cfg = transformers.Siglip2Config(
-        text_config=dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=8),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           num_patches=4, patch_size=16))
-    torch.manual_seed(0)
-    sd = transformers.Siglip2Model(cfg).state_dict()
+    sd = tiny_hf_state_dict(transformers.Siglip2Config, transformers.Siglip2Model, num_patches=4)
     ours = hf_siglip2.to_native(sd)
     conv = ours["visual.trunk.patch_embed.proj.weight"]
     assert conv.shape == (32, 3, 16, 16)

@@ -247,18 +247,26 @@ def test_siglip_to_and_from_hugging_face_siglipmodel(tmp_path, shared_data):
         truncation=True, return_tensors="pt").input_ids, ids)
 
     # transformers' own SiglipModel (random weights, exact-GELU vision as timm's) -> clipforge
-    hf.config.vision_config.hidden_act = "gelu"
+    theirs_load_with_their_features(transformers.SiglipModel, hf.config, hf_dir, tmp_path, images, ids,
+                                     {"pixel_values": images})
+
+
+def theirs_load_with_their_features(cls, config, hf_dir, tmp_path, images, ids, pixels) -> None:
+    """A model transformers makes (``cls(config)``, random, vision GELU exact as timm's), saved with
+    ``hf_dir``'s tokenizer and preprocessor files: clipforge loads it with transformers' features
+    (``pixels``: the image inputs ``cls`` takes for ``images``)."""
+    config.vision_config.hidden_act = "gelu"
     torch.manual_seed(1)
-    theirs = transformers.SiglipModel(hf.config).eval()
+    theirs = cls(config).eval()
     theirs.save_pretrained(str(tmp_path / "theirs"))
     for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
         (tmp_path / "theirs" / name).write_bytes((hf_dir / name).read_bytes())
     ours, _ = clipforge.load(tmp_path / "theirs")
     with torch.no_grad():
-        ti = _hf_features(theirs.get_image_features(pixel_values=images))
+        ti = _hf_features(theirs.get_image_features(**pixels))
         tt = _hf_features(theirs.get_text_features(input_ids=ids))
     ci, ct = features(ours, images, ids)
-    print(f"HF SiglipModel -> clipforge: image rel {rel(ci, ti):.1e}, text rel {rel(ct, tt):.1e}")
+    print(f"HF {cls.__name__} -> clipforge: image rel {rel(ci, ti):.1e}, text rel {rel(ct, tt):.1e}")
     assert rel(ci, ti) < RTOL and rel(ct, tt) < RTOL
 
 
@@ -381,16 +389,5 @@ def test_siglip2_to_and_from_hugging_face_siglip2model(tmp_path, shared_data):
     assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
     assert convert(folder, tmp_path / "v1", to="hf-siglip").joinpath("config.json").read_text().count('"siglip"') == 1
 
-    hf.config.vision_config.hidden_act = "gelu"
-    torch.manual_seed(1)
-    theirs = transformers.Siglip2Model(hf.config).eval()
-    theirs.save_pretrained(str(tmp_path / "theirs"))
-    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
-        (tmp_path / "theirs" / name).write_bytes((hf_dir / name).read_bytes())
-    ours, _ = clipforge.load(tmp_path / "theirs")
-    with torch.no_grad():
-        ti = _hf_features(theirs.get_image_features(**patches(images, 16)))
-        tt = _hf_features(theirs.get_text_features(input_ids=ids))
-    ci, ct = features(ours, images, ids)
-    print(f"HF Siglip2Model -> clipforge: image rel {rel(ci, ti):.1e}, text rel {rel(ct, tt):.1e}")
-    assert rel(ci, ti) < RTOL and rel(ct, tt) < RTOL
+    theirs_load_with_their_features(transformers.Siglip2Model, hf.config, hf_dir, tmp_path, images, ids,
+                                     patches(images, 16))
