@@ -71,7 +71,7 @@ def test_exact_features_are_the_model_features():
 
 
 def test_buckets():
-    assert [text_bucket(e, 77) for e in (1, 7, 8, 15, 16, 31, 47, 48, 76)] == [8, 8, 16, 16, 32, 32, 48, 77, 77]
+    assert [text_bucket(e, 77) for e in (1, 7, 8, 15, 16, 31, 47, 48, 76)] == [8, 8, 10, 16, 20, 32, 48, 64, 77]
     assert text_bucket(10, 12) == 12 and TEXT_LENGTHS[-1] == 77
 
 

@@ -33,7 +33,7 @@ from ..models.text import TextTransformer
 from ..models.vision_vit import VisionTransformer
 from ..tokenizer import tokenize
 
-TEXT_LENGTHS = (8, 16, 32, 48, 77)  # token buckets; a row goes to the first that holds its end-of-text
+TEXT_LENGTHS = (8, 10, 12, 14, 16, 20, 24, 32, 48, 64, 77)  # token buckets: a row goes to the first that holds its end-of-text
 TEXT_TOKENS = 64                    # rows x length per text chunk (a 77-token bucket: one row)
 IMAGE_ROWS = 2                      # images per chunk
 
