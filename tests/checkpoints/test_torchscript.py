@@ -237,3 +237,25 @@ def test_trust_torchscript_and_convert_are_the_way_out(tmp_path, capsys):
     capsys.readouterr()
     _assert_same(model.state_dict(), clipforge.load_model(out).state_dict())
     assert cli_main(["info", str(out)]) == 0
+
+
+def test_train_init_and_finetune_model_take_the_opt_in(tmp_path, capsys):
+    """`train --init` and `finetune --model` read a refused archive only with --trust-torchscript."""
+    model = clipforge.create_model(micro_config("vit"), seed=0).eval()
+    traced = torch.jit.trace_module(model, {"encode_text": clipforge.tokenize(["a dog"])}, check_trace=False)
+    traced.save(str(tmp_path / "plain.pt"))
+    path = tmp_path / "zipped.pt"
+    _rewrite(tmp_path / "plain.pt", path, lambda name, data: data, deflate=lambda name: name.endswith("/data/0"))
+    (tmp_path / "config.json").write_text(model.config.to_json())
+    train = ["train", "--init", str(path), "--data", "builtin:scenes?n=32&size=32", "--steps", "1", "--batch-size", "8",
+             "--no-progress", "--threads", "1", "--device", "cpu"]
+    assert cli_main([*train, "--out", str(tmp_path / "t1")]) == 1
+    assert "--trust-torchscript" in capsys.readouterr().err
+    assert cli_main([*train, "--out", str(tmp_path / "t2"), "--trust-torchscript"]) == 0
+    capsys.readouterr()
+    finetune = ["finetune", "--model", str(path), "--dataset", "builtin:scenes-seen_colour_shape?n_per_class=4&size=32",
+                "--steps", "1", "--batch-size", "8", "--wise-alphas", "0,1", "--shifts", "grayscale", "--no-progress",
+                "--threads", "1", "--device", "cpu"]
+    assert cli_main([*finetune, "--out", str(tmp_path / "f1")]) == 1
+    assert "--trust-torchscript" in capsys.readouterr().err
+    assert cli_main([*finetune, "--out", str(tmp_path / "f2"), "--trust-torchscript"]) == 0

@@ -14,9 +14,23 @@ import json
 import sys
 from typing import Any
 
-from .options import (ListAction, add_device_option, add_progress_option, any_int, existing_path, fraction,
-                      non_negative_float, non_negative_int, nonempty_str, output_dir, positive_float, positive_int,
-                      shift_list, unit_interval)
+from .options import (
+    ListAction,
+    add_device_option,
+    add_progress_option,
+    add_trust_torchscript_option,
+    any_int,
+    existing_path,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    nonempty_str,
+    output_dir,
+    positive_float,
+    positive_int,
+    shift_list,
+    unit_interval,
+)
 from .train_recipes import add_model_recipe_arguments, model_recipe_values
 
 
@@ -29,6 +43,7 @@ def register(subparsers: Any) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", required=True, metavar="CKPT", type=existing_path,
                    help="the zero-shot model: a checkpoint in any format clipforge reads")
+    add_trust_torchscript_option(g)
     g.add_argument("--dataset", required=True, type=nonempty_str,
                    help="labelled training data: image folder | csv/jsonl manifest | shards | .npz | builtin:scenes-<task>")
     g.add_argument("--train-split", default=None, help="split of --dataset to train on (default: the whole dataset)")
@@ -89,7 +104,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..finetune import FinetuneConfig, finetune  # each command imports its capability when it runs
+    from ..finetune import (  # each command imports its capability when it runs
+        FinetuneConfig,
+        finetune,
+    )
     from ..training.signals import exit_code
 
     config = FinetuneConfig(
@@ -101,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         wise_alphas=list(dict.fromkeys(args.wise_alphas)), shifts=args.shifts, save_wise_models=args.save_wise_models,
         eval_batch_size=args.eval_batch_size, max_test=args.max_test, save_every=args.save_every,
         keep_last=args.keep_last, log_every=args.log_every, progress=args.progress, threads=args.threads,
-        device=args.device, **model_recipe_values(args))
+        device=args.device, trust_torchscript=args.trust_torchscript, **model_recipe_values(args))
     result = finetune(config)
     if result.status != "completed":
         print(f"stopped at step {result.steps_done}/{result.steps} ({result.status}); re-run the same command to "

@@ -15,9 +15,22 @@ import json
 import sys
 from typing import Any
 
-from .options import (ListAction, add_device_option, add_precision_option, any_int, existing_dir, existing_file,
-                      existing_path, non_negative_float, non_negative_int, nonempty_str, output_dir, positive_float,
-                      positive_int)
+from .options import (
+    ListAction,
+    add_device_option,
+    add_precision_option,
+    add_trust_torchscript_option,
+    any_int,
+    existing_dir,
+    existing_file,
+    existing_path,
+    non_negative_float,
+    non_negative_int,
+    nonempty_str,
+    output_dir,
+    positive_float,
+    positive_int,
+)
 from .train_recipes import add_recipe_arguments
 
 
@@ -40,6 +53,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                                    "CLIPConfig .json (default tiny-vit); a checkpoint path here = --init CKPT")
     g.add_argument("--init", "--pretrained", dest="init", metavar="CKPT", type=existing_path,
                    help="start from these weights (any checkpoint format; the architecture is the checkpoint's)")
+    add_trust_torchscript_option(g)
+    p.set_defaults(trust_torchscript=None)  # unset unless given: a --config file's value is not overridden
     g.add_argument("--objective", choices=("contrastive", "bow", "caption"),
                    help="what the image tower learns from the captions (the paper's Figure 2): contrastive "
                         "(CLIP), bow (predict the caption's bag of BPE tokens), caption (predict its tokens "

@@ -21,7 +21,7 @@ DEFAULT_ALPHAS: tuple[float, ...] = tuple(round(0.1 * k, 1) for k in range(11))
 # Fields that do not change the fine-tuned weights: a run may be continued with other values.
 RESUMABLE_OVERRIDES = frozenset({
     "wise_alphas", "shifts", "save_wise_models", "eval_batch_size", "max_test", "save_every", "keep_last",
-    "log_every", "progress", "threads", "device",
+    "log_every", "progress", "threads", "device", "trust_torchscript",
 })
 
 
@@ -84,6 +84,7 @@ class FinetuneConfig(ModelRecipes):
     progress: bool = True
     threads: int | None = None
     device: str = "auto"
+    trust_torchscript: bool = False  # read a TorchScript --model with torch.jit.load (runs its code)
 
     def validate(self) -> None:
         def need(cond: bool, key: str, msg: str) -> None:

@@ -300,7 +300,7 @@ class _Run:
         started = time.time()
         splits = open_splits(cfg, log=self.say)
         self.check_out()
-        base, _ = loading.load(cfg.model, device=self.device, fast=False)
+        base, _ = loading.load(cfg.model, device=self.device, fast=False, trust_torchscript=cfg.trust_torchscript)
         preprocess = image_transform(base.config.preprocess)
         zs = ImageClassifier.zeroshot(base, splits.classnames, splits.templates, recipe=cfg.recipe)
         self.say(f"{len(splits.train)} train / {len(splits.test)} test images, {splits.num_classes} classes, "

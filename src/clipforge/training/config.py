@@ -29,7 +29,7 @@ LOSSES = ("clip", "siglip")  # the contrastive objective's loss: softmax (CLIP) 
 RESUMABLE_OVERRIDES = frozenset({
     "save_every", "keep_last", "log_every", "eval_every", "tensorboard", "wandb", "wandb_project_name", "num_workers", "zeroshot_frequency",
     "time_limit_minutes", "progress", "device", "threads", "remote_sync", "remote_sync_frequency",
-    "remote_sync_protocol",
+    "remote_sync_protocol", "trust_torchscript",
 })
 
 
@@ -71,6 +71,7 @@ class TrainConfig(ModelRecipes):
 
     model: str = "tiny-vit"
     init: str | None = None
+    trust_torchscript: bool = False  # read a TorchScript --init with torch.jit.load (runs its code)
     objective: Literal["contrastive", "bow", "caption"] = "contrastive"
     loss: Literal["clip", "siglip"] = "clip"
     data: str = "builtin:scenes"

@@ -115,7 +115,7 @@ def build_model(config: TrainConfig) -> CLIP:
     of ``config.objective``: for bow / caption the CLIP subclass with that head (a fresh, seeded
     head when the ``init`` weights have none or another objective's)."""
     if config.init:
-        model = with_objective(loading.load(config.init, fast=False)[0], config.objective, seed=config.seed)
+        model = with_objective(loading.load(config.init, fast=False, trust_torchscript=config.trust_torchscript)[0], config.objective, seed=config.seed)
         if config.loss == "siglip" and model.logit_bias is None:  # the weights keep their learned temperature
             model.add_logit_bias(SIGLIP_INIT_LOGIT_BIAS)
         return model
