@@ -14,23 +14,9 @@ import json
 import sys
 from typing import Any
 
-from .options import (
-    ListAction,
-    add_device_option,
-    add_progress_option,
-    add_trust_torchscript_option,
-    any_int,
-    existing_path,
-    fraction,
-    non_negative_float,
-    non_negative_int,
-    nonempty_str,
-    output_dir,
-    positive_float,
-    positive_int,
-    shift_list,
-    unit_interval,
-)
+from .options import (ListAction, add_device_option, add_progress_option, add_trust_torchscript_option, any_int,
+                      existing_path, fraction, non_negative_float, non_negative_int, nonempty_str, output_dir,
+                      positive_float, positive_int, shift_list, unit_interval)
 from .train_recipes import add_model_recipe_arguments, model_recipe_values
 
 

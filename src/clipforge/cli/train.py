@@ -15,22 +15,9 @@ import json
 import sys
 from typing import Any
 
-from .options import (
-    ListAction,
-    add_device_option,
-    add_precision_option,
-    add_trust_torchscript_option,
-    any_int,
-    existing_dir,
-    existing_file,
-    existing_path,
-    non_negative_float,
-    non_negative_int,
-    nonempty_str,
-    output_dir,
-    positive_float,
-    positive_int,
-)
+from .options import (ListAction, add_device_option, add_precision_option, add_trust_torchscript_option, any_int,
+                      existing_dir, existing_file, existing_path, non_negative_float, non_negative_int, nonempty_str,
+                      output_dir, positive_float, positive_int)
 from .train_recipes import add_recipe_arguments
 
 
