@@ -8,7 +8,7 @@ from clipforge.cli.main import build_parser, iter_commands
 # Commands whose --model (or positional checkpoint) is read through clipforge.load / load_model.
 EXPECTED = {("info",), ("convert",), ("export",), ("embed",), ("search",), ("serve",), ("eval", "zeroshot"),
             ("eval", "retrieval"), ("eval", "linear-probe"), ("eval", "fewshot"), ("eval", "robustness"),
-            ("eval", "suite"), ("data", "score"), ("data", "dedup"), ("data", "split")}
+            ("eval", "suite"), ("data", "score"), ("data", "dedup"), ("data", "split"), ("train",), ("finetune",)}
 
 
 def test_trust_torchscript_on_every_model_loading_command():

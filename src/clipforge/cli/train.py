@@ -41,7 +41,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init", "--pretrained", dest="init", metavar="CKPT", type=existing_path,
                    help="start from these weights (any checkpoint format; the architecture is the checkpoint's)")
     add_trust_torchscript_option(g)
-    p.set_defaults(trust_torchscript=None)  # unset unless given: a --config file's value is not overridden
     g.add_argument("--objective", choices=("contrastive", "bow", "caption"),
                    help="what the image tower learns from the captions (the paper's Figure 2): contrastive "
                         "(CLIP), bow (predict the caption's bag of BPE tokens), caption (predict its tokens "
@@ -140,6 +139,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from ..training.config import load_config_file
 
     given = {k: v for k, v in vars(args).items() if k not in _NOT_OPTIONS and v is not None}
+    if not given.get("trust_torchscript"):
+        given.pop("trust_torchscript", None)  # a store_true flag not given: a --config file's value stands
     if given.get("model") and _is_checkpoint_path(given["model"]):
         if given.get("init"):
             raise ValueError(f"--model {given['model']} is a checkpoint and --init {given['init']} another: give one")
