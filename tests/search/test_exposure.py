@@ -213,16 +213,22 @@ def _flood(port: int, n: int) -> list[socket.socket]:
     return socks
 
 
-def test_health_answers_beside_thousands_of_idle_connections(built):
+def _flood_size(wanted: int) -> int:
+    """``wanted`` idle sockets, fewer where the descriptor limit needs it (skip when too few remain)."""
     import resource
 
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    n = min(wanted, soft // 2 - 200)
+    if n < 500:
+        pytest.skip(f"descriptor limit {soft} is too low for an idle-connection flood")
+    return n
+
+
+def test_health_answers_beside_thousands_of_idle_connections(built):
     import httpx
 
     d, model = built
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    n = min(3000, soft // 2 - 200)
-    if n < 500:
-        pytest.skip(f"descriptor limit {soft} is too low for an idle-connection flood")
+    n = _flood_size(3000)
     server = LiveServer(create_app(d / "idx", model), ServerLimits(max_connections=200, header_timeout=60))
     socks: list[socket.socket] = []
     try:
@@ -255,13 +261,8 @@ def _get_health(sock: socket.socket) -> bytes:
 def test_a_client_that_keeps_using_its_connection_outlives_a_flood(built):
     """Beyond the cap, connections that never sent a request go first: a poller's keep-alive
     connection (older than every flood socket) is not the one closed."""
-    import resource
-
     d, model = built
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    n = min(2000, soft // 2 - 200)
-    if n < 500:
-        pytest.skip(f"descriptor limit {soft} is too low for an idle-connection flood")
+    n = _flood_size(2000)
     server = LiveServer(create_app(d / "idx", model), ServerLimits(max_connections=100, header_timeout=60))
     poller = socket.create_connection(("127.0.0.1", server.port), timeout=30)
     socks: list[socket.socket] = []
