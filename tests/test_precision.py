@@ -17,7 +17,8 @@ def test_one_dtype_map_serves_the_casts_and_the_matmul_probe():
     assert P.DTYPES == {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     assert backend.DTYPES is P.DTYPES  # the probe measures exactly the casts inference can make
     assert [P.inference_dtype(c) for c in P.INFERENCE_CASTS if c != "auto"] == [
-        torch.float32, torch.bfloat16, torch.float16, torch.float32]  # int8 keeps fp32 weights
+        torch.float32, torch.bfloat16, torch.float16, torch.bfloat16, torch.float16,
+        torch.float32]  # int8 keeps fp32 weights
     for name in P.INFERENCE_PRECISIONS:
         assert P.inference_precision(name) in P.INFERENCE_CASTS
 
@@ -31,14 +32,24 @@ def test_every_training_name_has_one_meaning():
     assert "int8" not in P.PRECISIONS and not set(P.INFERENCE_PRECISIONS) & {"amp", "amp_bf16", "amp_bfloat16"}
 
 
-def test_bf16_at_inference_is_bit_for_bit_pure_bf16(tmp_path, micro_vit):
-    """The one documented difference between the columns of the table: inference casts every weight."""
+@pytest.mark.parametrize("name", ["bf16", "fp16", "pure_bf16"])
+def test_a_name_casts_the_same_weights_in_training_and_at_inference(name, tmp_path, micro_vit):
+    """open_clip's meaning in both columns: ``bf16`` casts the matmul weights (LayerNorm, embeddings
+    and the logit scale stay float32), ``pure_bf16`` every weight."""
     ckpt = save_model(micro_vit, tmp_path / "m.safetensors")
-    a, _ = load_for_inference(ckpt, precision="bf16")
-    b, _ = load_for_inference(ckpt, precision="pure_bf16")
-    sa, sb = a.state_dict(), b.state_dict()
+    inferred, _ = load_for_inference(ckpt, precision=name)
+    trained = P.cast_weights(load_for_inference(ckpt)[0], name)
+    sa, sb = inferred.state_dict(), trained.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) and sa[k].dtype == sb[k].dtype for k in sa)
-    assert {t.dtype for t in a.parameters()} == {torch.bfloat16}
+    low = P.DTYPES[name.removeprefix("pure_")]
+    assert P.lowest_weight_dtype(inferred) == low
+    pure = name.startswith("pure_")
+    assert (sa["visual.ln_pre.weight"].dtype == low) == pure and (sa["logit_scale"].dtype == low) == pure
+    assert sa["visual.conv1.weight"].dtype == sa["text.text_projection"].dtype == low
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref, got = micro_vit.encode_image(images, normalize=True), inferred.encode_image(images, normalize=True)
+    assert (ref * got.float()).sum(-1).min() > 0.99
 
 
 def test_device_keeps_the_old_spellings_warning_once():

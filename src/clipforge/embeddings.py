@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from .precision import lowest_weight_dtype
 from .utils import (
     atomic_write_bytes,
     atomic_write_text,
@@ -235,7 +236,7 @@ def model_info(model: Any) -> dict[str, Any]:
     cfg = model.config
     # dtype: embeddings of a bf16 model (``--precision``) differ from fp32 ones at ~1e-2, and the
     # weights hash (checked on resume) differs with it.
-    return {"name": cfg.name, "config": cfg.to_dict(), "dtype": str(model.dtype).removeprefix("torch."),
+    return {"name": cfg.name, "config": cfg.to_dict(), "dtype": str(lowest_weight_dtype(model)).removeprefix("torch."),
             "weights_sha256": weights_sha256(model)}
 
 

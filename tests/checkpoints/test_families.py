@@ -306,3 +306,42 @@ def test_zoo_siglip_is_open_clips_architecture_on_the_native_towers():
         model = clipforge.create_model("ViT-B-16-SigLIP")
     assert isinstance(model.visual, SigLIPVisionTransformer) and isinstance(model.text, SigLIPTextTransformer)
     assert TokenizeCaptions.for_model(model) == TokenizeCaptions(64)  # training: OpenAI's BPE at context 64
+
+
+def test_bf16_casts_family_towers_as_open_clip_and_they_run(tmp_path):
+    """``bf16`` (training and inference alike): our towers cast their matmul weights and keep
+    LayerNorm and embeddings float32; a Hugging Face tower is cast whole. Every tower runs in it,
+    forward and backward, and stays close to float32."""
+    transformers = pytest.importorskip("transformers")
+    hf = tmp_path / "xlmr"
+    transformers.XLMRobertaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=40, pad_token_id=1).save_pretrained(hf)
+    coca = {**TINY, "vision_cfg": {**TINY["vision_cfg"], "attentional_pool": True, "attn_pooler_queries": 4,
+                                   "attn_pooler_heads": 2}, "text_cfg": {**TINY["text_cfg"], "embed_cls": True}}
+    hf_cfg = {"embed_dim": 16, "vision_cfg": TINY["vision_cfg"],
+              "text_cfg": {"hf_model_name": str(hf), "hf_pooler_type": "mean_pooler", "hf_proj_type": "mlp"}}
+    configs = [FamilyConfig(model_cfg=TINY, preprocess={"image_size": 32}),
+               FamilyConfig(model_cfg=coca, preprocess={"image_size": 32}),
+               FamilyConfig(model_cfg=hf_cfg, preprocess={"image_size": 32},
+                            hf_text_config=json.loads((hf / "config.json").read_text()))]
+    images, _ = _inputs()
+    ids = torch.tensor([[0, 5, 9, 2] + [1] * 12, [0, 7, 2, 1] + [1] * 12])
+    for i, fc in enumerate(configs):
+        ref = create_family_model(fc, seed=0).eval()
+        model = clipforge.precision.cast_weights(create_family_model(fc, seed=0).eval(), "bf16")
+        dtypes = {k: v.dtype for k, v in model.state_dict().items() if v.is_floating_point()}
+        assert dtypes["logit_scale"] == dtypes["visual.ln_pre.weight"] == torch.float32
+        assert dtypes["visual.conv1.weight"] == torch.bfloat16
+        if "hf_model_name" in fc.model_cfg["text_cfg"]:
+            assert {dtypes[k] for k in dtypes if k.startswith("text.")} == {torch.bfloat16}  # cast whole
+        else:
+            assert dtypes["text.token_embedding.weight"] == dtypes["text.ln_final.weight"] == torch.float32
+            assert dtypes["text.transformer.resblocks.0.mlp.c_fc.weight"] == torch.bfloat16
+        for got, want in [(model.encode_image(images, normalize=True), ref.encode_image(images, normalize=True)),
+                          (model.encode_text(ids, normalize=True), ref.encode_text(ids, normalize=True))]:
+            assert got.dtype == torch.bfloat16 and (got.float() * want).sum(-1).min() > 0.99
+        logits, _ = model.train()(images, ids)
+        logits.float().sum().backward()  # training in bf16 reaches every trainable weight
+        assert all(p.grad is not None for p in model.visual.parameters() if p.requires_grad)
+        inferred = load_for_inference(save_model(ref, tmp_path / f"m{i}"), precision="bf16")[0]
+        assert {k: v.dtype for k, v in inferred.state_dict().items() if v.is_floating_point()} == dtypes

@@ -83,7 +83,7 @@ def test_precision_table_matches_open_clip_semantics():
     assert p("bf16").input_dtype == torch.bfloat16 and p("amp_bf16").input_dtype == torch.float32
     with pytest.raises(ValueError, match="unknown precision"):
         p("int8")
-    assert dv.inference_precision("pure_bf16") == "bf16"
+    assert dv.inference_precision("pure_bf16") == "pure_bf16" and dv.inference_precision("bf16") == "bf16"
     with pytest.raises(ValueError, match="autocast precisions are for training"):
         dv.inference_precision("amp_bf16")
 

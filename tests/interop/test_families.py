@@ -17,6 +17,7 @@ import tarfile
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 open_clip = pytest.importorskip("open_clip")
 pytest.importorskip("timm")
@@ -28,6 +29,7 @@ import clipforge  # noqa: E402
 from clipforge import fast  # noqa: E402
 from clipforge.checkpoints import convert, save_model  # noqa: E402
 from clipforge.families import FamilyCLIP, FolderTokenizer, tokenizer_for  # noqa: E402
+from clipforge.precision import lowest_weight_dtype  # noqa: E402
 from clipforge.preprocess import load_image  # noqa: E402
 from open_clip.transform import PreprocessCfg, image_transform_v2  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -185,6 +187,11 @@ def test_family_loads_with_open_clips_outputs(name, tmp_path, shared_data):
     bi, bt = features(oc2, images, ids)
     assert rel(bi, oi) < RTOL and rel(bt, ot) < RTOL, name
     assert torch.equal(open_clip.get_tokenizer(f"local-dir:{back}")(TEXTS), oc_tok(TEXTS))
+    # bf16 inference: open_clip's cast (matmul weights; a timm / HF tower whole) runs on every family
+    low = fast.optimize_for_inference(again, precision="bf16")
+    assert lowest_weight_dtype(low) == torch.bfloat16 and low.logit_scale.dtype == torch.float32
+    li, lt = (F.normalize(f.float(), dim=-1) for f in features(low, images, ids))
+    assert (li * F.normalize(oi, dim=-1)).sum(-1).min() > 0.99 and (lt * F.normalize(ot, dim=-1)).sum(-1).min() > 0.99
 
 
 @pytest.mark.parametrize("style,clean", [("t5", "canonicalize"), ("xlmr", "whitespace"), ("xlmr", "lower")])

@@ -23,6 +23,7 @@ import clipforge
 from clipforge import fast
 from clipforge.fast import backend
 from clipforge.fast.resnet import conv_bn_pairs, fused_conv_available
+from clipforge.precision import lowest_weight_dtype
 from clipforge.inference import embed_texts, optimize_for_inference
 from conftest import micro_config
 
@@ -304,7 +305,7 @@ def test_reduced_precision_inference_stays_close(kind, tmp_path, monkeypatch):
         ref_i = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
     ref_t = embed_texts(model, texts)
     low = optimize_for_inference(copy.deepcopy(model), precision="bf16")
-    assert low.dtype == torch.bfloat16
+    assert lowest_weight_dtype(low) == torch.bfloat16 and low.dtype == torch.float32  # LayerNorm etc. fp32
     with torch.inference_mode():
         got_i = torch.nn.functional.normalize(low.encode_image(images).float(), dim=-1)
     got_t = embed_texts(low, texts)

@@ -30,11 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoints import convert, load_model
+    from ..checkpoints import convert
+    from ..loading import load
 
     out = convert(args.src, args.dst, args.to, activation=args.activation, config=args.config,
                   trust_torchscript=args.trust_torchscript)
-    model = load_model(out)
+    model, _ = load(out, fast=False)  # read back through the one loader: the result must load
     name = model.config.name
     print(f"wrote {args.to} checkpoint: {out}" + (f" ({name}, {model.config.activation})" if name else ""))
     if args.to == "openclip" and out.is_dir():

@@ -301,7 +301,8 @@ def add_precision_option(p: argparse.ArgumentParser, mode: str, default: str | N
                 "with bf16), else fp32 (CPU) / amp (GPU). Formerly 'bf16' meant autocast: that is now amp_bf16")
         choices: Sequence[str] = TRAIN_PRECISION_CHOICES
     else:
-        help = ("weights cast for inference: fp32 (exact to 1e-4), bf16/fp16 (= pure_bf16/pure_fp16; ~1e-2), "
+        help = ("weights cast for inference: fp32 (exact to 1e-4), bf16/fp16 (the matmul weights, as in training; "
+                "~1e-2), pure_bf16/pure_fp16 (every weight), "
                 "int8 (CPU: dynamic int8 Transformer products, for large collections; more drift than bf16), "
                 "auto (a reduced precision only where a measured matmul probe finds it >= 1.3x faster here)")
         choices = INFERENCE_PRECISIONS

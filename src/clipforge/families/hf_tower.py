@@ -22,6 +22,9 @@ POOLERS = ("mean_pooler", "max_pooler", "cls_pooler", "cls_last_hidden_state_poo
 class HFText(nn.Module):
     """``transformer`` (the HF model) -> pooled hidden states -> ``proj`` (none, linear or MLP)."""
 
+    #: ``precision.cast_weights`` casts a Hugging Face model whole (its embeddings feed its Linears).
+    cast_whole = True
+
     def __init__(self, text_cfg: dict[str, Any], hf_config: dict[str, Any], embed_dim: int) -> None:
         super().__init__()
         transformers = require("transformers", "a Hugging Face text tower")

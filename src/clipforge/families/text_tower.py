@@ -92,6 +92,13 @@ class OpenCLIPText(nn.Module):
         pad = pad[:, None, :].expand(-1, n, -1)  # [B, n(query), n(key)]
         return pad if causal is None else pad + causal
 
+    @property
+    def cast_dtype(self) -> torch.dtype:
+        """The blocks' weight dtype, which the embeddings are cast to (open_clip's ``get_cast_dtype``:
+        a ``bf16`` cast leaves the embeddings float32)."""
+        blocks = self.transformer.resblocks  # type: ignore[attr-defined]
+        return blocks[0].mlp.c_fc.weight.dtype if len(blocks) else self.positional_embedding.dtype
+
     def _check(self, ids: torch.Tensor) -> None:
         if ids.dim() != 2:
             raise ValueError(f"text ids must be [batch, length], got shape {tuple(ids.shape)}")
@@ -101,7 +108,7 @@ class OpenCLIPText(nn.Module):
     def tokens(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Ids ``[B, L]`` -> final token states ``[B, L(+1), W]`` and each block's output."""
         self._check(ids)
-        dtype = self.positional_embedding.dtype
+        dtype = self.cast_dtype
         x = self.token_embedding(ids).to(dtype)  # [B, L, W]
         if self.cls_emb is not None:
             x = torch.cat([x, self.cls_emb.to(dtype).expand(x.shape[0], 1, -1)], 1)  # class token last

@@ -17,6 +17,9 @@ class TimmTower(nn.Module):
     """``trunk`` (the timm network, its classifier reset or used as the projection) then ``head``
     (optional attention pooling, then a linear or MLP projection)."""
 
+    #: ``precision.cast_weights`` casts a timm network whole (open_clip's rule for timm towers).
+    cast_whole = True
+
     def __init__(self, vision_cfg: dict[str, Any], embed_dim: int) -> None:
         super().__init__()
         timm = require("timm", f"the image tower {vision_cfg['timm_model_name']!r}")
@@ -77,7 +80,12 @@ class TimmTower(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, S, S] -> [B, E]
         self._check(x)
-        return self.head(self.trunk(x))
+        return self.head(self.trunk(x.to(self.input_dtype)))
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The network's weight dtype, which images are cast to."""
+        return next(self.trunk.parameters()).dtype
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if hasattr(self.trunk, "set_grad_checkpointing"):
@@ -90,5 +98,5 @@ class TimmTower(nn.Module):
         if not hasattr(self.trunk, "forward_intermediates"):
             raise ValueError(f"timm's {type(self.trunk).__name__} has no forward_intermediates")
         self._check(x)
-        final, tokens = self.trunk.forward_intermediates(x)
+        final, tokens = self.trunk.forward_intermediates(x.to(self.input_dtype))
         return {"tokens": tokens, "attentions": [], "output": self.head(self.trunk.forward_head(final))}

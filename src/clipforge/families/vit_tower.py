@@ -44,7 +44,7 @@ class AttentionalPooler(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ln_k(x)
-        q = self.ln_q(self.query).unsqueeze(0).expand(x.shape[0], -1, -1)
+        q = self.ln_q(self.query).to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
         return self.attn(q, x, x, need_weights=False)[0]
 
 

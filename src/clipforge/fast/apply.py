@@ -14,7 +14,7 @@ from ..models.siglip import SigLIPTextTransformer, SigLIPVisionTransformer
 from ..models.text import TextTransformer
 from ..models.vision_resnet import ModifiedResNet
 from ..models.vision_vit import VisionTransformer
-from ..precision import INFERENCE_CASTS, inference_dtype
+from ..precision import INFERENCE_CASTS, PRECISIONS, cast_weights, inference_dtype
 from .backend import FastLinear, fastest_precision
 from .linear import int8_available
 from .siglip import FastSigLIPText, FastSigLIPVision
@@ -76,7 +76,9 @@ def optimize_for_inference(model: CLIP, *, precision: str = "fp32", channels_las
     activation fused into the first product; for the ResNets, BatchNorm folded into the preceding
     convolutions, channels-last memory and oneDNN convolutions with the ReLU and the residual add
     fused, large batches in chunks; optionally ``torch.compile`` of both towers. ``precision``:
-    ``"bf16"``/``"fp16"`` cast the weights (embeddings then agree with fp32 to ~1e-2, not 1e-4);
+    ``"bf16"``/``"fp16"`` cast the Linear/Conv weights as training does (LayerNorm and embeddings
+    stay float32; ``"pure_bf16"``/``"pure_fp16"``: every weight; embeddings then agree with fp32 to
+    ~1e-2, not 1e-4);
     ``"auto"`` picks a reduced precision only where the machine's stored matmul probe found it
     >= 1.3x faster than fp32 (``fast.fastest_precision``; never int8). ``"int8"``: the Transformer
     products (attention projections, MLP) by dynamic int8 quantization on CPU (weights int8 per
@@ -99,14 +101,12 @@ def optimize_for_inference(model: CLIP, *, precision: str = "fp32", channels_las
     if getattr(model, "fast_paths", True) is False:
         if precision == "int8":
             raise ValueError("precision int8 is not available for this model family (fp32, bf16 or fp16)")
-        return model.to(inference_dtype(precision))
+        return _cast(model, precision)
     for m in model.modules():
         if isinstance(m, (FastMLP, FastAttention)):
             m.int8 = precision == "int8"
     n_folded = fold_batchnorm(model.visual) if fold_bn else 0
-    dtype = inference_dtype(precision)
-    if model.dtype != dtype:
-        model.to(dtype)
+    _cast(model, precision)
     if isinstance(model.visual, ModifiedResNet) and channels_last:
         model.visual.to(memory_format=torch.channels_last)
         if isinstance(model.visual, FoldedResNet):
@@ -116,3 +116,11 @@ def optimize_for_inference(model: CLIP, *, precision: str = "fp32", channels_las
         model.visual = torch.compile(model.visual, dynamic=True)  # type: ignore[assignment]
         model.text = torch.compile(model.text, dynamic=True)  # type: ignore[assignment]
     return model
+
+
+def _cast(model: CLIP, precision: str) -> CLIP:
+    """The inference cast: ``bf16``/``fp16`` as training casts (``cast_weights``: Linear/Conv weights,
+    LayerNorm and embeddings float32), ``pure_*`` every weight; int8 and fp32 keep float32."""
+    if precision in PRECISIONS and precision != "fp32":
+        return cast_weights(model, precision)
+    return model.to(inference_dtype(precision))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..export import export_onnx
+from ..precision import lowest_weight_dtype
 
 
 class OnnxCLIP(nn.Module):
@@ -72,7 +73,7 @@ class OnnxCLIP(nn.Module):
 
 def onnx_model(model: nn.Module, onnx_dir: str | Path | None = None, threads: int | None = None) -> OnnxCLIP:
     """Export ``model``'s towers (to ``onnx_dir``, or a temporary folder) and wrap them in ORT sessions."""
-    if next(model.parameters()).dtype != torch.float32:
+    if lowest_weight_dtype(model) != torch.float32:
         raise ValueError("--runtime onnx serves the fp32 towers: use --precision fp32 with it")
     if onnx_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="clipforge-onnx-")
