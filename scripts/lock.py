@@ -103,6 +103,10 @@ def run_pytest(python: Path, args: list[str], env: dict[str, str]) -> tuple[int,
     proc = subprocess.run([str(python), "-m", "pytest", "-rf", "-q", "-p", "no:cacheprovider", *args],
                           cwd=REPO, env=env, capture_output=True, text=True)
     out = proc.stdout + proc.stderr
+    if proc.returncode:  # the tracebacks, for reading later (the summary below names only the tests)
+        log = Path(tempfile.gettempdir()) / "clipforge-lock-pytest.log"
+        log.write_text(out, encoding="utf-8")
+        print(f"lock: pytest output in {log}", flush=True)
     failed = [ln.split(" ", 1)[1] for ln in out.splitlines() if ln.startswith(("FAILED ", "ERROR "))]
     closing = next((ln for ln in reversed(out.splitlines()) if re.search(r"\d+ (passed|failed|error)", ln)), "")
     return proc.returncode, failed, closing.strip("= ")
