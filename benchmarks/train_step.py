@@ -92,6 +92,32 @@ def model_config(name: str) -> Any:
     return CLIPConfig.from_json(name) if name.endswith(".json") else get_model_config(name)
 
 
+def patch_dropout_bounds(model_name: str, fractions: list[float]) -> dict[str, float]:
+    """The speed-up patch dropout could give if time followed FLOPs: forward + backward FLOPs of both
+    towers without it over those with it (torch's FlopCounterMode, one image and one caption). The
+    text tower is not shortened, so this bounds what dropping image patches alone can buy."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clipforge import create_model
+    from clipforge.training.recipes import set_patch_dropout
+
+    model = create_model(model_config(model_name), seed=0).train()
+    s, n = model.image_size, model.context_length
+    ids = torch.randint(1, 400, (1, n))
+    with FlopCounterMode(display=False) as fc:
+        model.encode_text(ids).sum().backward()
+    text = fc.get_total_flops()
+    image = {}
+    for p in fractions:
+        set_patch_dropout(model, p)
+        with FlopCounterMode(display=False) as fc:
+            model.encode_image(torch.randn(1, 3, s, s)).sum().backward()
+        image[p] = fc.get_total_flops()
+    return {f"{p:g}": (image[0.0] + text) / (image[p] + text) for p in fractions} | \
+        {"image_flop_share": image[0.0] / (image[0.0] + text)}
+
+
 def worker(impl: str, model_name: str, batch: int, n_batches: int, threads: int, data: Path,
            patch_dropout: float = 0.0) -> None:
     import torch
@@ -260,6 +286,8 @@ def bench_row(model: str, batch: int, args: argparse.Namespace) -> dict[str, Any
         out["results"][w.impl] = {"median_step_s": med, "samples_per_s": batch / med, "step_times_s": times[w.impl],
                                   "peak_rss_mb": peaks[w.impl], "build_s": w.info["build_s"], "last_loss": losses[w.impl],
                                   "minor_page_faults_median": statistics.median(faults[w.impl])}
+    if len(args.patch_dropout) > 1:
+        out["patch_dropout_flop_bound"] = patch_dropout_bounds(model, args.patch_dropout)
     base = out["results"].get("clipforge")
     if base:
         for impl, r in out["results"].items():
@@ -349,8 +377,11 @@ def main() -> int:
         for impl, r in res.items():
             plain = impl.split("@pd")[0]
             if "@pd" in impl and plain in res:
+                bound = row.get("patch_dropout_flop_bound", {}).get(impl.split("@pd")[1])
                 print(f"{row['model']} b{row['batch']}: {impl} / {plain} = "
-                      f"{r['samples_per_s'] / res[plain]['samples_per_s']:.2f}x samples/s")
+                      f"{r['samples_per_s'] / res[plain]['samples_per_s']:.2f}x samples/s"
+                      + (f" (FLOP bound {bound:.2f}x: image towers are "
+                         f"{row['patch_dropout_flop_bound']['image_flop_share']:.0%} of the step's FLOPs)" if bound else ""))
     print(f"\nwrote {args.out}")
     return 0
 
