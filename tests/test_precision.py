@@ -67,3 +67,21 @@ def test_device_keeps_the_old_spellings_warning_once():
         "clipforge.device.cast_weights is deprecated; use clipforge.precision.cast_weights"]
     with pytest.raises(AttributeError):
         dv.no_such_name
+
+
+def test_bf16_inference_of_a_bfloat16_model_keeps_layernorm_float32(tmp_path, micro_vit):
+    """The cast starts from float32 whatever dtype the model held: a model already in bfloat16
+    (``pure_bf16``) given to ``optimize_for_inference(precision="bf16")`` ends with the same dtypes as
+    a float32 one (LayerNorm, embeddings float32); a file stored in bfloat16 loads the same way."""
+    import copy
+
+    from clipforge.fast import optimize_for_inference
+
+    ref = optimize_for_inference(copy.deepcopy(micro_vit), precision="bf16")
+    dtypes = {k: v.dtype for k, v in ref.state_dict().items()}
+    low = optimize_for_inference(copy.deepcopy(micro_vit).to(torch.bfloat16), precision="bf16")
+    assert {k: v.dtype for k, v in low.state_dict().items()} == dtypes
+    assert dtypes["visual.ln_pre.weight"] == torch.float32
+    stored = save_model(copy.deepcopy(micro_vit).to(torch.bfloat16), tmp_path / "bf16.safetensors")
+    loaded, _ = load_for_inference(stored, precision="bf16")
+    assert {k: v.dtype for k, v in loaded.state_dict().items()} == dtypes

@@ -121,6 +121,6 @@ def optimize_for_inference(model: CLIP, *, precision: str = "fp32", channels_las
 def _cast(model: CLIP, precision: str) -> CLIP:
     """The inference cast: ``bf16``/``fp16`` as training casts (``cast_weights``: Linear/Conv weights,
     LayerNorm and embeddings float32), ``pure_*`` every weight; int8 and fp32 keep float32."""
-    if precision in PRECISIONS and precision != "fp32":
-        return cast_weights(model, precision)
+    if precision in PRECISIONS and precision != "fp32":  # from float32, whatever dtype the file held
+        return cast_weights(model.float(), precision)
     return model.to(inference_dtype(precision))
