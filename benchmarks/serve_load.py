@@ -3,7 +3,8 @@
 Suites (``--suite``, default all):
 
 - ``batching``: closed-loop clients (``--clients-list``, default 1,8,32,128) sending unique text
-  queries (no cache hits) or image uploads, against a server with batching on (``--max-batch``,
+  queries (no cache hits) to /search (``text``: encode + search of the index) and to /embed
+  (``embed``: one text per request, the encode alone), or image uploads, against a server with batching on (``--max-batch``,
   ``--batch-wait-ms``) and with ``--max-batch 1``, in fp32 and bf16 (``--precisions``; bf16 is
   skipped, with the reason, where the CPU has no bf16 GEMM, as benchmarks/encode.py decides).
   Per row: QPS, p50/p99 latency, mean batch size (from the server's /metrics), 503s (a full
@@ -268,7 +269,8 @@ def upload_request(port: int, image: bytes, k: int = 10) -> tuple[bytes, bytes]:
 
 
 async def closed_loop(port: int, clients: int, duration: float, kind: str, seed: int) -> dict:
-    """``clients`` closed loops of unique text queries or image uploads for ``duration`` s."""
+    """``clients`` closed loops of unique text queries (``text``: /search; ``embed``: /embed, the
+    encode alone) or image uploads for ``duration`` s."""
     lat: list[float] = []
     codes: Counter = Counter()
     images = query_images()
@@ -281,9 +283,10 @@ async def closed_loop(port: int, clients: int, duration: float, kind: str, seed:
         c = RawClient("127.0.0.1", port)
         try:
             while time.perf_counter() < stop:
-                if kind == "text":  # unique: the query cache never answers
+                if kind in ("text", "embed"):  # unique: the query cache never answers
                     text = " ".join(rng.choice(WORDS, size=int(rng.integers(3, 7)))) + f" {i} {j}"
-                    head, body = json_request(port, "/search", {"text": text, "k": 10})
+                    head, body = (json_request(port, "/search", {"text": text, "k": 10}) if kind == "text"
+                                  else json_request(port, "/embed", {"texts": [text]}))
                 else:
                     head, body = uploads[(i + j) % len(uploads)]
                 t = time.perf_counter()
@@ -359,14 +362,15 @@ def batching_suite(idx: Path, args: argparse.Namespace) -> list[dict]:
             server = Server(idx, args, max_batch=max_batch, precision=precision, cache=0)
             try:
                 asyncio.run(closed_loop(server.port, 2, 1.0, "text", 99))  # warm-up
-                for kind in ("text", "image"):
+                for kind in ("text", "embed", "image"):
+                    batcher = "text" if kind == "embed" else kind
                     for clients in args.clients_list:
-                        s0, c0 = server.batch_stats(kind)
+                        s0, c0 = server.batch_stats(batcher)
                         r = asyncio.run(closed_loop(server.port, clients, args.duration, kind, args.seed))
-                        s1, c1 = server.batch_stats(kind)
+                        s1, c1 = server.batch_stats(batcher)
                         rows.append({"precision": precision, "max_batch": max_batch, "kind": kind, "clients": clients,
-                                     **r, "mean_batch": (s1 - s0) / max(c1 - c0, 1), "offline_per_s": offline[kind],
-                                     "of_offline": r["qps"] / offline[kind]})
+                                     **r, "mean_batch": (s1 - s0) / max(c1 - c0, 1), "offline_per_s": offline[batcher],
+                                     "of_offline": r["qps"] / offline[batcher]})
                         print(f"  {precision} max_batch={max_batch} {kind} x{clients}: {r['qps']:.1f} q/s "
                               f"(503: {r['busy_503']}, other 5xx: {r['errors_5xx']})", flush=True)
             finally:
@@ -378,7 +382,7 @@ def goals(rows: list[dict], args: argparse.Namespace, clients: int = 32) -> list
     """The batching goals at ``clients`` text clients, per precision and kind."""
     out = []
     for precision in args.precisions:
-        for kind in ("text", "image"):
+        for kind in ("text", "embed", "image"):
             get = {(r["max_batch"], r["clients"]): r for r in rows
                    if r.get("precision") == precision and r.get("kind") == kind}
             on, off, one = get.get((args.max_batch, clients)), get.get((1, clients)), get.get((args.max_batch, 1))

@@ -129,3 +129,27 @@ def test_bad_settings():
         Batcher(lambda x: x, max_batch=0)
     with pytest.raises(ValueError, match="wait"):
         Batcher(lambda x: x, wait_s=-1)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_request_workers_search_on_their_own_faiss_threads(threads):
+    """OpenMP's thread count is per thread: the pool's initializer sets it in each worker (a
+    worker started after the main thread's setting would otherwise get the process default)."""
+    import functools
+
+    import faiss
+
+    from clipforge.search.http import WorkerPool
+    from clipforge.search.index import set_search_threads
+
+    before = faiss.omp_get_max_threads()
+    pool = WorkerPool(2, 8, 10.0, initializer=functools.partial(set_search_threads, threads))
+
+    async def both() -> list[int]:
+        return list(await asyncio.gather(*(pool.run(faiss.omp_get_max_threads) for _ in range(4))))
+
+    try:
+        assert asyncio.run(both()) == [threads] * 4
+    finally:
+        pool.shutdown()
+    assert faiss.omp_get_max_threads() == before  # the calling thread's own count is untouched

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from clipforge.loading import load_for_inference
-from clipforge.search.exact import TEXT_LENGTHS, encode_images_exact, encode_texts_exact, text_bucket
+from clipforge.search.exact import TEXT_TOKENS, _pack, encode_images_exact, encode_texts_exact, packs_text
 from clipforge.tokenizer import get_tokenizer
 from clipforge.utils import torch_threads
 
@@ -47,7 +47,7 @@ def assert_batch_invariant(encode, queries, others) -> None:
 def test_text_bits_do_not_depend_on_the_batch(arch):
     model, _ = load_for_inference(arch, random_init=True, seed=0)
     tok = get_tokenizer().tokenize
-    queries = ["a dog", "a photo of a red car parked on a street at night", " ".join(["river"] * 30)]
+    queries = ["a dog", "a photo of a red car parked on a street at night", " ".join(["river"] * 30), " ".join(["dog"] * 90)]
     assert_batch_invariant(lambda t: encode_texts_exact(model, t, tok), queries, texts(40, 1))
 
 
@@ -70,9 +70,22 @@ def test_exact_features_are_the_model_features():
                                rtol=0, atol=1e-5)
 
 
-def test_buckets():
-    assert [text_bucket(e, 77) for e in (1, 7, 8, 15, 16, 31, 47, 48, 76)] == [8, 8, 10, 16, 20, 32, 48, 64, 77]
-    assert text_bucket(10, 12) == 12 and TEXT_LENGTHS[-1] == 77
+def test_packing():
+    """First fit in order; a text over the chunk alone in a context-length chunk; every text once."""
+    assert _pack([10, 20, 30, 5, 70, 64, 1], 64, 77) == [(64, [0, 1, 2]), (64, [3]), (77, [4]), (64, [5]), (64, [6])]
+    lengths = [int(n) for n in np.random.default_rng(0).integers(2, 78, 200)]
+    chunks = _pack(lengths, TEXT_TOKENS, 77)
+    assert sorted(i for _, part in chunks for i in part) == list(range(200))
+    assert all(sum(lengths[i] for i in part) <= rows for rows, part in chunks)
+
+
+def test_packing_needs_our_text_tower():
+    model, _ = load_for_inference("tiny-vit", random_init=True, seed=0)
+    assert packs_text(model)
+    model.text.transformer.resblocks[0] = torch.nn.Identity()
+    assert not packs_text(model)
+    with pytest.raises(ValueError, match="packed exact encoding needs"):
+        encode_texts_exact(model, ["a dog"])
 
 
 def test_served_embeddings_have_the_same_bits_batched_or_alone(tmp_path):

@@ -259,3 +259,27 @@ def test_health_answers_while_a_10mb_query_is_refused(live_server):
         print(f"{framing}: /health in {1000 * health_s:.1f} ms while the 10 MB query was in flight")
         assert h.status_code == 200 and health_s < 1.0, health_s
         assert status == 413
+
+
+def test_listening_sockets_send_without_delay():
+    """A socket made by ``socket.socket()`` (proto 0) gets no TCP_NODELAY from asyncio; the server
+    sets it on the listener, whose accepted connections inherit it (else each keep-alive response
+    written as headers + body waits ~40 ms for the client's delayed ACK)."""
+    async def app(scope, receive, send):  # a bare ASGI app: only the sockets matter here
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    server = LiveServer(app)
+    try:
+        assert server.sock.proto == 0
+        assert server.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        server.close()
+    listener = socket.socket()
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    with listener, socket.create_connection(listener.getsockname()):
+        conn, _ = listener.accept()
+        with conn:
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)  # inherited on this OS

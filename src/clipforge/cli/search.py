@@ -165,6 +165,9 @@ def _add_serve_compute_options(p: argparse.ArgumentParser) -> None:
                    help="torch threads that encode the batches (default: the cores available minus one, at least "
                         "one: on a busy CPU an OpenMP thread that shares its core with the event loop stalls "
                         "every parallel region)")
+    p.add_argument("--search-threads", type=positive_int, default=1,
+                   help="FAISS threads of each request's search (default 1: requests already search in parallel "
+                        "across --server-threads; more helps a few large queries on a many-core machine)")
     p.add_argument("--max-embed-items", type=positive_int, default=64,
                    help="texts (and images) per /embed or /rank request")
     p.add_argument("--graceful-timeout", type=positive_int, default=30,
@@ -430,7 +433,8 @@ def run_serve(args: argparse.Namespace) -> int:
                              max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                              max_embed_items=args.max_embed_items, auth_token=token,
                              exact_batches=args.exact_batches,
-                             encode_threads=args.encode_threads or default_encode_threads())
+                             encode_threads=args.encode_threads or default_encode_threads(),
+                             search_threads=args.search_threads)
             host, port = sock.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
             open_note = " (bearer token required)" if token else "" if is_loopback(args.host) else \

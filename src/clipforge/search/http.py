@@ -253,8 +253,10 @@ class WorkerPool:
     beyond), each awaited at most ``timeout`` seconds (503; the thread finishes in the background
     and keeps its slot until then, so a stuck query cannot let the queue grow without bound)."""
 
-    def __init__(self, workers: int, max_pending: int, timeout: float) -> None:
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipforge-serve")
+    def __init__(self, workers: int, max_pending: int, timeout: float,
+                 initializer: Callable[[], None] | None = None) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipforge-serve",
+                                           initializer=initializer)
         self.max_pending, self.timeout = max_pending, timeout
         self.pending = 0
         self._lock = threading.Lock()

@@ -374,6 +374,16 @@ class LoadedIndex:
 MMAP_AUTO_BYTES = 1 << 30
 
 
+def set_search_threads(threads: int) -> None:
+    """FAISS's OpenMP threads for searches made by the calling thread. OpenMP's thread count is
+    per thread: a thread started later (a server's request workers) gets the process default,
+    every core, whatever the main thread set. Concurrent requests on a 2-core machine each
+    searching on 2 threads spun against each other and the encoder: a 100k-vector flat index
+    answered 56 queries/s on 2 cores from one caller, 72/s on 1 core with 1 thread
+    (benchmarks/serve_load.py)."""
+    faiss.omp_set_num_threads(int(threads))
+
+
 def load_index(index_dir: str | Path, mmap: bool | None = None) -> "SearchBackend":
     """Load an index directory: FAISS (:class:`LoadedIndex`) or, when ``index.json`` says
     ``backend: milvus``, a connection to its collection (:class:`.milvus.MilvusIndex`; close it).

@@ -21,7 +21,7 @@ from ..preprocess import image_transform
 from ..families import tokenizer_for
 from ..tokenizer import DEFAULT_OVERLAP, check_long_text
 from .backend import SearchBackend
-from .exact import encode_images_exact, encode_texts_exact, supports_exact_text
+from .exact import encode_images_exact, encode_texts_exact, packs_text
 from .filters import FilterError, Predicate, filterable_columns, mask, milvus_expr, parse_filter
 from .index import load_index
 from ..embeddings import weights_sha256
@@ -149,7 +149,7 @@ class Searcher:
         ``exact``: in fixed-shape chunks (:mod:`.exact`), the same bits whatever the batch."""
         with self._lock, torch_threads(self.threads):
             if self.exact and self.long_text is None:
-                if supports_exact_text(self.model):
+                if packs_text(self.model):
                     return encode_texts_exact(self.model, texts, self.tokenizer.tokenize).numpy()
                 return np.concatenate([embed_texts(self.model, [t], truncate=self.truncate_text, batch_size=1).numpy()
                                        for t in texts]) if texts else np.empty((0, self.index.info["dim"]), np.float32)

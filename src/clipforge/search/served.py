@@ -31,6 +31,7 @@ from .batching import Batcher, ClientGone
 from .clip_back_api import KNN_COLUMNS
 from .http import (DEFAULT_MAX_IMAGE_PIXELS, Busy, WorkerPool, check_unicode, decode_query_image, parse_json,
                    public_path, whole)
+from .index import set_search_threads
 from .metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Metrics
 from .searcher import Hit, QueryError, Searcher
 from .thumbnails import Thumbnailer
@@ -109,11 +110,12 @@ class Settings:
     auth_token: str | None = None
     exact_batches: bool = True
     encode_threads: int | None = None
+    search_threads: int = 1
     uploads: bool | None = None
 
     def check(self) -> None:
         for name in ("max_k", "max_upload_bytes", "max_json_bytes", "workers", "max_pending", "max_result_ids",
-                     "max_image_pixels", "max_batch", "max_embed_items"):
+                     "max_image_pixels", "max_batch", "max_embed_items", "search_threads"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -178,7 +180,9 @@ class Service:
         self.searcher = self.default.searcher  # model-level work (encoding, the text cache) goes through the first
         self.decode_image = functools.partial(decode_query_image, max_pixels=cfg.max_image_pixels)
         self.metrics = service_metrics()
-        self.pool = WorkerPool(cfg.workers, cfg.max_pending, cfg.request_timeout)
+        # requests search in parallel across the workers, each on cfg.search_threads FAISS threads
+        self.pool = WorkerPool(cfg.workers, cfg.max_pending, cfg.request_timeout,
+                               initializer=functools.partial(set_search_threads, cfg.search_threads))
         self.offload = self.pool.run
         self.batchers = {kind: Batcher(encode, max_batch=cfg.max_batch, wait_s=cfg.batch_wait_ms / 1000,
                                        max_pending=cfg.max_pending, name=kind,

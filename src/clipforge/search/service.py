@@ -123,7 +123,7 @@ def create_app(index: IndexArg | dict[str, IndexArg], model: torch.nn.Module,
                knn_columns: tuple[str, ...] = KNN_COLUMNS, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                cors_origins: tuple[str, ...] = (), max_batch: int = 32, batch_wait_ms: float = 5.0,
                max_embed_items: int = 64, auth_token: str | None = None,
-               exact_batches: bool = True, encode_threads: int | None = None) -> FastAPI:
+               exact_batches: bool = True, encode_threads: int | None = None, search_threads: int = 1) -> FastAPI:
     """Build the service around ``model`` and the index at ``index`` (loaded here, once), or
 several: ``{name: index}`` (the first is the default; requests choose with ``index`` /
 clip-retrieval's ``indice_name``).
@@ -135,14 +135,16 @@ clip-retrieval's ``indice_name``).
     fixed-shape chunks, so a query's embedding has the same bits whatever batch it rode in
     (:mod:`.exact`; off: one model call per batch, faster, last bits vary); ``encode_threads``:
     torch threads of the encodes (None: torch's count; ``clipforge serve`` leaves a core to the
-    event loop). With ``auth_token`` every route but ``/health`` and the web page (``/``,
+    event loop); ``search_threads``: FAISS threads of each request worker's search (requests already
+    run in parallel across ``workers``). With ``auth_token`` every route but ``/health`` and the web page (``/``,
     ``/static/``) needs ``Authorization: Bearer <token>``."""
     cfg = Settings(max_k=max_k, max_upload_bytes=max_upload_bytes, max_json_bytes=max_json_bytes, workers=workers,
                    max_pending=max_pending, request_timeout=request_timeout, query_cache=query_cache,
                    thumb_size=thumb_size, max_result_ids=max_result_ids, knn_columns=knn_columns,
                    max_image_pixels=max_image_pixels, cors_origins=cors_origins, max_batch=max_batch,
                    batch_wait_ms=batch_wait_ms, max_embed_items=max_embed_items, auth_token=auth_token,
-                   exact_batches=exact_batches, encode_threads=encode_threads, uploads=uploads)
+                   exact_batches=exact_batches, encode_threads=encode_threads, search_threads=search_threads,
+                   uploads=uploads)
     cfg.check()
     uploads = cfg.resolve_uploads()
     limit_image_pixels(cfg.max_image_pixels)
