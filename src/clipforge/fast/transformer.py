@@ -133,7 +133,7 @@ class FastAttention(Packing, Attention):
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, l, d = x.shape
         qkv = self.project(x, "qkv").view(b, l, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]
+        return qkv.unbind(0)  # as Attention.qkv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.attend(x)[0]
@@ -161,7 +161,7 @@ class FastAttention(Packing, Attention):
         hd = d // self.heads
         q = self.project(h[torch.arange(b, device=h.device), index], "q").view(b, self.heads, 1, hd)
         kv = self.project(h, "kv").view(b, l, 2, self.heads, hd).permute(2, 0, 3, 1, 4)
-        k, v, p = kv[0], kv[1], 0
+        (k, v), p = kv.unbind(0), 0
         if past is not None:
             p = past[0].shape[2]
             k = torch.cat([past[0].expand(b, -1, -1, -1), k], dim=2)

@@ -72,7 +72,7 @@ class Attention(nn.Module):
         b, l, d = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3D]
         qkv = qkv.view(b, l, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]
+        return qkv.unbind(0)  # backward: one stack (three selects: three zero-filled [3, B, H, L, hd] buffers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
         b, l, d = x.shape
