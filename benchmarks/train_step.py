@@ -13,7 +13,9 @@ trims the same way internally).
 Each implementation lives in its own worker process (so peak RSS is its own) and the parent asks
 them for steps in alternation (ABC, CBA, ... so slow drifts of the shared machine hit all
 equally), after warm-up steps; the median of ``--reps`` is reported with samples/s and the peak
-RSS (VmHWM) of the worker.
+RSS (VmHWM) of the worker. Each worker first counts one untimed step's product FLOPs (torch's flop
+counter: mm / addmm / bmm / convolutions, forward and backward), so a row reports how many
+products each implementation computes and at what share of this run's measured fp32 GEMM peak.
 
     python benchmarks/train_step.py [--rows tiny-vit:64,tiny-vit:128,ViT-B-32:64] [--reps 5] [--quick]
         [--patch-dropout 0,0.5,0.75]
@@ -42,9 +44,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import matmul_peak_gflops  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 IMPLS = ("clipforge", "clipforge-bf16", "openclip", "openclip-bf16", "hf-pad77", "hf-longest")
+PRODUCT_OPS = ("mm", "addmm", "bmm", "baddbmm", "convolution", "_convolution", "convolution_backward")
 
 
 def _proc_kb(field: str) -> float:
@@ -208,6 +214,15 @@ def worker(impl: str, model_name: str, batch: int, n_batches: int, threads: int,
                       "rss_mb": _proc_kb("VmRSS") / 1024}), flush=True)
     i = 0
     for line in sys.stdin:
+        if line.strip() == "flops":  # one untimed step under torch's flop counter: its products
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                step(*batches[0])
+            ops = counter.get_flop_counts().get("Global", {})
+            products = sum(v for op, v in ops.items() if str(op).split(".")[1] in PRODUCT_OPS)
+            print(json.dumps({"product_flops": products, "counted_flops": counter.get_total_flops()}), flush=True)
+            continue
         if line.strip() != "step":
             break
         images, ids = batches[i % n_batches]
@@ -240,6 +255,11 @@ class Worker:
             raise RuntimeError(f"worker {self.impl} died (exit code {self.proc.wait()})")
         return json.loads(line)
 
+    def flops(self) -> dict[str, Any]:
+        self.proc.stdin.write("flops\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        return self._read()
+
     def step(self) -> dict[str, Any]:
         self.proc.stdin.write("step\n")  # type: ignore[union-attr]
         self.proc.stdin.flush()  # type: ignore[union-attr]
@@ -263,6 +283,8 @@ def bench_row(model: str, batch: int, args: argparse.Namespace) -> dict[str, Any
     last: dict[str, float] = {}
     faults: dict[str, list[int]] = {w.impl: [] for w in workers}
     try:
+        flops = {w.impl: w.flops() for w in workers}
+        peak = matmul_peak_gflops(n=2048, reps=3)["peak"]  # the ceiling for '% of peak', this run's threads
         for rep in range(args.warmup + args.reps):
             order = workers if rep % 2 == 0 else workers[::-1]
             for w in order:
@@ -281,10 +303,13 @@ def bench_row(model: str, batch: int, args: argparse.Namespace) -> dict[str, Any
         for w in workers:
             w.close()
     out = {"model": model, "batch": batch, "threads": args.threads, "patch_dropout": args.patch_dropout, "reps": args.reps, "warmup": args.warmup,
-           "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "results": {}}
+           "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "fp32_peak_gflops": peak, "results": {}}
     for w in workers:
         med = statistics.median(times[w.impl])
+        gflop = flops[w.impl]["product_flops"] / 1e9
         out["results"][w.impl] = {"median_step_s": med, "samples_per_s": batch / med, "step_times_s": times[w.impl],
+                                  "product_gflop": gflop, "counted_gflop": flops[w.impl]["counted_flops"] / 1e9,
+                                  "product_gflops_per_s": gflop / med, "of_fp32_peak": gflop / med / peak,
                                   "peak_rss_mb": peaks[w.impl], "build_s": w.info["build_s"], "last_loss": losses[w.impl],
                                   "minor_page_faults_median": statistics.median(faults[w.impl])}
     if len(args.patch_dropout) > 1:
@@ -363,11 +388,17 @@ def main() -> int:
         record["rows"] = rows = kept + rows
 
     write_json(args.out, record)
-    print(f"\n{'model':<10} {'batch':>5} {'impl':<20} {'s/step':>8} {'samples/s':>10} {'peak RSS MB':>12} {'vs clipforge':>13}")
+    print(f"\n{'model':<10} {'batch':>5} {'impl':<20} {'s/step':>8} {'samples/s':>10} {'peak RSS MB':>12} {'vs clipforge':>13}"
+          f" {'product GFLOP':>14} {'GFLOP/s':>8} {'of peak':>8}")
     for row in rows:
         for impl, r in row["results"].items():
             print(f"{row['model']:<10} {row['batch']:>5} {impl:<20} {r['median_step_s']:>8.3f} {r['samples_per_s']:>10.1f} "
-                  f"{r['peak_rss_mb']:>12.0f} {r.get('clipforge_speedup', float('nan')):>12.2f}x")
+                  f"{r['peak_rss_mb']:>12.0f} {r.get('clipforge_speedup', float('nan')):>12.2f}x"
+                  f" {r.get('product_gflop', float('nan')):>14.1f} {r.get('product_gflops_per_s', float('nan')):>8.1f}"
+                  f" {100 * r.get('of_fp32_peak', float('nan')):>7.0f}%")
+        if "fp32_peak_gflops" in row:
+            print(f"{row['model']} b{row['batch']}: fp32 GEMM peak measured in this run {row['fp32_peak_gflops']:.0f} GFLOP/s "
+                  "(product FLOPs: torch's flop counter over one step's mm / addmm / bmm / convolutions)")
     for row in rows:
         res = row["results"]
         for a, b in (("clipforge-bf16", "clipforge"), ("openclip-bf16", "openclip"), ("clipforge-bf16", "openclip-bf16")):
