@@ -18,7 +18,9 @@ largest size used to predict the largest.
 saturate at the smallest size as three of the five scene tasks do).
 
 Runs live in ``--workdir/scaling`` and are reused / resumed; results go to
-benchmarks/results/scaling.{json,png}.
+benchmarks/results/scaling.{json,png}. Seeds: run once per ``--seed`` (own ``--workdir`` and
+``--name``), then ``--combine A.json,B.json --name NAME`` averages each size's targets over the seeds,
+fits the means and reports each seed's own hold-out error beside them.
 """
 
 from __future__ import annotations
@@ -45,7 +47,11 @@ def main() -> int:
     p.add_argument("--lr-multipliers", default="1", help="comma-separated multiples of each size's rate")
     p.add_argument("--selection-per-type", type=int, default=0)
     p.add_argument("--name", default="scaling", help="results file name (benchmarks/results/NAME.json/.png)")
+    p.add_argument("--combine", help="comma-separated results files of one study run with different --seed: "
+                                     "the sizes' targets averaged over the seeds and fitted (nothing is trained)")
     args = p.parse_args()
+    if args.combine:
+        return combine(args)
 
     from clipforge.experiments import ScalingConfig, format_scaling, run_scaling
 
@@ -59,6 +65,23 @@ def main() -> int:
     result = {**result, "env": environment(), "plot": str(png.relative_to(REPO))}
     path = write_results(args.name, result)
     print(format_scaling(result))
+    print(f"\nwrote {path} and {png}")
+    return 0 if result["status"] == "complete" else 3
+
+
+def combine(args: argparse.Namespace) -> int:
+    import json
+
+    from clipforge.experiments.scaling import combine_seeds, format_scaling
+
+    results = [json.loads(Path(f).read_text()) for f in args.combine.split(",")]
+    png = REPO / "benchmarks" / "results" / f"{args.name}.png"
+    result = combine_seeds(results, png)
+    result = {**result, "env": environment(), "plot": str(png.relative_to(REPO)), "combined": args.combine.split(",")}
+    path = write_results(args.name, result)
+    print(format_scaling(result))
+    for target, errs in result["per_seed_holdout_relative_error"].items():
+        print(f"{target}: hold-out relative error per seed " + ", ".join("-" if e is None else f"{e:+.1%}" for e in errs))
     print(f"\nwrote {path} and {png}")
     return 0 if result["status"] == "complete" else 3
 

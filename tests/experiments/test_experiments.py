@@ -306,3 +306,45 @@ def test_scaling_width_rule_sweep_and_selection_target(tmp_path):
         ScalingConfig(out=str(tmp_path), sizes=("s32", "s48", "s64"), lr_rule="sqrt")
     with pytest.raises(ValueError, match="lr_multipliers"):
         ScalingConfig(out=str(tmp_path), sizes=("s32", "s48", "s64"), lr_multipliers=(1.0, 1.0))
+
+
+def _seed_result(seed: int, losses: list[float], errors: list[float]) -> dict:
+    """A run_scaling result as written (three sizes), with the given targets and no training."""
+    from clipforge.experiments.scaling import fits
+
+    sizes = ("s32", "s48", "s64")
+    rows = []
+    for size, loss, err in zip(sizes, losses, errors):
+        measured = {"val_loss": loss, "mean_zeroshot_error": err,
+                    "zeroshot_error": {"position": err, "relation": err}, "selection": {"group_error": err / 2,
+                                                                                       "text_error": err / 3}}
+        rows.append({"size": size, "width": 1, "layers": 1, "heads": 1, "lr": 1e-3, "parameters": 1,
+                     "flops": training_flops(family_config(size), 10, 4), "measured": measured})
+    config = {"seed": seed, "sizes": list(sizes), "steps": 10, "batch_size": 4, "lr_rule": "width",
+              "lr_multipliers": [1.0], "selection_per_type": 5}
+    return {"config": config, "rows": rows, "fits": fits(rows)}
+
+
+def test_scaling_seeds_are_averaged_then_fitted(tmp_path):
+    from clipforge.experiments.scaling import combine_seeds
+
+    a = _seed_result(0, [2.0, 1.6, 1.2], [0.5, 0.4, 0.3])
+    b = _seed_result(1, [2.2, 1.4, 1.0], [0.7, 0.4, 0.1])
+    out = combine_seeds([a, b], tmp_path / "mean.png")
+    assert out["config"]["seeds"] == [0, 1] and out["status"] == "complete"
+    assert [r["measured"]["val_loss"] for r in out["rows"]] == pytest.approx([2.1, 1.5, 1.1])
+    assert [r["measured"]["zeroshot_error"]["position"] for r in out["rows"]] == pytest.approx([0.6, 0.4, 0.2])
+    assert [r["measured"]["selection"]["group_error"] for r in out["rows"]] == pytest.approx([0.3, 0.2, 0.1])
+    assert [r["seed_sd"]["val_loss"] for r in out["rows"]] == pytest.approx([0.1, 0.1, 0.1])
+    x = [r["flops"]["total"] for r in out["rows"]]
+    slope = np.polyfit(np.log10(x), np.log10([2.1, 1.5, 1.1]), 1)[0]
+    assert out["fits"]["val_loss"]["all"]["exponent"] == pytest.approx(slope, rel=1e-6)
+    assert out["per_seed_holdout_relative_error"]["val_loss"] == [
+        a["fits"]["val_loss"]["holdout_largest"]["relative_error"], b["fits"]["val_loss"]["holdout_largest"]["relative_error"]]
+    assert (tmp_path / "mean.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="the same seed twice"):
+        combine_seeds([a, a])
+    c = _seed_result(2, [2.0, 1.6, 1.2], [0.5, 0.4, 0.3])
+    c["config"]["steps"] = 20
+    with pytest.raises(ValueError, match=r"differ in \['steps'\]"):
+        combine_seeds([a, c])

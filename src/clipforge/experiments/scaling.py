@@ -300,6 +300,50 @@ def run_scaling(config: ScalingConfig) -> dict[str, Any]:
     return result
 
 
+def combine_seeds(results: list[dict[str, Any]], plot_path: Path | None = None) -> dict[str, Any]:
+    """Several seeds' :func:`run_scaling` results (same sizes, steps, batch, lr rule) as one:
+    each size's targets averaged over the seeds, fitted as one run is, and each seed's own
+    hold-out prediction beside it (how much of a miss is seed noise)."""
+    if len(results) < 2:
+        raise ValueError(f"combining seeds needs >= 2 results, got {len(results)}")
+    keys = ("sizes", "steps", "batch_size", "lr_rule", "lr_multipliers", "selection_per_type")
+    first = results[0]["config"]
+    for r in results[1:]:
+        diff = [k for k in keys if r["config"].get(k) != first.get(k)]
+        if diff:
+            raise ValueError(f"the results differ in {diff}: only seeds may differ")
+    seeds = [r["config"]["seed"] for r in results]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"the same seed twice: {seeds}")
+    rows: list[dict[str, Any]] = []
+    for size_rows in zip(*(r["rows"] for r in results)):
+        if not all(row.get("measured") for row in size_rows):
+            break  # fit the sizes every seed finished
+        per_seed = [targets(row["measured"]) for row in size_rows]
+        mean = {t: float(np.mean([v[t] for v in per_seed])) for t in per_seed[0]}
+        measured = {"mean_zeroshot_error": mean["mean_zeroshot_error"], "val_loss": mean["val_loss"],
+                    "zeroshot_error": {t.removesuffix("_error"): v for t, v in mean.items()
+                                       if t.endswith("_error") and not t.startswith(("mean_", "selection_"))}}
+        if "selection_group_error" in mean:
+            measured["selection"] = {"group_error": mean["selection_group_error"],
+                                     "text_error": mean["selection_text_error"]}
+        spread = {t: float(np.std([v[t] for v in per_seed])) for t in per_seed[0]}
+        rows.append({**{k: size_rows[0][k] for k in ("size", "width", "layers", "heads", "flops", "lr", "parameters")},
+                     "status": "completed", "measured": measured, "seed_sd": spread})
+    fitted = fits(rows)
+    per_seed_holdout = {t: [(r["fits"].get(t) or {}).get("holdout_largest", {}).get("relative_error") for r in results]
+                        for t in fitted}
+    cfg = {**first, "seeds": seeds}
+    cfg.pop("seed", None)
+    out = {"experiment": "scaling", "status": "complete" if len(rows) == len(first["sizes"]) else "partial",
+           "config": cfg, "rows": rows, "fits": fitted, "per_seed_holdout_relative_error": per_seed_holdout}
+    if plot_path is not None:
+        out["plot"] = str(plot(rows, fitted, plot_path,
+                               f"built-in scenes, {first['steps']} x {first['batch_size']} images per size, "
+                               f"mean of seeds {', '.join(map(str, seeds))}, lr rule {first['lr_rule']}"))
+    return out
+
+
 def format_scaling(result: dict[str, Any]) -> str:
     """The table ``clipforge experiment scaling`` prints."""
     lines = [f"{'size':<6}{'width':>6}{'layers':>7}{'params':>10}{'FLOPs':>11}{'lr':>9}{'mean err':>10}"
@@ -327,4 +371,4 @@ def format_scaling(result: dict[str, Any]) -> str:
 
 
 __all__ = ["ScalingConfig", "run_scaling", "format_scaling", "family_config", "training_flops", "SCALING_FAMILY",
-           "DEFAULT_SIZES", "targets", "fits", "LR_RULES"]
+           "DEFAULT_SIZES", "targets", "fits", "LR_RULES", "combine_seeds"]
