@@ -41,7 +41,7 @@ from sigmoid_vs_softmax import _quick_manifest  # noqa: E402
 from train_real import DEFAULT_DATA, REPO, build_manifest, chance, test_retrieval  # noqa: E402
 
 KEYS = [f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)]
-RECIPE_FIELDS = ("patch_dropout", "distill_model", "distill_weight")  # what the runs differ in
+RECIPE_FIELDS = ("patch_dropout", "distill_model", "distill_weight", "hard_negatives", "hard_negatives_other")  # what the runs differ in
 
 
 def _cpu_seconds() -> float:
@@ -73,6 +73,14 @@ def _run(config: Any) -> dict[str, Any]:
         if diff:
             raise SystemExit(f"{config.out} holds a run with other {', '.join(diff)}; remove it or use another --workdir")
     return train_or_resume(config)
+
+
+def _spatial_share(manifest: Path) -> float:
+    """Share of the training captions with a left/right word: the photos ``mirror`` pairs with a flip."""
+    from clipforge.data.mirror import swap_left_right
+
+    caps = [r["caption"] for r in map(json.loads, manifest.read_text().splitlines()) if r.get("split") == "train"]
+    return sum(swap_left_right(c) != c for c in caps) / max(1, len(caps))
 
 
 def calibrate(args: argparse.Namespace, manifest: Path) -> int:
@@ -123,8 +131,12 @@ def main() -> int:
     p.add_argument("--calibrate", action="store_true", help="measure the plain run for 30 s; print --steps for 10 CPU-min")
     p.add_argument("--calibrate-seconds", type=float, default=30.0)
     p.add_argument("--quick", action="store_true", help="pipeline check: 4 steps, 200 test images, 100 CIFAR-10 images")
+    p.add_argument("--variants", default="plain,patch_dropout,distill",
+                   help="comma-separated students: plain, patch_dropout, distill, mirror (--hard-negatives mirror), "
+                        "mirror_flip (also --hard-negatives-other flip)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if args.quick:
         args.steps, args.teacher_steps, args.zeroshot_n = 4, 4, 100
         args.workdir = args.workdir.with_name(args.workdir.name + "_quick")
@@ -154,8 +166,17 @@ def main() -> int:
     teacher_dir = args.workdir / f"teacher_{args.teacher_model}_{args.teacher_steps}"
     teacher = _run(_config(args, manifest, teacher_dir, model=args.teacher_model, steps=args.teacher_steps))
     teacher_ckpt = str(teacher_dir / "final.safetensors")
-    variants = [("plain", {}), (f"patch_dropout_{args.patch_dropout:g}", {"patch_dropout": args.patch_dropout}),
-                ("distill", {"distill_model": teacher_ckpt, "distill_weight": args.distill_weight})]
+    known = {"plain": ("plain", {}),
+             "patch_dropout": (f"patch_dropout_{args.patch_dropout:g}", {"patch_dropout": args.patch_dropout}),
+             "distill": ("distill", {"distill_model": teacher_ckpt, "distill_weight": args.distill_weight}),
+             # image-side hard negatives on photos: a captioned left/right photo's flip with the words swapped;
+             # mirror_flip also flips photos whose caption has no left/right word (caption unchanged)
+             "mirror": ("mirror", {"hard_negatives": "mirror"}),
+             "mirror_flip": ("mirror_flip", {"hard_negatives": "mirror", "hard_negatives_other": "flip"})}
+    unknown = [v for v in args.variants if v not in known]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(known)}")
+    variants = [known[v] for v in args.variants]
     cifar = LabelledZeroShot(str(args.data / "cifar10_test" / "cifar10_test.npz"), n=args.zeroshot_n, seed=args.seed,
                              templates="cifar10", name="cifar10")
     rows: list[dict[str, Any]] = []
@@ -180,11 +201,11 @@ def main() -> int:
     record = {
         "dataset": "flickr8k/test + cifar10/test", "model": args.model, "teacher_model": args.teacher_model,
         "task": "recipes_quality", "quick": args.quick,
-        "settings": {"steps": args.steps, "teacher_steps": args.teacher_steps, "batch_size": args.batch_size,
+        "settings": {"variants": args.variants, "steps": args.steps, "teacher_steps": args.teacher_steps, "batch_size": args.batch_size,
                      "lr": args.lr, "wd": args.wd, "seed": args.seed, "threads": args.threads, "grad_clip": 1.0,
                      "patch_dropout": args.patch_dropout, "distill_weight": args.distill_weight,
                      "zeroshot_n": args.zeroshot_n, "cifar10_templates": "cifar10"},
-        "runs": rows, "chance": {**chance(rows[0]["n_images"], rows[0]["n_texts"], per_image), "cifar10_zeroshot_acc": 0.1},
+        "spatial_caption_share": _spatial_share(manifest), "runs": rows, "chance": {**chance(rows[0]["n_images"], rows[0]["n_texts"], per_image), "cifar10_zeroshot_acc": 0.1},
         "total_wall_s": time.time() - started, "environment": environment(),
     }
     write_json(out, record)
