@@ -152,8 +152,9 @@ def _image_features(model: CLIP, images: torch.Tensor) -> torch.Tensor:
 def _text_features(model: CLIP, ids: torch.Tensor) -> torch.Tensor:
     """The text half of :class:`~clipforge.training.step.FeatureModel`, over the full context. The
     fast tower's ``forward`` first trims padding after the batch's longest caption, which needs the
-    ids' values (meta tensors have none); at full context that trim is a no-op, so its pooled
-    forward is exactly what runs for a batch whose longest caption fills the context."""
+    ids' values (meta tensors have none), and in training packs the real tokens of shorter
+    captions; at full context both are no-ops, so its pooled forward is exactly what runs for a
+    batch whose captions fill the context: an upper bound for real captions."""
     text = model.text
     out = text.forward_pooled(ids) if isinstance(text, FastTextTransformer) else text(ids)
     return F.normalize(out.float(), dim=-1)

@@ -516,3 +516,30 @@ def test_save_model_refuses_a_compiled_model(tmp_path):
     model.text = torch.compile(model.text)  # what optimize_for_inference(compile=True) does (not run here)
     with pytest.raises(ValueError, match="compiled"):
         save_model(model, tmp_path / "m.safetensors")
+
+
+def test_training_text_tower_computes_only_the_real_tokens(monkeypatch):
+    """Training packs each caption's real tokens (padding after the end-of-text token is never a
+    product row): every block's projections see sum(lengths) rows, the last block's queries one
+    row per caption; and the pooled features equal the padded computation's."""
+    model = fast.enable(clipforge.create_model(micro_config("vit"), seed=0).train())
+    ids = clipforge.tokenize(["a dog", "two red cats on the beach at night", "a", "a small circle"])
+    lengths = ids.argmax(dim=-1) + 1
+    seen: list[tuple[str, int]] = []
+    project = fast.transformer.FastAttention.project
+
+    def spy(self, x, which):
+        seen.append((which, x.reshape(-1, x.shape[-1]).shape[0]))
+        return project(self, x, which)
+
+    monkeypatch.setattr(fast.transformer.FastAttention, "project", spy)
+    got = model.encode_text(ids)
+    got.square().sum().backward()
+    layers = len(model.text.transformer.resblocks)
+    text_calls = seen[: 2 * (layers - 1) + 3]
+    total = int(lengths.sum())
+    assert total < ids.shape[0] * int(lengths.max())  # there is padding to skip
+    assert text_calls == [("qkv", total), ("out", total)] * (layers - 1) + [("kv", total), ("q", 4), ("out", 4)]
+    with torch.no_grad():
+        padded = model.text.forward_pooled(ids[:, : int(lengths.max())])
+    assert (got.detach() - padded).abs().max() <= TOL

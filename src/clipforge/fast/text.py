@@ -1,5 +1,6 @@
-"""The fast text tower: padding trimmed, rows bucketed by length, a shared prompt prefix computed
-once, the last block run for the end-of-text rows only. All exact because attention is causal:
+"""The fast text tower: padding trimmed, rows bucketed by length (inference) or their real tokens
+packed (training), a shared prompt prefix computed once, the last block run for the end-of-text
+rows only. All exact because attention is causal:
 a token never sees the tokens after it, so what follows a row's end-of-text token cannot change
 its features."""
 
@@ -26,7 +27,11 @@ class FastTextTransformer(TextTransformer):
             if ids.shape[0] > 1 and not torch.is_grad_enabled():
                 return self._forward_bucketed(ids)
             if ids.shape[0] > 0:  # tokens after the batch's last end-of-text token: never seen
-                ids = ids[:, : int(ids.argmax(dim=-1).max()) + 1]
+                lengths = ids.argmax(dim=-1) + 1
+                ids = ids[:, : int(lengths.max())]
+                if int(lengths.sum()) < ids.numel():  # training: the real tokens alone, packed
+                    x = self.transformer.forward_packed_pooled(self.embed(ids), lengths)
+                    return self.ln_final(x) @ self.text_projection
         return self.forward_pooled(ids)
 
     def forward_pooled(self, ids: torch.Tensor) -> torch.Tensor:

@@ -157,10 +157,15 @@ class FastAttention(Packing, Attention):
         """Attention output ``[B, D]`` for one query row per sequence (``index[b]``) over the keys
         of ``h`` (``[B, L, D]``, normalised) and ``past``; causal: keys up to the row's position.
         Keys and values cost a full projection; queries and the output projection one row."""
-        b, l, d = h.shape
+        q = self.project(h[torch.arange(h.shape[0], device=h.device), index], "q")
+        return self._attend_rows(q, self.project(h, "kv"), index, past)
+
+    def _attend_rows(self, q: torch.Tensor, kv: torch.Tensor, index: torch.Tensor, past: KV | None) -> torch.Tensor:
+        """``attend_rows`` from the projected query rows ``[B, D]`` and keys and values ``[B, L, 2D]``."""
+        (b, l, _), d = kv.shape, q.shape[-1]
         hd = d // self.heads
-        q = self.project(h[torch.arange(b, device=h.device), index], "q").view(b, self.heads, 1, hd)
-        kv = self.project(h, "kv").view(b, l, 2, self.heads, hd).permute(2, 0, 3, 1, 4)
+        q = q.view(b, self.heads, 1, hd)
+        kv = kv.view(b, l, 2, self.heads, hd).permute(2, 0, 3, 1, 4)
         (k, v), p = kv.unbind(0), 0
         if past is not None:
             p = past[0].shape[2]
@@ -168,9 +173,33 @@ class FastAttention(Packing, Attention):
             v = torch.cat([past[1].expand(b, -1, -1, -1), v], dim=2)
         mask = None
         if self.causal:
-            mask = (torch.arange(p + l, device=h.device) <= (index[:, None] + p)).view(b, 1, 1, p + l)
+            mask = (torch.arange(p + l, device=q.device) <= (index[:, None] + p)).view(b, 1, 1, p + l)
         out = attention(q, k, v, mask)
         return self.project(out.reshape(b, d), "out")
+
+    def attend_packed(self, h: torch.Tensor, rows: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """Causal attention output ``[T, D]`` for packed tokens ``h`` (``[T, D]``, normalised): the
+        ``rows`` (flat indices) of a ``[B, L]`` batch where each sequence holds its first tokens.
+        Projections on the T rows only; attention on the zero-padded batch, where causality keeps
+        every real token from seeing the padding after it."""
+        (b, l), (_, d) = shape, h.shape
+        qkv = pad_rows(self.project(h, "qkv"), rows, b * l)  # [B*L, 3D]
+        q, k, v = qkv.view(b, l, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = attention(q, k, v, causal=True).transpose(1, 2).reshape(b * l, d)  # [B*L, D]
+        return self.project(out.index_select(0, rows), "out")
+
+    def attend_rows_packed(self, h: torch.Tensor, rows: torch.Tensor, shape: tuple[int, int],
+                           pooled: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``attend_rows`` for packed tokens (see ``attend_packed``): the query rows ``pooled``
+        (indices into ``h``) at positions ``index`` of their sequences; keys from the T rows."""
+        (b, l), (_, d) = shape, h.shape
+        kv = pad_rows(self.project(h, "kv"), rows, b * l).view(b, l, 2 * d)
+        return self._attend_rows(self.project(h.index_select(0, pooled), "q"), kv, index, None)
+
+
+def pad_rows(x: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """Packed rows ``x`` [T, C] placed at the flat indices ``rows`` of a zero ``[n, C]`` tensor (differentiable)."""
+    return x.new_zeros(n, x.shape[1]).index_copy(0, rows, x)
 
 
 class FastBlock(ResidualAttentionBlock):
@@ -189,6 +218,18 @@ class FastBlock(ResidualAttentionBlock):
         return y + self.mlp(self.ln_2(y))
 
 
+    def forward_packed(self, x: torch.Tensor, rows: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """The block over packed tokens ``x`` ``[T, D]`` of a causal batch (``FastAttention.attend_packed``)."""
+        x = x + self.attn.attend_packed(self.ln_1(x), rows, shape)
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_rows_packed(self, x: torch.Tensor, rows: torch.Tensor, shape: tuple[int, int],
+                            pooled: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``forward_rows`` for packed tokens: the rows ``pooled`` of ``x`` (position ``index`` in their sequences)."""
+        y = x.index_select(0, pooled) + self.attn.attend_rows_packed(self.ln_1(x), rows, shape, pooled, index)
+        return y + self.mlp(self.ln_2(y))
+
+
 class FastTransformer(Transformer):
     resblocks: list[FastBlock]  # type: ignore[assignment]
 
@@ -204,6 +245,30 @@ class FastTransformer(Transformer):
         if ckpt:
             return checkpoint(last.forward_rows, x, pool, use_reentrant=False)
         return last.forward_rows(x, pool)
+
+    def forward_packed_pooled(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Final states ``[B, D]`` at the last real token of each sequence of a causal batch ``x``
+        (``[B, L, D]``, ``lengths[b]`` real tokens first, padding after). The token-wise products
+        (projections, MLP, LayerNorm) run on the real tokens alone, packed: the work of the sum of
+        the lengths, not of B x L, in training too (what the text tower's trimming leaves, ~half of
+        a batch of captions). Exact: with causal attention no real token reads the padding."""
+        if not self.causal:
+            raise ValueError("packing the real tokens is exact only for causal attention")
+        b, l, d = x.shape
+        pos = torch.arange(l, device=x.device)
+        rows = (pos[None] < lengths[:, None]).reshape(-1).nonzero().squeeze(1)  # [T] flat indices
+        x = x.reshape(b * l, d).index_select(0, rows)  # [T, D]
+        pooled, index = lengths.cumsum(0) - 1, lengths - 1  # last real tokens: in the packed rows; in each sequence
+        if not len(self.resblocks):
+            return x.index_select(0, pooled)
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        *blocks, last = self.resblocks
+        for block in blocks:
+            x = (checkpoint(block.forward_packed, x, rows, (b, l), use_reentrant=False) if ckpt
+                 else block.forward_packed(x, rows, (b, l)))
+        if ckpt:
+            return checkpoint(last.forward_rows_packed, x, rows, (b, l), pooled, index, use_reentrant=False)
+        return last.forward_rows_packed(x, rows, (b, l), pooled, index)
 
     def forward_shared_prefix(self, prefix: torch.Tensor, x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
         """Final states ``[B, D]`` at positions ``pool`` (indices into ``x``) of the sequences
