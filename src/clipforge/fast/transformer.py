@@ -217,7 +217,6 @@ class FastBlock(ResidualAttentionBlock):
         y = x[torch.arange(x.shape[0], device=x.device), index] + self.attn.attend_rows(self.ln_1(x), index, past)
         return y + self.mlp(self.ln_2(y))
 
-
     def forward_packed(self, x: torch.Tensor, rows: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
         """The block over packed tokens ``x`` ``[T, D]`` of a causal batch (``FastAttention.attend_packed``)."""
         x = x + self.attn.attend_packed(self.ln_1(x), rows, shape)
