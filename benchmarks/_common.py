@@ -73,22 +73,23 @@ def matmul_peak_gflops(n: int = 4096, reps: int = 5) -> dict[str, float]:
     the higher, the ceiling that '% of peak' figures are measured against. ``bf16_peak``: the same
     n^3 product in bf16 through oneDNN (0 where it cannot run), the ceiling for bf16 rows."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    out = {"blas": 2 * n**3 / _median_time(lambda: torch.mm(a, b), reps) / 1e9}
+    out = {"blas": 2 * n**3 / median_time(lambda: torch.mm(a, b), reps) / 1e9}
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     if op is not None:
         bt = b.t().contiguous()
-        out["onednn"] = 2 * n**3 / _median_time(lambda: op(a, bt, None, "none", [], ""), reps) / 1e9
+        out["onednn"] = 2 * n**3 / median_time(lambda: op(a, bt, None, "none", [], ""), reps) / 1e9
     out["peak"] = max(out.values())
     try:
         a16, b16 = a.bfloat16(), b.t().contiguous().bfloat16()
         f = (lambda: op(a16, b16, None, "none", [], "")) if op is not None else (lambda: torch.mm(a16, b16.t()))
-        out["bf16_peak"] = 2 * n**3 / _median_time(f, reps) / 1e9
+        out["bf16_peak"] = 2 * n**3 / median_time(f, reps) / 1e9
     except RuntimeError:  # no bf16 kernel here
         out["bf16_peak"] = 0.0
     return out
 
 
-def _median_time(fn: Callable[[], object], reps: int) -> float:
+def median_time(fn: Callable[[], object], reps: int) -> float:
+    """Median wall seconds of ``reps`` calls of ``fn`` (after one warm-up call)."""
     fn()
     times = []
     for _ in range(reps):

@@ -14,6 +14,13 @@ Suites (``--suite``, default all):
   offline batched text and image encode rates of the same model, precision and thread count in
   this process, and the goal ratios at 32 text clients: batched / unbatched QPS (goal >= 3),
   batched QPS / offline rate (goal >= 0.7), p99 / (2 x single-client p50 + batch wait) (goal < 1).
+- ``costs``: what the goals allow on this machine, from the server's own parts timed in this process
+  (medians of ``--cost-reps``): the exact (batch-invariant) encode of 1, 16 and 32 texts and the plain
+  batched encode of 16 and 32 on the server's encode threads, one flat-index search by FAISS (a
+  query alone) and the server's batched search of 32 queries (``search_flat_exact``, 1 thread). From them: the most QPS the cores could give if they did nothing but
+  encode and search (``ceiling_qps``; also with the search free), against the 70% goal; and, by
+  Little's law (32 closed-loop clients: mean latency = 32 / QPS), the QPS the p99 goal needs with the
+  single-client latency measured by ``batching`` in the same run.
 - ``hardening``: ``--clients`` clients (text + search-by-item) with and without one client
   sending 10 MB JSON bodies; then four clients uploading a 169-megapixel PNG (a few tens of KB)
   back to back; then ``--idle`` idle connections held open. Each phase polls /health every
@@ -24,6 +31,7 @@ other than 503 (503 is the server shedding load by design; counted apart).
 
     python benchmarks/serve_load.py                               # everything, ViT-B/32
     python benchmarks/serve_load.py --suite batching --duration 10 --precisions fp32
+    python benchmarks/serve_load.py --suite batching,costs --precisions fp32       # the goals and what bounds them
     python benchmarks/serve_load.py --model tiny-vit --n 500 --duration 1 --clients-list 1,4 --idle 300  # smoke
 """
 
@@ -46,7 +54,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, environment, print_table
+from _common import RESULTS, environment, median_time, print_table
 
 SERVER = """
 import json, socket, sys
@@ -58,7 +66,8 @@ limits = connection_budget(ServerLimits(max_connections=cfg["max_connections"]))
 model, pre = load_for_inference(cfg["model"], precision=cfg["precision"], random_init=True, seed=0)
 app = create_app(cfg["index"], model, pre, workers=cfg["threads"], max_batch=cfg["max_batch"],
                  batch_wait_ms=cfg["wait_ms"], max_pending=4096, query_cache=cfg["cache"],
-                 exact_batches=cfg["exact"], encode_threads=cfg["encode_threads"] or default_encode_threads())
+                 exact_batches=cfg["exact"], encode_threads=cfg["encode_threads"] or default_encode_threads(),
+                 batch_searches=cfg["batch_searches"])
 sock = socket.socket(); sock.bind(("127.0.0.1", 0))
 print(sock.getsockname()[1], flush=True)
 uvicorn_server(app, limits, log_level="warning", access_log=False).run(sockets=[sock])
@@ -161,7 +170,7 @@ class Server:
         cfg = {"index": str(idx), "model": args.model, "threads": args.threads, "max_batch": max_batch,
                "wait_ms": args.batch_wait_ms, "precision": precision, "cache": cache,
                "max_connections": args.max_connections, "exact": args.exact,
-               "encode_threads": args.encode_threads}
+               "encode_threads": args.encode_threads, "batch_searches": args.batch_searches}
         self.proc = subprocess.Popen([sys.executable, "-c", SERVER, json.dumps(cfg)], stdout=subprocess.PIPE, text=True)
         self.port = int(self.proc.stdout.readline())
         self.base = f"http://127.0.0.1:{self.port}"
@@ -334,6 +343,69 @@ def offline_rates(args: argparse.Namespace, precision: str, batch: int = 32, n: 
     return {"text": text_rate, "image": image_rate}
 
 
+def costs_suite(idx: Path, args: argparse.Namespace, precision: str = "fp32") -> dict:
+    """The server's parts timed alone, in this process, on the server's encode threads: the
+    exact encode (:func:`clipforge.search.exact.encode_texts_exact`, the server's default), the
+    plain batched encode, one flat-index search; and the offline rate the goals are against."""
+    import os
+
+    from clipforge.inference import embed_texts
+    from clipforge.loading import load_for_inference
+    import torch
+
+    from clipforge.search.exact import encode_texts_exact, flat_vectors, search_flat_exact
+    from clipforge.search.index import load_index
+    from clipforge.search.service import default_encode_threads
+    from clipforge.utils import torch_threads
+
+    threads = args.encode_threads or default_encode_threads()
+    cores = len(os.sched_getaffinity(0))
+    model, _ = load_for_inference(args.model, precision=precision, random_init=True, seed=0)
+    rng = np.random.default_rng(1)
+    texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 7)))) + f" {i}" for i in range(32)]
+    index = load_index(idx)
+    q = np.ascontiguousarray(rng.standard_normal((1, index.info["dim"])).astype(np.float32))
+    out: dict = {"precision": precision, "encode_threads": threads, "cores": cores, "reps": args.cost_reps}
+    with torch_threads(threads):
+        for b in (1, 16, 32):
+            out[f"exact_{b}_ms"] = 1000 * median_time(lambda: encode_texts_exact(model, texts[:b]), args.cost_reps)
+        for b in (16, 32):
+            out[f"plain_{b}_ms"] = 1000 * median_time(lambda: embed_texts(model, texts[:b], batch_size=b), args.cost_reps)
+    out["search_1_ms"] = 1000 * median_time(lambda: index.search(q, 10), args.cost_reps)
+    vectors = flat_vectors(index)
+    if vectors is not None:  # the server's batched search of an exact index: 32 queries, max_k + 1 each
+        qs = torch.from_numpy(rng.standard_normal((32, index.info["dim"])).astype(np.float32))
+        with torch_threads(1):
+            out["search_batched_32_ms"] = 1000 * median_time(lambda: search_flat_exact(vectors, qs, 101), args.cost_reps)
+    out["offline_per_s"] = offline_rates(args, precision)["text"]
+    # CPU-milliseconds per query of the server's two heavy parts at a batch of 32
+    enc = out["exact_32_ms"] * threads / 32
+    out["exact_core_ms_per_text"] = enc
+    out["plain_core_ms_per_text"] = out["plain_32_ms"] * threads / 32
+    out["search_core_ms_per_query"] = out.get("search_batched_32_ms", 32 * out["search_1_ms"]) / 32
+    out["ceiling_qps"] = 1000 * cores / (enc + out["search_core_ms_per_query"])
+    out["ceiling_qps_search_free"] = 1000 * cores / enc
+    out["ceiling_of_offline"] = out["ceiling_qps"] / out["offline_per_s"]
+    out["ceiling_search_free_of_offline"] = out["ceiling_qps_search_free"] / out["offline_per_s"]
+    out["batch16_over_single"] = out["exact_16_ms"] / out["exact_1_ms"]
+    return out
+
+
+def p99_needs(costs: dict, rows: list[dict], args: argparse.Namespace, clients: int = 32) -> dict:
+    """Little's law for ``clients`` closed-loop clients with no think time: mean latency =
+    clients / QPS. The p99 goal (p99 < 2 x single-client p50 + batch wait) then needs at least
+    QPS > clients / bound (a p99 under the mean would need a latency spread these runs do not show:
+    ``batching`` reports p50 and p99)."""
+    one = next((r for r in rows if r.get("precision") == costs["precision"] and r.get("kind") == "text"
+                and r.get("max_batch") == args.max_batch and r.get("clients") == 1), None)
+    if one is None:
+        return {}
+    bound = 2 * one["p50_ms"] + args.batch_wait_ms
+    need = 1000 * clients / bound
+    return {"clients": clients, "single_p50_ms": one["p50_ms"], "p99_bound_ms": bound, "qps_needed": need,
+            "needed_of_offline": need / costs["offline_per_s"], "needed_of_ceiling": need / costs["ceiling_qps"]}
+
+
 def bf16_missing() -> str | None:
     """Why bf16 rows cannot run here (None if they can): benchmarks/encode.py's test, a bf16
     GEMM through oneDNN (a small one: only whether the kernel exists matters)."""
@@ -499,7 +571,9 @@ def hardening_suite(idx: Path, args: argparse.Namespace) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", choices=["all", "batching", "hardening"], default="all")
+    ap.add_argument("--suite", type=lambda t: t.split(","), default=["all"],
+                    help="comma-separated: all, batching, costs, hardening (default all)")
+    ap.add_argument("--cost-reps", type=int, default=7, help="costs: timed calls per part (median)")
     ap.add_argument("--n", type=int, default=100_000, help="indexed vectors")
     ap.add_argument("--model", default="ViT-B/32", help="zoo architecture (random weights)")
     ap.add_argument("--clients", type=int, default=50, help="hardening: clients of the baseline/abuse phases")
@@ -509,6 +583,8 @@ def main() -> int:
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
     ap.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
                     help="server's --exact-batches (fixed-shape chunks: the same bits whatever the batch)")
+    ap.add_argument("--batch-searches", action=argparse.BooleanOptionalAction, default=True,
+                    help="server's --batch-searches (flat-index searches of a batch together, chunks of 4)")
     ap.add_argument("--encode-threads", type=int, default=None,
                     help="server's torch threads for the encodes (default: clipforge serve's, cores - 1)")
     ap.add_argument("--offline-threads", type=int, default=None,
@@ -520,6 +596,10 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "serve_load.json")
     args = ap.parse_args()
+    unknown = set(args.suite) - {"all", "batching", "costs", "hardening"}
+    if unknown:
+        ap.error(f"unknown suite(s) {sorted(unknown)}: choose from all, batching, costs, hardening")
+    wants = lambda name: "all" in args.suite or name in args.suite  # noqa: E731
 
     import clipforge
     from clipforge.search.server import raise_fd_limit
@@ -534,7 +614,8 @@ def main() -> int:
     server_errors = 0
     with tempfile.TemporaryDirectory() as tmp:
         idx = build_index(Path(tmp), args.n, dim, args.seed)
-        if args.suite in ("all", "batching"):
+        rows: list[dict] = []
+        if wants("batching"):
             rows = batching_suite(idx, args)
             out["batching"] = rows
             print_table([r for r in rows if "skipped" not in r], [("precision", "precision", ""), ("max_batch", "max batch", "d"), ("kind", "kind", ""),
@@ -553,7 +634,26 @@ def main() -> int:
                     print(f"{r['precision']}: skipped ({r['skipped']})")
             server_errors += sum(r.get("errors_5xx", 0) for r in rows)
             out["busy_503"] = sum(r.get("busy_503", 0) for r in rows)
-        if args.suite in ("all", "hardening"):
+        if wants("costs"):
+            costs = costs_suite(idx, args)
+            costs["p99_needs"] = p99_needs(costs, rows, args)
+            out["costs"] = costs
+            print_table([costs], [("encode_threads", "encode threads", "d"), ("exact_1_ms", "exact 1 ms", ".1f"),
+                                  ("exact_16_ms", "exact 16 ms", ".1f"), ("exact_32_ms", "exact 32 ms", ".1f"),
+                                  ("plain_16_ms", "plain 16 ms", ".1f"), ("plain_32_ms", "plain 32 ms", ".1f"),
+                                  ("search_1_ms", "1 search ms", ".1f"), ("search_batched_32_ms", "32 batched ms", ".1f"),
+                                  ("offline_per_s", "offline /s", ".1f")])
+            print_table([costs], [("exact_core_ms_per_text", "encode core-ms/text", ".1f"),
+                                  ("search_core_ms_per_query", "search core-ms/query", ".1f"),
+                                  ("ceiling_qps", "ceiling QPS", ".1f"), ("ceiling_of_offline", "of offline", ".2f"),
+                                  ("ceiling_search_free_of_offline", "search free: of offline", ".2f"),
+                                  ("batch16_over_single", "16 texts / 1 text", ".1f")])
+            if costs["p99_needs"]:
+                print_table([costs["p99_needs"]], [("clients", "clients", "d"), ("single_p50_ms", "1-client p50 ms", ".1f"),
+                                                   ("p99_bound_ms", "p99 bound ms", ".1f"), ("qps_needed", "QPS needed", ".1f"),
+                                                   ("needed_of_offline", "of offline", ".2f"),
+                                                   ("needed_of_ceiling", "of ceiling", ".2f")])
+        if wants("hardening"):
             phases = hardening_suite(idx, args)
             out["hardening"] = phases
             rows = [{"phase": phase, "request": kind, **r, "codes": " ".join(f"{k}:{v}" for k, v in r["status"].items())}

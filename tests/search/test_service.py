@@ -164,6 +164,7 @@ def test_server_survives_internal_errors(setup, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("simulated failure")
 
+    monkeypatch.setattr("clipforge.search.searcher.search_flat_exact", boom)  # the batched search of an exact index
     monkeypatch.setattr(app.state.searcher, "search_vector", boom)
     r = client.post("/search", json={"text": "dog"})
     assert r.status_code == 500 and "simulated failure" in r.json()["detail"]

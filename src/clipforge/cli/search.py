@@ -161,6 +161,10 @@ def _add_serve_compute_options(p: argparse.ArgumentParser) -> None:
                    help="encode batched queries in fixed-shape chunks so a query's embedding has the same bits "
                         "whatever batch it rode in (default); --no-exact-batches: one model call per batch, faster, "
                         "last bits vary with the batch")
+    p.add_argument("--batch-searches", action=argparse.BooleanOptionalAction, default=True,
+                   help="search an exact (flat) index for batched queries together, in chunks of 4 (default: one "
+                        "read of the index per chunk; a lone query costs a little more); --no-batch-searches: "
+                        "each query by FAISS in a request worker")
     p.add_argument("--encode-threads", type=positive_int, default=None,
                    help="torch threads that encode the batches (default: the cores available minus one, at least "
                         "one: on a busy CPU an OpenMP thread that shares its core with the event loop stalls "
@@ -432,7 +436,7 @@ def run_serve(args: argparse.Namespace) -> int:
                              max_image_pixels=args.max_image_pixels, cors_origins=tuple(args.cors_origin),
                              max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                              max_embed_items=args.max_embed_items, auth_token=token,
-                             exact_batches=args.exact_batches,
+                             exact_batches=args.exact_batches, batch_searches=args.batch_searches,
                              encode_threads=args.encode_threads or default_encode_threads(),
                              search_threads=args.search_threads)
             host, port = sock.getsockname()[:2]

@@ -117,8 +117,10 @@ class ClipBack:
     def __init__(self, served: dict[str, Any], *, max_upload_bytes: int, max_result_ids: int,
                  knn_columns: tuple[str, ...] = KNN_COLUMNS, decode_image: Any = decode_query_image,
                  embed_text: Callable[[str], np.ndarray] | None = None,
-                 embed_image: Callable[[Any], np.ndarray] | None = None) -> None:
+                 embed_image: Callable[[Any], np.ndarray] | None = None,
+                 search_hits: Callable[[Any, np.ndarray, int], list[Any]] | None = None) -> None:
         self.served, self.names = served, list(served)
+        self.search_hits = search_hits
         self.first = served[self.names[0]]
         self.searcher: Searcher = self.first.searcher  # model-level work (embedding a query) goes through the first
         self.embed_text = embed_text or self.searcher.embed_text
@@ -134,7 +136,13 @@ class ClipBack:
         query = self.query_vector(req)
         if num_ids == 0:
             return []
-        scores, ids = self.search(sv.searcher.index, query, num_ids, bool(req.deduplicate))
+        if self.search_hits is not None and num_ids <= sv.searcher.max_k:  # the service's batched search
+            hits = self.search_hits(sv, query, num_ids)
+            scores = np.array([h.score for h in hits], dtype=np.float32)
+            ids = np.array([h.id for h in hits], dtype=np.int64)
+            scores, ids = self.deduplicate(sv.searcher.index, scores, ids, bool(req.deduplicate))
+        else:
+            scores, ids = self.search(sv.searcher.index, query, num_ids, bool(req.deduplicate))
         rows = sv.searcher.index.rows(ids[:num_images].tolist())
         return [{**(self.item_metadata(sv, i, rows[j]) if j < len(rows) else {}), "id": i, "similarity": s}
                 for j, (i, s) in enumerate(zip(ids.tolist(), scores.tolist()))]
@@ -225,7 +233,11 @@ class ClipBack:
         clip_back's near-duplicate removal when asked."""
         scores, ids = index.search(query[None, :], k)
         keep = ids[0] >= 0
-        scores, ids = scores[0][keep], ids[0][keep]
+        return ClipBack.deduplicate(index, scores[0][keep], ids[0][keep], deduplicate)
+
+    @staticmethod
+    def deduplicate(index: Any, scores: np.ndarray, ids: np.ndarray, deduplicate: bool) -> tuple[np.ndarray, np.ndarray]:
+        """clip_back's near-duplicate removal over found ``ids`` (when asked)."""
         if deduplicate and len(ids):
             drop = near_duplicates(np.stack([index.vector(int(i)) for i in ids]))
             sel = np.array([j for j in range(len(ids)) if j not in drop], dtype=np.int64)
@@ -257,15 +269,18 @@ def add_clip_back_routes(app: FastAPI, served: dict[str, Any], pool: WorkerPool,
                          max_upload_bytes: int, max_result_ids: int,
                          knn_columns: tuple[str, ...] = KNN_COLUMNS, decode_image: Any = decode_query_image,
                          embed_text: Callable[[str], np.ndarray] | None = None,
-                         embed_image: Callable[[Any], np.ndarray] | None = None) -> None:
+                         embed_image: Callable[[Any], np.ndarray] | None = None,
+                         search_hits: Callable[[Any, np.ndarray, int], list[Any]] | None = None) -> None:
     """Register /knn-service, /indices-list and /metadata on ``app`` over ``served`` (name ->
     an object with ``searcher`` and ``thumbs``; the first is the default); ``decode_image``:
     bytes, name -> PIL image, with the server's pixel limit; ``embed_text`` / ``embed_image``
     (called in a worker thread): how a query is embedded, e.g. through the service's batchers
-    (default: the first searcher's own model call)."""
+    (default: the first searcher's own model call); ``search_hits(served index, vector, k)``: how
+    up to ``max_k`` results are searched, e.g. through the service's search batcher (default, and
+    for more results: the index's own search)."""
     api = ClipBack(served, max_upload_bytes=max_upload_bytes, max_result_ids=max_result_ids,
                    knn_columns=knn_columns, decode_image=decode_image, embed_text=embed_text,
-                   embed_image=embed_image)
+                   embed_image=embed_image, search_hits=search_hits)
     kinds = sorted({sv.searcher.index.info["kind"] for sv in served.values()})
     knn_schema = knn_request_schema(kinds, api.names, api.searcher.index.info["dim"], api.searcher.max_k,
                                     max_result_ids)

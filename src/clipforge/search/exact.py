@@ -15,6 +15,14 @@ shape that depends on the row alone:
   tokens (causal), so nothing a text computes reads a companion. Only the tokens up to each
   text's end-of-text token are computed: no length buckets, no padding rows between texts.
 
+Searches of an exact (flat, inner-product) FAISS index batch the same way
+(:func:`search_flat_exact`): queries in chunks of exactly ``QUERY_ROWS`` (zero queries padding the
+last), each chunk one matrix product against fixed blocks of ``SCAN_BLOCK`` stored vectors, then a
+top-``fetch`` per query. The index is read once per chunk instead of once per query (a 100k x 512
+flat index, 1 thread: 15 ms per query by FAISS alone; a chunk of 4 queries 22 ms, of 8 36 ms), and a
+query's scores and ids do not depend on its companions. The scores equal FAISS's own to float32
+rounding (a different summation order), the ids too except where two scores tie to that rounding.
+
 Checked on the serving CPU by ``tests/search/test_exact.py`` (a query alone vs inside chunks with
 other companions and at every position: equal bits). Other text towers (SigLIP, HF towers, ONNX
 graphs; :func:`packs_text` is False) are encoded one text per call by the searcher: a shape fixed
@@ -43,6 +51,8 @@ from ..tokenizer import tokenize
 
 TEXT_TOKENS = 48                    # token rows per text chunk (a longer text: one chunk of the context length)
 IMAGE_ROWS = 2                      # images per chunk
+QUERY_ROWS = 4                      # queries per search chunk
+SCAN_BLOCK = 1 << 16                # stored vectors per product of a search chunk
 
 
 def packs_text(model: torch.nn.Module) -> bool:
@@ -147,3 +157,57 @@ def encode_images_exact(model: torch.nn.Module, images: list[torch.Tensor]) -> t
     if not out:
         return torch.empty(0, int(model.config.embed_dim))
     return torch.cat(out)
+
+
+def flat_vectors(index: object) -> torch.Tensor | None:
+    """The stored vectors of an exact inner-product FAISS index as a zero-copy ``[N, D]`` float32
+    tensor (it lives as long as the index), or None for any other index (IVF, HNSW, compressed
+    codes, L2, Milvus): those are searched by their own ``search``."""
+    import faiss
+    import numpy as np
+
+    raw = getattr(index, "index", None)  # a LoadedIndex's faiss index
+    if raw is None:
+        return None
+    flat = faiss.downcast_index(raw)
+    if not isinstance(flat, faiss.IndexFlat) or flat.metric_type != faiss.METRIC_INNER_PRODUCT or flat.ntotal == 0:
+        return None
+    view = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d)
+    return torch.from_numpy(np.asarray(view).reshape(flat.ntotal, flat.d))
+
+
+@torch.inference_mode()
+def search_flat_exact(vectors: torch.Tensor, queries: torch.Tensor, fetch: int,
+                      skip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, ids), each ``[B, min(fetch, N)]``, best first, of ``queries`` [B, D] against
+    ``vectors`` [N, D] by inner product, in chunks of exactly ``QUERY_ROWS`` queries and blocks of
+    ``SCAN_BLOCK`` vectors (shapes fixed by the index, never by the batch: a query's bits are its
+    own). ``skip`` (bool [N]): ids never returned (deleted items; their rows score ``-inf`` and come
+    last, id -1). Equal scores are listed by id."""
+    n, d = vectors.shape
+    fetch = min(fetch, n)
+    b = queries.shape[0]
+    scores, ids = torch.empty(b, fetch), torch.empty(b, fetch, dtype=torch.long)
+    for s in range(0, b, QUERY_ROWS):
+        chunk = torch.zeros(QUERY_ROWS, d)
+        part = queries[s:s + QUERY_ROWS]
+        chunk[: part.shape[0]] = part
+        vals, idx = [], []
+        for v0 in range(0, n, SCAN_BLOCK):
+            sc = (vectors[v0:v0 + SCAN_BLOCK] @ chunk.T).T.contiguous()  # [Q, block]; the block as the
+            # left operand: GEMM libraries pack the right one, and packing a block per chunk cost more than the product
+            if skip is not None:
+                sc.masked_fill_(skip[v0:v0 + SCAN_BLOCK], float("-inf"))
+            top = torch.topk(sc, min(fetch, sc.shape[1]), dim=1)
+            vals.append(top.values)
+            idx.append(top.indices + v0)
+        v, i = torch.cat(vals, 1), torch.cat(idx, 1)
+        # best first, ties to the lower id: sort by id, then a stable sort by score
+        by_id = torch.argsort(i, dim=1)
+        v, i = torch.gather(v, 1, by_id), torch.gather(i, 1, by_id)
+        order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :fetch]
+        v, i = torch.gather(v, 1, order), torch.gather(i, 1, order)
+        i[torch.isneginf(v)] = -1
+        m = part.shape[0]
+        scores[s:s + m], ids[s:s + m] = v[:m], i[:m]
+    return scores, ids

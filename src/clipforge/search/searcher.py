@@ -21,7 +21,7 @@ from ..preprocess import image_transform
 from ..families import tokenizer_for
 from ..tokenizer import DEFAULT_OVERLAP, check_long_text
 from .backend import SearchBackend
-from .exact import encode_images_exact, encode_texts_exact, packs_text
+from .exact import encode_images_exact, encode_texts_exact, flat_vectors, packs_text, search_flat_exact
 from .filters import FilterError, Predicate, filterable_columns, mask, milvus_expr, parse_filter
 from .index import load_index
 from ..embeddings import weights_sha256
@@ -104,6 +104,12 @@ class Searcher:
         self._cache = _LRU(query_cache)
         self._masks: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock_masks = threading.Lock()
+        self._flat = flat_vectors(self.index)  # an exact FAISS index's vectors: batched searches (search_batch)
+        deleted = sorted(getattr(self.index, "deleted", ()))
+        self._skip = None
+        if self._flat is not None and deleted:
+            self._skip = torch.zeros(self._flat.shape[0], dtype=torch.bool)
+            self._skip[deleted] = True
         dim = int(model.config.embed_dim)
         if dim != self.index.info["dim"]:
             raise ValueError(f"model embeds into {dim} dims but the index at {self.index.path} holds "
@@ -191,6 +197,28 @@ class Searcher:
         pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and i != exclude][:k]
         rows = self.index.rows([i for i, _ in pairs])
         return [Hit(i, s, r) for (i, s), r in zip(pairs, rows)]
+
+    def search_batch(self, queries: list[tuple[np.ndarray, int, int | None]], threads: int | None = 1
+                     ) -> list[list[Hit]]:
+        """Unfiltered searches of several queries ``(vector, k, excluded id or None)`` at once, as
+        the server's search batcher sends them. An exact FAISS index is read once per chunk of
+        queries (:func:`.exact.search_flat_exact`, ``threads`` torch threads), every query fetching
+        ``max_k + 1``, so its hits never depend on the others in the batch; other indexes (IVF,
+        HNSW, Milvus) are searched query by query."""
+        if self._flat is None:
+            return [self.search_vector(v, k, exclude) for v, k, exclude in queries]
+        ks = [self.check_k(k) for _, k, _ in queries]
+        q = torch.from_numpy(np.ascontiguousarray(np.stack([v for v, _, _ in queries]), dtype=np.float32))
+        if q.shape[1] != self._flat.shape[1]:
+            raise QueryError(f"query dim {q.shape[1]} != index dim {self._flat.shape[1]}")
+        with torch_threads(threads):
+            scores, ids = search_flat_exact(self._flat, q, self.max_k + 1, self._skip)
+        out = []
+        for (_, _, exclude), k, sc, ii in zip(queries, ks, scores.tolist(), ids.tolist()):
+            pairs = [(i, s) for i, s in zip(ii, sc) if i >= 0 and i != exclude][:k]
+            rows = self.index.rows([i for i, _ in pairs])
+            out.append([Hit(i, s, r) for (i, s), r in zip(pairs, rows)])
+        return out
 
     @property
     def filter_columns(self) -> dict[str, str]:

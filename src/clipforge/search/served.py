@@ -111,6 +111,7 @@ class Settings:
     exact_batches: bool = True
     encode_threads: int | None = None
     search_threads: int = 1
+    batch_searches: bool = True
     uploads: bool | None = None
 
     def check(self) -> None:
@@ -189,17 +190,26 @@ class Service:
                                        on_batch=functools.partial(observe_batch, self.metrics, kind))
                          for kind, encode in (("text", self.searcher.encode_texts),
                                               ("image", self.searcher.encode_images))}
+        # unfiltered searches of each index, batched too (max_batch 1: each query alone, by FAISS, in the pool)
+        self.search_batchers = {
+            nm: Batcher(functools.partial(sv.searcher.search_batch, threads=cfg.search_threads),
+                        max_batch=cfg.max_batch, wait_s=cfg.batch_wait_ms / 1000, max_pending=cfg.max_pending,
+                        name=f"search:{nm}", on_batch=functools.partial(observe_batch, self.metrics, "search"))
+            for nm, sv in served.items() if cfg.max_batch > 1 and cfg.batch_searches}
         for kind, b in self.batchers.items():
             self.metrics.gauge("clipforge_queue_depth", "items waiting for a batch, by kind", lambda b=b: b.depth,
                                kind=kind)
+        for nm, b in self.search_batchers.items():
+            self.metrics.gauge("clipforge_queue_depth", "items waiting for a batch, by kind", lambda b=b: b.depth,
+                               kind=f"search:{nm}")
         self.metrics.gauge("clipforge_pool_pending", "requests queued or running in the worker pool",
                            lambda: self.pool.pending)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _: FastAPI):  # type: ignore[no-untyped-def]
         yield
-        for b in self.batchers.values():  # uvicorn has drained in-flight requests; finish what is queued
-            b.close()
+        for b in [*self.batchers.values(), *self.search_batchers.values()]:  # uvicorn has drained in-flight
+            b.close()                                                          # requests; finish what is queued
         self.pool.shutdown()
 
     def pick(self, name: Any) -> Served:
@@ -220,6 +230,21 @@ class Service:
         except ClientGone:
             raise ClientDisconnect() from None
 
+    async def search(self, request: Request, sv: Served, vec: np.ndarray, k: int,
+                     exclude: int | None = None) -> list[Hit]:
+        """An unfiltered search of ``sv``: through its search batcher (one read of the index for a
+        chunk of queries, :meth:`.Searcher.search_batch`), or alone in the pool when ``max_batch`` is 1."""
+        batcher = self.search_batchers.get(sv.name)
+        if batcher is None:
+            return await self.offload(sv.searcher.search_vector, vec, k, exclude)
+        timeout = self.cfg.request_timeout
+        try:
+            return await asyncio.wait_for(batcher.run((vec, k, exclude), client_left(request)), timeout)
+        except asyncio.TimeoutError:
+            raise Busy(f"query took longer than {timeout:g} s") from None
+        except ClientGone:
+            raise ClientDisconnect() from None
+
     async def text_vector(self, request: Request, text: str) -> np.ndarray:
         v = self.searcher.cached_text(text)
         if v is None:
@@ -232,7 +257,10 @@ class Service:
 
     def wait_batched(self, kind: str, value: Any) -> np.ndarray:
         """One item through its batcher, from a worker thread (clip-retrieval's handler is synchronous)."""
-        fut = self.batchers[kind].submit(value)
+        return self.wait_on(self.batchers[kind], value)
+
+    def wait_on(self, batcher: Batcher, value: Any) -> Any:
+        fut = batcher.submit(value)
         try:
             return fut.result(self.cfg.request_timeout)
         except concurrent.futures.TimeoutError:
@@ -246,6 +274,13 @@ class Service:
             v = self.wait_batched("text", text)
             self.searcher.remember_text(text, v)
         return v
+
+    def batched_search(self, sv: Served, vec: np.ndarray, k: int) -> list[Hit]:
+        """An unfiltered search from a worker thread: through ``sv``'s search batcher (alone with ``max_batch`` 1)."""
+        batcher = self.search_batchers.get(sv.name)
+        if batcher is None:
+            return sv.searcher.search_vector(vec, k)
+        return self.wait_on(batcher, (vec, k, None))
 
     def batched_image(self, img: Image.Image) -> np.ndarray:
         return self.wait_batched("image", self.searcher.preprocess(img))
@@ -316,9 +351,13 @@ class Service:
                 "request_timeout_s": cfg.request_timeout, "query_cache": searcher.cache_stats,
                 "max_image_pixels": cfg.max_image_pixels,
                 "batching": {"max_batch": cfg.max_batch, "wait_ms": cfg.batch_wait_ms, "exact": cfg.exact_batches,
+                             "batch_searches": bool(self.search_batchers),
                              "encode_threads": cfg.encode_threads or torch.get_num_threads(),
                              **{k: {"batches": b.batches, "items": b.items, "queued": b.depth}
-                                for k, b in self.batchers.items()}},
+                                for k, b in self.batchers.items()},
+                             "search": {"batches": sum(b.batches for b in self.search_batchers.values()),
+                                        "items": sum(b.items for b in self.search_batchers.values()),
+                                        "queued": sum(b.depth for b in self.search_batchers.values())}},
                 "auth": cfg.auth_token is not None,
                 "indices": [{"name": sv.name, "items": sv.searcher.index.count(), "kind": sv.searcher.index.info["kind"],
                              "backend": sv.searcher.index.info.get("backend", "faiss")}

@@ -123,7 +123,8 @@ def create_app(index: IndexArg | dict[str, IndexArg], model: torch.nn.Module,
                knn_columns: tuple[str, ...] = KNN_COLUMNS, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                cors_origins: tuple[str, ...] = (), max_batch: int = 32, batch_wait_ms: float = 5.0,
                max_embed_items: int = 64, auth_token: str | None = None,
-               exact_batches: bool = True, encode_threads: int | None = None, search_threads: int = 1) -> FastAPI:
+               exact_batches: bool = True, encode_threads: int | None = None, search_threads: int = 1,
+               batch_searches: bool = True) -> FastAPI:
     """Build the service around ``model`` and the index at ``index`` (loaded here, once), or
 several: ``{name: index}`` (the first is the default; requests choose with ``index`` /
 clip-retrieval's ``indice_name``).
@@ -135,8 +136,10 @@ clip-retrieval's ``indice_name``).
     fixed-shape chunks, so a query's embedding has the same bits whatever batch it rode in
     (:mod:`.exact`; off: one model call per batch, faster, last bits vary); ``encode_threads``:
     torch threads of the encodes (None: torch's count; ``clipforge serve`` leaves a core to the
-    event loop); ``search_threads``: FAISS threads of each request worker's search (requests already
-    run in parallel across ``workers``). With ``auth_token`` every route but ``/health`` and the web page (``/``,
+    event loop). ``batch_searches``: unfiltered searches of an exact (flat) index are batched the same
+    way (``max_batch``, ``batch_wait_ms``): one read of the index per chunk of queries, each query's
+    hits its own (:func:`.exact.search_flat_exact`); other searches run in the request workers.
+    ``search_threads``: threads of each search (FAISS in a request worker, torch in a search batch). With ``auth_token`` every route but ``/health`` and the web page (``/``,
     ``/static/``) needs ``Authorization: Bearer <token>``."""
     cfg = Settings(max_k=max_k, max_upload_bytes=max_upload_bytes, max_json_bytes=max_json_bytes, workers=workers,
                    max_pending=max_pending, request_timeout=request_timeout, query_cache=query_cache,
@@ -144,7 +147,7 @@ clip-retrieval's ``indice_name``).
                    max_image_pixels=max_image_pixels, cors_origins=cors_origins, max_batch=max_batch,
                    batch_wait_ms=batch_wait_ms, max_embed_items=max_embed_items, auth_token=auth_token,
                    exact_batches=exact_batches, encode_threads=encode_threads, search_threads=search_threads,
-                   uploads=uploads)
+                   batch_searches=batch_searches, uploads=uploads)
     cfg.check()
     uploads = cfg.resolve_uploads()
     limit_image_pixels(cfg.max_image_pixels)
@@ -161,13 +164,14 @@ clip-retrieval's ``indice_name``).
     app.state.pool = svc.pool  # worker threads; shut down with the process (or by the embedding caller)
     app.state.metrics = svc.metrics
     app.state.batchers = svc.batchers
+    app.state.search_batchers = svc.search_batchers
     add_middleware(app, svc)
     add_error_handlers(app, svc)
     add_search_route(app, svc)
     add_item_routes(app, svc)
     add_clip_back_routes(app, svc.served, svc.pool, max_upload_bytes=cfg.max_upload_bytes,
                          max_result_ids=cfg.max_result_ids, knn_columns=cfg.knn_columns, decode_image=svc.decode_image,
-                         embed_text=svc.batched_text, embed_image=svc.batched_image)
+                         embed_text=svc.batched_text, embed_image=svc.batched_image, search_hits=svc.batched_search)
     add_vector_routes(app, svc.searcher, svc.pool, max_items=cfg.max_embed_items,
                       max_upload_bytes=cfg.max_upload_bytes, decode_image=svc.decode_image, encode=svc.encode_item)
     add_ops_routes(app, svc)
@@ -292,9 +296,9 @@ def add_search_route(app: FastAPI, svc: Service) -> None:
                 hits, report = await offload(s_.search_filtered, vec, k, preds, item_id)
                 return {**svc.respond(sv, query, k, hits, t0), "filter": report}
             if text is not None:
-                hits = await offload(s_.search_vector, await svc.text_vector(request, text), k)
+                hits = await svc.search(request, sv, await svc.text_vector(request, text), k)
             else:
-                hits = await offload(s_.search_item, item_id, k)
+                hits = await svc.search(request, sv, await offload(s_.index.vector, item_id), k, exclude=item_id)
             return svc.respond(sv, query, k, hits, t0)
         if ctype == "multipart/form-data":
             if not svc.uploads:
@@ -339,7 +343,7 @@ def add_search_route(app: FastAPI, svc: Service) -> None:
             return error_response(400, "uploaded file is empty")
         fname = upload.filename or "upload"
         img, x = await offload(svc.decode_and_preprocess, data, fname)
-        hits = await offload(sv.searcher.search_vector, await svc.image_vector(request, x), k)
+        hits = await svc.search(request, sv, await svc.image_vector(request, x), k)
         return svc.respond(sv, {"type": "image", "filename": check_unicode(fname, "filename"), "width": img.width,
                                 "height": img.height}, k, hits, t0)
 
