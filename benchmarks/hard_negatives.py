@@ -12,7 +12,8 @@ several seeds; then on held-out scenes:
   of the image embeddings of a relation scene and its re-arranged twin (near 1: not told apart).
 
     python benchmarks/hard_negatives.py [--steps 2807] [--seeds 0,1,2] [--variants plain,swap,mirror,swap+mirror]
-                                        [--threads 2] [--workdir DIR] [--quick]
+                                        [--threads 2] [--workdir DIR] [--quick] [--lr LR]
+                                        [--keep-checkpoints] [--name FILE]
 
 The numbers are fixed by steps and seeds (no time budget): the default 2807 steps are the demo's
 8-minute budget as fitted on a quiet window for the previous measurement of this benchmark. With
@@ -125,6 +126,11 @@ def main() -> int:
     p.add_argument("--per-caption", type=int, default=3, help="--hard-negatives-per-caption of the swap runs")
     p.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the demo's (128)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the demo's)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep every checkpoint (every quarter of the run) and report the zero-shot tasks at each "
+                        "(runs.<variant>.<seed>.by_step): when binding appears")
+    p.add_argument("--name", default=None, help="results file name (default hard_negatives[_quick])")
     p.add_argument("--workdir", type=Path, default=None,
                    help="runs folder, reused across invocations (default: <tmp>/clipforge-bench-hard-negatives[-quick])")
     args = p.parse_args()
@@ -139,12 +145,14 @@ def main() -> int:
     from clipforge.demo.run import selection_results, train_config
     from clipforge.utils import torch_threads
 
-    name = "hard_negatives_quick" if args.quick else "hard_negatives"
+    name = args.name or ("hard_negatives_quick" if args.quick else "hard_negatives")
     workdir = args.workdir or Path(tempfile.gettempdir()) / f"clipforge-bench-{name.replace('_', '-')}"
     steps = args.steps or (30 if args.quick else DEMO_BUDGET_STEPS)
     settings = DemoSettings(out=str(workdir), threads=args.threads, progress=not args.quick, steps=steps)
     if args.batch_size:
         settings = dataclasses.replace(settings, batch_size=args.batch_size)
+    if args.lr:
+        settings = dataclasses.replace(settings, lr=args.lr)
     eval_per_class, selection_per_type, probe_pairs = (10, 10, 10) if args.quick else (50, 100, 100)
     started = time.time()
     print(f"{steps} steps of batch {settings.batch_size}, {args.threads} thread(s), seeds {seeds}, variants {variants}")
@@ -157,6 +165,8 @@ def main() -> int:
             base = train_config(dataclasses.replace(settings, seed=seed), steps, None, args.threads)
             config = base.replace(out=str(workdir / f"{variant}-seed{seed}"), hard_negatives=VARIANTS[variant],
                                   hard_negatives_per_caption=args.per_caption)
+            if args.keep_checkpoints:
+                config = config.replace(keep_last=10**6)
             print(f"\n== {variant}, seed {seed}: --hard-negatives {config.hard_negatives}")
             summary = _train(config, Path(config.out))
             model = load_model(Path(config.out) / "final.safetensors")
@@ -164,11 +174,14 @@ def main() -> int:
                 zs = {r["task"]: r for r in zeroshot_results(model, eval_per_class)}
                 sel = selection_results(model, selection_per_type)
                 probes = _probes(model, probe_pairs)
+                by_step = {p.stem: {r["task"]: r["x_chance"] for r in zeroshot_results(load_model(p), eval_per_class)}
+                           for p in sorted(Path(config.out).glob("checkpoints/step_*.pt"))} if args.keep_checkpoints else None
             runs[variant][seed] = {
                 "hard_negatives": config.hard_negatives, "steps_done": summary.get("steps_done"),
                 "samples_seen": summary.get("samples_seen"), "final_loss": summary.get("final_loss"),
                 "train_wall_time_s": summary.get("wall_time_s"), "reused": bool(summary.get("reused")),
                 "zeroshot": zs, "selection": sel, "probes": probes, "run_dir": config.out,
+                **({"by_step": by_step} if by_step is not None else {}),
             }
 
     tasks = list(next(iter(runs[variants[0]].values()))["zeroshot"])
