@@ -212,6 +212,7 @@ def test_search_skips_deleted_ids_and_lists_ties_by_id():
     assert torch.equal(flat_vectors(type("L", (), {"index": ip})()), torch.eye(8))
     ivf = faiss.index_factory(8, "IVF2,Flat", faiss.METRIC_INNER_PRODUCT)
     assert flat_vectors(type("L", (), {"index": ivf})()) is None  # approximate indexes search themselves
+    assert flat_vectors(type("L", (), {"index": None})()) is None  # e.g. Milvus: no faiss index
     x = np.eye(8, dtype=np.float32)[[0, 1, 1, 2, 1, 3]]  # ids 1, 2 and 4 hold the same vector
     vectors = torch.from_numpy(x)
     q = torch.from_numpy(np.eye(8, dtype=np.float32)[[1]])

@@ -131,3 +131,16 @@ def test_search_endpoint_with_a_filter(tmp_path):
     assert "width" in props and "image_path" not in props
     with pytest.raises(QueryError):
         Searcher(tmp_path / "idx", model).parse_filter({"nope": 1})
+
+
+def test_only_exact_indexes_get_a_search_batcher(tagged):
+    """An approximate (IVF) index gains nothing from a search batch: its searches stay in the request
+    workers, in parallel, while the exact index's are batched; both answer the same query."""
+    d, x = tagged
+    app = create_app({"flat": d / "flat", "ivf": d / "ivf"}, micro_model(), uploads=False, max_k=20)
+    assert set(app.state.search_batchers) == {"flat"}
+    c = TestClient(app)
+    for name in ("flat", "ivf"):
+        r = c.post("/search", json={"item_id": 5, "k": 5, "index": name})
+        assert r.status_code == 200 and len(r.json()["results"]) == 5 and 5 not in [h["id"] for h in r.json()["results"]]
+    assert app.state.search_batchers["flat"].items == 1

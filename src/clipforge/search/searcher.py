@@ -198,6 +198,12 @@ class Searcher:
         rows = self.index.rows([i for i, _ in pairs])
         return [Hit(i, s, r) for (i, s), r in zip(pairs, rows)]
 
+    @property
+    def batches_searches(self) -> bool:
+        """Whether :meth:`search_batch` reads the index once per chunk of queries (an exact FAISS
+        index); other indexes gain nothing from a search batch and are searched per request."""
+        return self._flat is not None
+
     def search_batch(self, queries: list[tuple[np.ndarray, int, int | None]], threads: int | None = 1
                      ) -> list[list[Hit]]:
         """Unfiltered searches of several queries ``(vector, k, excluded id or None)`` at once, as

@@ -190,12 +190,12 @@ class Service:
                                        on_batch=functools.partial(observe_batch, self.metrics, kind))
                          for kind, encode in (("text", self.searcher.encode_texts),
                                               ("image", self.searcher.encode_images))}
-        # unfiltered searches of each index, batched too (max_batch 1: each query alone, by FAISS, in the pool)
+        # unfiltered searches of each exact index, batched too (others, and max_batch 1: each query in the pool)
         self.search_batchers = {
             nm: Batcher(functools.partial(sv.searcher.search_batch, threads=cfg.search_threads),
                         max_batch=cfg.max_batch, wait_s=cfg.batch_wait_ms / 1000, max_pending=cfg.max_pending,
                         name=f"search:{nm}", on_batch=functools.partial(observe_batch, self.metrics, "search"))
-            for nm, sv in served.items() if cfg.max_batch > 1 and cfg.batch_searches}
+            for nm, sv in served.items() if cfg.max_batch > 1 and cfg.batch_searches and sv.searcher.batches_searches}
         for kind, b in self.batchers.items():
             self.metrics.gauge("clipforge_queue_depth", "items waiting for a batch, by kind", lambda b=b: b.depth,
                                kind=kind)
